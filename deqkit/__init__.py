@@ -1,1 +1,33 @@
-"""deqkit."""
+"""deqkit: deep equilibrium and implicit models in PyTorch, every cheap gradient one switch apart."""
+
+from .deq import DEQ, DEQInfo
+from .errors import ConvergenceError, ConvergenceWarning, DEQError, NonFiniteError
+from .estimators import Exact, GradientEstimator, JacobianFree, Neumann, Unrolled, make_estimator
+from .linear import GMRES, Dense
+from .solvers import Anderson, Broyden, BroydenState, FixedPoint, Solver, SolverResult, make_solver
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEQ",
+    "DEQInfo",
+    "Solver",
+    "SolverResult",
+    "FixedPoint",
+    "Anderson",
+    "Broyden",
+    "BroydenState",
+    "GMRES",
+    "Dense",
+    "GradientEstimator",
+    "Exact",
+    "Unrolled",
+    "Neumann",
+    "JacobianFree",
+    "make_solver",
+    "make_estimator",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "DEQError",
+    "NonFiniteError",
+]

@@ -1,0 +1,109 @@
+"""Reference bi-level problem: ℓ2-regularised logistic regression with weight ``e^λ``.
+
+Inner (training):  ``h(x, λ) = Σᵢ log(1 + exp(−yᵢ aᵢᵀx)) + ½ Σⱼ e^{λⱼ} xⱼ²``  (sum over the
+training set; λ scalar or one per feature), as in HOAG (Pedregosa, ICML 2016) and SHINE's
+bi-level experiments (Ramzi et al., ICLR 2022).
+Outer (validation): mean logistic loss on the validation split; a test split is reported.
+
+Datasets (all offline): scikit-learn ``breast_cancer`` (569 × 30), ``digits`` as the binary
+task "digit ≥ 5" (1797 × 64), and ``synthetic`` (``make_classification``, 2000 × 500).
+Seeded splits: 90% train, the rest halved into validation and test; features standardised
+with the training statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+import torch.nn.functional as F
+
+from .problem import BilevelProblem
+
+__all__ = ["Splits", "DATASETS", "load_dataset", "logistic_hpo_problem"]
+
+DATASETS = ("breast_cancer", "digits", "synthetic")
+
+
+@dataclass
+class Splits:
+    """Train/validation/test arrays as float64 tensors; labels in {−1, +1}."""
+
+    X_train: Tensor
+    y_train: Tensor
+    X_val: Tensor
+    y_val: Tensor
+    X_test: Tensor
+    y_test: Tensor
+    name: str
+
+    @property
+    def n_features(self) -> int:
+        return self.X_train.shape[1]
+
+
+def _raw(name: str, seed: int, n_samples: int, n_features: int):
+    if name == "breast_cancer":
+        from sklearn.datasets import load_breast_cancer
+        d = load_breast_cancer()
+        return d.data, d.target
+    if name == "digits":
+        from sklearn.datasets import load_digits
+        d = load_digits()
+        return d.data, (d.target >= 5).astype(int)
+    if name == "synthetic":
+        from sklearn.datasets import make_classification
+        return make_classification(n_samples=n_samples, n_features=n_features,
+                                   n_informative=n_features // 10, n_redundant=n_features // 10,
+                                   flip_y=0.05, class_sep=1.0, random_state=seed)
+    raise ValueError(f"unknown dataset {name!r}; valid: {DATASETS}")
+
+
+def load_dataset(name: str, seed: int = 0, train_frac: float = 0.9,
+                 n_samples: int = 2000, n_features: int = 500,
+                 dtype: torch.dtype = torch.float64) -> Splits:
+    """Load ``name`` (one of :data:`DATASETS`) with a seeded split.
+
+    ``n_samples`` / ``n_features`` only apply to ``synthetic``.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid: {DATASETS}")
+    if not 0 < train_frac < 1:
+        raise ValueError(f"train_frac must be in (0, 1), got {train_frac!r}")
+    X, y = _raw(name, seed, n_samples, n_features)
+    X = np.asarray(X, dtype=np.float64)
+    y = np.where(np.asarray(y) > 0, 1.0, -1.0)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(y))
+    n_tr = int(round(train_frac * len(y)))
+    n_val = (len(y) - n_tr) // 2
+    tr, va, te = perm[:n_tr], perm[n_tr:n_tr + n_val], perm[n_tr + n_val:]
+    mu = X[tr].mean(0)
+    sd = X[tr].std(0)
+    sd[sd == 0] = 1.0
+    X = (X - mu) / sd
+    t = lambda a: torch.as_tensor(a, dtype=dtype)  # noqa: E731
+    return Splits(t(X[tr]), t(y[tr]), t(X[va]), t(y[va]), t(X[te]), t(y[te]), name)
+
+
+def logistic_hpo_problem(splits: Splits) -> BilevelProblem:
+    """The HOAG/SHINE reference problem on ``splits``: inner = summed training logistic
+    loss + ``½ Σ e^{λ} x²`` (λ scalar or per feature, broadcast), outer = mean validation
+    logistic loss, test = mean test logistic loss."""
+    A, b = splits.X_train, splits.y_train
+    Av, bv = splits.X_val, splits.y_val
+    At, bt = splits.X_test, splits.y_test
+
+    def inner(x: Tensor, lam: Tensor) -> Tensor:
+        return F.softplus(-b * (A @ x)).sum() + 0.5 * (torch.exp(lam) * x * x).sum()
+
+    def outer(x: Tensor) -> Tensor:
+        return F.softplus(-bv * (Av @ x)).mean()
+
+    def test(x: Tensor) -> Tensor:
+        return F.softplus(-bt * (At @ x)).mean()
+
+    x0 = torch.zeros(A.shape[1], dtype=A.dtype)
+    return BilevelProblem(inner, outer, x0, test=test, name=f"logreg-{splits.name}")

@@ -1,0 +1,150 @@
+"""The deep equilibrium layer: ``z* = f(z*, x)`` with a pluggable solver and gradient estimator."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ._options import check_choice, check_int, validated_options
+from .errors import ConvergenceError, ConvergenceWarning
+from .estimators import BackwardStats, Exact, GradientEstimator
+from .solvers import Anderson, Solver, SolverResult
+
+InitPolicy = Union[str, Callable[[Any], Tensor]]
+FAILURE_POLICIES = ("warn", "raise", "ignore")
+
+
+@dataclass
+class DEQInfo:
+    """What one DEQ call did. ``forward`` is the solve; ``backward`` is filled in by ``backward()``."""
+
+    forward: SolverResult
+    backward: Optional[BackwardStats] = None
+
+    @property
+    def nstep(self) -> Tensor:
+        return self.forward.nstep
+
+    @property
+    def converged(self) -> Tensor:
+        return self.forward.converged
+
+    @property
+    def abs_residual(self) -> Tensor:
+        return self.forward.abs_residual
+
+    @property
+    def rel_residual(self) -> Tensor:
+        return self.forward.rel_residual
+
+
+def _requires_grad(x: Any) -> bool:
+    if isinstance(x, Tensor):
+        return x.requires_grad
+    if isinstance(x, (list, tuple)):
+        return any(_requires_grad(t) for t in x)
+    if isinstance(x, dict):
+        return any(_requires_grad(t) for t in x.values())
+    return False
+
+
+def _batch_like(x: Any) -> Tensor:
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, (list, tuple)) and x and isinstance(x[0], Tensor):
+        return x[0]
+    if isinstance(x, dict) and x:
+        return _batch_like(next(iter(x.values())))
+    raise ValueError("DEQ: cannot infer the batch size, dtype and device from x; pass z0 explicitly.")
+
+
+@validated_options
+class DEQ(nn.Module):
+    """A deep equilibrium layer: returns ``z*`` with ``z* = cell(z*, x)``.
+
+    Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019.
+
+    Args:
+        cell: an ``nn.Module`` computing ``f(z, x)``; must return a tensor shaped like ``z``.
+            Samples must not interact inside the cell (no batch statistics), since solvers and
+            estimators treat each sample's system separately.
+        solver: the forward solver (default ``Anderson(memory=6, tol=1e-4, max_iter=40)``).
+        grad: the gradient estimator (default ``Exact()``).
+        state_shape: per-sample shape of ``z``; ``None`` means ``z`` has the shape of ``x``.
+        init: initial state policy: ``"zeros"`` or a callable ``x ↦ z0``.
+        eval_max_iter: iteration cap in eval mode (default: the solver's).
+        on_nonconvergence: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when a forward solve
+            misses its tolerance; ``info.converged`` always says which samples did.
+
+    ``forward(x, z0=None)`` returns ``(z, info)`` (:class:`DEQInfo`).
+    """
+
+    def __init__(
+        self,
+        cell: nn.Module,
+        solver: Optional[Solver] = None,
+        grad: Optional[GradientEstimator] = None,
+        *,
+        state_shape: Optional[Sequence[int]] = None,
+        init: InitPolicy = "zeros",
+        eval_max_iter: Optional[int] = None,
+        on_nonconvergence: str = "warn",
+    ) -> None:
+        super().__init__()
+        if not callable(cell):
+            raise ValueError(f"DEQ: cell must be an nn.Module (or callable) computing f(z, x), got {type(cell).__name__}.")
+        solver = Anderson(memory=6, tol=1e-4, max_iter=40) if solver is None else solver
+        grad = Exact() if grad is None else grad
+        if not isinstance(solver, Solver):
+            raise ValueError(f"DEQ: solver must be a deqkit forward solver (FixedPoint, Anderson, Broyden), got {type(solver).__name__}.")
+        if not isinstance(grad, GradientEstimator):
+            raise ValueError(
+                f"DEQ: grad must be a gradient estimator (Exact, Unrolled, Neumann, JacobianFree, SHINE, BroydenReuse), "
+                f"got {type(grad).__name__}."
+            )
+        grad.check_solver(solver)
+        if not (init == "zeros" or callable(init)):
+            raise ValueError(f"DEQ: init must be 'zeros' or a callable x -> z0, got {init!r}.")
+        if eval_max_iter is not None:
+            check_int("DEQ", "eval_max_iter", eval_max_iter)
+        check_choice("DEQ", "on_nonconvergence", on_nonconvergence, FAILURE_POLICIES)
+        self.cell = cell
+        self.solver = solver
+        self.grad = grad
+        self.state_shape = None if state_shape is None else tuple(int(s) for s in state_shape)
+        self.init = init
+        self.eval_max_iter = eval_max_iter
+        self.on_nonconvergence = on_nonconvergence
+
+    def extra_repr(self) -> str:
+        return f"solver={self.solver!r}, grad={self.grad!r}, state_shape={self.state_shape}"
+
+    def initial_state(self, x: Any) -> Tensor:
+        if callable(self.init):
+            return self.init(x)
+        ref = _batch_like(x)
+        if self.state_shape is None:
+            return torch.zeros_like(ref, dtype=ref.dtype if ref.is_floating_point() else torch.get_default_dtype())
+        return ref.new_zeros((ref.shape[0], *self.state_shape), dtype=ref.dtype if ref.is_floating_point() else None)
+
+    def forward(self, x: Any, z0: Optional[Tensor] = None) -> tuple[Tensor, DEQInfo]:
+        z0 = self.initial_state(x) if z0 is None else z0
+        max_iter = self.eval_max_iter if (not self.training and self.eval_max_iter is not None) else None
+        with torch.no_grad():
+            result = self.solver(lambda z: self.cell(z, x), z0, max_iter=max_iter)
+        info = DEQInfo(result)
+        if not result.all_converged and self.on_nonconvergence != "ignore":
+            msg = f"DEQ forward: {result.summary()}. Raise max_iter, loosen tol, or check the cell is contractive."
+            if self.on_nonconvergence == "raise":
+                raise ConvergenceError(msg)
+            warnings.warn(msg, ConvergenceWarning, stacklevel=2)
+        needs_grad = torch.is_grad_enabled() and (
+            _requires_grad(x) or any(p.requires_grad for p in self.cell.parameters()) if isinstance(self.cell, nn.Module) else _requires_grad(x)
+        )
+        if not needs_grad:
+            return result.z, info
+        return self.grad.attach(lambda z: self.cell(z, x), result, info), info

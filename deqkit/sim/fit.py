@@ -1,0 +1,158 @@
+"""Fitting an implicit model to a baseline's states: the SIM state-matching program.
+
+Tsai, Decugis, El Ghaoui, Atamtürk, "State-driven Implicit Modeling for Sparsity and
+Robustness in Neural Networks", arXiv 2209.09389, §3. With ``Φ = [X U 1]`` (states, inputs,
+constant) the program separates over the rows of ``[A B]`` and ``[C D]``:
+
+* rows of ``(A, B)``: ``min λ‖β‖₁ + ½‖z_i − Φβ‖²`` s.t. ``‖a‖₁ ≤ κ`` (``β = (a, b)``), which
+  keeps ``‖A‖_∞ ≤ κ`` (well-posedness) by construction;
+* rows of ``(C, D)``: the same without the constraint, targets the outputs ``ŷ_i``;
+* ``mode="equality"``: ``min λ‖β‖₁`` s.t. ``Φβ = z_i`` (exact state matching).
+
+Solved by :class:`~deqkit.sim.admm.BatchedADMM` (all rows at once) or by the CVXPY reference.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .admm import MODES, ADMMResult, BatchedADMM
+from .model import ImplicitModel
+from .reference import CVXPYResult, solve_rows_cvxpy
+from .states import States, mlp_layers
+
+SOLVERS = ("admm", "cvxpy")
+LAM_SCALES = ("none", "rms")
+
+
+@dataclass
+class SIMResult:
+    """A fitted model and how its two row blocks were solved."""
+
+    model: ImplicitModel
+    ab: Union[ADMMResult, CVXPYResult]
+    cd: Union[ADMMResult, CVXPYResult]
+    lam: float
+    time_s: float
+
+    @property
+    def converged(self) -> bool:
+        """True when every row of both blocks met its tolerance (CVXPY: status optimal)."""
+        ok = []
+        for r in (self.ab, self.cd):
+            ok.append(r.all_converged if isinstance(r, ADMMResult) else all(s == "optimal" for s in r.status))
+        return all(ok)
+
+    @property
+    def objective(self) -> float:
+        """Sum of the per-row objectives over all rows."""
+        return float(sum(float(torch.as_tensor(r.objective).sum()) for r in (self.ab, self.cd)))
+
+
+def fit_sim(
+    states: States,
+    lam: float,
+    *,
+    solver: str = "admm",
+    mode: str = "relaxed",
+    kappa: Optional[float] = None,
+    admm_ab: Optional[BatchedADMM] = None,
+    admm_cd: Optional[BatchedADMM] = None,
+    warm_start: Optional[ImplicitModel] = None,
+    zero_tol: float = 1e-6,
+    lam_scale: str = "none",
+    **model_kwargs,
+) -> SIMResult:
+    """Fit ``(A, B, C, D)`` to ``states`` (from :func:`~deqkit.sim.states.collect_states`).
+
+    Args:
+        lam: ℓ1 weight λ ≥ 0 (same for every row).
+        solver: ``"admm"`` (default: batched, any device) or ``"cvxpy"`` (reference, row by row).
+        mode: ``"relaxed"`` or ``"equality"`` (see the module docstring).
+        kappa: well-posedness margin (default: the one the states were rescaled for).
+        admm_ab, admm_cd: the ADMM solvers for the ``(A, B)`` and ``(C, D)`` rows (defaults:
+            ``rho=1``, 2000 and 1000 iterations; their ``mode`` must equal ``mode``).
+        warm_start: a model of the same shape whose ``(A, B, C, D)`` start the ADMM.
+        zero_tol: entries below this magnitude are zeroed (also for CVXPY).
+        lam_scale: ``"none"`` (λ for every row, the paper's program) or ``"rms"``: row ``i``
+            uses ``λ·rms(z_i)``, which makes λ invariant to the per-layer rescaling of the
+            states (deeper layers are scaled down to make ``A`` well-posed). ADMM only.
+        model_kwargs: passed to :class:`ImplicitModel` (solver, grad, ...).
+    Returns:
+        a :class:`SIMResult`; its model is well-posed (``‖A‖_∞ ≤ κ``) in every mode.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is invalid; valid: {', '.join(SOLVERS)}")
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is invalid; valid: {', '.join(MODES)}")
+    if not (isinstance(lam, (int, float)) and lam >= 0 and math.isfinite(lam)):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    if lam_scale not in LAM_SCALES:
+        raise ValueError(f"lam_scale={lam_scale!r} is invalid; valid: {', '.join(LAM_SCALES)}")
+    if lam_scale != "none" and solver != "admm":
+        raise ValueError("lam_scale='rms' is only implemented for solver='admm'")
+    kappa = states.kappa if kappa is None else float(kappa)
+    if not (0 < kappa < 1):
+        raise ValueError(f"kappa must be in (0, 1), got {kappa}")
+    admm_ab = admm_ab or BatchedADMM(rho=1.0, max_iter=2000, mode=mode, zero_tol=zero_tol)
+    admm_cd = admm_cd or BatchedADMM(rho=1.0, max_iter=1000, mode=mode, zero_tol=zero_tol)
+    for s in (admm_ab, admm_cd):
+        if s.mode != mode:
+            raise ValueError(f"the ADMM solvers must have mode={mode!r}, got {s.mode!r}")
+    phi = states.phi
+    n, p, q = states.X.shape[1], states.U.shape[1], states.Y.shape[1]
+    t0 = time.perf_counter()
+    if solver == "admm":
+        factor = admm_ab.factorize(phi)
+        b0_ab = b0_cd = None
+        if warm_start is not None:
+            b0_ab = torch.cat([warm_start.A.detach(), warm_start.B.detach()], 1).to(phi)
+            b0_cd = torch.cat([warm_start.C.detach(), warm_start.D.detach()], 1).to(phi)
+        lam_ab: Union[float, Tensor] = lam
+        lam_cd: Union[float, Tensor] = lam
+        if lam_scale == "rms":
+            lam_ab = lam * states.Z.pow(2).mean(dim=0).sqrt()
+            lam_cd = lam * states.Y.pow(2).mean(dim=0).sqrt()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ab = admm_ab.solve(phi, states.Z.T, lam_ab, radius=kappa, n_constrained=n, beta0=b0_ab, factor=factor)
+            cd = admm_cd.solve(phi, states.Y.T, lam_cd, beta0=b0_cd, factor=factor)
+        for w in caught:  # re-emit with the block named
+            warnings.warn(f"fit_sim(lam={lam:g}): {w.message}", w.category, stacklevel=2)
+        beta_ab, beta_cd = ab.beta, cd.beta
+    else:
+        ab = solve_rows_cvxpy(phi, states.Z.T, lam, radius=kappa, n_constrained=n, mode=mode)
+        cd = solve_rows_cvxpy(phi, states.Y.T, lam, mode=mode)
+        beta_ab = torch.as_tensor(ab.beta, dtype=phi.dtype, device=phi.device)
+        beta_cd = torch.as_tensor(cd.beta, dtype=phi.dtype, device=phi.device)
+        beta_ab = torch.where(beta_ab.abs() < zero_tol, torch.zeros_like(beta_ab), beta_ab)
+        beta_cd = torch.where(beta_cd.abs() < zero_tol, torch.zeros_like(beta_cd), beta_cd)
+    elapsed = time.perf_counter() - t0
+    model = ImplicitModel(n, p, q, phi="relu", kappa=kappa, bias=True, dtype=phi.dtype, device=phi.device, **model_kwargs)
+    with torch.no_grad():
+        model.A.copy_(beta_ab[:, :n])
+        model.B.copy_(beta_ab[:, n:])
+        model.C.copy_(beta_cd[:, :n])
+        model.D.copy_(beta_cd[:, n:])
+        if solver == "cvxpy" and not model.is_wellposed():  # interior-point round-off only
+            model.project_wellposed()
+    return SIMResult(model=model, ab=ab, cd=cd, lam=float(lam), time_s=elapsed)
+
+
+def count_nonzeros(model: ImplicitModel, tol: float = 1e-6) -> dict[str, int]:
+    """Entries with ``|·| ≥ tol`` in each of ``A, B, C, D`` and in total."""
+    out = {k: int((getattr(model, k).detach().abs() >= tol).sum()) for k in "ABCD"}
+    out["total"] = sum(out.values())
+    return out
+
+
+def baseline_nonzeros(net: nn.Module, tol: float = 1e-6) -> int:
+    """Non-zero weights and biases of the baseline's affine layers (composed layers counted once)."""
+    return sum(int((lay.weight.abs() >= tol).sum()) + int((lay.bias.abs() >= tol).sum()) for lay in mlp_layers(net))

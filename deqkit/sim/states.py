@@ -1,0 +1,208 @@
+"""States of a trained explicit network, and its exact implicit form (SIM, Tsai et al.,
+arXiv 2209.09389, §3; El Ghaoui et al., "Implicit Deep Learning", §2.3).
+
+An ``nn.Sequential`` of affine layers and ReLUs ``x_l = relu(W_l x_{l-1} + b_l)``,
+``ŷ = W_L x_{L-1} + b_L`` is the implicit model with the states stacked last layer first,
+``x = (x_{L-1}, …, x_1)``: then ``A`` holds ``W_2 … W_{L-1}`` above its block diagonal
+(strictly block upper triangular, nilpotent), ``B = [W_1 b_1; 0 b_2; …]`` on the input with a
+constant 1 appended, ``C = [W_L 0 …]``, ``D = [0 b_L]``.
+
+ReLU is positively homogeneous, so hidden layer ``l`` may be rescaled by ``s_l > 0``
+(``W_l ← (s_l/s_{l-1}) W_l``, ``b_l ← s_l b_l``, ``W_L ← W_L / s_{L-1}``) without changing the
+outputs; the scales are chosen so every block row of ``A`` has ``‖·‖_∞ ≤ κ``, i.e. the
+baseline itself is a feasible point of the well-posed SIM program.
+
+Layer types are converted by handlers in :data:`LAYER_HANDLERS` (``Linear``; ``Flatten``,
+``Identity`` and ``Dropout`` as no-ops in eval mode; ``ReLU`` as the activation); add a type
+with :func:`register_layer`, e.g. a convolution as its dense (im2col/Toeplitz) matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .model import ImplicitModel
+
+
+@dataclass
+class Affine:
+    """An affine map ``x ↦ W x + b`` on flattened features."""
+
+    weight: Tensor
+    bias: Tensor
+
+
+class Activation:
+    """Marker for the network's activation (ReLU)."""
+
+
+class NoOp:
+    """Marker for a layer that is the identity on flattened features (in eval mode)."""
+
+
+LayerHandler = Callable[[nn.Module], Union[Affine, Activation, NoOp]]
+
+
+def _linear(mod: nn.Module) -> Affine:
+    w = mod.weight.detach()
+    b = mod.bias.detach() if mod.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    return Affine(w, b)
+
+
+LAYER_HANDLERS: dict[type, LayerHandler] = {
+    nn.Linear: _linear,
+    nn.ReLU: lambda mod: Activation(),
+    nn.Flatten: lambda mod: NoOp(),
+    nn.Identity: lambda mod: NoOp(),
+    nn.Dropout: lambda mod: NoOp(),
+}
+
+
+def register_layer(layer_type: type, handler: LayerHandler) -> None:
+    """Teach :func:`mlp_layers` a new layer type: ``handler(module)`` returns an
+    :class:`Affine` (dense ``W``, ``b`` on flattened features), :class:`Activation` or :class:`NoOp`."""
+    if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
+        raise ValueError(f"layer_type must be an nn.Module subclass, got {layer_type!r}")
+    LAYER_HANDLERS[layer_type] = handler
+
+
+def mlp_layers(net: nn.Module) -> list[Affine]:
+    """The affine layers ``[(W_1, b_1), …, (W_L, b_L)]`` of ``net``, a ReLU between each pair.
+
+    Consecutive affine layers are composed. Raises ValueError for an unsupported layer, two
+    activations in a row, an activation first or last, or a network without hidden layer.
+    """
+    modules = list(net) if isinstance(net, nn.Sequential) else [net]
+    groups: list[list[Affine]] = [[]]
+    last_act = True
+    for mod in modules:
+        if isinstance(mod, nn.Sequential):
+            raise ValueError("nested nn.Sequential is not supported; flatten it first")
+        handler = next((h for t, h in LAYER_HANDLERS.items() if type(mod) is t), None)
+        if handler is None:
+            handler = next((h for t, h in LAYER_HANDLERS.items() if isinstance(mod, t)), None)
+        if handler is None:
+            raise ValueError(
+                f"unsupported layer {type(mod).__name__}; supported: "
+                + ", ".join(t.__name__ for t in LAYER_HANDLERS)
+                + " (add one with deqkit.sim.register_layer)"
+            )
+        kind = handler(mod)
+        if isinstance(kind, NoOp):
+            continue
+        if isinstance(kind, Activation):
+            if last_act:
+                raise ValueError("an activation must follow an affine layer (found two in a row, or one first)")
+            groups.append([])
+            last_act = True
+        else:
+            groups[-1].append(kind)
+            last_act = False
+    if last_act:
+        raise ValueError("the network must end with an affine layer (the output layer)")
+    layers = []
+    for g in groups:
+        w, b = g[0].weight, g[0].bias
+        for nxt in g[1:]:
+            if nxt.weight.shape[1] != w.shape[0]:
+                raise ValueError("consecutive affine layers have mismatched shapes")
+            w, b = nxt.weight @ w, nxt.weight @ b + nxt.bias
+        layers.append(Affine(w, b))
+    if len(layers) < 2:
+        raise ValueError("the network needs at least one hidden layer (affine, ReLU, affine)")
+    for a, b in zip(layers[:-1], layers[1:]):
+        if b.weight.shape[1] != a.weight.shape[0]:
+            raise ValueError(f"layer shapes do not chain: {tuple(a.weight.shape)} then {tuple(b.weight.shape)}")
+    return layers
+
+
+def layer_scales(layers: list[Affine], kappa: float = 0.99) -> list[float]:
+    """Scales ``s_1 … s_{L-1}`` of the hidden layers: ``s_1 = 1``,
+    ``s_l = s_{l-1}·min(1, κ/‖W_l‖_∞)`` so each block of ``A`` has ``‖·‖_∞ ≤ κ``."""
+    if not (0 < kappa < 1):
+        raise ValueError(f"kappa must be in (0, 1), got {kappa}")
+    scales = [1.0]
+    for lay in layers[1:-1]:
+        norm = float(lay.weight.abs().sum(dim=1).max())
+        scales.append(scales[-1] * (min(1.0, kappa / norm) if norm > 0 else 1.0))
+    return scales
+
+
+def mlp_to_implicit(net: nn.Module, kappa: float = 0.99, **model_kwargs) -> ImplicitModel:
+    """The ImplicitModel (``bias=True``, ReLU) that reproduces ``net`` exactly, rescaled so
+    ``‖A‖_∞ ≤ κ``. ``model_kwargs`` go to :class:`ImplicitModel` (solver, grad, …)."""
+    layers = mlp_layers(net)
+    scales = layer_scales(layers, kappa)
+    hidden = [lay.weight.shape[0] for lay in layers[:-1]]
+    p, q = layers[0].weight.shape[1], layers[-1].weight.shape[0]
+    n = sum(hidden)
+    ref = layers[0].weight
+    model = ImplicitModel(n, p, q, phi="relu", kappa=kappa, bias=True, dtype=ref.dtype, device=ref.device, **model_kwargs)
+    # offsets of hidden layer l (1-based) in the stacked state (last layer first)
+    L1 = len(hidden)
+    offsets = {}
+    pos = 0
+    for l in range(L1, 0, -1):
+        offsets[l] = pos
+        pos += hidden[l - 1]
+    with torch.no_grad():
+        for l in range(1, L1 + 1):
+            lay, s = layers[l - 1], scales[l - 1]
+            rows = slice(offsets[l], offsets[l] + hidden[l - 1])
+            if l == 1:
+                model.B[rows, :p] = s * lay.weight
+            else:
+                cols = slice(offsets[l - 1], offsets[l - 1] + hidden[l - 2])
+                model.A[rows, cols] = (s / scales[l - 2]) * lay.weight
+            model.B[rows, p] = s * lay.bias
+        out = layers[-1]
+        cols = slice(offsets[L1], offsets[L1] + hidden[L1 - 1])
+        model.C[:, cols] = out.weight / scales[L1 - 1]
+        model.D[:, p] = out.bias
+    return model
+
+
+@dataclass
+class States:
+    """Stacked states of ``m`` samples (batch-first; the paper's matrices transposed).
+
+    ``U`` ``(m, p)`` inputs (without the constant 1), ``Z`` ``(m, n)`` pre-activations,
+    ``X = φ(Z)`` ``(m, n)`` states, ``Y`` ``(m, q)`` outputs, all in the rescaled coordinates
+    of :func:`mlp_to_implicit`, so ``Z = X Aᵀ + [U 1] Bᵀ`` and ``Y = X Cᵀ + [U 1] Dᵀ``.
+    """
+
+    U: Tensor
+    Z: Tensor
+    X: Tensor
+    Y: Tensor
+    kappa: float
+
+    @property
+    def phi(self) -> Tensor:
+        """The regressors ``Φ = [X U 1]`` of the state-matching program, ``(m, n + p + 1)``."""
+        ones = torch.ones(self.U.shape[0], 1, dtype=self.U.dtype, device=self.U.device)
+        return torch.cat([self.X, self.U, ones], dim=1)
+
+
+@torch.no_grad()
+def collect_states(net: nn.Module, u: Tensor, kappa: float = 0.99, dtype: Optional[torch.dtype] = None) -> States:
+    """Run ``u`` (``(m, …)``, flattened) through ``net``'s layers and stack its rescaled states."""
+    layers = mlp_layers(net)
+    scales = layer_scales(layers, kappa)
+    dtype = dtype or layers[0].weight.dtype
+    h = u.reshape(u.shape[0], -1).to(dtype)
+    uu = h
+    zs, xs = [], []
+    for l, lay in enumerate(layers[:-1]):
+        z = h @ lay.weight.to(dtype).T + lay.bias.to(dtype)
+        h = torch.relu(z)
+        zs.append(scales[l] * z)
+        xs.append(scales[l] * h)
+    y = h @ layers[-1].weight.to(dtype).T + layers[-1].bias.to(dtype)
+    Z = torch.cat(zs[::-1], dim=1)
+    X = torch.cat(xs[::-1], dim=1)
+    return States(U=uu, Z=Z, X=X, Y=y, kappa=kappa)

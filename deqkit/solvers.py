@@ -1,0 +1,434 @@
+"""Fixed-point solvers: one call shape, one result object.
+
+Every solver finds ``z`` with ``fn(z) = z`` for a batch of states of any shape ``(B, ...)``:
+
+    result = solver(fn, z0)
+
+Samples are independent: each stops when its own residual is below ``tol`` (a converged
+sample is frozen while the rest go on) and the batch stops when all have converged or the
+iteration cap is hit. The result holds the best iterate of each sample, its step count,
+residual traces and a ``converged`` mask; Broyden also returns its inverse-Jacobian estimate.
+
+The residual of an iterate is ``g(z) = fn(z) - z``; ``abs`` is ``‖g‖`` and ``rel`` is
+``‖g‖ / (‖fn(z)‖ + eps)``, both per sample over the flattened state. ``stop_mode`` picks which
+one is compared to ``tol`` (and ranks iterates for "best").
+
+The same objects solve the linear adjoint equation ``w = wJ + v`` of the exact implicit
+gradient (see :mod:`deqkit.linear`), so each solver also has :meth:`Solver.solve_adjoint`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Optional
+
+import torch
+from torch import Tensor
+
+from ._options import check_choice, check_fraction, check_int, check_positive, from_registry, validated_options
+from .errors import NonFiniteError
+
+Fn = Callable[[Tensor], Tensor]
+
+STOP_MODES = ("abs", "rel")
+
+
+@dataclass
+class BroydenState:
+    """Limited-memory inverse-Jacobian estimate ``H = -I + U Vᵀ ≈ (J - I)⁻¹`` per sample.
+
+    ``U`` and ``V`` have shape ``(B, d, memory)`` (``d`` the flattened state size); unused
+    columns are zero, so products with all columns are exact. The buffer is a ring: once
+    ``memory`` updates were made the oldest column is overwritten, so memory never grows
+    with the iteration cap.
+    """
+
+    U: Tensor
+    V: Tensor
+    n_updates: int = 0
+
+    @property
+    def memory(self) -> int:
+        return self.U.shape[-1]
+
+    def apply(self, x: Tensor) -> Tensor:
+        """``H x`` for column vectors ``x`` of shape ``(B, d)``."""
+        return -x + torch.einsum("bdm,bm->bd", self.U, torch.einsum("bdm,bd->bm", self.V, x))
+
+    def apply_left(self, v: Tensor) -> Tensor:
+        """``v H`` for row vectors ``v`` of shape ``(B, d)``."""
+        return -v + torch.einsum("bdm,bm->bd", self.V, torch.einsum("bdm,bd->bm", self.U, v))
+
+    def dense(self) -> Tensor:
+        """The dense ``(B, d, d)`` matrix ``H`` (for tests and small problems)."""
+        B, d, _ = self.U.shape
+        eye = torch.eye(d, dtype=self.U.dtype, device=self.U.device).expand(B, d, d)
+        return -eye + self.U @ self.V.transpose(1, 2)
+
+    def update(self, dz: Tensor, dg: Tensor, mask: Tensor) -> None:
+        """Good-Broyden update of the inverse with the secant pair ``(dz, dg)`` where ``mask``.
+
+        ``H ← H + (dz − H dg)(dzᵀ H) / (dzᵀ H dg)``, so afterwards ``H dg = dz``. A sample
+        whose denominator is (numerically) zero keeps its estimate unchanged.
+        """
+        h_dg = self.apply(dg)
+        vt = self.apply_left(dz)  # dzᵀ H
+        den = (vt * dg).sum(dim=1)
+        scale = torch.maximum(dz.norm(dim=1) * h_dg.norm(dim=1), torch.finfo(dz.dtype).tiny)
+        ok = mask & (den.abs() > 1e3 * torch.finfo(dz.dtype).eps * scale)
+        safe_den = torch.where(ok, den, torch.ones_like(den))
+        u = (dz - h_dg) / safe_den[:, None]
+        slot = self.n_updates % self.memory
+        keep = ~ok[:, None]
+        self.U[:, :, slot] = torch.where(keep, self.U[:, :, slot], u)
+        self.V[:, :, slot] = torch.where(keep, self.V[:, :, slot], vt)
+        self.n_updates += 1
+
+    def detach(self) -> "BroydenState":
+        return BroydenState(self.U.detach(), self.V.detach(), self.n_updates)
+
+
+@dataclass
+class SolverResult:
+    """What a solve returns. All per-sample tensors have leading dimension ``B``.
+
+    Attributes:
+        z: best iterate per sample (lowest residual in ``stop_mode``), shape of ``z0``.
+        nstep: number of residual evaluations each sample used, ``(B,)`` (its own stop step).
+        abs_residual, rel_residual: residuals of the returned iterate, ``(B,)``.
+        converged: ``(B,)`` bool, residual of the returned iterate ``<= tol``.
+        abs_trace, rel_trace: residual of the current iterate at each iteration, ``(T, B)``
+            (a frozen sample repeats its last value).
+        state: solver state kept for the backward pass (Broyden: :class:`BroydenState`).
+        tol, stop_mode, max_iter: the settings this solve ran with.
+        solver: the solver's name.
+    """
+
+    z: Tensor
+    nstep: Tensor
+    abs_residual: Tensor
+    rel_residual: Tensor
+    converged: Tensor
+    abs_trace: Tensor
+    rel_trace: Tensor
+    tol: float
+    stop_mode: str
+    max_iter: int
+    solver: str
+    state: Optional[BroydenState] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def residual(self) -> Tensor:
+        """The residual that was compared to ``tol`` (``abs`` or ``rel``)."""
+        return self.rel_residual if self.stop_mode == "rel" else self.abs_residual
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all())
+
+    @property
+    def n_failed(self) -> int:
+        return int((~self.converged).sum())
+
+    def summary(self) -> str:
+        B = self.converged.numel()
+        worst = float(self.residual.max()) if B else 0.0
+        return (
+            f"{self.solver}: {B - self.n_failed}/{B} samples converged to {self.stop_mode} tol={self.tol:g} "
+            f"within max_iter={self.max_iter} (worst {self.stop_mode} residual {worst:.3g}, "
+            f"steps {int(self.nstep.min()) if B else 0}..{int(self.nstep.max()) if B else 0})"
+        )
+
+
+class Solver:
+    """Base class of the fixed-point solvers.
+
+    Args:
+        tol: stopping tolerance on the residual selected by ``stop_mode``.
+        max_iter: cap on residual evaluations (each costs one ``fn`` call).
+        stop_mode: ``"rel"`` (``‖fn(z) − z‖ / ‖fn(z)‖``) or ``"abs"`` (``‖fn(z) − z‖``).
+
+    Subclasses implement :meth:`_init_state` and :meth:`_propose` only; the loop, per-sample
+    freezing, best-iterate tracking, traces and error reporting are shared here.
+    """
+
+    #: whether the solver keeps an inverse-Jacobian estimate (needed by SHINE / BroydenReuse).
+    keeps_inverse_jacobian: ClassVar[bool] = False
+    name: ClassVar[str] = "solver"
+
+    def __init__(self, *, tol: float = 1e-4, max_iter: int = 50, stop_mode: str = "rel") -> None:
+        owner = type(self).__name__
+        check_positive(owner, "tol", tol)
+        check_int(owner, "max_iter", max_iter)
+        check_choice(owner, "stop_mode", stop_mode, STOP_MODES)
+        self.tol = float(tol)
+        self.max_iter = int(max_iter)
+        self.stop_mode = stop_mode
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in getattr(self, "valid_options", ()) if hasattr(self, k))
+        return f"{type(self).__name__}({opts})"
+
+    # -- subclass hooks -------------------------------------------------------------------
+    def _init_state(self, z: Tensor, fz: Tensor, max_iter: int) -> object:
+        return None
+
+    def _observe(self, state: object, z: Tensor, fz: Tensor, fresh: Tensor) -> None:
+        """See a new evaluation ``fz = f(z)``; ``fresh`` marks the samples it is new for."""
+
+    def _propose(self, state: object, z: Tensor, fz: Tensor, active: Tensor, it: int) -> Tensor:
+        raise NotImplementedError
+
+    def _final_state(self, state: object) -> Optional[BroydenState]:
+        return None
+
+    # -- the shared loop --------------------------------------------------------------------
+    def __call__(
+        self,
+        fn: Fn,
+        z0: Tensor,
+        *,
+        max_iter: Optional[int] = None,
+        tol: Optional[float] = None,
+    ) -> SolverResult:
+        """Solve ``fn(z) = z`` from ``z0`` (shape ``(B, ...)``); ``max_iter``/``tol`` override the defaults."""
+        if not isinstance(z0, Tensor) or z0.dim() < 1 or z0.shape[0] == 0:
+            raise ValueError(f"{type(self).__name__}: z0 must be a tensor of shape (B, ...) with B >= 1, got {getattr(z0, 'shape', type(z0))}.")
+        if not z0.is_floating_point():
+            raise ValueError(f"{type(self).__name__}: z0 must be a floating-point tensor, got {z0.dtype}.")
+        max_iter = self.max_iter if max_iter is None else max_iter
+        tol = self.tol if tol is None else tol
+        check_int(type(self).__name__, "max_iter", max_iter)
+        check_positive(type(self).__name__, "tol", tol)
+        shape, B = z0.shape, z0.shape[0]
+
+        def flat_fn(zf: Tensor) -> Tensor:
+            out = fn(zf.view(shape))
+            if not isinstance(out, Tensor) or out.shape != shape:
+                raise ValueError(
+                    f"the function being solved returned {getattr(out, 'shape', type(out))} for a state of shape "
+                    f"{tuple(shape)}; a fixed-point map (a DEQ cell f(z, x)) must return a tensor of the same shape as z."
+                )
+            return out.reshape(B, -1)
+
+        if not torch.isfinite(z0).all():
+            raise NonFiniteError(f"{type(self).__name__}: the initial state z0 contains NaN or Inf values.")
+        z = z0.reshape(B, -1).clone()
+        fz = flat_fn(z)
+        eps = torch.finfo(z.dtype).eps
+        state = self._init_state(z, fz, max_iter)
+        active = torch.ones(B, dtype=torch.bool, device=z.device)
+        nstep = torch.zeros(B, dtype=torch.long, device=z.device)
+        best_z = z.clone()
+        best_abs = torch.full((B,), float("inf"), dtype=z.dtype, device=z.device)
+        best_rel = best_abs.clone()
+        abs_trace, rel_trace = [], []
+        for it in range(max_iter):
+            finite = torch.isfinite(fz).all(dim=1)
+            if not bool(finite[active].all()):
+                bad = (active & ~finite).nonzero().flatten().tolist()
+                raise NonFiniteError(
+                    f"{type(self).__name__}: the fixed-point map returned NaN/Inf at iteration {it} for samples "
+                    f"{bad[:10]}{'...' if len(bad) > 10 else ''}. Check the cell's scale and inputs, lower the "
+                    f"learning rate, add normalisation, or use damping < 1."
+                )
+            g = fz - z
+            abs_res = g.norm(dim=1)
+            rel_res = abs_res / (fz.norm(dim=1) + eps)
+            # frozen samples repeat their last value in the traces
+            if abs_trace:
+                abs_res = torch.where(active, abs_res, abs_trace[-1])
+                rel_res = torch.where(active, rel_res, rel_trace[-1])
+            abs_trace.append(abs_res)
+            rel_trace.append(rel_res)
+            measure = rel_res if self.stop_mode == "rel" else abs_res
+            best_measure = best_rel if self.stop_mode == "rel" else best_abs
+            better = active & (measure < best_measure)
+            self._observe(state, z, fz, active)
+            best_z = torch.where(better[:, None], z, best_z)
+            best_abs = torch.where(better, abs_res, best_abs)
+            best_rel = torch.where(better, rel_res, best_rel)
+            nstep = nstep + active.long()
+            active = active & (measure > tol)
+            if it == max_iter - 1 or not bool(active.any()):
+                break
+            z_next = self._propose(state, z, fz, active, it)
+            z = torch.where(active[:, None], z_next, z)
+            fz = torch.where(active[:, None], flat_fn(z), fz)
+        best = best_rel if self.stop_mode == "rel" else best_abs
+        return SolverResult(
+            z=best_z.view(shape),
+            nstep=nstep,
+            abs_residual=best_abs,
+            rel_residual=best_rel,
+            converged=best <= tol,
+            abs_trace=torch.stack(abs_trace),
+            rel_trace=torch.stack(rel_trace),
+            tol=tol,
+            stop_mode=self.stop_mode,
+            max_iter=max_iter,
+            solver=type(self).__name__,
+            state=self._final_state(state),
+        )
+
+    def solve_adjoint(
+        self,
+        vjp: Fn,
+        v: Tensor,
+        w0: Optional[Tensor] = None,
+        *,
+        tol: Optional[float] = None,
+        max_iter: Optional[int] = None,
+    ) -> SolverResult:
+        """Solve the adjoint equation ``w = vjp(w) + v`` (``vjp(w) = wJ``) as a fixed point."""
+        start = torch.zeros_like(v) if w0 is None else w0
+        return self(lambda w: vjp(w) + v, start, tol=tol, max_iter=max_iter)
+
+
+@validated_options
+class FixedPoint(Solver):
+    """Damped Picard iteration ``z ← (1 − β) z + β f(z)``.
+
+    Converges when the map is a contraction (e.g. ``‖J‖ < 1``); ``damping`` β < 1 helps when
+    ``J`` has eigenvalues near −1.
+    """
+
+    name = "fixed-point"
+
+    def __init__(self, *, damping: float = 1.0, tol: float = 1e-4, max_iter: int = 50, stop_mode: str = "rel") -> None:
+        super().__init__(tol=tol, max_iter=max_iter, stop_mode=stop_mode)
+        check_fraction(type(self).__name__, "damping", damping)
+        self.damping = float(damping)
+
+    def _propose(self, state: object, z: Tensor, fz: Tensor, active: Tensor, it: int) -> Tensor:
+        return z + self.damping * (fz - z)
+
+
+@dataclass
+class _AndersonState:
+    X: Tensor
+    F: Tensor
+    count: int = 0
+
+
+@validated_options
+class Anderson(Solver):
+    """Anderson acceleration (type II) with ``memory`` past iterates.
+
+    Each step mixes the last ``m`` iterates with weights ``α`` (``Σα = 1``) minimising
+    ``‖Σ αᵢ gᵢ‖²`` (``gᵢ = f(zᵢ) − zᵢ``) and takes ``z ← β Σ αᵢ f(zᵢ) + (1 − β) Σ αᵢ zᵢ``.
+    Walker & Ni, "Anderson acceleration for fixed-point iterations", SIAM J. Numer. Anal. 2011.
+
+    ``regularization`` is relative: ``λ · mean(diag(GGᵀ))`` is added to the normal equations,
+    so the mixing does not collapse to a plain average when residuals become tiny (an absolute
+    λ, as some peers use, stalls tight float64 solves).
+    """
+
+    name = "anderson"
+
+    def __init__(
+        self,
+        *,
+        memory: int = 6,
+        regularization: float = 1e-4,
+        damping: float = 1.0,
+        tol: float = 1e-4,
+        max_iter: int = 50,
+        stop_mode: str = "rel",
+    ) -> None:
+        super().__init__(tol=tol, max_iter=max_iter, stop_mode=stop_mode)
+        owner = type(self).__name__
+        check_int(owner, "memory", memory)
+        check_positive(owner, "regularization", regularization, allow_zero=True)
+        check_fraction(owner, "damping", damping)
+        self.memory = int(memory)
+        self.regularization = float(regularization)
+        self.damping = float(damping)
+
+    def _init_state(self, z: Tensor, fz: Tensor, max_iter: int) -> _AndersonState:
+        B, d = z.shape
+        m = min(self.memory, max_iter)
+        return _AndersonState(z.new_zeros(B, m, d), z.new_zeros(B, m, d))
+
+    def _observe(self, state: object, z: Tensor, fz: Tensor, fresh: Tensor) -> None:
+        assert isinstance(state, _AndersonState)
+        slot = state.count % state.X.shape[1]
+        state.X[:, slot] = z
+        state.F[:, slot] = fz
+        state.count += 1
+
+    def _propose(self, state: object, z: Tensor, fz: Tensor, active: Tensor, it: int) -> Tensor:
+        assert isinstance(state, _AndersonState)
+        n = min(state.count, state.X.shape[1])
+        if n == 1:
+            return z + self.damping * (fz - z)
+        X, F = state.X[:, :n], state.F[:, :n]
+        G = F - X
+        gram = G @ G.transpose(1, 2)  # (B, n, n)
+        diag_mean = gram.diagonal(dim1=1, dim2=2).mean(dim=1)
+        reg = self.regularization * diag_mean + torch.finfo(z.dtype).tiny ** 0.5
+        eye = torch.eye(n, dtype=z.dtype, device=z.device)
+        ones = torch.ones(z.shape[0], n, 1, dtype=z.dtype, device=z.device)
+        a = torch.linalg.solve(gram + reg[:, None, None] * eye, ones).squeeze(-1)
+        alpha = a / a.sum(dim=1, keepdim=True)
+        mix_f = torch.einsum("bn,bnd->bd", alpha, F)
+        mix_x = torch.einsum("bn,bnd->bd", alpha, X)
+        return (1 - self.damping) * mix_x + self.damping * mix_f
+
+
+@dataclass
+class _BroydenLoopState:
+    H: BroydenState
+    z_prev: Optional[Tensor] = None
+    g_prev: Optional[Tensor] = None
+
+
+@validated_options
+class Broyden(Solver):
+    """Limited-memory ("good") Broyden's method on ``g(z) = f(z) − z``.
+
+    Keeps ``H ≈ J_g⁻¹`` as ``H = −I + U Vᵀ`` with a ring buffer of ``memory`` columns per sample
+    (memory is bounded by ``memory``, never by ``max_iter``) and steps ``z ← z − H g``.
+    After each step, ``H`` satisfies the secant equation ``H Δg = Δz`` for the latest pair.
+    Broyden, "A class of methods for solving nonlinear simultaneous equations", Math. Comp. 1965;
+    as used in DEQs by Bai, Kolter & Koltun, NeurIPS 2019.
+
+    The final ``H`` is returned in ``result.state`` for SHINE and BroydenReuse.
+    """
+
+    keeps_inverse_jacobian = True
+    name = "broyden"
+
+    def __init__(self, *, memory: int = 20, tol: float = 1e-4, max_iter: int = 50, stop_mode: str = "rel") -> None:
+        super().__init__(tol=tol, max_iter=max_iter, stop_mode=stop_mode)
+        check_int(type(self).__name__, "memory", memory)
+        self.memory = int(memory)
+
+    def _init_state(self, z: Tensor, fz: Tensor, max_iter: int) -> _BroydenLoopState:
+        B, d = z.shape
+        return _BroydenLoopState(BroydenState(z.new_zeros(B, d, self.memory), z.new_zeros(B, d, self.memory)))
+
+    def _observe(self, state: object, z: Tensor, fz: Tensor, fresh: Tensor) -> None:
+        # every fresh evaluation, the last one included, adds its secant pair to H
+        assert isinstance(state, _BroydenLoopState)
+        g = fz - z
+        if state.z_prev is not None:
+            state.H.update(z - state.z_prev, g - state.g_prev, fresh)
+        state.z_prev, state.g_prev = z, g
+
+    def _propose(self, state: object, z: Tensor, fz: Tensor, active: Tensor, it: int) -> Tensor:
+        assert isinstance(state, _BroydenLoopState)
+        return z - state.H.apply(fz - z)
+
+    def _final_state(self, state: object) -> Optional[BroydenState]:
+        assert isinstance(state, _BroydenLoopState)
+        return state.H
+
+
+SOLVERS: dict[str, type[Solver]] = {"fixed-point": FixedPoint, "anderson": Anderson, "broyden": Broyden}
+
+
+def make_solver(name: str, **options: object) -> Solver:
+    """Build a forward solver by name (``fixed-point``, ``anderson``, ``broyden``)."""
+    return from_registry("solver", SOLVERS, name, **options)  # type: ignore[arg-type]

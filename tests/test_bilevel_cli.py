@@ -1,0 +1,41 @@
+"""Smoke test of ``deqkit hpo`` (deqkit.bilevel.cli) on a small setting."""
+
+import argparse
+import json
+
+import pytest
+
+from deqkit.bilevel import cli
+
+
+def test_hpo_cli_writes_plot_and_json(tmp_path, capsys):
+    rc = cli.main(["--dataset", "breast_cancer", "--outer-steps", "3", "--hypergrad",
+                   "exact,shine-opa,jacobian-free", "--out", str(tmp_path), "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "shine-opa" in out and "cos(exact)" in out
+    png = tmp_path / "hpo_breast_cancer.png"
+    js = tmp_path / "hpo_breast_cancer.json"
+    assert png.exists() and png.stat().st_size > 1000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(js.read_text())
+    assert set(data["estimators"]) == {"exact", "shine-opa", "jacobian-free"}
+    for name, r in data["estimators"].items():
+        assert len(r["history"]) == 3
+        assert 0 < r["final_val_loss"] < 1.0 and 0 < r["final_test_loss"] < 1.0
+        assert r["total_time"] > 0 and -1.0 <= r["cosine_to_exact"] <= 1.0 + 1e-12
+    assert data["estimators"]["exact"]["cosine_to_exact"] == pytest.approx(1.0, abs=1e-8)
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+
+
+def test_hpo_subparser_registration_and_validation():
+    parser = argparse.ArgumentParser(prog="deqkit")
+    sub = parser.add_subparsers(dest="command")
+    cli.add_subparser(sub)
+    args = parser.parse_args(["hpo", "--dataset", "digits", "--hypergrad", "shine,exact",
+                              "--per-feature"])
+    assert args.func is cli.run and args.hypergrad == ["shine", "exact"] and args.per_feature
+    with pytest.raises(SystemExit):
+        parser.parse_args(["hpo", "--hypergrad", "shine-opaa"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["hpo", "--dataset", "mnist"])

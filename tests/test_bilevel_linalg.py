@@ -1,0 +1,192 @@
+"""Closed-form checks of the bi-level linear algebra (float64)."""
+
+import warnings
+
+import pytest
+import torch
+
+from deqkit.bilevel import (LBFGS, SHINE, BilevelProblem, Exact, JacobianFree, SecantMemory,
+                            conjugate_gradient, dense_bfgs_inverse, two_loop)
+from deqkit.errors import ConvergenceError, ConvergenceWarning, NonFiniteError
+
+torch.set_default_dtype(torch.float64)
+
+
+def _quadratic(n=12, seed=0, cond=50.0):
+    """h(x, λ) = ½xᵀAx − bᵀx + ½Σ e^{λ_j} x_j²;  L(x) = ½‖x − c‖²."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    A = q @ torch.diag(torch.logspace(0, torch.log10(torch.tensor(cond)), n)) @ q.T
+    b = torch.randn(n, generator=g)
+    c = torch.randn(n, generator=g)
+    inner = lambda x, lam: 0.5 * x @ A @ x - b @ x + 0.5 * (torch.exp(lam) * x * x).sum()
+    outer = lambda x: 0.5 * ((x - c) ** 2).sum()
+    return BilevelProblem(inner, outer, torch.zeros(n)), A, b, c
+
+
+def _closed_form(A, b, c, lam):
+    H = A + torch.diag(torch.exp(lam))
+    x = torch.linalg.solve(H, b)
+    # dL/dλ_j = −(∂²h/∂λ_j∂x)ᵀ H⁻¹ ∇L,  ∂²h/∂λ_j∂x_i = δ_ij e^{λ_j} x_j
+    return x, -torch.exp(lam) * x * torch.linalg.solve(H, x - c)
+
+
+def test_exact_matches_closed_form_on_quadratic():
+    pb, A, b, c = _quadratic()
+    lam = torch.linspace(-1, 1, 12)
+    inner = LBFGS(memory=30, tol=1e-12, max_iter=500).solve(pb, lam)
+    x_true, g_true = _closed_form(A, b, c, lam)
+    assert inner.converged
+    torch.testing.assert_close(inner.x, x_true, rtol=1e-9, atol=1e-10)
+    hg = Exact(rtol=1e-13).hypergradient(pb, lam, inner)
+    assert hg.converged and hg.n_hvp > 0
+    torch.testing.assert_close(hg.grad, g_true, rtol=1e-8, atol=1e-10)
+    # and the closed form itself against central finite differences of L(x*(λ))
+    eps = 1e-6
+    for j in (0, 5, 11):
+        e = torch.zeros(12)
+        e[j] = eps
+        lp = pb.outer_value(_closed_form(A, b, c, lam + e)[0])
+        lm = pb.outer_value(_closed_form(A, b, c, lam - e)[0])
+        assert abs((lp - lm) / (2 * eps) - float(g_true[j])) < 1e-6 * max(1.0, abs(float(g_true[j])))
+
+
+def test_scalar_lambda_hypergradient_closed_form():
+    pb, A, b, c = _quadratic(seed=1)
+    lam = torch.tensor(0.3)
+    inner = LBFGS(tol=1e-12).solve(pb, lam)
+    _, g_vec = _closed_form(A, b, c, lam.expand(12))
+    hg = Exact(rtol=1e-13).hypergradient(pb, lam, inner)
+    assert hg.grad.shape == lam.shape
+    torch.testing.assert_close(hg.grad, g_vec.sum(), rtol=1e-8, atol=1e-10)
+
+
+def test_two_loop_equals_dense_bfgs_inverse():
+    g = torch.Generator().manual_seed(3)
+    n, m = 15, 9
+    M = torch.randn(n, n, generator=g)
+    A = M @ M.T + 0.5 * torch.eye(n)
+    s = [torch.randn(n, generator=g) for _ in range(m)]
+    y = [A @ si + 0.01 * torch.randn(n, generator=g) for si in s]
+    assert all(float(si @ yi) > 0 for si, yi in zip(s, y))
+    H = dense_bfgs_inverse(s, y)
+    for _ in range(3):
+        v = torch.randn(n, generator=g)
+        torch.testing.assert_close(two_loop(s, y, v), H @ v, rtol=1e-10, atol=1e-12)
+    # secant condition of the newest pair, and an explicit γ
+    torch.testing.assert_close(H @ y[-1], s[-1], rtol=1e-10, atol=1e-12)
+    v = torch.randn(n, generator=g)
+    torch.testing.assert_close(two_loop(s, y, v, gamma=0.37),
+                               dense_bfgs_inverse(s, y, gamma=0.37) @ v, rtol=1e-10, atol=1e-12)
+    # n A-conjugate exact pairs of a quadratic: BFGS recovers A⁻¹ exactly
+    s = list(torch.linalg.eigh(A).eigenvectors.T)
+    y = [A @ si for si in s]
+    torch.testing.assert_close(dense_bfgs_inverse(s, y), torch.linalg.inv(A), rtol=1e-7, atol=1e-8)
+
+
+def test_lbfgs_result_pairs_and_memory_bound():
+    pb, A, b, c = _quadratic(n=40, cond=1e3)
+    res = LBFGS(memory=5, tol=1e-10, max_iter=500).solve(pb, torch.zeros(40))
+    assert res.converged and res.message == "converged"
+    assert len(res.s) == len(res.y) <= 5
+    assert all(float(si @ yi) > 0 for si, yi in zip(res.s, res.y))
+    assert len(res.grad_norms) == res.n_steps + 1 and res.grad_norms[-1] <= 1e-10
+    # Armijo line search also converges
+    res2 = LBFGS(memory=5, tol=1e-8, max_iter=2000, line_search="armijo").solve(pb, torch.zeros(40))
+    assert res2.converged
+    torch.testing.assert_close(res2.x, res.x, rtol=1e-6, atol=1e-7)
+
+
+def test_secant_memory_skips_bad_pairs():
+    mem = SecantMemory(3)
+    assert mem.push(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.0]))
+    assert not mem.push(torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0]))
+    assert not mem.push(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))
+    assert mem.n_skipped == 2 and len(mem) == 1
+    for _ in range(5):
+        mem.push(torch.tensor([1.0, 1.0]), torch.tensor([2.0, 1.0]))
+    assert len(mem) == 3
+
+
+def test_options_validated():
+    with pytest.raises(ValueError, match="wolfe"):
+        LBFGS(line_search="backtrack")
+    with pytest.raises(ValueError, match="memory"):
+        LBFGS(memory=0)
+    with pytest.raises(ValueError, match="warn"):
+        LBFGS(on_fail="ignore")
+    with pytest.raises(ValueError, match="refine"):
+        SHINE(refine=-1)
+    with pytest.raises(ValueError, match="opa"):
+        SHINE(opa=0)
+    with pytest.raises(ValueError, match="raise"):
+        Exact(on_fail="silent")
+    with pytest.raises(ValueError, match="rtol"):
+        Exact(rtol=0)
+
+
+def test_cg_failure_is_reported():
+    pb, *_ = _quadratic(n=30, cond=1e4)
+    lam = torch.full((30,), -8.0)
+    inner = LBFGS(tol=1e-10, max_iter=2000).solve(pb, lam)
+    with pytest.warns(ConvergenceWarning, match="CG missed"):
+        hg = Exact(rtol=1e-12, max_iter=3).hypergradient(pb, lam, inner)
+    assert not hg.converged and hg.cg_iter == 3
+    with pytest.raises(ConvergenceError):
+        Exact(rtol=1e-12, max_iter=3, on_fail="raise").hypergradient(pb, lam, inner)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hg = Exact(rtol=1e-12, max_iter=3, on_fail="record").hypergradient(pb, lam, inner)
+    assert not hg.converged
+
+
+def test_inner_failures_recorded_or_raised():
+    pb, *_ = _quadratic(n=30, cond=1e4)
+    lam = torch.full((30,), -8.0)
+    with pytest.warns(ConvergenceWarning, match="max_iter"):
+        res = LBFGS(tol=1e-12, max_iter=2).solve(pb, lam)
+    assert not res.converged and res.n_steps == 2
+    with pytest.raises(ConvergenceError):
+        LBFGS(tol=1e-12, max_iter=2, on_fail="raise").solve(pb, lam)
+    bad = BilevelProblem(lambda x, lam: (x * x).sum() * torch.tensor(float("nan")),
+                         lambda x: x.sum(), torch.ones(3))
+    with pytest.raises(NonFiniteError):
+        LBFGS().solve(bad, torch.tensor(0.0))
+    # non-positive-definite Hessian met by CG
+    concave = BilevelProblem(lambda x, lam: -(x * x).sum() * torch.exp(lam),
+                             lambda x: x.sum(), torch.ones(3))
+    fake = LBFGS(on_fail="record", max_iter=1).solve(concave, torch.tensor(0.0))
+    with pytest.raises(NonFiniteError, match="curvature"):
+        Exact().hypergradient(concave, torch.tensor(0.0), fake)
+
+
+def test_shine_refuses_missing_state():
+    pb, *_ = _quadratic()
+    lam = torch.zeros(12)
+    plain = LBFGS(tol=1e-8).solve(pb, lam)
+    with pytest.raises(ValueError, match="OPA"):
+        SHINE(opa=5).hypergradient(pb, lam, plain)
+    with pytest.raises(ValueError, match="LBFGS"):
+        SHINE().hypergradient(pb, lam, object())
+
+
+def test_estimators_agree_on_quadratic_with_full_memory():
+    # with memory ≥ n on a quadratic, L-BFGS pairs span the space: SHINE ≈ Exact
+    pb, A, b, c = _quadratic(n=8, cond=10)
+    lam = torch.zeros(8)
+    inner = LBFGS(memory=30, tol=1e-12).solve(pb, lam)
+    g_ex = Exact(rtol=1e-13).hypergradient(pb, lam, inner).grad
+    g_ref = SHINE(refine=50).hypergradient(pb, lam, inner).grad
+    torch.testing.assert_close(g_ref, g_ex, rtol=1e-7, atol=1e-9)
+    g_jf = JacobianFree().hypergradient(pb, lam, inner).grad
+    assert float((g_jf - g_ex).norm()) > 1e-3 * float(g_ex.norm())
+
+
+def test_conjugate_gradient_solves_spd_system_with_warm_start():
+    _, A, b, _ = _quadratic(n=20, cond=100)
+    x_true = torch.linalg.solve(A, b)
+    res = conjugate_gradient(lambda v: A @ v, b, rtol=1e-12, max_iter=200)
+    assert res.converged and res.n_iter <= 40
+    torch.testing.assert_close(res.x, x_true, rtol=1e-9, atol=1e-10)
+    warm = conjugate_gradient(lambda v: A @ v, b, x0=x_true + 1e-6, rtol=1e-12, max_iter=200)
+    assert warm.converged and warm.n_iter < res.n_iter
