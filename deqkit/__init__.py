@@ -4,6 +4,7 @@ from .deq import DEQ, DEQInfo
 from .errors import ConvergenceError, ConvergenceWarning, DEQError, NonFiniteError
 from .estimators import Exact, GradientEstimator, JacobianFree, Neumann, Unrolled, make_estimator
 from .linear import GMRES, Dense
+from .shine import SHINE, BroydenReuse, WarmExact
 from .solvers import Anderson, Broyden, BroydenState, FixedPoint, Solver, SolverResult, make_solver
 
 __version__ = "0.1.0"
@@ -24,6 +25,9 @@ __all__ = [
     "Unrolled",
     "Neumann",
     "JacobianFree",
+    "SHINE",
+    "BroydenReuse",
+    "WarmExact",
     "make_solver",
     "make_estimator",
     "ConvergenceError",

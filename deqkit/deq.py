@@ -131,11 +131,29 @@ class DEQ(nn.Module):
             return torch.zeros_like(ref, dtype=ref.dtype if ref.is_floating_point() else torch.get_default_dtype())
         return ref.new_zeros((ref.shape[0], *self.state_shape), dtype=ref.dtype if ref.is_floating_point() else None)
 
-    def forward(self, x: Any, z0: Optional[Tensor] = None) -> tuple[Tensor, DEQInfo]:
+    def forward(
+        self, x: Any, z0: Optional[Tensor] = None, loss_fn: Optional[Callable[[Tensor], Tensor]] = None
+    ) -> tuple[Tensor, DEQInfo]:
+        """Solve for ``z*`` and attach the gradient estimator.
+
+        Args:
+            x: the input injection (a tensor, or a tuple/dict of tensors the cell understands).
+            z0: initial state (default: the ``init`` policy).
+            loss_fn: ``z ↦`` scalar training loss. Used, in training mode only, by a forward
+                solver with outer-problem awareness (``Broyden(opa_freq=k)``); ignored otherwise.
+        """
         z0 = self.initial_state(x) if z0 is None else z0
         max_iter = self.eval_max_iter if (not self.training and self.eval_max_iter is not None) else None
+        loss_grad = None
+        if loss_fn is not None and self.training and getattr(self.solver, "opa_freq", None) is not None:
+
+            def loss_grad(z: Tensor) -> Tensor:
+                z = z.detach().requires_grad_()
+                (g,) = torch.autograd.grad(loss_fn(z), z)
+                return g
+
         with torch.no_grad():
-            result = self.solver(lambda z: self.cell(z, x), z0, max_iter=max_iter)
+            result = self.solver(lambda z: self.cell(z, x), z0, max_iter=max_iter, loss_grad=loss_grad)
         info = DEQInfo(result)
         if not result.all_converged and self.on_nonconvergence != "ignore":
             msg = f"DEQ forward: {result.summary()}. Raise max_iter, loosen tol, or check the cell is contractive."

@@ -197,6 +197,10 @@ class Exact(AdjointEstimator):
 
     def compute_w(self, v: Tensor, vjp: Vjp, result: SolverResult, stats: BackwardStats) -> Tensor:
         sol = self.linear_solver.solve_adjoint(vjp, v, self.initial_guess(v, result), tol=self.tol, max_iter=self.max_iter)
+        return self.finish(sol, stats)
+
+    def finish(self, sol: SolverResult, stats: BackwardStats) -> Tensor:
+        """Record the adjoint solve and apply the ``on_failure`` policy; return ``w``."""
         stats.solve = sol
         if not sol.all_converged and self.on_failure != "ignore":
             msg = (
@@ -288,5 +292,8 @@ ESTIMATORS: dict[str, Callable[..., GradientEstimator]] = {
 
 
 def make_estimator(name: str, **options: object) -> GradientEstimator:
-    """Build a gradient estimator by name (``exact``, ``unrolled``, ``neumann``, ``jacobian-free``, ...)."""
-    return from_registry("estimator", ESTIMATORS, name, **options)
+    """Build a gradient estimator by name (``exact``, ``unrolled``, ``neumann``, ``jacobian-free``, ``shine``, ...)."""
+    from . import shine  # registers SHINE, BroydenReuse, WarmExact (kept out of this module's imports)
+
+    registry = {**ESTIMATORS, "shine": shine.SHINE, "broyden-reuse": shine.BroydenReuse, "exact-warm": shine.WarmExact}
+    return from_registry("estimator", registry, name, **options)

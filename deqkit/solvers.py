@@ -74,7 +74,7 @@ class BroydenState:
         h_dg = self.apply(dg)
         vt = self.apply_left(dz)  # dzᵀ H
         den = (vt * dg).sum(dim=1)
-        scale = torch.maximum(dz.norm(dim=1) * h_dg.norm(dim=1), torch.finfo(dz.dtype).tiny)
+        scale = (dz.norm(dim=1) * h_dg.norm(dim=1)).clamp_min(torch.finfo(dz.dtype).tiny)
         ok = mask & (den.abs() > 1e3 * torch.finfo(dz.dtype).eps * scale)
         safe_den = torch.where(ok, den, torch.ones_like(den))
         u = (dz - h_dg) / safe_den[:, None]
@@ -171,7 +171,12 @@ class Solver:
         return f"{type(self).__name__}({opts})"
 
     # -- subclass hooks -------------------------------------------------------------------
-    def _init_state(self, z: Tensor, fz: Tensor, max_iter: int) -> object:
+    def _init_state(self, z: Tensor, fz: Tensor, max_iter: int, ctx: "_CallContext") -> object:
+        if ctx.state0 is not None or ctx.loss_grad is not None:
+            raise ValueError(
+                f"{type(self).__name__} keeps no inverse-Jacobian estimate, so it takes neither state0 nor "
+                f"loss_grad (outer-problem awareness); use Broyden(...)."
+            )
         return None
 
     def _observe(self, state: object, z: Tensor, fz: Tensor, fresh: Tensor) -> None:
@@ -191,8 +196,18 @@ class Solver:
         *,
         max_iter: Optional[int] = None,
         tol: Optional[float] = None,
+        state0: Optional[BroydenState] = None,
+        loss_grad: Optional[Fn] = None,
     ) -> SolverResult:
-        """Solve ``fn(z) = z`` from ``z0`` (shape ``(B, ...)``); ``max_iter``/``tol`` override the defaults."""
+        """Solve ``fn(z) = z`` from ``z0`` (shape ``(B, ...)``).
+
+        Args:
+            fn: the map, batch in, batch of the same shape out.
+            z0: the initial state.
+            max_iter, tol: override the solver's defaults for this call.
+            state0: Broyden only: the initial inverse-Jacobian estimate (e.g. to warm-start).
+            loss_grad: Broyden with ``opa_freq`` only: ``z ↦ ∇_z L(z)`` for outer-problem awareness.
+        """
         if not isinstance(z0, Tensor) or z0.dim() < 1 or z0.shape[0] == 0:
             raise ValueError(f"{type(self).__name__}: z0 must be a tensor of shape (B, ...) with B >= 1, got {getattr(z0, 'shape', type(z0))}.")
         if not z0.is_floating_point():
@@ -217,7 +232,7 @@ class Solver:
         z = z0.reshape(B, -1).clone()
         fz = flat_fn(z)
         eps = torch.finfo(z.dtype).eps
-        state = self._init_state(z, fz, max_iter)
+        state = self._init_state(z, fz, max_iter, _CallContext(flat_fn, state0, loss_grad, shape))
         active = torch.ones(B, dtype=torch.bool, device=z.device)
         nstep = torch.zeros(B, dtype=torch.long, device=z.device)
         best_z = z.clone()
@@ -280,10 +295,11 @@ class Solver:
         *,
         tol: Optional[float] = None,
         max_iter: Optional[int] = None,
+        state0: Optional[BroydenState] = None,
     ) -> SolverResult:
         """Solve the adjoint equation ``w = vjp(w) + v`` (``vjp(w) = wJ``) as a fixed point."""
         start = torch.zeros_like(v) if w0 is None else w0
-        return self(lambda w: vjp(w) + v, start, tol=tol, max_iter=max_iter)
+        return self(lambda w: vjp(w) + v, start, tol=tol, max_iter=max_iter, state0=state0)
 
 
 @validated_options
@@ -346,7 +362,8 @@ class Anderson(Solver):
         self.regularization = float(regularization)
         self.damping = float(damping)
 
-    def _init_state(self, z: Tensor, fz: Tensor, max_iter: int) -> _AndersonState:
+    def _init_state(self, z: Tensor, fz: Tensor, max_iter: int, ctx: "_CallContext") -> _AndersonState:
+        super()._init_state(z, fz, max_iter, ctx)
         B, d = z.shape
         m = min(self.memory, max_iter)
         return _AndersonState(z.new_zeros(B, m, d), z.new_zeros(B, m, d))
@@ -378,10 +395,21 @@ class Anderson(Solver):
 
 
 @dataclass
+class _CallContext:
+    fn: Fn  # the flattened map (B, d) -> (B, d)
+    state0: Optional[BroydenState]
+    loss_grad: Optional[Fn]
+    shape: torch.Size
+
+
+@dataclass
 class _BroydenLoopState:
     H: BroydenState
+    ctx: _CallContext
     z_prev: Optional[Tensor] = None
     g_prev: Optional[Tensor] = None
+    n_seen: int = 0
+    n_opa: int = 0
 
 
 @validated_options
@@ -400,14 +428,34 @@ class Broyden(Solver):
     keeps_inverse_jacobian = True
     name = "broyden"
 
-    def __init__(self, *, memory: int = 20, tol: float = 1e-4, max_iter: int = 50, stop_mode: str = "rel") -> None:
+    def __init__(
+        self,
+        *,
+        memory: int = 20,
+        opa_freq: Optional[int] = None,
+        tol: float = 1e-4,
+        max_iter: int = 50,
+        stop_mode: str = "rel",
+    ) -> None:
         super().__init__(tol=tol, max_iter=max_iter, stop_mode=stop_mode)
         check_int(type(self).__name__, "memory", memory)
+        if opa_freq is not None:
+            check_int(type(self).__name__, "opa_freq", opa_freq)
         self.memory = int(memory)
+        self.opa_freq = opa_freq
 
-    def _init_state(self, z: Tensor, fz: Tensor, max_iter: int) -> _BroydenLoopState:
+    def _init_state(self, z: Tensor, fz: Tensor, max_iter: int, ctx: _CallContext) -> _BroydenLoopState:
         B, d = z.shape
-        return _BroydenLoopState(BroydenState(z.new_zeros(B, d, self.memory), z.new_zeros(B, d, self.memory)))
+        if ctx.state0 is not None:
+            H0 = ctx.state0
+            if H0.U.shape[:2] != (B, d):
+                raise ValueError(f"Broyden: state0 has shape {tuple(H0.U.shape)}, expected (B={B}, d={d}, memory).")
+            # keep the given columns and append room for this solve's own updates
+            pad = z.new_zeros(B, d, self.memory)
+            H = BroydenState(torch.cat([H0.U.to(z), pad], -1), torch.cat([H0.V.to(z), pad.clone()], -1), H0.U.shape[-1])
+        else:
+            H = BroydenState(z.new_zeros(B, d, self.memory), z.new_zeros(B, d, self.memory))
+        return _BroydenLoopState(H, ctx)
 
     def _observe(self, state: object, z: Tensor, fz: Tensor, fresh: Tensor) -> None:
         # every fresh evaluation, the last one included, adds its secant pair to H
@@ -416,6 +464,43 @@ class Broyden(Solver):
         if state.z_prev is not None:
             state.H.update(z - state.z_prev, g - state.g_prev, fresh)
         state.z_prev, state.g_prev = z, g
+        state.n_seen += 1
+        if self.opa_freq is not None and state.ctx.loss_grad is not None and state.n_seen % self.opa_freq == 0:
+            self._opa_update(state, z, fresh)
+
+    def _opa_update(self, state: _BroydenLoopState, z: Tensor, mask: Tensor) -> None:
+        """Outer-problem awareness (SHINE, Ramzi et al. 2022): make ``vH`` accurate for ``v = ∇_z L``.
+
+        An *adjoint* Broyden update (Schlenkrich, Griewank & Walther 2010) along
+        ``σ = (vH)ᵀ``: with ``B = H⁻¹ ≈ J_g``, ``B ← B + σ (σᵀJ_g − σᵀB) / σᵀσ`` makes
+        ``σᵀB = σᵀJ_g`` exactly, hence ``(σᵀJ_g) H = σᵀ = v J_g⁻¹ H⁻¹ H``: the backward product
+        ``−vH`` is exact in the direction the loss needs. ``σᵀB = v`` needs no ``B``; ``σᵀJ_g``
+        costs one VJP of the cell. Applied to ``H`` by Sherman–Morrison as one more ring column.
+        A good-Broyden (secant) step along ``H∇L`` instead fixes the *column* action ``H y``,
+        which the row product ``vH`` of the backward pass does not use.
+        """
+        ctx = state.ctx
+        assert ctx.loss_grad is not None
+        B = z.shape[0]
+        with torch.enable_grad():
+            v = ctx.loss_grad(z.view(ctx.shape).detach()).reshape(B, -1).detach()
+            sigma = state.H.apply_left(v)  # row vector vH
+            zz = z.detach().requires_grad_()
+            out = ctx.fn(zz)
+            (sJ,) = torch.autograd.grad(out, zz, sigma)
+        sJg = sJ - sigma  # σᵀ J_g
+        r = (sJg - v) / (sigma * sigma).sum(1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)  # row rᵀ
+        H_sigma = state.H.apply(sigma)
+        rT_H = state.H.apply_left(r)
+        den = 1 + (r * H_sigma).sum(1)
+        ok = mask & (den.abs() > 1e-8) & torch.isfinite(den)
+        u = -H_sigma / torch.where(ok, den, torch.ones_like(den))[:, None]
+        slot = state.H.n_updates % state.H.memory
+        keep = ~ok[:, None]
+        state.H.U[:, :, slot] = torch.where(keep, state.H.U[:, :, slot], u)
+        state.H.V[:, :, slot] = torch.where(keep, state.H.V[:, :, slot], rT_H)
+        state.H.n_updates += 1
+        state.n_opa += 1
 
     def _propose(self, state: object, z: Tensor, fz: Tensor, active: Tensor, it: int) -> Tensor:
         assert isinstance(state, _BroydenLoopState)
