@@ -20,7 +20,7 @@ class GradientQuality:
     """One row of :func:`gradient_quality`.
 
     Attributes:
-        estimator: ``repr`` of the estimator.
+        estimator: the estimator's short label.
         cosine: cosine between its parameter gradient and the reference's.
         norm_ratio: ``‖g‖ / ‖g_ref‖``.
         rel_error: ``‖g − g_ref‖ / ‖g_ref‖``.
@@ -90,7 +90,8 @@ def gradient_quality(
         loss_fn: ``z ↦`` scalar loss (e.g. head + cross-entropy); also handed to the forward
             solve so an OPA-enabled Broyden sees it.
         estimators: the estimators to measure.
-        reference: the reference estimator (default ``Exact(GMRES(tol=1e-10, max_iter=500))``).
+        reference: the reference estimator (default ``Exact(GMRES(max_iter=500))`` with tol 1e-10
+            in float64, ``100·eps`` in lower precision).
         params: the parameters whose gradient is compared (default: the DEQ's own).
         repeats: backward timings to take the median of.
 
@@ -102,7 +103,9 @@ def gradient_quality(
     params = [p for p in (deq.parameters() if params is None else params) if p.requires_grad]
     if not params:
         raise ValueError("gradient_quality: no parameter requires grad; nothing to compare.")
-    reference = Exact(GMRES(tol=1e-10, max_iter=500), on_failure="warn") if reference is None else reference
+    if reference is None:  # as tight as the dtype allows
+        tol = max(1e-10, 100 * torch.finfo(params[0].dtype).eps)
+        reference = Exact(GMRES(tol=tol, max_iter=500), on_failure="warn")
     for est in [reference, *estimators]:
         est.check_solver(deq.solver)
     saved = deq.grad
@@ -122,7 +125,7 @@ def gradient_quality(
             solve = back.solve if back is not None else None
             rows.append(
                 GradientQuality(
-                    estimator=repr(est),
+                    estimator=est.label,
                     cosine=_cos(g, g_ref),
                     norm_ratio=float(g.norm() / g_ref.norm()) if g_ref.norm() > 0 else float("nan"),
                     rel_error=float((g - g_ref).norm() / g_ref.norm()) if g_ref.norm() > 0 else float("nan"),

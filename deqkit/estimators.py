@@ -95,6 +95,21 @@ class GradientEstimator:
         opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in getattr(self, "valid_options", ()) if hasattr(self, k))
         return f"{type(self).__name__}({opts})"
 
+    @property
+    def label(self) -> str:
+        """A short name for tables: the class and the options that differ from their defaults."""
+        import inspect
+
+        params = inspect.signature(type(self).__init__).parameters
+        parts = []
+        for k, p in params.items():
+            if k == "self" or not hasattr(self, k):
+                continue
+            val = getattr(self, k)
+            if p.default is inspect.Parameter.empty or val != p.default:
+                parts.append(getattr(val, "name", None) or f"{k}={val}")
+        return f"{type(self).__name__}({', '.join(parts)})" if parts else type(self).__name__
+
 
 def straight_through(value: Tensor, carrier: Tensor) -> Tensor:
     """A tensor equal to ``value`` whose gradient flows unchanged into ``carrier``."""
@@ -229,6 +244,10 @@ class Neumann(AdjointEstimator):
         check_fraction(type(self).__name__, "damping", damping)
         self.k, self.damping = int(k), float(damping)
 
+    @property
+    def label(self) -> str:
+        return f"{type(self).__name__}({self.k}, {self.damping:g})"
+
     def compute_w(self, v: Tensor, vjp: Vjp, result: SolverResult, stats: BackwardStats) -> Tensor:
         lam = self.damping
         term, total = v, v
@@ -253,6 +272,10 @@ class Unrolled(GradientEstimator):
         check_int(type(self).__name__, "k", k)
         check_fraction(type(self).__name__, "damping", damping)
         self.k, self.damping = int(k), float(damping)
+
+    @property
+    def label(self) -> str:
+        return f"{type(self).__name__}({self.k}, {self.damping:g})"
 
     def attach(self, cell_fn: CellFn, result: SolverResult, info: "DEQInfo") -> Tensor:
         z = result.z.detach()
@@ -280,6 +303,10 @@ class JacobianFree(Unrolled):
 
     def __repr__(self) -> str:
         return "JacobianFree()"
+
+    @property
+    def label(self) -> str:
+        return "JacobianFree"
 
 
 ESTIMATORS: dict[str, Callable[..., GradientEstimator]] = {
