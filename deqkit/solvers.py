@@ -70,15 +70,19 @@ class BroydenState:
 
         ``H ← H + (dz − H dg)(dzᵀ H) / (dzᵀ H dg)``, so afterwards ``H dg = dz``. A sample
         whose denominator is (numerically) zero keeps its estimate unchanged.
+
+        Once the ring is full, ``H`` here is the estimate *without* the oldest column (the one
+        being overwritten), so the secant equation also holds after the buffer wraps.
         """
-        h_dg = self.apply(dg)
-        vt = self.apply_left(dz)  # dzᵀ H
+        slot = self.n_updates % self.memory
+        u_old, v_old = self.U[:, :, slot], self.V[:, :, slot]
+        h_dg = self.apply(dg) - u_old * (v_old * dg).sum(dim=1, keepdim=True)
+        vt = self.apply_left(dz) - v_old * (u_old * dz).sum(dim=1, keepdim=True)  # dzᵀ H
         den = (vt * dg).sum(dim=1)
         scale = (dz.norm(dim=1) * h_dg.norm(dim=1)).clamp_min(torch.finfo(dz.dtype).tiny)
         ok = mask & (den.abs() > 1e3 * torch.finfo(dz.dtype).eps * scale)
         safe_den = torch.where(ok, den, torch.ones_like(den))
         u = (dz - h_dg) / safe_den[:, None]
-        slot = self.n_updates % self.memory
         keep = ~ok[:, None]
         self.U[:, :, slot] = torch.where(keep, self.U[:, :, slot], u)
         self.V[:, :, slot] = torch.where(keep, self.V[:, :, slot], vt)
@@ -482,6 +486,11 @@ class Broyden(Solver):
         ctx = state.ctx
         assert ctx.loss_grad is not None
         B = z.shape[0]
+        # the column about to be overwritten must not take part (as in BroydenState.update)
+        slot = state.H.n_updates % state.H.memory
+        u_old, v_old = state.H.U[:, :, slot].clone(), state.H.V[:, :, slot].clone()
+        state.H.U[:, :, slot] = 0
+        state.H.V[:, :, slot] = 0
         with torch.enable_grad():
             v = ctx.loss_grad(z.view(ctx.shape).detach()).reshape(B, -1).detach()
             sigma = state.H.apply_left(v)  # row vector vH
@@ -495,10 +504,9 @@ class Broyden(Solver):
         den = 1 + (r * H_sigma).sum(1)
         ok = mask & (den.abs() > 1e-8) & torch.isfinite(den)
         u = -H_sigma / torch.where(ok, den, torch.ones_like(den))[:, None]
-        slot = state.H.n_updates % state.H.memory
         keep = ~ok[:, None]
-        state.H.U[:, :, slot] = torch.where(keep, state.H.U[:, :, slot], u)
-        state.H.V[:, :, slot] = torch.where(keep, state.H.V[:, :, slot], rT_H)
+        state.H.U[:, :, slot] = torch.where(keep, u_old, u)
+        state.H.V[:, :, slot] = torch.where(keep, v_old, rT_H)
         state.H.n_updates += 1
         state.n_opa += 1
 

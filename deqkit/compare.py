@@ -1,0 +1,260 @@
+"""The main job: train one DEQ with each gradient estimator, side by side, and report.
+
+Every run starts from the same seed and the same initial weights, uses the same Broyden
+forward solve (so SHINE / BroydenReuse can reuse its inverse estimate) and the same data order;
+only the backward pass differs. After training, :func:`deqkit.diagnostics.gradient_quality`
+measures each estimator's gradient against a tight Exact one on a held-out batch, at that
+run's own final weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ._options import check_choice, check_int, check_positive
+from .diagnostics import format_table, gradient_quality
+from .estimators import Exact, GradientEstimator, JacobianFree, Neumann, Unrolled
+from .linear import GMRES
+from .shine import SHINE, BroydenReuse, WarmExact
+from .solvers import Broyden, Solver
+
+#: the estimators ``deqkit compare`` knows, by name (each a factory: a fresh object per run)
+ESTIMATOR_PRESETS: dict[str, Callable[[], GradientEstimator]] = {
+    "exact": lambda: Exact(GMRES(tol=1e-6, max_iter=60), on_failure="ignore"),
+    "exact-warm": lambda: WarmExact(GMRES(tol=1e-6, max_iter=60), on_failure="ignore"),
+    "unrolled": lambda: Unrolled(5, 0.5),
+    "neumann": lambda: Neumann(5, 0.5),
+    "jacobian-free": JacobianFree,
+    "shine": lambda: SHINE(fallback=True),
+    "shine-plain": lambda: SHINE(fallback=False),
+    "shine-refine": lambda: SHINE(fallback=True, refine=3),
+    "broyden-reuse": BroydenReuse,
+}
+DEFAULT_ESTIMATORS = ("exact", "unrolled", "neumann", "jacobian-free", "shine", "broyden-reuse")
+
+
+@dataclass
+class CompareConfig:
+    """Settings of :func:`run_compare` (the defaults are the embedded ``digits`` demo)."""
+
+    dataset: str = "digits"
+    data_dir: Optional[str] = None
+    subset: Optional[int] = None
+    model: str = "mlp"
+    width: int = 64
+    estimators: list[str] = field(default_factory=lambda: list(DEFAULT_ESTIMATORS))
+    epochs: int = 8
+    batch_size: int = 64
+    lr: float = 2e-3
+    seed: int = 0
+    max_iter: int = 30
+    tol: float = 1e-4
+    memory: int = 30
+    device: str = "cpu"
+    threads: Optional[int] = None
+    out: str = "runs/compare"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        owner = "compare"
+        if not self.estimators:
+            raise ValueError("compare: give at least one estimator.")
+        for name in self.estimators:
+            check_choice(owner, "estimator", name, ESTIMATOR_PRESETS)
+        check_choice(owner, "model", self.model, ("mlp", "conv"))
+        for name in ("width", "epochs", "batch_size", "max_iter", "memory"):
+            check_int(owner, name, getattr(self, name))
+        check_positive(owner, "lr", self.lr)
+        check_positive(owner, "tol", self.tol)
+
+    def solver(self) -> Solver:
+        return Broyden(memory=self.memory, tol=self.tol, max_iter=self.max_iter)
+
+
+def load_splits(dataset: str, data_dir: Optional[str], subset: Optional[int], seed: int, model: str) -> Any:
+    from .data import load_dataset
+
+    return load_dataset(dataset, data_dir=data_dir, subset=subset, seed=seed, flatten=(model == "mlp"))
+
+
+def build_model(model: str, splits: Any, width: int, solver: Solver, grad: GradientEstimator, seed: int) -> nn.Module:
+    """The DEQ classifier for ``splits`` (seeded, so every estimator starts from the same weights)."""
+    from .models import DEQClassifier
+
+    torch.manual_seed(seed)
+    if model == "mlp":
+        dim = math.prod(splits.input_shape)
+        return DEQClassifier.mlp(dim, width, splits.num_classes, solver=solver, grad=grad, on_nonconvergence="ignore")
+    return DEQClassifier.conv(splits.input_shape, width, splits.num_classes, solver=solver, grad=grad, on_nonconvergence="ignore")
+
+
+def _atomic_write(path: Path, write: Callable[[io.TextIOBase], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _residual_curve(model: nn.Module, x: torch.Tensor) -> list[float]:
+    """Mean relative forward residual per Broyden iteration on a batch (the trained model)."""
+    model.eval()
+    with torch.no_grad():
+        _, info = model(x, return_info=True)
+    trace = info.forward.rel_trace  # (T, B)
+    return [float(v) for v in trace.mean(dim=1)]
+
+
+def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Train one model per estimator in ``cfg.estimators``; print the table; write JSON, CSV and PNG.
+
+    Returns one dict per estimator with the table's numbers, the per-epoch history and the
+    residual curve.
+    """
+    from .train import TrainConfig, Trainer
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    splits = load_splits(cfg.dataset, cfg.data_dir, cfg.subset, cfg.seed, cfg.model)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    probe_idx = torch.randperm(len(splits.val), generator=gen)[: min(128, len(splits.val))]
+    probe_x, probe_y = splits.val[probe_idx]
+    probe_x, probe_y = probe_x.to(cfg.device), probe_y.to(cfg.device)
+    log(
+        f"deqkit compare: {cfg.dataset} ({len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test), "
+        f"{cfg.model} width {cfg.width}, Broyden(memory={cfg.memory}, tol={cfg.tol:g}, max_iter={cfg.max_iter}), "
+        f"{cfg.epochs} epochs, seed {cfg.seed}"
+    )
+    results: list[dict[str, Any]] = []
+    for name in cfg.estimators:
+        grad = ESTIMATOR_PRESETS[name]()
+        model = build_model(cfg.model, splits, cfg.width, cfg.solver(), grad, cfg.seed).to(cfg.device)
+        tcfg = TrainConfig(
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            seed=cfg.seed,
+            device=cfg.device,
+            checkpoint_dir=str(out / "checkpoints" / name),
+            log_path=str(out / f"metrics-{name}.jsonl"),
+            progress=cfg.progress,
+        )
+        log(f"\n[{name}] {grad.label}")
+        trainer = Trainer(model, splits.train, splits.val, tcfg)
+        start = time.perf_counter()
+        history = trainer.fit()
+        train_time = time.perf_counter() - start
+        test = trainer.evaluate(splits.test)
+        deq = model.deq
+        loss_fn = lambda z: nn.functional.cross_entropy(model.head(z), probe_y)  # noqa: E731
+        with torch.no_grad():
+            u = model.injection(probe_x)
+        quality = gradient_quality(deq, u, loss_fn, [grad], repeats=3)[0]
+        row = {
+            "estimator": name,
+            "label": grad.label,
+            "test_acc": test["acc"],
+            "test_loss": test["loss"],
+            "train_time_s": train_time,
+            "fwd_steps": statistics.fmean(h["fwd_steps"] for h in history),
+            "fwd_converged": statistics.fmean(h["fwd_converged"] for h in history),
+            "bwd_ms": statistics.fmean(h["bwd_ms"] for h in history),
+            "cosine": quality.cosine,
+            "norm_ratio": quality.norm_ratio,
+            "history": history,
+            "residual_curve": _residual_curve(model, probe_x),
+        }
+        results.append(row)
+        log(f"[{name}] test acc {row['test_acc']:.4f}, {train_time:.1f}s, backward {row['bwd_ms']:.2f} ms/step, cosine {quality.cosine:.4f}")
+    exact_bwd = next((r["bwd_ms"] for r in results if r["estimator"] == "exact"), None)
+    for r in results:
+        r["bwd_speedup"] = (exact_bwd / r["bwd_ms"]) if exact_bwd and r["bwd_ms"] > 0 else float("nan")
+    table = format_table(
+        results,
+        [
+            ("label", "estimator", ""),
+            ("test_acc", "test acc", ".4f"),
+            ("train_time_s", "train s", ".1f"),
+            ("fwd_steps", "fwd steps", ".1f"),
+            ("fwd_converged", "fwd conv", ".3f"),
+            ("bwd_ms", "bwd ms", ".2f"),
+            ("bwd_speedup", "bwd speed-up", ".1f"),
+            ("cosine", "cos to exact", ".4f"),
+        ],
+    )
+    log("\n" + table)
+    write_outputs(results, cfg, out)
+    log(f"\nwrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'compare.png'}")
+    return results
+
+
+def write_outputs(results: list[dict[str, Any]], cfg: CompareConfig, out: Path) -> None:
+    """results.json (everything), results.csv (the table) and compare.png, each written atomically."""
+    payload = {"config": asdict(cfg), "results": results}
+    _atomic_write(out / "results.json", lambda fh: json.dump(payload, fh, indent=2, default=float))
+    keys = ["estimator", "label", "test_acc", "test_loss", "train_time_s", "fwd_steps", "fwd_converged", "bwd_ms", "bwd_speedup", "cosine", "norm_ratio"]
+
+    def write_csv(fh: io.TextIOBase) -> None:
+        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(results)
+
+    _atomic_write(out / "results.csv", write_csv)
+    plot(results, out / "compare.png")
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Validation accuracy against training wall-clock, and forward residual against iteration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in results:
+        t = [h["elapsed_s"] for h in r["history"]]
+        acc = [h["val_acc"] for h in r["history"]]
+        ax1.plot(t, acc, marker="o", ms=3, label=r["label"])
+        ax2.semilogy(range(1, len(r["residual_curve"]) + 1), r["residual_curve"], label=r["label"])
+    ax1.set_xlabel("training wall-clock (s)")
+    ax1.set_ylabel("validation accuracy")
+    ax1.set_title("accuracy vs time")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    ax2.set_xlabel("Broyden iteration")
+    ax2.set_ylabel("mean relative residual")
+    ax2.set_title("forward residual (trained models, val batch)")
+    ax2.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
