@@ -35,6 +35,8 @@ def validated_options(cls: type[T]) -> type[T]:
 def unknown_option_message(owner: str, name: str, valid: Iterable[str]) -> str:
     valid = list(valid)
     hint = difflib.get_close_matches(name, valid, n=1)
+    if not hint:  # an abbreviation or its long form: 'tolerance' for 'tol', 'mem' for 'memory'
+        hint = [v for v in valid if min(len(v), len(name)) >= 3 and (name.startswith(v) or v.startswith(name))][:1]
     msg = f"{owner} got an unknown option {name!r}. Valid options: {', '.join(valid)}."
     if hint:
         msg += f" Did you mean {hint[0]!r}?"

@@ -95,8 +95,11 @@ class DEQ(nn.Module):
         on_nonconvergence: str = "warn",
     ) -> None:
         super().__init__()
-        if not callable(cell):
-            raise ValueError(f"DEQ: cell must be an nn.Module (or callable) computing f(z, x), got {type(cell).__name__}.")
+        if not isinstance(cell, nn.Module):
+            raise ValueError(
+                f"DEQ: cell must be an nn.Module computing f(z, x) (so its parameters are seen and get gradients), "
+                f"got {type(cell).__name__}. Wrap a function in an nn.Module that owns its parameters."
+            )
         solver = Anderson(memory=6, tol=1e-4, max_iter=40) if solver is None else solver
         grad = Exact() if grad is None else grad
         if not isinstance(solver, Solver):
@@ -160,9 +163,7 @@ class DEQ(nn.Module):
             if self.on_nonconvergence == "raise":
                 raise ConvergenceError(msg)
             warnings.warn(msg, ConvergenceWarning, stacklevel=2)
-        needs_grad = torch.is_grad_enabled() and (
-            _requires_grad(x) or any(p.requires_grad for p in self.cell.parameters()) if isinstance(self.cell, nn.Module) else _requires_grad(x)
-        )
+        needs_grad = torch.is_grad_enabled() and (_requires_grad(x) or any(p.requires_grad for p in self.cell.parameters()))
         if not needs_grad:
             return result.z, info
         return self.grad.attach(lambda z: self.cell(z, x), result, info), info

@@ -140,7 +140,9 @@ class AdjointEstimator(GradientEstimator):
             (g,) = torch.autograd.grad(f_out, z_in, u.reshape(shape), retain_graph=True)
             return g.reshape(B, -1)
 
-        def hook(v: Tensor) -> Tensor:
+        def hook(v: Optional[Tensor]) -> Optional[Tensor]:
+            if v is None:  # an undefined (zero) incoming gradient stays undefined
+                return None
             start = time.perf_counter()
             w = self.compute_w(v.reshape(B, -1), vjp, result, stats)
             if not torch.isfinite(w).all():

@@ -301,8 +301,12 @@ class Solver:
         max_iter: Optional[int] = None,
         state0: Optional[BroydenState] = None,
     ) -> SolverResult:
-        """Solve the adjoint equation ``w = vjp(w) + v`` (``vjp(w) = wJ``) as a fixed point."""
-        start = torch.zeros_like(v) if w0 is None else w0
+        """Solve the adjoint equation ``w = vjp(w) + v`` (``vjp(w) = wJ``) as a fixed point.
+
+        Without ``w0`` the iteration starts at ``w = v`` (one free Picard step from zero), so
+        even a capped solve never returns a zero adjoint.
+        """
+        start = v.clone() if w0 is None else w0
         return self(lambda w: vjp(w) + v, start, tol=tol, max_iter=max_iter, state0=state0)
 
 

@@ -1,0 +1,120 @@
+"""Shared fixtures and small problems for the core tests (solvers, estimators, DEQ).
+
+Every tensor is created with an explicit dtype: other test modules change the global default.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from deqkit import GMRES, Anderson, Broyden, Dense, FixedPoint
+
+F64 = torch.float64
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, seed: int = 0, dtype=F64) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen(seed), dtype=dtype)
+
+
+class LinearCell(nn.Module):
+    """``f(z, x) = A z + B x`` (rows: ``z Aᵀ + x Bᵀ``), spectral norm of ``A`` = ``rho`` < 1."""
+
+    def __init__(self, d: int = 8, p: int = 5, rho: float = 0.5, seed: int = 0, symmetric: bool = False, dtype=F64):
+        super().__init__()
+        A = randn(d, d, seed=seed, dtype=dtype)
+        if symmetric:
+            A = A + A.T
+        A = rho * A / torch.linalg.matrix_norm(A, ord=2)
+        self.A = nn.Parameter(A)
+        self.B = nn.Parameter(randn(d, p, seed=seed + 1, dtype=dtype))
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return z @ self.A.T + x @ self.B.T
+
+
+class ShiftCell(nn.Module):
+    """``f(z, x) = A z + x`` with a (symmetric) ``A``: then ``dL/dx = w`` exactly."""
+
+    def __init__(self, d: int = 8, rho: float = 0.5, seed: int = 0, symmetric: bool = True, dtype=F64):
+        super().__init__()
+        A = randn(d, d, seed=seed, dtype=dtype)
+        if symmetric:
+            A = A + A.T
+        self.A = nn.Parameter(rho * A / torch.linalg.matrix_norm(A, ord=2))
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return z @ self.A.T + x
+
+
+class TanhCell(nn.Module):
+    """``f(z, x) = tanh(W z + U x + b)`` with ``‖W‖₂ = rho``."""
+
+    def __init__(self, d: int = 8, p: int = 5, rho: float = 0.3, seed: int = 0, dtype=F64):
+        super().__init__()
+        W = randn(d, d, seed=seed, dtype=dtype)
+        self.W = nn.Parameter(rho * W / torch.linalg.matrix_norm(W, ord=2))
+        self.U = nn.Parameter(randn(d, p, seed=seed + 1, dtype=dtype) / p**0.5)
+        self.b = nn.Parameter(0.1 * randn(d, seed=seed + 2, dtype=dtype))
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z @ self.W.T + x @ self.U.T + self.b)
+
+
+class ConvCell(nn.Module):
+    """A conv-like cell on states of shape ``(B, C, H, W)``: ``tanh(conv(z) + x)``, small weights."""
+
+    def __init__(self, channels: int = 2, rho: float = 0.3, seed: int = 0, dtype=F64):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=True).to(dtype)
+        with torch.no_grad():
+            w = randn(*self.conv.weight.shape, seed=seed, dtype=dtype)
+            # ‖conv‖₂ ≤ Σ|w| over a kernel's taps per channel pair: keep it well below 1
+            self.conv.weight.copy_(rho * w / w.abs().sum())
+            self.conv.bias.copy_(0.1 * randn(channels, seed=seed + 1, dtype=dtype))
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.conv(z) + x)
+
+
+def tight_forward_solvers(tol: float = 1e-12):
+    """Forward solvers configured to reach ``tol`` on the small test problems."""
+    return {
+        "fixed-point": FixedPoint(tol=tol, max_iter=400),
+        "anderson": Anderson(memory=6, tol=tol, max_iter=400),
+        "broyden": Broyden(memory=40, tol=tol, max_iter=400),
+    }
+
+
+def tight_linear_solvers(tol: float = 1e-12):
+    """Every adjoint solver usable by ``Exact``, configured for ``tol``."""
+    return {
+        "gmres": GMRES(restart=20, tol=tol, max_iter=200),
+        "dense": Dense(tol=tol),
+        "fixed-point": FixedPoint(tol=tol, max_iter=400),
+        "anderson": Anderson(memory=6, tol=tol, max_iter=400),
+        "broyden": Broyden(memory=40, tol=tol, max_iter=400),
+    }
+
+
+FORWARD_NAMES = ["fixed-point", "anderson", "broyden"]
+LINEAR_NAMES = ["gmres", "dense", "fixed-point", "anderson", "broyden"]
+
+
+@pytest.fixture
+def linear_problem():
+    """A linear cell, a batch ``x`` and the weights ``c`` of ``L = Σ c·z* + ½‖z*‖²``."""
+    d, p, B = 8, 5, 3
+    cell = LinearCell(d, p, rho=0.5, seed=1)
+    x = randn(B, p, seed=7)
+    c = randn(B, d, seed=8)
+    return cell, x, c
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
