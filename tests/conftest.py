@@ -118,3 +118,11 @@ def linear_problem():
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.fixture(autouse=True)
+def _no_global_state_leaks():
+    """Every test starts with float32 as the default dtype and must leave it so."""
+    assert torch.get_default_dtype() == torch.float32, "a previous test changed the default dtype"
+    yield
+    assert torch.get_default_dtype() == torch.float32, "this test changed torch's default dtype without restoring it"

@@ -9,7 +9,15 @@ from deqkit.bilevel import (LBFGS, SHINE, BilevelProblem, Exact, JacobianFree, S
                             conjugate_gradient, dense_bfgs_inverse, two_loop)
 from deqkit.errors import ConvergenceError, ConvergenceWarning, NonFiniteError
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """This module builds its tensors in float64; restore the global default afterwards."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(saved)
 
 
 def _quadratic(n=12, seed=0, cond=50.0):

@@ -6,6 +6,8 @@ Robustness in Neural Networks", arXiv 2209.09389. For every row ``i`` (all rows 
 * ``mode="relaxed"``:  ``min_β λ‖β‖₁ + ½‖z_i − Φβ‖²   s.t. ‖β[:k]‖₁ ≤ r_i``
 * ``mode="equality"``: ``min_β λ‖β‖₁                 s.t. Φβ = z_i, ‖β[:k]‖₁ ≤ r_i``
 
+(optionally with a weighted norm ``‖β‖₁ = Σ_j w_j |β_j|``, ``w`` shared by all rows),
+
 with ``Φ`` (``m × d``) shared by all rows, ``k`` the number of leading coordinates under the
 ball constraint (the row of ``A``) and ``r_i = κ`` for rows of ``(A, B)``, ``∞`` for ``(C, D)``.
 
@@ -165,6 +167,7 @@ class BatchedADMM:
         n_constrained: int = 0,
         beta0: Tensor | None = None,
         factor: Factorization | None = None,
+        weights: Tensor | None = None,
     ) -> ADMMResult:
         """Solve the program for every row of ``targets``.
 
@@ -176,6 +179,7 @@ class BatchedADMM:
                 ``n_constrained`` coordinates; ``None`` = no constraint.
             beta0: ``(r, d)`` warm start (e.g. the solution at a nearby λ).
             factor: a :class:`Factorization` of this ``phi`` to reuse.
+            weights: ``(d,)`` positive weights of a weighted ℓ1 penalty (default all ones).
         """
         if factor is None:
             factor = self.factorize(phi)
@@ -192,6 +196,10 @@ class BatchedADMM:
         lam_t = lam_t.expand(r).clone() if lam_t.ndim == 0 else lam_t.clone()
         if lam_t.shape != (r,) or bool((lam_t < 0).any()) or not bool(torch.isfinite(lam_t).all()):
             raise ValueError("lam must be a finite non-negative scalar or (r,) tensor")
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=dt, device=dev)
+            if weights.shape != (d,) or not bool((weights > 0).all()) or not bool(torch.isfinite(weights).all()):
+                raise ValueError(f"weights must be a positive finite tensor of shape ({d},)")
         if radius is None:
             n_constrained = 0
             rad = torch.full((r,), math.inf, dtype=dt, device=dev)
@@ -236,7 +244,10 @@ class BatchedADMM:
                 beta = q @ (null * (q.T @ (v - w)) + c_ls[:, active])
             beta_hat = self.alpha * beta + (1.0 - self.alpha) * v if self.alpha != 1.0 else beta
             v_old = v
-            v = prox_l1_ball((beta_hat + w).T, lam_t[active] / rho, rad[active], n_constrained).T
+            t = lam_t[active] / rho
+            if weights is not None:
+                t = t[:, None] * weights[None, :]
+            v = prox_l1_ball((beta_hat + w).T, t, rad[active], n_constrained).T
             w = w + beta_hat - v
             # residuals and stopping
             pr = torch.linalg.vector_norm(beta - v, dim=0)
@@ -277,7 +288,7 @@ class BatchedADMM:
         if not bool(torch.isfinite(beta).all()):
             raise NonFiniteError("ADMM produced a non-finite solution")
         resid = targets - beta @ phi.T
-        l1 = beta.abs().sum(dim=1)
+        l1 = (beta.abs() * weights).sum(dim=1) if weights is not None else beta.abs().sum(dim=1)
         cres = torch.linalg.vector_norm(resid, dim=1)
         if self.mode == "relaxed":
             obj = lam_t * l1 + 0.5 * cres**2

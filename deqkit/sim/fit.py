@@ -30,6 +30,7 @@ from .states import States, mlp_layers
 
 SOLVERS = ("admm", "cvxpy")
 LAM_SCALES = ("none", "rms")
+PENALTIES = ("uniform", "standardized")
 
 
 @dataclass
@@ -60,7 +61,7 @@ def fit_sim(
     states: States,
     lam: float,
     *,
-    solver: str = "admm",
+    method: str = "admm",
     mode: str = "relaxed",
     kappa: Optional[float] = None,
     admm_ab: Optional[BatchedADMM] = None,
@@ -68,13 +69,14 @@ def fit_sim(
     warm_start: Optional[ImplicitModel] = None,
     zero_tol: float = 1e-6,
     lam_scale: str = "none",
+    penalty: str = "uniform",
     **model_kwargs,
 ) -> SIMResult:
     """Fit ``(A, B, C, D)`` to ``states`` (from :func:`~deqkit.sim.states.collect_states`).
 
     Args:
         lam: ℓ1 weight λ ≥ 0 (same for every row).
-        solver: ``"admm"`` (default: batched, any device) or ``"cvxpy"`` (reference, row by row).
+        method: ``"admm"`` (default: batched, any device) or ``"cvxpy"`` (reference, row by row).
         mode: ``"relaxed"`` or ``"equality"`` (see the module docstring).
         kappa: well-posedness margin (default: the one the states were rescaled for).
         admm_ab, admm_cd: the ADMM solvers for the ``(A, B)`` and ``(C, D)`` rows (defaults:
@@ -88,16 +90,18 @@ def fit_sim(
     Returns:
         a :class:`SIMResult`; its model is well-posed (``‖A‖_∞ ≤ κ``) in every mode.
     """
-    if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r} is invalid; valid: {', '.join(SOLVERS)}")
+    if method not in SOLVERS:
+        raise ValueError(f"method={method!r} is invalid; valid: {', '.join(SOLVERS)}")
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is invalid; valid: {', '.join(MODES)}")
     if not (isinstance(lam, (int, float)) and lam >= 0 and math.isfinite(lam)):
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
     if lam_scale not in LAM_SCALES:
         raise ValueError(f"lam_scale={lam_scale!r} is invalid; valid: {', '.join(LAM_SCALES)}")
-    if lam_scale != "none" and solver != "admm":
-        raise ValueError("lam_scale='rms' is only implemented for solver='admm'")
+    if lam_scale != "none" and method != "admm":
+        raise ValueError("lam_scale='rms' is only implemented for method='admm'")
+    if penalty not in PENALTIES:
+        raise ValueError(f"penalty={penalty!r} is invalid; valid: {', '.join(PENALTIES)}")
     kappa = states.kappa if kappa is None else float(kappa)
     if not (0 < kappa < 1):
         raise ValueError(f"kappa must be in (0, 1), got {kappa}")
@@ -108,8 +112,12 @@ def fit_sim(
             raise ValueError(f"the ADMM solvers must have mode={mode!r}, got {s.mode!r}")
     phi = states.phi
     n, p, q = states.X.shape[1], states.U.shape[1], states.Y.shape[1]
+    weights = None
+    if penalty == "standardized":
+        weights = phi.pow(2).mean(dim=0).sqrt()
+        weights = torch.where(weights > 0, weights, torch.ones_like(weights))
     t0 = time.perf_counter()
-    if solver == "admm":
+    if method == "admm":
         factor = admm_ab.factorize(phi)
         b0_ab = b0_cd = None
         if warm_start is not None:
@@ -122,14 +130,14 @@ def fit_sim(
             lam_cd = lam * states.Y.pow(2).mean(dim=0).sqrt()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ab = admm_ab.solve(phi, states.Z.T, lam_ab, radius=kappa, n_constrained=n, beta0=b0_ab, factor=factor)
-            cd = admm_cd.solve(phi, states.Y.T, lam_cd, beta0=b0_cd, factor=factor)
+            ab = admm_ab.solve(phi, states.Z.T, lam_ab, radius=kappa, n_constrained=n, beta0=b0_ab, factor=factor, weights=weights)
+            cd = admm_cd.solve(phi, states.Y.T, lam_cd, beta0=b0_cd, factor=factor, weights=weights)
         for w in caught:  # re-emit with the block named
             warnings.warn(f"fit_sim(lam={lam:g}): {w.message}", w.category, stacklevel=2)
         beta_ab, beta_cd = ab.beta, cd.beta
     else:
-        ab = solve_rows_cvxpy(phi, states.Z.T, lam, radius=kappa, n_constrained=n, mode=mode)
-        cd = solve_rows_cvxpy(phi, states.Y.T, lam, mode=mode)
+        ab = solve_rows_cvxpy(phi, states.Z.T, lam, radius=kappa, n_constrained=n, mode=mode, weights=weights)
+        cd = solve_rows_cvxpy(phi, states.Y.T, lam, mode=mode, weights=weights)
         beta_ab = torch.as_tensor(ab.beta, dtype=phi.dtype, device=phi.device)
         beta_cd = torch.as_tensor(cd.beta, dtype=phi.dtype, device=phi.device)
         beta_ab = torch.where(beta_ab.abs() < zero_tol, torch.zeros_like(beta_ab), beta_ab)
@@ -141,7 +149,7 @@ def fit_sim(
         model.B.copy_(beta_ab[:, n:])
         model.C.copy_(beta_cd[:, :n])
         model.D.copy_(beta_cd[:, n:])
-        if solver == "cvxpy" and not model.is_wellposed():  # interior-point round-off only
+        if method == "cvxpy" and not model.is_wellposed():  # interior-point round-off only
             model.project_wellposed()
     return SIMResult(model=model, ab=ab, cd=cd, lam=float(lam), time_s=elapsed)
 
@@ -156,3 +164,44 @@ def count_nonzeros(model: ImplicitModel, tol: float = 1e-6) -> dict[str, int]:
 def baseline_nonzeros(net: nn.Module, tol: float = 1e-6) -> int:
     """Non-zero weights and biases of the baseline's affine layers (composed layers counted once)."""
     return sum(int((lay.weight.abs() >= tol).sum()) + int((lay.bias.abs() >= tol).sum()) for lay in mlp_layers(net))
+
+
+def finetune(
+    model: ImplicitModel,
+    u: Tensor,
+    y: Tensor,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    keep_sparsity: bool = True,
+    seed: int = 0,
+) -> ImplicitModel:
+    """Fine-tune a (SIM) model on ``(u, y)`` by cross-entropy with the core's implicit gradient.
+
+    Projected Adam: after every step each row of ``A`` is projected back onto the ℓ1 ball of
+    radius κ (well-posedness kept). With ``keep_sparsity`` the gradient is masked to the
+    current non-zero pattern of ``(A, B, C, D)``, so the non-zero count cannot grow.
+    """
+    if not (isinstance(epochs, int) and epochs >= 0):
+        raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
+    params = [model.A, model.B, model.C, model.D]
+    masks = [(p.detach() != 0).to(p.dtype) for p in params] if keep_sparsity else None
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(u), generator=gen)
+        for i in range(0, len(u), batch_size):
+            idx = perm[i : i + batch_size].to(u.device)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(u[idx]), y[idx]).backward()
+            if masks is not None:
+                for p, mk in zip(params, masks):
+                    p.grad.mul_(mk)
+            opt.step()
+            with torch.no_grad():
+                if masks is not None:
+                    for p, mk in zip(params, masks):
+                        p.mul_(mk)
+            model.project_wellposed()
+    return model.eval()

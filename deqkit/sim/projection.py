@@ -61,11 +61,12 @@ def soft_threshold(v: Tensor, t: float | Tensor) -> Tensor:
 def prox_l1_ball(v: Tensor, t: Tensor, radius: Tensor, n_constrained: int) -> Tensor:
     """Prox of ``t‖β‖₁ + ι{‖β[:k]‖₁ ≤ radius}`` row by row (``k = n_constrained``).
 
-    ``v`` is ``(r, d)``; ``t`` and ``radius`` are ``(r,)``. Soft-thresholding at ``t`` followed by
+    ``v`` is ``(r, d)``; ``t`` is ``(r,)`` or ``(r, d)`` (a weighted ℓ1 norm), ``radius`` is
+    ``(r,)``. Soft-thresholding at ``t`` followed by
     the ℓ1-ball projection is exact here: on the ball the projection is itself a soft-threshold,
     and two soft-thresholds compose into one (KKT of the combined problem).
     """
-    out = soft_threshold(v, t[:, None])
+    out = soft_threshold(v, t[:, None] if t.ndim == 1 else t)
     if n_constrained > 0:
         head = project_l1_ball(out[:, :n_constrained], radius)
         out = torch.cat([head, out[:, n_constrained:]], dim=1)

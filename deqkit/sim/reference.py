@@ -47,11 +47,13 @@ def solve_rows_cvxpy(
     mode: str = "relaxed",
     solver: str = "CLARABEL",
     solver_opts: dict | None = None,
+    weights: np.ndarray | Tensor | None = None,
 ) -> CVXPYResult:
     """Solve the SIM program for each row of ``targets`` (``(r, m)``) with CVXPY.
 
     ``relaxed``: ``min λ‖β‖₁ + ½‖z − Φβ‖² s.t. ‖β[:k]‖₁ ≤ radius``;
     ``equality``: ``min λ‖β‖₁ s.t. Φβ = z, ‖β[:k]‖₁ ≤ radius`` (``k = n_constrained``).
+    ``weights`` (``(d,)``) makes the penalty ``λ Σ_j w_j |β_j|``.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is invalid; valid: {', '.join(MODES)}")
@@ -66,11 +68,16 @@ def solve_rows_cvxpy(
     beta = cp.Variable(d)
     z = cp.Parameter(m)
     lam_p = cp.Parameter(nonneg=True, value=float(lam))
+    if weights is not None:
+        w_np = np.asarray(weights.detach().cpu().double() if isinstance(weights, Tensor) else weights, dtype=np.float64)
+        pen = cp.norm1(cp.multiply(w_np, beta))
+    else:
+        pen = cp.norm1(beta)
     if mode == "relaxed":
-        obj = lam_p * cp.norm1(beta) + 0.5 * cp.sum_squares(z - phi_np @ beta)
+        obj = lam_p * pen + 0.5 * cp.sum_squares(z - phi_np @ beta)
         cons = []
     else:
-        obj = lam_p * cp.norm1(beta)
+        obj = lam_p * pen
         cons = [phi_np @ beta == z]
     if radius is not None and n_constrained > 0 and math.isfinite(radius):
         cons.append(cp.norm1(beta[:n_constrained]) <= float(radius))

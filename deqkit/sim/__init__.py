@@ -1,0 +1,45 @@
+"""State-driven implicit modeling (SIM).
+
+Tsai, Decugis, El Ghaoui, Atamtürk, "State-driven Implicit Modeling for Sparsity and
+Robustness in Neural Networks", arXiv 2209.09389: fit an implicit model
+``x = φ(Ax + Bu), ŷ = Cx + Du`` to the states of a trained explicit network by a convex,
+row-separable program (ℓ1 for sparsity, ``‖A‖_∞ ≤ κ`` for well-posedness), solved by a batched
+ADMM (or a CVXPY reference); then evaluate sparsity, accuracy and robustness to attacks.
+
+    >>> states = collect_states(mlp, u_train)          # rescaled so ‖A‖_∞ ≤ κ is feasible
+    >>> res = fit_sim(states, lam=0.1)                 # batched ADMM over all rows
+    >>> res.model(u_test), count_nonzeros(res.model)
+"""
+
+from .admm import ADMMResult, BatchedADMM
+from .attacks import accuracy, fgsm, pgd, robust_accuracy
+from .baseline import make_mlp, train_mlp
+from .fit import SIMResult, baseline_nonzeros, count_nonzeros, finetune, fit_sim
+from .model import ImplicitModel
+from .projection import project_l1_ball
+from .reference import CVXPYResult, solve_rows_cvxpy
+from .states import States, collect_states, mlp_to_implicit, register_layer
+
+__all__ = [
+    "ImplicitModel",
+    "BatchedADMM",
+    "ADMMResult",
+    "solve_rows_cvxpy",
+    "CVXPYResult",
+    "project_l1_ball",
+    "States",
+    "collect_states",
+    "mlp_to_implicit",
+    "register_layer",
+    "fit_sim",
+    "finetune",
+    "SIMResult",
+    "count_nonzeros",
+    "baseline_nonzeros",
+    "fgsm",
+    "pgd",
+    "accuracy",
+    "robust_accuracy",
+    "make_mlp",
+    "train_mlp",
+]

@@ -1,0 +1,291 @@
+"""``deqkit sim``: state-driven implicit modeling end to end (Tsai et al., arXiv 2209.09389).
+
+Trains (or loads) an MLP baseline, collects its states on ``m`` training samples, solves the
+SIM program for each λ, and reports non-zeros, accuracy, well-posedness and FGSM/PGD
+robustness; writes ``sim_results.json`` and ``sim.png`` (atomically) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..errors import ConvergenceWarning
+from . import _data
+from .admm import MODES, BatchedADMM
+from .attacks import ATTACKS, accuracy, robust_accuracy
+from .baseline import make_mlp, train_mlp
+from .fit import LAM_SCALES, PENALTIES, SOLVERS, baseline_nonzeros, count_nonzeros, fit_sim
+from .states import collect_states
+
+_DEFAULTS = {  # per data set: samples, epochs, lr
+    "digits": {"samples": 1000, "epochs": 60, "lr": 3e-3},
+    "fashion-mnist": {"samples": 2000, "epochs": 10, "lr": 1e-3},
+}
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        vals = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+    if not vals or any(v < 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected non-negative numbers, got {text!r}")
+    return vals
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from exc
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
+    return vals
+
+
+def _names(valid: Sequence[str]):
+    def parse(text: str) -> list[str]:
+        vals = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [v for v in vals if v not in valid]
+        if bad or not vals:
+            raise argparse.ArgumentTypeError(f"invalid {bad or text!r}; valid: {', '.join(valid)}")
+        return vals
+
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--dataset", choices=_data.DATASETS, default="digits", help="data set (default: digits)")
+    p.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files")
+    p.add_argument("--hidden", type=_ints, default=[64, 32, 16], help="hidden widths of the MLP baseline (default 64,32,16)")
+    p.add_argument("--lam", type=_floats, default=[0.01, 0.1, 0.3, 1.0], help="λ values, comma-separated")
+    p.add_argument("--lam-scale", choices=LAM_SCALES, default="none", help="per-row λ scaling (default none)")
+    p.add_argument("--penalty", choices=PENALTIES, default="uniform",
+                   help="ℓ1 weights: uniform (paper, default) or standardized (rescaling-invariant, experimental)")
+    p.add_argument("--kappa", type=float, default=0.99, help="well-posedness margin κ (default 0.99)")
+    p.add_argument("--samples", type=int, default=None, help="state samples m (default 1000 digits, 2000 fashion)")
+    p.add_argument("--mode", choices=MODES, default="relaxed")
+    p.add_argument("--solver", choices=SOLVERS, default="admm")
+    p.add_argument("--rho", type=float, default=1.0, help="ADMM penalty ρ (default 1)")
+    p.add_argument("--max-iter-ab", type=int, default=2000, help="ADMM iterations for (A, B) rows")
+    p.add_argument("--max-iter-cd", type=int, default=1000, help="ADMM iterations for (C, D) rows")
+    p.add_argument("--epochs", type=int, default=None, help="baseline training epochs")
+    p.add_argument("--lr", type=float, default=None, help="baseline learning rate")
+    p.add_argument("--baseline", default=None, help="baseline state_dict: loaded if it exists, else trained and saved")
+    p.add_argument("--eps", type=_floats, default=[0.0, 0.02, 0.05, 0.1], help="attack radii ε (ℓ∞, inputs in [0, 1])")
+    p.add_argument("--attacks", type=_names(ATTACKS), default=list(ATTACKS), help="fgsm,pgd")
+    p.add_argument("--pgd-steps", type=int, default=10)
+    p.add_argument("--n-test", type=int, default=None, help="test samples for accuracy (default all)")
+    p.add_argument("--n-attack", type=int, default=300, help="test samples for the attacks (0: skip)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="sim_out", help="output directory (sim_results.json, sim.png)")
+    p.add_argument("--no-plot", action="store_true")
+    return p
+
+
+def add_subparser(subparsers) -> argparse.ArgumentParser:
+    """Register ``sim`` on an ``argparse`` subparsers object; returns the new parser."""
+    p = subparsers.add_parser("sim", help="state-driven implicit models (SIM) from an MLP baseline", description=__doc__)
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _plot(results: dict, path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    rows = results["sim"]
+    lams = [r["lam"] for r in rows]
+    ax = axes[0]
+    ax.plot(lams, [100 * r["accuracy"] for r in rows], "o-", color="C0", label="SIM accuracy")
+    ax.axhline(100 * results["baseline"]["accuracy"], color="C0", ls="--", label="baseline accuracy")
+    ax.set_xscale("log")
+    ax.set_xlabel("λ")
+    ax.set_ylabel("test accuracy (%)", color="C0")
+    ax2 = ax.twinx()
+    ax2.plot(lams, [r["nnz"]["total"] for r in rows], "s-", color="C1", label="SIM non-zeros")
+    ax2.axhline(results["baseline"]["nnz"], color="C1", ls="--", label="baseline non-zeros")
+    ax2.set_ylabel("non-zeros of (A, B, C, D)", color="C1")
+    ax.set_title("accuracy and non-zeros against λ")
+    ax = axes[1]
+    for attack in results["attacks"]:
+        ls = "-" if attack == "fgsm" else ":"
+        rob = results["baseline"]["robust"].get(attack)
+        if rob:
+            eps = sorted(float(e) for e in rob)
+            ax.plot(eps, [100 * rob[str(e)] for e in eps], "k" + ls, marker="o", label=f"baseline {attack}")
+        for i, r in enumerate(rows):
+            rob = r["robust"].get(attack)
+            if rob:
+                eps = sorted(float(e) for e in rob)
+                ax.plot(eps, [100 * rob[str(e)] for e in eps], ls, color=f"C{i % 10}", marker=".", label=f"SIM λ={r['lam']:g} {attack}")
+    ax.set_xlabel("ε (ℓ∞)")
+    ax.set_ylabel("accuracy under attack (%)")
+    ax.set_title("robustness")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the SIM pipeline for parsed ``args``; returns the exit status."""
+    for name, val, lo in (("samples", args.samples, 1), ("n_attack", args.n_attack, 0), ("pgd_steps", args.pgd_steps, 1)):
+        if val is not None and val < lo:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {val}")
+    if not (0 < args.kappa < 1):
+        raise ValueError(f"--kappa must be in (0, 1), got {args.kappa}")
+    torch.manual_seed(args.seed)
+    dev = torch.device(args.device)
+    d = _DEFAULTS[args.dataset]
+    m = args.samples or d["samples"]
+    xtr, ytr, xte, yte = (torch.as_tensor(a) for a in _data.load(args.dataset, args.data_dir))
+    if args.n_test is not None:
+        xte, yte = xte[: args.n_test], yte[: args.n_test]
+    q = int(ytr.max()) + 1
+    net = make_mlp(xtr.shape[1], list(args.hidden), q)
+    t0 = time.perf_counter()
+    if args.baseline and os.path.exists(args.baseline):
+        net.load_state_dict(torch.load(args.baseline, map_location="cpu"))
+        net.eval()
+        how = f"loaded {args.baseline}"
+    else:
+        train_mlp(net, xtr, ytr, epochs=args.epochs if args.epochs is not None else d["epochs"], lr=args.lr or d["lr"], seed=args.seed)
+        how = f"trained in {time.perf_counter() - t0:.1f}s"
+        if args.baseline:
+            import io
+
+            buf = io.BytesIO()
+            torch.save(net.state_dict(), buf)
+            _atomic_write_bytes(Path(args.baseline), buf.getvalue())
+    dt = torch.float64
+    net = net.to(device=dev, dtype=dt).eval()
+    xtr, xte, ytr, yte = xtr.to(dev, dt), xte.to(dev, dt), ytr.to(dev), yte.to(dev)
+    n_att = min(args.n_attack, len(xte))
+    xa, ya = xte[:n_att], yte[:n_att]
+    pgd_kw = {"steps": args.pgd_steps, "generator": torch.Generator().manual_seed(args.seed)}
+
+    def robust(model) -> dict:
+        out = {}
+        if n_att == 0:
+            return out
+        for att in args.attacks:
+            kw = pgd_kw if att == "pgd" else {}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                out[att] = {str(k): v for k, v in robust_accuracy(model, xa, ya, args.eps, attack=att, **kw).items()}
+        return out
+
+    base_acc = accuracy(net, xte, yte)
+    base_nnz = baseline_nonzeros(net)
+    results = {
+        "command": " ".join(sys.argv),
+        "dataset": args.dataset,
+        "hidden": list(args.hidden),
+        "samples": m,
+        "kappa": args.kappa,
+        "mode": args.mode,
+        "solver": args.solver,
+        "lam_scale": args.lam_scale,
+        "penalty": args.penalty,
+        "attacks": list(args.attacks),
+        "baseline": {"accuracy": base_acc, "nnz": base_nnz, "how": how, "robust": robust(net)},
+        "sim": [],
+    }
+    print(f"baseline MLP {xtr.shape[1]}-{'-'.join(map(str, args.hidden))}-{q} ({how}): "
+          f"test accuracy {100 * base_acc:.2f}%, non-zeros {base_nnz}")
+    states = collect_states(net, xtr[:m], kappa=args.kappa, dtype=dt)
+    admm_ab = BatchedADMM(rho=args.rho, max_iter=args.max_iter_ab, mode=args.mode)
+    admm_cd = BatchedADMM(rho=args.rho, max_iter=args.max_iter_cd, mode=args.mode)
+    prev = None
+    for lam in args.lam:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            res = fit_sim(states, lam, method=args.solver, mode=args.mode, admm_ab=admm_ab, admm_cd=admm_cd,
+                          warm_start=prev, lam_scale=args.lam_scale if args.solver == "admm" else "none",
+                          penalty=args.penalty)
+        for w in caught:
+            print(f"  warning: {w.message}", file=sys.stderr)
+        model = res.model.eval()
+        prev = model
+        with warnings.catch_warnings(record=True) as fwd_warn:
+            warnings.simplefilter("always", ConvergenceWarning)
+            acc = accuracy(model, xte, yte)
+        nnz = count_nonzeros(model)
+        row = {
+            "lam": lam,
+            "accuracy": acc,
+            "nnz": nnz,
+            "nnz_fraction": nnz["total"] / base_nnz,
+            "A_inf_norm": model.inf_norm(),
+            "wellposed": model.is_wellposed(),
+            "solve_time_s": res.time_s,
+            "solver_converged": res.converged,
+            "forward_warnings": len(fwd_warn),
+            "robust": robust(model),
+        }
+        results["sim"].append(row)
+    # table
+    eps_cols = [(a, str(float(e))) for a in args.attacks for e in args.eps if n_att]
+    head = f"{'model':>14} {'acc %':>7} {'nnz':>7} {'nnz %':>6} {'‖A‖∞':>6} {'ok':>3} {'solve s':>7}"
+    head += "".join(f" {a}@{float(e):g}".rjust(11) for a, e in eps_cols)
+    print(head)
+
+    def fmt(name, acc, nnz, frac, ainf, ok, t, rob):
+        s = f"{name:>14} {100 * acc:7.2f} {nnz:7d} {100 * frac:6.1f} {ainf:>6} {ok:>3} {t:>7}"
+        return s + "".join(f"{100 * rob[a][e]:11.1f}" for a, e in eps_cols)
+
+    b = results["baseline"]
+    print(fmt("baseline", b["accuracy"], b["nnz"], 1.0, "-", "-", "-", b["robust"]))
+    for r in results["sim"]:
+        print(fmt(f"SIM λ={r['lam']:g}", r["accuracy"], r["nnz"]["total"], r["nnz_fraction"], f"{r['A_inf_norm']:.3f}",
+                  "yes" if r["wellposed"] else "NO", f"{r['solve_time_s']:.1f}", r["robust"]))
+    out = Path(args.out)
+    _atomic_write_bytes(out / "sim_results.json", json.dumps(results, indent=2).encode())
+    if not args.no_plot:
+        _plot(results, out / "sim.png")
+    print(f"wrote {out / 'sim_results.json'}" + ("" if args.no_plot else f" and {out / 'sim.png'}"))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="deqkit sim", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
