@@ -4,6 +4,7 @@ from .deq import DEQ, DEQInfo
 from .errors import ConvergenceError, ConvergenceWarning, DEQError, NonFiniteError
 from .estimators import Exact, GradientEstimator, JacobianFree, Neumann, Unrolled, make_estimator
 from .linear import GMRES, Dense
+from .models import ConvCell, DEQClassifier, MLPCell
 from .shine import SHINE, BroydenReuse, WarmExact
 from .solvers import Anderson, Broyden, BroydenState, FixedPoint, Solver, SolverResult, make_solver
 
@@ -28,6 +29,9 @@ __all__ = [
     "SHINE",
     "BroydenReuse",
     "WarmExact",
+    "MLPCell",
+    "ConvCell",
+    "DEQClassifier",
     "make_solver",
     "make_estimator",
     "ConvergenceError",

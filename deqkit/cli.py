@@ -53,7 +53,7 @@ def _add_compare(sub: Any) -> None:
     p.add_argument("--tol", type=float, default=1e-4, help="forward relative tolerance")
     p.add_argument("--memory", type=int, default=30, help="Broyden memory (SHINE reuses it)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU)")
     p.add_argument("--out", default="runs/compare", help="output directory (results.json, results.csv, compare.png)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_compare)
@@ -103,6 +103,7 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/train", help="checkpoints and metrics.jsonl go here")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_train)
 
@@ -111,8 +112,12 @@ def _run_train(args: argparse.Namespace) -> int:
     from .compare import build_model, load_splits
     from .estimators import make_estimator
     from .solvers import make_solver
+    import torch
+
     from .train import TrainConfig, Trainer
 
+    if args.threads or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
     solver_opts = {"tol": 1e-4, "max_iter": 30, **parse_options(args.solver_opts, "--solver-opts")}
     solver = make_solver(args.solver, **solver_opts)
     grad = make_estimator(args.grad, **parse_options(args.grad_opts, "--grad-opts"))
