@@ -18,12 +18,13 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Union
 
 import numpy as np
+
+from ._io import atomic_write_bytes
 
 __all__ = ["IDXFormatError", "read_idx", "write_idx", "IDX_DTYPES"]
 
@@ -151,14 +152,5 @@ def write_idx(path: PathLike, array: np.ndarray, *, compress: bool | None = None
         compress = path.name.endswith(".gz")
     if compress:
         payload = gzip.compress(payload, mtime=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, payload)
     return path

@@ -9,14 +9,10 @@ run's own final weights.
 
 from __future__ import annotations
 
-import copy
 import csv
-import io
 import json
 import math
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +21,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ._io import atomic_open, atomic_write_text, save_figure
 from ._options import check_choice, check_int, check_positive
 from .diagnostics import format_table, gradient_quality
 from .estimators import Exact, GradientEstimator, JacobianFree, Neumann, Unrolled
@@ -104,21 +101,6 @@ def build_model(model: str, splits: Any, width: int, solver: Solver, grad: Gradi
         dim = math.prod(splits.input_shape)
         return DEQClassifier.mlp(dim, width, splits.num_classes, solver=solver, grad=grad, on_nonconvergence="ignore")
     return DEQClassifier.conv(splits.input_shape, width, splits.num_classes, solver=solver, grad=grad, on_nonconvergence="ignore")
-
-
-def _atomic_write(path: Path, write: Callable[[io.TextIOBase], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _residual_curve(model: nn.Module, x: torch.Tensor) -> list[float]:
@@ -218,15 +200,13 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[
 def write_outputs(results: list[dict[str, Any]], cfg: CompareConfig, out: Path) -> None:
     """results.json (everything), results.csv (the table) and compare.png, each written atomically."""
     payload = {"config": asdict(cfg), "results": results}
-    _atomic_write(out / "results.json", lambda fh: json.dump(payload, fh, indent=2, default=float))
+    atomic_write_text(out / "results.json", json.dumps(payload, indent=2, default=float))
     keys = ["estimator", "label", "test_acc", "test_loss", "train_time_s", "fwd_steps", "fwd_converged", "bwd_ms", "bwd_speedup", "cosine", "norm_ratio"]
 
-    def write_csv(fh: io.TextIOBase) -> None:
+    with atomic_open(out / "results.csv", "w") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(results)
-
-    _atomic_write(out / "results.csv", write_csv)
     plot(results, out / "compare.png")
 
 
@@ -253,13 +233,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     ax2.set_title("forward residual (trained models, val batch)")
     ax2.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        save_figure(fig, path)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

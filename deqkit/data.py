@@ -47,7 +47,6 @@ import importlib.util
 import json
 import os
 import random
-import tempfile
 import urllib.request
 import warnings
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from deqkit._io import atomic_open
 from deqkit._idx import IDXFormatError, read_idx, write_idx
 
 __all__ = [
@@ -211,16 +211,8 @@ def resolve_cache_dir(cache_dir: Optional[PathLike] = None) -> Path:
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """Write through ``write(fileobj)`` to a temporary file next to ``path``, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as fh:
+        write(fh)
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:

@@ -41,7 +41,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -56,6 +55,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from ._options import check_choice, unknown_option_message, validated_options
+from ._io import atomic_open
 from .deq import DEQ, DEQInfo
 from .errors import NonFiniteError
 
@@ -309,38 +309,13 @@ def _collect_infos(model: nn.Module, sink: list[DEQInfo]) -> Iterator[None]:
             h.remove()
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
     """``torch.save`` to ``path`` atomically: temp file in the same directory, fsync, ``os.replace``.
 
     On any failure the temp file is removed and an existing ``path`` is left untouched.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_open(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 class _InterruptGuard:

@@ -17,13 +17,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from typing import Dict, List, Optional
 
 import torch
 
+from deqkit._io import atomic_write_text, save_figure
 from deqkit.errors import ConvergenceWarning
 
 from .data import DATASETS, load_dataset, logistic_hpo_problem
@@ -89,19 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
     return _configure(argparse.ArgumentParser(prog="deqkit hpo", description=__doc__.split("\n\n")[0]))
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _plot(path: str, runs: Dict[str, dict], title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -120,16 +107,8 @@ def _plot(path: str, runs: Dict[str, dict], title: str) -> None:
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        save_figure(fig, path)
     finally:
         plt.close(fig)
 
@@ -227,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         payload = {"dataset": args.dataset, "seed": args.seed, "per_feature": args.per_feature,
                    "outer_steps": args.outer_steps, "n_features": d,
                    "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "estimators": runs}
-        _atomic_write_text(base + ".json", json.dumps(payload, indent=1))
+        atomic_write_text(base + ".json", json.dumps(payload, indent=1))
         _plot(base + ".png", runs, f"HOAG on {args.dataset} "
               f"({'per-feature' if args.per_feature else 'scalar'} λ)")
         print(f"wrote {base}.json and {base}.png")

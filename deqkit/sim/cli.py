@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .._io import atomic_write_bytes
 from ..errors import ConvergenceWarning
 from . import _data
 from .admm import MODES, BatchedADMM
@@ -102,19 +102,6 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _plot(results: dict, path: Path) -> None:
     import io
 
@@ -157,7 +144,7 @@ def _plot(results: dict, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -189,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
 
             buf = io.BytesIO()
             torch.save(net.state_dict(), buf)
-            _atomic_write_bytes(Path(args.baseline), buf.getvalue())
+            atomic_write_bytes(Path(args.baseline), buf.getvalue())
     dt = torch.float64
     net = net.to(device=dev, dtype=dt).eval()
     xtr, xte, ytr, yte = xtr.to(dev, dt), xte.to(dev, dt), ytr.to(dev), yte.to(dev)
@@ -273,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
         print(fmt(f"SIM λ={r['lam']:g}", r["accuracy"], r["nnz"]["total"], r["nnz_fraction"], f"{r['A_inf_norm']:.3f}",
                   "yes" if r["wellposed"] else "NO", f"{r['solve_time_s']:.1f}", r["robust"]))
     out = Path(args.out)
-    _atomic_write_bytes(out / "sim_results.json", json.dumps(results, indent=2).encode())
+    atomic_write_bytes(out / "sim_results.json", json.dumps(results, indent=2).encode())
     if not args.no_plot:
         _plot(results, out / "sim.png")
     print(f"wrote {out / 'sim_results.json'}" + ("" if args.no_plot else f" and {out / 'sim.png'}"))
