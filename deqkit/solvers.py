@@ -344,9 +344,10 @@ class Anderson(Solver):
     ``‖Σ αᵢ gᵢ‖²`` (``gᵢ = f(zᵢ) − zᵢ``) and takes ``z ← β Σ αᵢ f(zᵢ) + (1 − β) Σ αᵢ zᵢ``.
     Walker & Ni, "Anderson acceleration for fixed-point iterations", SIAM J. Numer. Anal. 2011.
 
-    ``regularization`` is relative: ``λ · mean(diag(GGᵀ))`` is added to the normal equations,
-    so the mixing does not collapse to a plain average when residuals become tiny (an absolute
-    λ, as some peers use, stalls tight float64 solves).
+    ``regularization`` λ is scale-free: it is added to the Gram matrix ``GGᵀ`` normalised to a
+    unit diagonal, so it weighs the newest (small) and oldest (large) residuals alike. An
+    absolute λ, as some peers use, swamps the normal equations once residuals are small and
+    stalls tight solves.
     """
 
     name = "anderson"
@@ -391,11 +392,15 @@ class Anderson(Solver):
         X, F = state.X[:, :n], state.F[:, :n]
         G = F - X
         gram = G @ G.transpose(1, 2)  # (B, n, n)
-        diag_mean = gram.diagonal(dim1=1, dim2=2).mean(dim=1)
-        reg = self.regularization * diag_mean + torch.finfo(z.dtype).tiny ** 0.5
+        # Scale-free Tikhonov: regularise the Gram matrix normalised to unit diagonal, so that λ
+        # acts the same on the newest (small) and oldest (large) residuals in the window.
+        info = torch.finfo(z.dtype)
+        scale = gram.diagonal(dim1=1, dim2=2).clamp_min(info.tiny).rsqrt()  # (B, n)
+        corr = gram * scale[:, :, None] * scale[:, None, :]
+        lam = max(self.regularization, 10 * info.eps)  # a few ulps keep repeated history solvable
         eye = torch.eye(n, dtype=z.dtype, device=z.device)
-        ones = torch.ones(z.shape[0], n, 1, dtype=z.dtype, device=z.device)
-        a = torch.linalg.solve(gram + reg[:, None, None] * eye, ones).squeeze(-1)
+        y = torch.linalg.solve(corr + lam * eye, scale.unsqueeze(-1)).squeeze(-1)
+        a = y * scale
         alpha = a / a.sum(dim=1, keepdim=True)
         mix_f = torch.einsum("bn,bnd->bd", alpha, F)
         mix_x = torch.einsum("bn,bnd->bd", alpha, X)
