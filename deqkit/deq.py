@@ -80,7 +80,9 @@ class DEQ(nn.Module):
         on_nonconvergence: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when a forward solve
             misses its tolerance; ``info.converged`` always says which samples did.
 
-    ``forward(x, z0=None)`` returns ``(z, info)`` (:class:`DEQInfo`).
+    ``forward(x, z0=None, loss_fn=None)`` returns ``(z, info)`` (:class:`DEQInfo`). The forward
+    solver's state (Broyden's inverse estimate) is kept in ``info.forward.state`` only when the
+    estimator reuses it (SHINE, BroydenReuse, WarmExact).
     """
 
     def __init__(
@@ -157,6 +159,8 @@ class DEQ(nn.Module):
 
         with torch.no_grad():
             result = self.solver(lambda z: self.cell(z, x), z0, max_iter=max_iter, loss_grad=loss_grad)
+        if not self.grad.needs_inverse_jacobian:
+            result.state = None  # Broyden's U, V would otherwise live until backward (MBs per batch)
         info = DEQInfo(result)
         if not result.all_converged and self.on_nonconvergence != "ignore":
             msg = f"DEQ forward: {result.summary()}. Raise max_iter, loosen tol, or check the cell is contractive."

@@ -175,7 +175,8 @@ class Exact(AdjointEstimator):
         tol, max_iter: override the linear solver's own tolerance and cap when given.
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when the solve misses its
             tolerance; the result is always in ``info.backward.solve``. NaN/Inf always raises.
-        warm_start: ``"zeros"`` (default) or ``"jfb"`` (start the solve at ``w = v``).
+        warm_start: ``"default"`` (the linear solver's own start: zero for GMRES, ``w = v`` for the
+            fixed-point-type solvers) or ``"jfb"`` (start at ``w = v`` whatever the solver).
     """
 
     name = "exact"
@@ -187,7 +188,7 @@ class Exact(AdjointEstimator):
         tol: Optional[float] = None,
         max_iter: Optional[int] = None,
         on_failure: str = "warn",
-        warm_start: str = "zeros",
+        warm_start: str = "default",
     ) -> None:
         owner = type(self).__name__
         if linear_solver is None:
@@ -207,7 +208,7 @@ class Exact(AdjointEstimator):
         self.tol, self.max_iter = tol, max_iter
         self.on_failure, self.warm_start = on_failure, warm_start
 
-    warm_starts: ClassVar[tuple[str, ...]] = ("zeros", "jfb")
+    warm_starts: ClassVar[tuple[str, ...]] = ("default", "jfb")
 
     def initial_guess(self, v: Tensor, result: SolverResult) -> Optional[Tensor]:
         return v.clone() if self.warm_start == "jfb" else None

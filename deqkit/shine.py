@@ -108,16 +108,23 @@ class BroydenReuse(SHINE):
 class WarmExact(Exact):
     """:class:`~deqkit.estimators.Exact` warm-started from the forward Broyden estimate.
 
-    ``warm_start="shine"``: the adjoint solve starts at ``w₀ = −vH``; with a Broyden
-    ``linear_solver`` it also starts from the forward ``Hᵀ`` as its inverse estimate
-    (``warm_start="shine+inverse"``). Same tolerance, fewer backward iterations when ``H`` is good.
+    ``warm_start="shine"``: the adjoint solve starts at ``w₀ = −vH``; ``"shine+inverse"`` (the
+    default with a Broyden ``linear_solver``, which is the default solver) also starts Broyden
+    from the forward ``Hᵀ`` as its inverse estimate. Same tolerance, fewer backward iterations
+    (measured on the digits MLP: 11 vs 13 VJPs; width 256: 28 vs 37, against the same Broyden
+    adjoint started cold). With GMRES the start alone saves about one step per sample and costs
+    one VJP for the initial residual, so it rarely pays.
     """
 
     needs_inverse_jacobian = True
     warm_starts: ClassVar[tuple[str, ...]] = ("shine", "shine+inverse")
     name: ClassVar[str] = "exact-warm"
 
-    def __init__(self, linear_solver=None, *, tol=None, max_iter=None, on_failure: str = "warn", warm_start: str = "shine") -> None:
+    def __init__(self, linear_solver=None, *, tol=None, max_iter=None, on_failure: str = "warn", warm_start=None) -> None:
+        if linear_solver is None:
+            linear_solver = Broyden(memory=30, tol=1e-6, max_iter=60)
+        if warm_start is None:
+            warm_start = "shine+inverse" if isinstance(linear_solver, Broyden) else "shine"
         if warm_start == "shine+inverse" and not isinstance(linear_solver, Broyden):
             raise ValueError("WarmExact: warm_start='shine+inverse' needs linear_solver=Broyden(...).")
         super().__init__(linear_solver, tol=tol, max_iter=max_iter, on_failure=on_failure, warm_start=warm_start)

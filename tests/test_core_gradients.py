@@ -62,7 +62,7 @@ def test_exact_dense_cost_and_stats(linear_problem):
     assert info.backward.time_s >= 0
 
 
-@pytest.mark.parametrize("warm_start", ["zeros", "jfb"])
+@pytest.mark.parametrize("warm_start", ["default", "jfb"])
 def test_exact_warm_start_same_answer(warm_start, linear_problem):
     cell, x, c = linear_problem
     deq = DEQ(cell, Anderson(tol=1e-12, max_iter=100), Exact(GMRES(tol=1e-12, max_iter=100), warm_start=warm_start), state_shape=(8,))

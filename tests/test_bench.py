@@ -1,0 +1,94 @@
+"""Smoke test of the benchmark suite (deqkit/bench.py) at minimal sizes: rows, finite numbers, file sections."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from deqkit import bench
+
+TINY = bench.BenchConfig("tiny", width=16, batch=4, max_iter=10, memory=5)
+
+
+@pytest.fixture(autouse=True)
+def _float32_default():
+    # other test modules change the global default dtype; the bench builds float32 models itself
+    old = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(old)
+
+
+def _finite(*values: float) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def test_step_rows_and_numbers():
+    names = ("exact", "exact-warm", "unrolled", "shine", "broyden-reuse")
+    rows = bench.bench_step(TINY, names, repeats=1, log=lambda s: None)
+    assert [r["estimator"] for r in rows] == list(names)
+    for r in rows:
+        assert len(r["fwd_ms"]) == len(r["bwd_ms"]) == 1
+        assert _finite(*r["fwd_ms"], *r["bwd_ms"], r["bwd_vs_exact"], r["fwd_steps"], r["cosine"])
+        assert r["graph_bytes"] > 0 and r["peak_bytes"] > 0
+    assert rows[0]["cosine"] == pytest.approx(1.0, abs=1e-4)
+    table = bench.format_step_table(TINY, rows)
+    assert table.count("\n| ") == len(names) + 1  # header + one line per estimator (after the separator)
+    assert len(bench.step_targets(rows)) == 4
+
+
+def test_memory_flat_for_deq_and_growing_for_bptt():
+    rows = bench.bench_memory(TINY, caps=(2, 6), log=lambda s: None)
+    methods = [r["method"] for r in rows]
+    assert methods.count("Exact (GMRES)") == methods.count("SHINE(fallback)") == 2
+    for r in rows:
+        assert _finite(r["graph_bytes"], r["peak_bytes"], r["graph_vs_first"], r["peak_vs_first"])
+    exact = [r for r in rows if r["method"] == "Exact (GMRES)"]
+    bptt = [r for r in rows if r["method"].startswith("BPTT")]
+    assert exact[0]["graph_bytes"] == exact[1]["graph_bytes"]  # one cell evaluation whatever the depth
+    assert bptt[1]["graph_bytes"] > 1.5 * bptt[0]["graph_bytes"]  # every iterate kept
+
+
+def test_torchdeq_section_optional(monkeypatch):
+    lines = []
+    if not bench.torchdeq_available():
+        assert bench.bench_torchdeq(TINY, repeats=1, log=lines.append) is None
+        assert "pip install 'deqkit[bench]'" in lines[0]
+        return
+    res = bench.bench_torchdeq(TINY, repeats=1, f_max_iter=10, fixed_iters=5, b_max_iter=10, log=lines.append)
+    assert set(res["forward"]) == {"to tol", "fixed"}
+    assert res["forward"]["fixed"]["deqkit"]["fevals"] == res["forward"]["fixed"]["torchdeq"]["fevals"] == 5
+    for r in res["step"]:
+        assert _finite(*r["ours"]["total_ms"], r["ours_cos_gmres"])
+    exact = [r for r in res["step"] if r["pair"].startswith("Exact, fixed-point")][0]
+    assert exact["grad_cos"] > 0.99
+    # and the skip path, as if torchdeq were missing
+    monkeypatch.setattr(bench, "torchdeq_available", lambda: False)
+    lines.clear()
+    assert bench.bench_torchdeq(TINY, repeats=1, log=lines.append) is None
+    assert "pip install 'deqkit[bench]'" in lines[0]
+
+
+def test_write_replaces_only_own_sections(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    other = "## Someone else's section\n\nkeep me\n\n```\n## not a heading inside a fence\n```\n"
+    path.write_text(other + "\n## Memory against forward depth\n\nold numbers\n\n## Another section\n\ntext\n")
+    bench.write_sections(str(path), {bench.SECTIONS["memory"]: "## Memory against forward depth\n\nnew numbers\n",
+                                     bench.SECTIONS["step"]: "## DEQ gradient estimators: step cost\n\nstep\n"})
+    text = path.read_text()
+    assert text.startswith(other)
+    assert "old numbers" not in text and "new numbers" in text
+    assert "## Another section\n\ntext\n" in text
+    assert text.rstrip().endswith("step")
+    # idempotent
+    before = text
+    bench.write_sections(str(path), {bench.SECTIONS["memory"]: "## Memory against forward depth\n\nnew numbers\n"})
+    assert path.read_text() == before
+
+
+def test_cli_quick_memory_section(tmp_path, capsys):
+    out = tmp_path / "B.md"
+    assert bench.main(["--quick", "--section", "memory", "--write", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith(bench.SECTIONS["memory"]) and "BPTT" in text
