@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
 import json
 import math
 import os
@@ -48,6 +47,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._io import atomic_write_text
 from .compare import ESTIMATOR_PRESETS
 from .diagnostics import gradient_quality
 from .errors import ConvergenceWarning
@@ -60,6 +60,7 @@ SECTIONS: dict[str, str] = {
     "step": "## DEQ gradient estimators: step cost",
     "memory": "## Memory against forward depth",
     "torchdeq": "## Against torchdeq",
+    "accuracy": "## Accuracy of the estimators: equal epochs and equal wall-clock",
 }
 MACHINE = "2-core CPU, no GPU"
 RUN_DATE = "2026-11-23"
@@ -759,28 +760,22 @@ parameters that every estimator pays: that VJP and autograd's fixed overhead (~0
 are their floor. Exact's backward is GMRES: each Krylov step is one VJP plus a batched
 `torch.linalg.lstsq` on the small Hessenberg matrix and a modified Gram–Schmidt loop in Python.
 `peak KB` is dominated by the Broyden buffers `U, V` (batch × width × memory × 2 floats:
-960 KB at width 64, 3.75 MB at width 256), which every estimator keeps alive until backward
-because the estimator's hook closure holds the whole forward `SolverResult`, and
-`DEQClassifier.last_info` holds it until the next call.
+960 KB at width 64, 3.75 MB at width 256). The DEQ keeps them until backward only for the
+estimators that reuse them (SHINE, BroydenReuse, WarmExact); WarmExact's Broyden adjoint adds
+its own 30 columns to the forward ones, hence its larger peak.
 
-Warm-started Exact (`WarmExact`: GMRES from `w₀ = −vH`) saves about one GMRES step per sample
-and nothing per batch: GMRES converges at a rate of ~0.3 per step here, and the SHINE start has
-a relative error of ~0.2 (cosine 0.97 on the reference cell, 0.83 on the hard one), which is
-worth log(0.2)/log(0.3) ≈ 1.3 steps, while a non-zero start costs one extra VJP for the initial
-residual `v − w₀(I − J)`; the batch then runs until its slowest sample converges. The saving
-grows with the quality of `H` (SHINE's refine column shows how much a few Broyden steps from
-`Hᵀ` give).
+Warm-started Exact (`WarmExact`) runs the Broyden adjoint solve from `w₀ = −vH` with the
+forward `Hᵀ` as its initial inverse estimate; the comparison is against the same Broyden adjoint
+started cold (`Exact(broyden)`). It saves VJPs (the counts above), but on the hard configuration
+not time: each Broyden step works on a 60-column buffer. Started from `−vH` alone, GMRES gains
+about one step per sample (the SHINE start has relative error ~0.2 and GMRES shrinks the error
+~0.3 per step) and pays one VJP for the initial residual, so the batch total does not drop.
 
-Where the step time goes (torch.profiler, hard configuration, forward solve): 70 % of the CPU
-time is `aten::bmm` called from the einsums of `BroydenState.apply` / `apply_left`
-(`deqkit/solvers.py`), ~0.67 ms per call for a `(64, 256, 30)` buffer, 6 calls per Broyden step.
-They are batched matrix–*vector* products (`bdm,bm->bd`), for which CPU `bmm` takes a slow
-path; written as batched *row-vector*–matrix products,
-`-x + torch.bmm(torch.bmm(x.unsqueeze(1), V), U.transpose(1, 2)).squeeze(1)` (and `U`/`V`
-swapped for `apply_left`), the same products take 0.1 ms, and the forward solve drops from
-11.8 to 5.1 ms (reference) and from 173 to 52 ms (hard) with the same step counts (measured by
-patching the two methods in a scratch script; proposed to the lead, not applied here). The same
-change speeds up SHINE's backward (`shine_direction` calls `apply_left`).
+Where the step time went before it was fixed (torch.profiler, hard configuration, forward
+solve): 70 % of the CPU time was `aten::bmm` called from the einsums of `BroydenState.apply` /
+`apply_left`, batched matrix–*vector* products for which CPU `bmm` takes a slow path. Written as
+batched row-vector–matrix products (`deqkit/solvers.py` now), the hard forward solve dropped
+from 173–197 ms to ~45 ms with the same step counts, and SHINE's backward with it.
 """
 
 MEMORY_NOTES = """\
@@ -850,6 +845,11 @@ def render_sections(results: dict[str, Any], command: str, threads: int) -> dict
         else:
             parts += [format_torchdeq_tables(res), "", "Targets:", ""] + [f"- {t}" for t in torchdeq_targets(res)] + ["", TORCHDEQ_NOTES]
         out["torchdeq"] = "\n".join(parts)
+    if "accuracy" in results:
+        res = results["accuracy"]
+        parts = [SECTIONS["accuracy"], "", _header(command, threads), format_accuracy_tables(res), "Targets:", ""]
+        parts += [f"- {t}" for t in accuracy_targets(res)] + ["", ACCURACY_NOTES]
+        out["accuracy"] = "\n".join(parts)
     return out
 
 
@@ -893,19 +893,123 @@ def write_sections(path: str, sections: dict[str, str]) -> None:
     """Refresh ``sections`` (heading → markdown) in ``path`` atomically (temp file + ``os.replace``)."""
     p = Path(path)
     old = p.read_text() if p.exists() else ""
-    new = replace_sections(old, sections)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(new)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(p, replace_sections(old, sections))
+
+
+# ------------------------------------------------------------------------------------------------
+# accuracy: `deqkit compare` over seeds
+
+
+#: (label, CompareConfig options) of the accuracy section; fashion-mnist needs its IDX files
+ACCURACY_SETS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("digits", {"dataset": "digits"}),
+    ("fashion-mnist, 4000 training images", {"dataset": "fashion-mnist", "subset": 4000, "width": 128, "epochs": 6}),
+)
+ACCURACY_TARGET_ESTIMATORS = ("unrolled", "neumann", "shine")
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def bench_accuracy(
+    sets: Sequence[tuple[str, dict[str, Any]]] = ACCURACY_SETS, seeds: Sequence[int] = (0, 1, 2), **overrides: Any
+) -> list[dict[str, Any]]:
+    """Run :func:`deqkit.compare.run_compare` per seed; mean ± std of test accuracy (equal epochs) and of
+    validation accuracy at equal wall-clock (the budget of a seed is the shortest training time of any
+    estimator in it; each estimator is read at its last epoch inside that budget)."""
+    from .compare import CompareConfig, run_compare
+    from .data import DatasetNotFoundError
+
+    out = []
+    for label, opts in sets:
+        per_seed: list[list[dict[str, Any]]] = []
+        skipped = None
+        for seed in seeds:
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg = CompareConfig(**{**opts, **overrides, "seed": seed, "out": tmp, "progress": False})
+                print(f"  {label}, seed {seed} ...", flush=True)
+                try:
+                    per_seed.append(run_compare(cfg, log=lambda _msg: None))
+                except DatasetNotFoundError as err:
+                    skipped = str(err).splitlines()[0]
+                    break
+        if skipped:
+            out.append({"set": label, "skipped": skipped, "rows": []})
+            continue
+        rows = []
+        for i, first in enumerate(per_seed[0]):
+            runs = [seed_rows[i] for seed_rows in per_seed]
+            at_budget = []
+            for seed_rows, r in zip(per_seed, runs):
+                budget = min(x["train_time_s"] for x in seed_rows)
+                inside = [h["val_acc"] for h in r["history"] if h["elapsed_s"] <= budget + 1e-9]
+                at_budget.append(inside[-1] if inside else r["history"][0]["val_acc"])
+            rows.append(
+                {
+                    "estimator": first["estimator"],
+                    "label": first["label"],
+                    "test_acc": _mean_std([r["test_acc"] for r in runs]),
+                    "val_acc_equal_time": _mean_std(at_budget),
+                    "train_time_s": _mean_std([r["train_time_s"] for r in runs]),
+                    "bwd_ms": _mean_std([r["bwd_ms"] for r in runs]),
+                    "cosine": _mean_std([r["cosine"] for r in runs]),
+                }
+            )
+        out.append({"set": label, "seeds": list(seeds), "options": opts, "rows": rows})
+    return out
+
+
+def format_accuracy_tables(results: Sequence[dict[str, Any]]) -> str:
+    parts = []
+    pm = lambda ms, f=".2f": f"{ms[0]:{f}} ± {ms[1]:{f}}"  # noqa: E731
+    for res in results:
+        if not res["rows"]:
+            parts += [f"**{res['set']}**: skipped — {res.get('skipped')}", ""]
+            continue
+        parts += [f"**{res['set']}** (seeds {', '.join(map(str, res['seeds']))}; mean ± std):", ""]
+        parts.append(
+            md_table(
+                ["estimator", "test acc % (equal epochs)", "val acc % (equal wall-clock)", "train s", "bwd ms/step", "cos to exact"],
+                [
+                    [
+                        r["label"],
+                        pm((100 * r["test_acc"][0], 100 * r["test_acc"][1])),
+                        pm((100 * r["val_acc_equal_time"][0], 100 * r["val_acc_equal_time"][1])),
+                        pm(r["train_time_s"], ".1f"),
+                        pm(r["bwd_ms"]),
+                        pm(r["cosine"], ".3f"),
+                    ]
+                    for r in res["rows"]
+                ],
+            )
+        )
+        parts.append("")
+    return "\n".join(parts)
+
+
+def accuracy_targets(results: Sequence[dict[str, Any]]) -> list[str]:
+    out = []
+    for res in results:
+        by = {r["estimator"]: r for r in res["rows"]}
+        if "exact" not in by:
+            continue
+        ref = by["exact"]["test_acc"][0]
+        for name in ACCURACY_TARGET_ESTIMATORS:
+            if name in by:
+                gap = 100 * (by[name]["test_acc"][0] - ref)
+                out.append(f"{res['set']}: {by[name]['label']} within 0.5 points of Exact: {gap:+.2f} points — {_mark(gap >= -0.5)}")
+    return out
+
+
+ACCURACY_NOTES = """\
+Each seed runs `deqkit compare` (same seed ⇒ same initial weights and data order for every
+estimator; Broyden forward, memory 30, tol 1e-4, cap 30). "Equal wall-clock" reads each
+estimator's validation accuracy at its last epoch finished within the shortest total training
+time of any estimator of that seed. Training times come from a shared 2-core machine and move by
+±30 % between runs; the accuracy differences between estimators are mostly within one std.
+"""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -960,6 +1064,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if res is not None:
             for t in torchdeq_targets(res):
                 print(" -", t)
+    if "accuracy" in wanted:
+        print("\n== accuracy (deqkit compare over seeds) ==")
+        if args.quick:
+            res = bench_accuracy(ACCURACY_SETS[:1], seeds=(0, 1), subset=300, epochs=1, estimators=["exact", "unrolled", "shine"])
+        else:
+            res = bench_accuracy()
+        results["accuracy"] = res
+        print(format_accuracy_tables(res))
+        for t in accuracy_targets(res):
+            print(" -", t)
     print(f"\n(total {time.perf_counter() - start:.0f} s)")
     if args.write:
         write_sections(args.write, {SECTIONS[k]: v for k, v in render_sections(results, command, args.threads).items()})
