@@ -62,6 +62,17 @@ def _batch_like(x: Any) -> Tensor:
     raise ValueError("DEQ: cannot infer the batch size, dtype and device from x; pass z0 explicitly.")
 
 
+def _gradient_of(loss_fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """``z ↦ ∇_z loss_fn(z)`` (for outer-problem-aware solvers)."""
+
+    def grad(z: Tensor) -> Tensor:
+        z = z.detach().requires_grad_()
+        (g,) = torch.autograd.grad(loss_fn(z), z)
+        return g
+
+    return grad
+
+
 @validated_options
 class DEQ(nn.Module):
     """A deep equilibrium layer: returns ``z*`` with ``z* = cell(z*, x)``.
@@ -149,14 +160,8 @@ class DEQ(nn.Module):
         """
         z0 = self.initial_state(x) if z0 is None else z0
         max_iter = self.eval_max_iter if (not self.training and self.eval_max_iter is not None) else None
-        loss_grad = None
-        if loss_fn is not None and self.training and getattr(self.solver, "opa_freq", None) is not None:
-
-            def loss_grad(z: Tensor) -> Tensor:
-                z = z.detach().requires_grad_()
-                (g,) = torch.autograd.grad(loss_fn(z), z)
-                return g
-
+        use_opa = loss_fn is not None and self.training and getattr(self.solver, "opa_freq", None) is not None
+        loss_grad = _gradient_of(loss_fn) if use_opa else None
         with torch.no_grad():
             result = self.solver(lambda z: self.cell(z, x), z0, max_iter=max_iter, loss_grad=loss_grad)
         if not self.grad.needs_inverse_jacobian:

@@ -20,6 +20,7 @@ the gradient arriving there by ``w``.
 
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 from dataclasses import dataclass
@@ -98,8 +99,6 @@ class GradientEstimator:
     @property
     def label(self) -> str:
         """A short name for tables: the class and the options that differ from their defaults."""
-        import inspect
-
         params = inspect.signature(type(self).__init__).parameters
         parts = []
         for k, p in params.items():

@@ -123,31 +123,46 @@ class GMRES(LinearSolver):
                 break
             k_max = min(self.restart, max_iter - used)
             basis = [r / torch.where(beta > 0, beta, torch.ones_like(beta))[:, None]]
-            hess = vf.new_zeros(B, k_max + 1, k_max)
-            y = None
+            R = vf.new_zeros(B, k_max + 1, k_max)  # the Hessenberg matrix, rotated to upper triangular
+            cs, sn = vf.new_zeros(B, k_max), vf.new_zeros(B, k_max)
+            g = vf.new_zeros(B, k_max + 1)  # β e₁, rotated alongside
+            g[:, 0] = beta
+            k = 0
             for j in range(k_max):
                 u = op(basis[j])
                 used += 1
                 nstep = nstep + active.long()
+                h = []
                 for i in range(j + 1):  # modified Gram–Schmidt, per sample
-                    h = (u * basis[i]).sum(dim=1)
-                    hess[:, i, j] = h
-                    u = u - h[:, None] * basis[i]
+                    hij = (u * basis[i]).sum(dim=1)
+                    h.append(hij)
+                    u = u - hij[:, None] * basis[i]
                 hn = u.norm(dim=1)
-                hess[:, j + 1, j] = hn
                 # a (near-)zero hn is a "happy breakdown": the Krylov space holds the solution
                 basis.append(u / torch.where(hn > eps * beta, hn, torch.ones_like(hn))[:, None])
-                rhs = vf.new_zeros(B, j + 2, 1)
-                rhs[:, 0, 0] = beta
-                Hj = hess[:, : j + 2, : j + 1]
-                y = torch.linalg.lstsq(Hj, rhs).solution  # (B, j+1, 1)
-                est = (rhs - Hj @ y).norm(dim=(1, 2))
+                # Givens rotations, elementwise per sample: deterministic, unlike a LAPACK lstsq
+                for i in range(j):
+                    h[i], h[i + 1] = cs[:, i] * h[i] + sn[:, i] * h[i + 1], -sn[:, i] * h[i] + cs[:, i] * h[i + 1]
+                denom = torch.sqrt(h[j] ** 2 + hn**2)
+                safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+                cs[:, j] = torch.where(denom > 0, h[j] / safe, torch.ones_like(denom))
+                sn[:, j] = torch.where(denom > 0, hn / safe, torch.zeros_like(denom))
+                h[j] = denom
+                R[:, : j + 1, j] = torch.stack(h, dim=1)
+                g[:, j + 1] = -sn[:, j] * g[:, j]
+                g[:, j] = cs[:, j] * g[:, j]
+                k = j + 1
+                est = g[:, j + 1].abs()
                 _check_finite(self.name, est, "Krylov least squares")
                 if not bool((active & (est > target)).any()):
                     break
-            assert y is not None
-            Vk = torch.stack(basis[: y.shape[1]], dim=1)  # (B, k, d)
-            step = torch.einsum("bk,bkd->bd", y.squeeze(-1), Vk)
+            y = vf.new_zeros(B, k)  # back substitution R y = g
+            for i in range(k - 1, -1, -1):
+                acc = g[:, i] - (R[:, i, i + 1 : k] * y[:, i + 1 : k]).sum(dim=1)
+                diag = R[:, i, i]
+                y[:, i] = torch.where(diag != 0, acc / torch.where(diag != 0, diag, torch.ones_like(diag)), torch.zeros_like(acc))
+            Vk = torch.stack(basis[:k], dim=1)  # (B, k, d)
+            step = torch.bmm(y.unsqueeze(1), Vk).squeeze(1)
             w = w + torch.where(active[:, None], step, torch.zeros_like(step))
             r = vf - op(w)  # true residual (one extra product) before a restart or the end
             used += 1
