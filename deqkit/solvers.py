@@ -336,8 +336,9 @@ class FixedPoint(Solver):
 
 @dataclass
 class _AndersonState:
-    X: Tensor
-    F: Tensor
+    X: Tensor  # (B, m, d) past iterates
+    G: Tensor  # (B, m, d) their residuals f(x) − x
+    gram: Tensor  # (B, m, m) GGᵀ, updated one row/column per step
     count: int = 0
 
 
@@ -380,13 +381,17 @@ class Anderson(Solver):
         super()._init_state(z, fz, max_iter, ctx)
         B, d = z.shape
         m = min(self.memory, max_iter)
-        return _AndersonState(z.new_zeros(B, m, d), z.new_zeros(B, m, d))
+        return _AndersonState(z.new_zeros(B, m, d), z.new_zeros(B, m, d), z.new_zeros(B, m, m))
 
     def _observe(self, state: object, z: Tensor, fz: Tensor, fresh: Tensor) -> None:
         assert isinstance(state, _AndersonState)
         slot = state.count % state.X.shape[1]
+        g = fz - z
         state.X[:, slot] = z
-        state.F[:, slot] = fz
+        state.G[:, slot] = g
+        col = (state.G * g.unsqueeze(1)).sum(-1)  # (B, m): ⟨g_i, g⟩
+        state.gram[:, slot, :] = col
+        state.gram[:, :, slot] = col
         state.count += 1
 
     def _propose(self, state: object, z: Tensor, fz: Tensor, active: Tensor, it: int) -> Tensor:
@@ -394,9 +399,7 @@ class Anderson(Solver):
         n = min(state.count, state.X.shape[1])
         if n == 1:
             return z + self.damping * (fz - z)
-        X, F = state.X[:, :n], state.F[:, :n]
-        G = F - X
-        gram = G @ G.transpose(1, 2)  # (B, n, n)
+        gram = state.gram[:, :n, :n]
         # Scale-free Tikhonov: regularise the Gram matrix normalised to unit diagonal, so that λ
         # acts the same on the newest (small) and oldest (large) residuals in the window.
         info = torch.finfo(z.dtype)
@@ -407,9 +410,11 @@ class Anderson(Solver):
         y = torch.linalg.solve(corr + lam * eye, scale.unsqueeze(-1)).squeeze(-1)
         a = y * scale
         alpha = a / a.sum(dim=1, keepdim=True)
-        mix_f = torch.einsum("bn,bnd->bd", alpha, F)
-        mix_x = torch.einsum("bn,bnd->bd", alpha, X)
-        return (1 - self.damping) * mix_x + self.damping * mix_f
+        # Σα f(x_i) = Σα x_i + Σα g_i (elementwise: tiny batched bmm calls are ~3x slower on CPU)
+        w = alpha.unsqueeze(-1)
+        mix_x = (w * state.X[:, :n]).sum(1)
+        mix_g = (w * state.G[:, :n]).sum(1)
+        return mix_x + self.damping * mix_g
 
 
 @dataclass
