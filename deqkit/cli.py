@@ -56,6 +56,7 @@ def _add_compare(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU)")
     p.add_argument("--out", default="runs/compare", help="output directory (results.json, results.csv, compare.png)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted comparison from its checkpoints in --out")
     p.set_defaults(func=_run_compare)
 
 
@@ -80,6 +81,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         threads=args.threads,
         out=args.out,
         progress=not args.no_progress,
+        resume=args.resume,
     )
     run_compare(cfg)
     return 0

@@ -13,7 +13,6 @@ import csv
 import json
 import math
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -69,6 +68,7 @@ class CompareConfig:
     threads: Optional[int] = None
     out: str = "runs/compare"
     progress: bool = True
+    resume: bool = False
 
     def __post_init__(self) -> None:
         owner = "compare"
@@ -117,7 +117,8 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[
     """Train one model per estimator in ``cfg.estimators``; print the table; write JSON, CSV and PNG.
 
     Returns one dict per estimator with the table's numbers, the per-epoch history and the
-    residual curve.
+    residual curve. Each estimator's training checkpoints to ``out/checkpoints/<name>``; with
+    ``cfg.resume`` an interrupted comparison continues where it stopped.
     """
     from .train import TrainConfig, Trainer
 
@@ -151,9 +152,8 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[
         label = grad.label + (f" + OPA/{OPA_FREQ[name]}" if name in OPA_FREQ else "")
         log(f"\n[{name}] {label}")
         trainer = Trainer(model, splits.train, splits.val, tcfg)
-        start = time.perf_counter()
-        history = trainer.fit()
-        train_time = time.perf_counter() - start
+        history = trainer.fit(resume=cfg.resume)  # resume: finished runs load their last checkpoint
+        train_time = history[-1]["elapsed_s"]  # training wall-clock, summed across resumes
         test = trainer.evaluate(splits.test)
         deq = model.deq
         loss_fn = lambda z: nn.functional.cross_entropy(model.head(z), probe_y)  # noqa: E731

@@ -64,3 +64,15 @@ def test_bad_options_give_one_clear_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_compare_resume_reuses_finished_runs(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--subset", "150", "--epochs", "1", "--estimators", "unrolled", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    first = json.loads((out / "results.json").read_text())["results"][0]
+    assert main(argv + ["--resume"]) == 0
+    again = json.loads((out / "results.json").read_text())["results"][0]
+    # nothing retrained: the same weights give the same test accuracy and the same recorded training time
+    assert again["test_acc"] == first["test_acc"]
+    assert again["train_time_s"] == first["train_time_s"]
