@@ -50,8 +50,11 @@ class BackwardStats:
         estimator: the estimator's name.
         time_s: wall-clock seconds spent computing ``w`` (not the final VJP to the parameters;
             no device synchronisation).
-        vjps: vector–Jacobian products spent computing ``w`` (per batch).
+        vjps: vector–Jacobian products spent computing ``w`` (per batch); for :class:`Unrolled`,
+            the ``k`` graph evaluations it backpropagates through.
         solve: the adjoint solve's result, for :class:`Exact` (steps, residuals, converged).
+        refine: SHINE's fixed-budget refinement steps (a budget, not a tolerance: its
+            ``converged`` flags are not a failure).
         n_fallback: samples that fell back to the Jacobian-free direction (SHINE).
     """
 
@@ -59,6 +62,7 @@ class BackwardStats:
     time_s: float = 0.0
     vjps: int = 0
     solve: Optional[SolverResult] = None
+    refine: Optional[SolverResult] = None
     n_fallback: int = 0
 
     @property
@@ -127,16 +131,25 @@ class AdjointEstimator(GradientEstimator):
         raise NotImplementedError
 
     def attach(self, cell_fn: CellFn, result: SolverResult, info: "DEQInfo") -> Tensor:
-        z_in = result.z.detach().requires_grad_()
-        f_out = cell_fn(z_in)
+        # The path to θ and x is built with z* detached, so the final backward does not also
+        # pay a VJP into z. The z-graph for the VJPs is built on the first VJP only (one more
+        # cell evaluation), so SHINE / BroydenReuse never build it. The cell must therefore be
+        # deterministic (no dropout inside it), as a fixed point requires anyway.
+        f_out = cell_fn(result.z.detach())
         if not f_out.requires_grad:
             return result.z
         shape, B = f_out.shape, f_out.shape[0]
         stats = BackwardStats(self.name)
+        z_graph: list[Tensor] = []
 
         def vjp(u: Tensor) -> Tensor:
             stats.vjps += 1
-            (g,) = torch.autograd.grad(f_out, z_in, u.reshape(shape), retain_graph=True)
+            if not z_graph:
+                with torch.enable_grad():
+                    z_in = result.z.detach().requires_grad_()
+                    z_graph[:] = [z_in, cell_fn(z_in)]
+            z_in, f_z = z_graph
+            (g,) = torch.autograd.grad(f_z, z_in, u.reshape(shape), retain_graph=True)
             return g.reshape(B, -1)
 
         def hook(v: Optional[Tensor]) -> Optional[Tensor]:
@@ -153,11 +166,8 @@ class AdjointEstimator(GradientEstimator):
             info.backward = stats
             return w.reshape(shape).to(v.dtype)
 
-        # The hook sits on an alias of f_out: the VJPs inside the hook start from f_out itself
-        # and so do not re-enter the hook.
-        hooked = f_out.view_as(f_out)
-        hooked.register_hook(hook)
-        return straight_through(result.z, hooked)
+        f_out.register_hook(hook)  # the VJPs use their own graph, so they never re-enter this hook
+        return straight_through(result.z, f_out)
 
 
 @validated_options

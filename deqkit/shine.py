@@ -82,7 +82,7 @@ class SHINE(AdjointEstimator):
             # n Broyden steps on the adjoint fixed point w = wJ + v: n + 1 residual evaluations
             solver = Broyden(memory=self.refine + 1, tol=torch.finfo(v.dtype).tiny, max_iter=self.refine + 1, stop_mode="abs")
             sol = solver.solve_adjoint(vjp, v, w, state0=transposed(H))
-            stats.solve = sol
+            stats.refine = sol
             w = sol.z
         return w
 

@@ -156,7 +156,7 @@ def test_refine_error_non_increasing_and_large_refine_is_exact():
         g, info = param_grad(TanhCell, A, B, x, loss, solver, dk.SHINE(refine=n))
         errs.append(rel(g, ref))
         if n:
-            assert info.backward.solve.nstep.max() <= n + 1
+            assert info.backward.refine.nstep.max() <= n + 1
     assert all(b <= a * (1 + 1e-9) + 1e-12 for a, b in zip(errs, errs[1:])), errs
     assert errs[-1] < 1e-7, errs
 
@@ -235,3 +235,25 @@ def test_warm_started_exact_needs_fewer_backward_iterations_for_the_same_toleran
     assert cold.all_converged and warm.all_converged
     assert warm.nstep.sum() < cold.nstep.sum(), (warm.nstep, cold.nstep)
     assert rel(g_cold, ref) < 1e-6 and rel(g_warm, ref) < 1e-6
+
+
+def test_reuse_estimators_build_no_z_graph_and_exact_builds_one():
+    """SHINE's backward is one low-rank product: after the solve the cell runs once (the path to
+    θ and x); Exact runs it once more, lazily, for the graph its VJPs need."""
+    A, B, x, c = problem(9)
+
+    class Counting(TanhCell):
+        calls = 0
+
+        def forward(self, z, x):
+            if torch.is_grad_enabled():
+                Counting.calls += 1
+            return super().forward(z, x)
+
+    for est, expected in [(dk.SHINE(), 1), (dk.BroydenReuse(), 1), (dk.Exact(dk.GMRES(tol=1e-8)), 2)]:
+        Counting.calls = 0
+        deq = dk.DEQ(Counting(A, B), dk.Broyden(memory=20, tol=1e-8, max_iter=30), est, state_shape=(A.shape[0],))
+        z, info = deq(x)
+        (z * c).sum().backward()
+        assert Counting.calls == expected, (est, Counting.calls)
+        assert (info.backward.vjps == 0) == (expected == 1)
