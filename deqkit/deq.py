@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ._options import check_choice, check_int, validated_options
 from .errors import ConvergenceError, ConvergenceWarning
@@ -60,6 +61,15 @@ def _batch_like(x: Any) -> Tensor:
     if isinstance(x, dict) and x:
         return _batch_like(next(iter(x.values())))
     raise ValueError("DEQ: cannot infer the batch size, dtype and device from x; pass z0 explicitly.")
+
+
+def _compute_parametrizations(module: nn.Module) -> None:
+    """Evaluate every parametrised tensor once with autograd on (inside ``parametrize.cached()``)."""
+    with torch.enable_grad():
+        for m in module.modules():
+            if parametrize.is_parametrized(m):
+                for name in m.parametrizations:
+                    getattr(m, name)
 
 
 def _gradient_of(loss_fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
@@ -135,6 +145,7 @@ class DEQ(nn.Module):
         self.init = init
         self.eval_max_iter = eval_max_iter
         self.on_nonconvergence = on_nonconvergence
+        self._warned_no_opa = False
 
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, grad={self.grad!r}, state_shape={self.state_shape}"
@@ -145,7 +156,8 @@ class DEQ(nn.Module):
         ref = _batch_like(x)
         if self.state_shape is None:
             return torch.zeros_like(ref, dtype=ref.dtype if ref.is_floating_point() else torch.get_default_dtype())
-        return ref.new_zeros((ref.shape[0], *self.state_shape), dtype=ref.dtype if ref.is_floating_point() else None)
+        dtype = ref.dtype if ref.is_floating_point() else torch.get_default_dtype()
+        return ref.new_zeros((ref.shape[0], *self.state_shape), dtype=dtype)
 
     def forward(
         self, x: Any, z0: Optional[Tensor] = None, loss_fn: Optional[Callable[[Tensor], Tensor]] = None
@@ -162,8 +174,23 @@ class DEQ(nn.Module):
         max_iter = self.eval_max_iter if (not self.training and self.eval_max_iter is not None) else None
         use_opa = loss_fn is not None and self.training and getattr(self.solver, "opa_freq", None) is not None
         loss_grad = _gradient_of(loss_fn) if use_opa else None
-        with torch.no_grad():
-            result = self.solver(lambda z: self.cell(z, x), z0, max_iter=max_iter, loss_grad=loss_grad)
+        if getattr(self.solver, "opa_freq", None) is not None and self.training and loss_fn is None and not self._warned_no_opa:
+            warnings.warn(
+                "DEQ: the solver has opa_freq set but forward() got no loss_fn, so no outer-problem-aware "
+                "updates are made. Pass loss_fn=... (DEQClassifier does when given target=...).",
+                UserWarning,
+                stacklevel=2,
+            )
+            self._warned_no_opa = True
+        # Parametrised weights (spectral/weight norm) are computed once for the whole call, so the
+        # map being solved does not change between iterations (spectral norm's power iteration would).
+        with parametrize.cached():
+            _compute_parametrizations(self.cell)  # cached with their graph, before the no-grad solve
+            with torch.no_grad():
+                result = self.solver(lambda z: self.cell(z, x), z0, max_iter=max_iter, loss_grad=loss_grad)
+            return self._finish(x, result)
+
+    def _finish(self, x: Any, result: SolverResult) -> tuple[Tensor, DEQInfo]:
         if not self.grad.needs_inverse_jacobian:
             result.state = None  # Broyden's U, V would otherwise live until backward (MBs per batch)
         info = DEQInfo(result)
@@ -171,7 +198,7 @@ class DEQ(nn.Module):
             msg = f"DEQ forward: {result.summary()}. Raise max_iter, loosen tol, or check the cell is contractive."
             if self.on_nonconvergence == "raise":
                 raise ConvergenceError(msg)
-            warnings.warn(msg, ConvergenceWarning, stacklevel=2)
+            warnings.warn(msg, ConvergenceWarning, stacklevel=4)  # the caller of DEQ.forward
         needs_grad = torch.is_grad_enabled() and (_requires_grad(x) or any(p.requires_grad for p in self.cell.parameters()))
         if not needs_grad:
             return result.z, info

@@ -126,29 +126,32 @@ class AdjointEstimator(GradientEstimator):
     incoming gradient ``v`` by ``w``, which autograd then pushes to θ and x.
     """
 
+    @property
+    def uses_vjp(self) -> bool:
+        """Whether :meth:`compute_w` calls ``vjp`` (then a graph in ``z`` is built in the forward)."""
+        return True
+
     def compute_w(self, v: Tensor, vjp: Vjp, result: SolverResult, stats: BackwardStats) -> Tensor:
         """``w`` for flattened row vectors ``v`` of shape ``(B, d)``; ``vjp(u) = uJ`` on ``(B, d)``."""
         raise NotImplementedError
 
     def attach(self, cell_fn: CellFn, result: SolverResult, info: "DEQInfo") -> Tensor:
         # The path to θ and x is built with z* detached, so the final backward does not also
-        # pay a VJP into z. The z-graph for the VJPs is built on the first VJP only (one more
-        # cell evaluation), so SHINE / BroydenReuse never build it. The cell must therefore be
-        # deterministic (no dropout inside it), as a fixed point requires anyway.
+        # pay a VJP into z; estimators that take VJPs get a second evaluation with z requiring
+        # grad (built here, in the forward, where the cell's parametrised weights are cached).
+        # SHINE / BroydenReuse take none and build no z-graph. The cell must be deterministic
+        # (no dropout inside it), as a fixed point requires anyway.
         f_out = cell_fn(result.z.detach())
         if not f_out.requires_grad:
             return result.z
         shape, B = f_out.shape, f_out.shape[0]
         stats = BackwardStats(self.name)
-        z_graph: list[Tensor] = []
+        z_in = result.z.detach().requires_grad_()
+        f_z = cell_fn(z_in) if self.uses_vjp else None
 
         def vjp(u: Tensor) -> Tensor:
+            assert f_z is not None, f"{type(self).__name__}.uses_vjp must be True to take VJPs"
             stats.vjps += 1
-            if not z_graph:
-                with torch.enable_grad():
-                    z_in = result.z.detach().requires_grad_()
-                    z_graph[:] = [z_in, cell_fn(z_in)]
-            z_in, f_z = z_graph
             (g,) = torch.autograd.grad(f_z, z_in, u.reshape(shape), retain_graph=True)
             return g.reshape(B, -1)
 
@@ -181,7 +184,10 @@ class Exact(AdjointEstimator):
 
     Args:
         linear_solver: the adjoint solver (default ``GMRES(restart=20)``).
-        tol, max_iter: override the linear solver's own tolerance and cap when given.
+        tol, max_iter: override the linear solver's own tolerance and cap when given. The
+            relative residual differs by solver family: GMRES and Dense divide ``‖w − wJ − v‖``
+            by ``‖v‖``; the fixed-point-type solvers by ``‖wJ + v‖`` (≈ ``‖w‖`` at the
+            solution), as they do in the forward solve.
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when the solve misses its
             tolerance; the result is always in ``info.backward.solve``. NaN/Inf always raises.
         warm_start: ``"default"`` (the linear solver's own start: zero for GMRES, ``w = v`` for the

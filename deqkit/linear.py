@@ -83,8 +83,11 @@ class GMRES(LinearSolver):
     """Restarted GMRES on ``w (I − J) = v``, one Krylov space per sample, built on VJPs.
 
     Saad & Schultz, "GMRES: a generalized minimal residual algorithm", SIAM J. Sci. Stat.
-    Comput. 1986. ``max_iter`` caps the VJPs (matrix–vector products) per sample; ``restart``
-    bounds the Krylov basis kept in memory. Converged samples stop changing.
+    Comput. 1986. ``max_iter`` caps the Krylov steps (one VJP each; ``nstep`` counts them per
+    sample); each restart cycle adds one more VJP for the true residual. ``restart`` bounds the
+    Krylov basis kept in memory. Converged samples stop changing. The small least-squares
+    problem is solved by Givens rotations and back substitution, elementwise per sample, so the
+    result is bitwise reproducible (a batched LAPACK ``lstsq`` was not).
     """
 
     name = "gmres"
@@ -116,10 +119,12 @@ class GMRES(LinearSolver):
         r = vf - op(w) if w0 is not None else vf.clone()
         while True:
             beta = r.norm(dim=1)
-            _check_finite(self.name, beta, "residual")
             trace.append(beta)
             active = beta > target
-            if used >= max_iter or not bool(active.any()):
+            nonfinite, any_active = torch.stack([~torch.isfinite(beta).all(), active.any()]).tolist()
+            if nonfinite:
+                _check_finite(self.name, beta, "residual")
+            if used >= max_iter or not any_active:
                 break
             k_max = min(self.restart, max_iter - used)
             basis = [r / torch.where(beta > 0, beta, torch.ones_like(beta))[:, None]]
@@ -153,8 +158,10 @@ class GMRES(LinearSolver):
                 g[:, j] = cs[:, j] * g[:, j]
                 k = j + 1
                 est = g[:, j + 1].abs()
-                _check_finite(self.name, est, "Krylov least squares")
-                if not bool((active & (est > target)).any()):
+                nonfinite, go_on = torch.stack([~torch.isfinite(est).all(), (active & (est > target)).any()]).tolist()
+                if nonfinite:  # one host sync per Krylov step
+                    _check_finite(self.name, est, "Krylov least squares")
+                if not go_on:
                     break
             y = vf.new_zeros(B, k)  # back substitution R y = g
             for i in range(k - 1, -1, -1):

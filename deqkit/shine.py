@@ -71,6 +71,10 @@ class SHINE(AdjointEstimator):
         check_int(owner, "refine", refine, minimum=0)
         self.fallback, self.fallback_ratio, self.refine = fallback, float(fallback_ratio), int(refine)
 
+    @property
+    def uses_vjp(self) -> bool:
+        return self.refine > 0
+
     def compute_w(self, v: Tensor, vjp: Vjp, result: SolverResult, stats: BackwardStats) -> Tensor:
         H = _forward_inverse(result, type(self).__name__)
         w = shine_direction(v, H)

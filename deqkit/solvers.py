@@ -194,6 +194,10 @@ class Solver:
     def _final_state(self, state: object) -> Optional[BroydenState]:
         return None
 
+    def _extra(self, state: object) -> dict:
+        """Solver-specific counters for ``SolverResult.extra``."""
+        return {}
+
     # -- the shared loop --------------------------------------------------------------------
     def __call__(
         self,
@@ -294,6 +298,7 @@ class Solver:
             max_iter=max_iter,
             solver=type(self).__name__,
             state=self._final_state(state),
+            extra=self._extra(state),
         )
 
     def solve_adjoint(
@@ -469,6 +474,8 @@ class Broyden(Solver):
 
     def _init_state(self, z: Tensor, fz: Tensor, max_iter: int, ctx: _CallContext) -> _BroydenLoopState:
         B, d = z.shape
+        if ctx.loss_grad is not None and self.opa_freq is None:
+            raise ValueError("Broyden got loss_grad but has no opa_freq, so it would ignore it; set Broyden(opa_freq=k).")
         if ctx.state0 is not None:
             H0 = ctx.state0
             if H0.U.shape[:2] != (B, d):
@@ -496,9 +503,13 @@ class Broyden(Solver):
 
         An *adjoint* Broyden update (Schlenkrich, Griewank & Walther 2010) along
         ``σ = (vH)ᵀ``: with ``B = H⁻¹ ≈ J_g``, ``B ← B + σ (σᵀJ_g − σᵀB) / σᵀσ`` makes
-        ``σᵀB = σᵀJ_g`` exactly, hence ``(σᵀJ_g) H = σᵀ = v J_g⁻¹ H⁻¹ H``: the backward product
-        ``−vH`` is exact in the direction the loss needs. ``σᵀB = v`` needs no ``B``; ``σᵀJ_g``
-        costs one VJP of the cell. Applied to ``H`` by Sherman–Morrison as one more ring column.
+        ``σᵀB = σᵀJ_g`` exactly, i.e. ``(σᵀJ_g) H = σᵀ``: ``H`` becomes exact on the row
+        ``u = σᵀJ_g = v H J_g``, which equals ``v`` only if ``H`` already was. Repeated updates
+        therefore act as an iterative refinement of ``−vH`` towards ``−vJ_g⁻¹`` (measured: error
+        0.15–0.22 → 0.02–0.05 → ~2e-3 after three updates at a fixed point); give the ring room
+        for them (the OPA columns share ``memory`` with the secant pairs and, once it wraps,
+        overwrite them). ``σᵀB = v`` needs no ``B``; ``σᵀJ_g`` costs one VJP of the cell.
+        Applied to ``H`` by Sherman–Morrison as one more ring column; counted in ``result.extra["n_opa"]``.
         A good-Broyden (secant) step along ``H∇L`` instead fixes the *column* action ``H y``,
         which the row product ``vH`` of the backward pass does not use.
         """
@@ -536,6 +547,11 @@ class Broyden(Solver):
     def _final_state(self, state: object) -> Optional[BroydenState]:
         assert isinstance(state, _BroydenLoopState)
         return state.H
+
+    def _extra(self, state: object) -> dict:
+        # each OPA update costs one loss gradient and one cell VJP, not counted in nstep
+        assert isinstance(state, _BroydenLoopState)
+        return {"n_opa": state.n_opa}
 
 
 SOLVERS: dict[str, type[Solver]] = {"fixed-point": FixedPoint, "anderson": Anderson, "broyden": Broyden}

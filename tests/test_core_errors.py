@@ -292,3 +292,22 @@ def test_a_capped_adjoint_solve_never_returns_a_zero_gradient(make):
     z.sum().backward()
     assert cell.W.grad.abs().sum() > 0
     assert not info.backward.solve.all_converged
+
+
+def test_broyden_refuses_a_loss_gradient_it_would_ignore():
+    with pytest.raises(ValueError, match="opa_freq"):
+        Broyden()(lambda z: 0.5 * z, torch.zeros(2, 3, dtype=torch.float64), loss_grad=lambda z: z)
+
+
+def test_integer_input_with_state_shape_gets_a_float_state():
+    class Embed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(0.3 * torch.eye(4))
+
+        def forward(self, z, x):
+            return torch.tanh(z @ self.W.T + x.to(z.dtype)[:, :1])
+
+    deq = DEQ(Embed(), FixedPoint(tol=1e-8, max_iter=100), state_shape=(4,))
+    z, info = deq(torch.ones(3, 2, dtype=torch.long))
+    assert z.is_floating_point() and bool(info.converged.all())

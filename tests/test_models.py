@@ -179,7 +179,8 @@ def test_target_feeds_the_loss_to_an_outer_problem_aware_solver():
     calls = {"n": 0}
     model.head.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
     x, y = torch.randn(8, 20), torch.randint(0, 5, (8,))
-    plain = model(x)
+    with pytest.warns(UserWarning, match="opa_freq set but forward"):  # said once, not silently skipped
+        plain = model(x)
     assert calls["n"] == 1
     with_target = model(x, target=y)
     assert calls["n"] > 2  # the solver evaluated the loss during the solve
@@ -188,3 +189,20 @@ def test_target_feeds_the_loss_to_an_outer_problem_aware_solver():
     calls["n"] = 0
     model(x, target=y)
     assert calls["n"] == 1  # no outer-problem awareness outside training
+
+
+def test_spectral_norm_cell_is_one_fixed_map_per_call_and_trains_with_every_estimator():
+    """Spectral norm's power iteration runs once per DEQ call (parametrisations cached), so the
+    solve sees one map, and the z-graph Exact/Neumann build for their VJPs uses the same weights."""
+    import deqkit as dk
+
+    torch.manual_seed(0)
+    for est in [dk.Exact(), dk.Neumann(3, 0.5), dk.Unrolled(3, 0.5), dk.SHINE(refine=2)]:
+        m = dk.DEQClassifier.mlp(16, 32, 4, spectral_norm=True, solver=dk.Broyden(tol=1e-5, max_iter=60), grad=est, on_nonconvergence="ignore")
+        m.train()
+        x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+        for _ in range(2):
+            m.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            grads = [p.grad for p in m.parameters() if p.requires_grad]
+            assert all(g is not None and torch.isfinite(g).all() for g in grads)

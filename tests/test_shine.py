@@ -191,11 +191,12 @@ def test_opa_is_ignored_in_eval_mode_and_without_loss():
         return (z * c).sum()
 
     deq.eval()
-    deq(x, loss_fn=loss)
-    assert not calls
+    _, info = deq(x, loss_fn=loss)
+    assert not calls and info.forward.extra["n_opa"] == 0
     deq.train()
-    deq(x, loss_fn=loss)
+    _, info = deq(x, loss_fn=loss)
     assert calls  # used in training
+    assert info.forward.extra["n_opa"] == info.forward.nstep.max() // 2  # one per opa_freq=2 evaluations
 
 
 @pytest.mark.parametrize("estimator", [dk.SHINE(), dk.BroydenReuse(), dk.WarmExact()])
