@@ -32,6 +32,12 @@ def validated_options(cls: type[T]) -> type[T]:
     return cls
 
 
+def options_repr(obj: Any) -> str:
+    """``ClassName(opt=value, ...)`` over the options a :func:`validated_options` class accepts."""
+    opts = ", ".join(f"{k}={getattr(obj, k)!r}" for k in getattr(obj, "valid_options", ()) if hasattr(obj, k))
+    return f"{type(obj).__name__}({opts})"
+
+
 def unknown_option_message(owner: str, name: str, valid: Iterable[str]) -> str:
     valid = list(valid)
     hint = difflib.get_close_matches(name, valid, n=1)

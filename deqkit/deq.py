@@ -12,11 +12,10 @@ from torch.nn.utils import parametrize
 
 from ._options import check_choice, check_int, validated_options
 from .errors import ConvergenceError, ConvergenceWarning
-from .estimators import BackwardStats, Exact, GradientEstimator
+from .estimators import FAILURE_POLICIES, BackwardStats, Exact, GradientEstimator
 from .solvers import Anderson, Solver, SolverResult
 
 InitPolicy = Union[str, Callable[[Any], Tensor]]
-FAILURE_POLICIES = ("warn", "raise", "ignore")
 
 
 @dataclass

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Optional, Union
 import torch
 from torch import Tensor
 
-from ._options import check_choice, check_fraction, check_int, check_positive, from_registry, validated_options
+from ._options import options_repr, check_choice, check_fraction, check_int, check_positive, from_registry, validated_options
 from .errors import ConvergenceError, ConvergenceWarning, NonFiniteError
 from .linear import GMRES, LinearSolver
 from .solvers import Solver, SolverResult
@@ -97,8 +97,7 @@ class GradientEstimator:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in getattr(self, "valid_options", ()) if hasattr(self, k))
-        return f"{type(self).__name__}({opts})"
+        return options_repr(self)
 
     @property
     def label(self) -> str:

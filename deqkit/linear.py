@@ -18,7 +18,7 @@ from typing import Callable, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from ._options import check_choice, check_int, check_positive, validated_options
+from ._options import options_repr, check_choice, check_int, check_positive, validated_options
 from .errors import NonFiniteError
 from .solvers import STOP_MODES, SolverResult
 
@@ -69,8 +69,7 @@ class LinearSolver:
         self.tol, self.max_iter, self.stop_mode = float(tol), int(max_iter), stop_mode
 
     def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in getattr(self, "valid_options", ()) if hasattr(self, k))
-        return f"{type(self).__name__}({opts})"
+        return options_repr(self)
 
     def solve_adjoint(
         self, vjp: Fn, v: Tensor, w0: Optional[Tensor] = None, *, tol: Optional[float] = None, max_iter: Optional[int] = None

@@ -340,13 +340,8 @@ class DEQClassifier(nn.Module):
         (``Broyden(opa_freq=k)``, SHINE-OPA, Ramzi et al. ICLR 2022) uses; other solvers ignore it.
         :class:`~deqkit.train.Trainer` passes it.
         """
-        loss_fn = None
-        if target is not None and self.training:
-            head = self.head
-
-            def loss_fn(z: Tensor) -> Tensor:
-                return torch.nn.functional.cross_entropy(head(z), target)
-
+        use_loss = target is not None and self.training
+        loss_fn = (lambda z: torch.nn.functional.cross_entropy(self.head(z), target)) if use_loss else None
         z, info = self.deq(self.injection(x), loss_fn=loss_fn)
         self.last_info = info
         logits = self.head(z)
@@ -422,8 +417,6 @@ class DEQClassifier(nn.Module):
         check_int(owner, "num_classes", num_classes)
         check_int(owner, "pool", pool)
         cell = ConvCell(channels, hidden_channels=hidden_channels, groups=groups, kernel_size=kernel_size, init_std=init_std)
-        if channels % groups:
-            raise ValueError(f"{owner}: groups={groups} must divide channels={channels}.")
         injection = nn.Sequential(
             _AsImage(shape),
             nn.Conv2d(shape[0], channels, kernel_size, padding=kernel_size // 2, bias=False),

@@ -25,7 +25,7 @@ from typing import Callable, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from ._options import check_choice, check_fraction, check_int, check_positive, from_registry, validated_options
+from ._options import options_repr, check_choice, check_fraction, check_int, check_positive, from_registry, validated_options
 from .errors import NonFiniteError
 
 Fn = Callable[[Tensor], Tensor]
@@ -173,8 +173,7 @@ class Solver:
         self.stop_mode = stop_mode
 
     def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in getattr(self, "valid_options", ()) if hasattr(self, k))
-        return f"{type(self).__name__}({opts})"
+        return options_repr(self)
 
     # -- subclass hooks -------------------------------------------------------------------
     def _init_state(self, z: Tensor, fz: Tensor, max_iter: int, ctx: "_CallContext") -> object:

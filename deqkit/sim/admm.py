@@ -183,8 +183,8 @@ class BatchedADMM:
         """
         if factor is None:
             factor = self.factorize(phi)
-        elif factor.phi is not phi and factor.phi.shape != phi.shape:
-            raise ValueError("factor was computed for a different Phi")
+        elif factor.phi is not phi and (factor.phi.shape != phi.shape or not torch.equal(factor.phi, phi)):
+            raise ValueError("factor was computed for a different Phi; call factorize(phi) for this one")
         m, d = phi.shape
         if targets.ndim != 2 or targets.shape[1] != m:
             raise ValueError(f"targets must have shape (r, {m}), got {tuple(targets.shape)}")

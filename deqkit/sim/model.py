@@ -130,7 +130,8 @@ class ImplicitModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _get_deq(self):
-        if self._deq is None:
+        # rebuilt when solver or grad were reassigned, so a swap is never silently ignored
+        if self._deq is None or self._deq.solver is not self.solver or self._deq.grad is not self.grad:
             try:
                 from ..deq import DEQ
             except ImportError:  # pragma: no cover - the package root may export it instead
