@@ -411,7 +411,9 @@ class Anderson(Solver):
         corr = gram * scale[:, :, None] * scale[:, None, :]
         lam = max(self.regularization, 10 * info.eps)  # a few ulps keep repeated history solvable
         eye = torch.eye(n, dtype=z.dtype, device=z.device)
-        y = torch.linalg.solve(corr + lam * eye, scale.unsqueeze(-1)).squeeze(-1)
+        # solve_ex: no error check, so no host sync on CUDA; a failure shows up as NaN in the next
+        # residual, which the loop reports
+        y = torch.linalg.solve_ex(corr + lam * eye, scale.unsqueeze(-1)).result.squeeze(-1)
         a = y * scale
         alpha = a / a.sum(dim=1, keepdim=True)
         # Σα f(x_i) = Σα x_i + Σα g_i (elementwise: tiny batched bmm calls are ~3x slower on CPU)
