@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-
 from torch import Tensor
 
 from .hypergrad import Exact, HypergradientEstimator, default_inner_solver
