@@ -25,6 +25,24 @@ def parse_options(text: str, flag: str) -> dict[str, Any]:
     return opts
 
 
+def _add_common(p: argparse.ArgumentParser, *, epochs: int, out: str) -> None:
+    """Options shared by ``compare`` and ``train``: data, model size, optimisation, device, output."""
+    p.add_argument("--dataset", default="digits", help="digits (default, embedded), mnist5k, fashion-mnist, mnist, mnist1d")
+    p.add_argument("--data-dir", default=None, help="directory with the IDX files (fashion-mnist, mnist)")
+    p.add_argument("--subset", type=int, default=None, help="use N training samples")
+    p.add_argument("--model", default="mlp", choices=["mlp", "conv"])
+    p.add_argument("--width", type=int, default=64, help="MLP state width / conv channels")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU)")
+    p.add_argument("--out", default=out, help="output directory (checkpoints, metrics, results)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def _add_compare(sub: Any) -> None:
     from .compare import DEFAULT_ESTIMATORS, ESTIMATOR_PRESETS
 
@@ -35,28 +53,11 @@ def _add_compare(sub: Any) -> None:
         "gradient estimator, then prints accuracy, time, forward steps, backward cost and the gradient cosine to "
         "a tight Exact gradient; writes results JSON/CSV and a PNG.",
     )
-    p.add_argument("--dataset", default="digits", help="digits (default, embedded), mnist5k, fashion-mnist, mnist, mnist1d")
-    p.add_argument("--data-dir", default=None, help="directory with the IDX files (fashion-mnist, mnist)")
-    p.add_argument("--subset", type=int, default=None, help="use N training samples")
-    p.add_argument("--model", default="mlp", choices=["mlp", "conv"])
-    p.add_argument("--width", type=int, default=64, help="MLP state width / conv channels")
-    p.add_argument(
-        "--estimators",
-        default=",".join(DEFAULT_ESTIMATORS),
-        help=f"comma list from: {', '.join(ESTIMATOR_PRESETS)}",
-    )
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
+    _add_common(p, epochs=8, out="runs/compare")
+    p.add_argument("--estimators", default=",".join(DEFAULT_ESTIMATORS), help=f"comma list from: {', '.join(ESTIMATOR_PRESETS)}")
     p.add_argument("--max-iter", type=int, default=30, help="forward Broyden iteration cap")
     p.add_argument("--tol", type=float, default=1e-4, help="forward relative tolerance")
     p.add_argument("--memory", type=int, default=30, help="Broyden memory (SHINE reuses it)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU)")
-    p.add_argument("--out", default="runs/compare", help="output directory (results.json, results.csv, compare.png)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted comparison from its checkpoints in --out")
     p.set_defaults(func=_run_compare)
 
 
@@ -89,24 +90,11 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train one DEQ classifier", description="Train a DEQ classifier with a chosen solver and gradient estimator; checkpoints and resumes.")
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--subset", type=int, default=None)
-    p.add_argument("--model", default="mlp", choices=["mlp", "conv"])
-    p.add_argument("--width", type=int, default=64)
+    _add_common(p, epochs=10, out="runs/train")
     p.add_argument("--solver", default="broyden", help="fixed-point, anderson, broyden")
     p.add_argument("--solver-opts", default="", help="e.g. memory=20,tol=1e-4,max_iter=30")
     p.add_argument("--grad", default="exact", help="exact, unrolled, neumann, jacobian-free, shine, broyden-reuse, exact-warm")
     p.add_argument("--grad-opts", default="", help="e.g. k=5,damping=0.5")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="runs/train", help="checkpoints and metrics.jsonl go here")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU)")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_train)
 
 

@@ -245,6 +245,13 @@ class Exact(AdjointEstimator):
         return sol.z
 
 
+def _phantom_options(owner: object, k: int, damping: float) -> tuple[int, float]:
+    """Validated ``(k, λ)`` of a phantom-gradient estimator."""
+    check_int(type(owner).__name__, "k", k)
+    check_fraction(type(owner).__name__, "damping", damping)
+    return int(k), float(damping)
+
+
 @validated_options
 class Neumann(AdjointEstimator):
     """Neumann-series phantom gradient (NPG): ``w = λ Σ_{t<k} v (λJ + (1−λ)I)^t`` at ``z*``.
@@ -257,9 +264,7 @@ class Neumann(AdjointEstimator):
     name = "neumann"
 
     def __init__(self, k: int = 5, damping: float = 0.5) -> None:
-        check_int(type(self).__name__, "k", k)
-        check_fraction(type(self).__name__, "damping", damping)
-        self.k, self.damping = int(k), float(damping)
+        self.k, self.damping = _phantom_options(self, k, damping)
 
     @property
     def label(self) -> str:
@@ -286,13 +291,9 @@ class Unrolled(GradientEstimator):
     name = "unrolled"
 
     def __init__(self, k: int = 5, damping: float = 0.5) -> None:
-        check_int(type(self).__name__, "k", k)
-        check_fraction(type(self).__name__, "damping", damping)
-        self.k, self.damping = int(k), float(damping)
+        self.k, self.damping = _phantom_options(self, k, damping)
 
-    @property
-    def label(self) -> str:
-        return f"{type(self).__name__}({self.k}, {self.damping:g})"
+    label = Neumann.label
 
     def attach(self, cell_fn: CellFn, result: SolverResult, info: "DEQInfo") -> Tensor:
         z = result.z.detach()
