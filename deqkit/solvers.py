@@ -31,6 +31,7 @@ from .errors import NonFiniteError
 Fn = Callable[[Tensor], Tensor]
 
 STOP_MODES = ("abs", "rel")
+NONFINITE_POLICIES = ("raise", "freeze")
 
 
 @dataclass
@@ -106,6 +107,7 @@ class SolverResult:
         abs_trace, rel_trace: residual of the current iterate at each iteration, ``(T, B)``
             (a frozen sample repeats its last value).
         state: solver state kept for the backward pass (Broyden: :class:`BroydenState`).
+        nonfinite: ``(B,)`` bool, samples whose map returned NaN/Inf (``on_nonfinite="freeze"``).
         tol, stop_mode, max_iter: the settings this solve ran with.
         solver: the solver's name.
     """
@@ -123,6 +125,7 @@ class SolverResult:
     solver: str
     state: Optional[BroydenState] = None
     extra: dict = field(default_factory=dict)
+    nonfinite: Optional[Tensor] = None
 
     @property
     def residual(self) -> Tensor:
@@ -140,10 +143,12 @@ class SolverResult:
     def summary(self) -> str:
         B = self.converged.numel()
         worst = float(self.residual.max()) if B else 0.0
+        n_bad = 0 if self.nonfinite is None else int(self.nonfinite.sum())
+        bad = f"; {n_bad} hit NaN/Inf and were frozen" if n_bad else ""
         return (
             f"{self.solver}: {B - self.n_failed}/{B} samples converged to {self.stop_mode} tol={self.tol:g} "
             f"within max_iter={self.max_iter} (worst {self.stop_mode} residual {worst:.3g}, "
-            f"steps {int(self.nstep.min()) if B else 0}..{int(self.nstep.max()) if B else 0})"
+            f"steps {int(self.nstep.min()) if B else 0}..{int(self.nstep.max()) if B else 0}){bad}"
         )
 
 
@@ -154,6 +159,10 @@ class Solver:
         tol: stopping tolerance on the residual selected by ``stop_mode``.
         max_iter: cap on residual evaluations (each costs one ``fn`` call).
         stop_mode: ``"rel"`` (``‖fn(z) − z‖ / ‖fn(z)‖``) or ``"abs"`` (``‖fn(z) − z‖``).
+        on_nonfinite: ``"raise"`` (default: :class:`~deqkit.errors.NonFiniteError` as soon as
+            ``fn`` returns NaN/Inf for a sample) or ``"freeze"``: that sample stops at its best
+            finite iterate, is marked in ``result.nonfinite`` and counts as not converged,
+            while the rest of the batch goes on.
 
     Subclasses implement :meth:`_init_state` and :meth:`_propose` only; the loop, per-sample
     freezing, best-iterate tracking, traces and error reporting are shared here.
@@ -163,14 +172,16 @@ class Solver:
     keeps_inverse_jacobian: ClassVar[bool] = False
     name: ClassVar[str] = "solver"
 
-    def __init__(self, *, tol: float = 1e-4, max_iter: int = 50, stop_mode: str = "rel") -> None:
+    def __init__(self, *, tol: float = 1e-4, max_iter: int = 50, stop_mode: str = "rel", on_nonfinite: str = "raise") -> None:
         owner = type(self).__name__
         check_positive(owner, "tol", tol)
         check_int(owner, "max_iter", max_iter)
         check_choice(owner, "stop_mode", stop_mode, STOP_MODES)
+        check_choice(owner, "on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
         self.tol = float(tol)
         self.max_iter = int(max_iter)
         self.stop_mode = stop_mode
+        self.on_nonfinite = on_nonfinite
 
     def __repr__(self) -> str:
         return options_repr(self)
@@ -244,6 +255,7 @@ class Solver:
         state = self._init_state(z, fz, max_iter, _CallContext(flat_fn, state0, loss_grad, shape))
         active = torch.ones(B, dtype=torch.bool, device=z.device)
         nstep = torch.zeros(B, dtype=torch.long, device=z.device)
+        nonfinite = torch.zeros(B, dtype=torch.bool, device=z.device)
         best_z = z.clone()
         best_abs = torch.full((B,), float("inf"), dtype=z.dtype, device=z.device)
         best_rel = best_abs.clone()
@@ -269,14 +281,17 @@ class Solver:
             best_rel = torch.where(better, rel_res, best_rel)
             nstep = nstep + active.long()
             active = active & (measure > tol)
+            if self.on_nonfinite == "freeze":
+                nonfinite = nonfinite | bad_mask
+                active = active & ~bad_mask
             # one host sync per iteration: any sample non-finite, or none left active
             flags = torch.stack([bad_mask.any(), active.any()]).tolist()
-            if flags[0]:
+            if flags[0] and self.on_nonfinite == "raise":
                 bad = bad_mask.nonzero().flatten().tolist()
                 raise NonFiniteError(
                     f"{type(self).__name__}: the fixed-point map returned NaN/Inf at iteration {it} for samples "
                     f"{bad[:10]}{'...' if len(bad) > 10 else ''}. Check the cell's scale and inputs, lower the "
-                    f"learning rate, add normalisation, or use damping < 1."
+                    f"learning rate, add normalisation, or use damping < 1 (or on_nonfinite='freeze' to keep the rest)."
                 )
             if it == max_iter - 1 or not flags[1]:
                 break
@@ -289,7 +304,8 @@ class Solver:
             nstep=nstep,
             abs_residual=best_abs,
             rel_residual=best_rel,
-            converged=best <= tol,
+            converged=(best <= tol) & ~nonfinite,
+            nonfinite=nonfinite,
             abs_trace=torch.stack(abs_trace),
             rel_trace=torch.stack(rel_trace),
             tol=tol,
@@ -329,8 +345,10 @@ class FixedPoint(Solver):
 
     name = "fixed-point"
 
-    def __init__(self, *, damping: float = 1.0, tol: float = 1e-4, max_iter: int = 50, stop_mode: str = "rel") -> None:
-        super().__init__(tol=tol, max_iter=max_iter, stop_mode=stop_mode)
+    def __init__(
+        self, *, damping: float = 1.0, tol: float = 1e-4, max_iter: int = 50, stop_mode: str = "rel", on_nonfinite: str = "raise"
+    ) -> None:
+        super().__init__(tol=tol, max_iter=max_iter, stop_mode=stop_mode, on_nonfinite=on_nonfinite)
         check_fraction(type(self).__name__, "damping", damping)
         self.damping = float(damping)
 
@@ -371,8 +389,9 @@ class Anderson(Solver):
         tol: float = 1e-4,
         max_iter: int = 50,
         stop_mode: str = "rel",
+        on_nonfinite: str = "raise",
     ) -> None:
-        super().__init__(tol=tol, max_iter=max_iter, stop_mode=stop_mode)
+        super().__init__(tol=tol, max_iter=max_iter, stop_mode=stop_mode, on_nonfinite=on_nonfinite)
         owner = type(self).__name__
         check_int(owner, "memory", memory)
         check_positive(owner, "regularization", regularization, allow_zero=True)
@@ -465,8 +484,9 @@ class Broyden(Solver):
         tol: float = 1e-4,
         max_iter: int = 50,
         stop_mode: str = "rel",
+        on_nonfinite: str = "raise",
     ) -> None:
-        super().__init__(tol=tol, max_iter=max_iter, stop_mode=stop_mode)
+        super().__init__(tol=tol, max_iter=max_iter, stop_mode=stop_mode, on_nonfinite=on_nonfinite)
         check_int(type(self).__name__, "memory", memory)
         if opa_freq is not None:
             check_int(type(self).__name__, "opa_freq", opa_freq)

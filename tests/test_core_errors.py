@@ -311,3 +311,29 @@ def test_integer_input_with_state_shape_gets_a_float_state():
     deq = DEQ(Embed(), FixedPoint(tol=1e-8, max_iter=100), state_shape=(4,))
     z, info = deq(torch.ones(3, 2, dtype=torch.long))
     assert z.is_floating_point() and bool(info.converged.all())
+
+
+@pytest.mark.parametrize("make", [FixedPoint, Anderson, Broyden])
+def test_freeze_policy_keeps_the_finite_samples_and_marks_the_bad_one(make):
+    """on_nonfinite='freeze': a sample whose map turns NaN stops at its best finite iterate and is
+    reported (nonfinite mask, not converged); the other samples get what they get alone."""
+    A = 0.5 * torch.eye(3, dtype=torch.float64)
+    x = randn(4, 3, seed=3)
+    poison = torch.tensor([False, True, False, False])
+
+    def fn(z, steps=[0]):
+        steps[0] += 1
+        out = z @ A.T + x
+        if steps[0] > 1:  # sample 1 turns NaN from the second evaluation on
+            out = torch.where(poison[:, None], torch.full_like(out, float("nan")), out)
+        return out
+
+    res = make(tol=1e-10, max_iter=200, on_nonfinite="freeze")(fn, torch.zeros(4, 3, dtype=torch.float64))
+    assert res.nonfinite.tolist() == poison.tolist()
+    assert res.converged.tolist() == (~poison).tolist()
+    assert torch.isfinite(res.z).all()
+    alone = make(tol=1e-10, max_iter=200)(lambda z: z @ A.T + x[[0]], torch.zeros(1, 3, dtype=torch.float64))
+    torch.testing.assert_close(res.z[0], alone.z[0], rtol=1e-9, atol=1e-12)
+    assert "NaN/Inf and were frozen" in res.summary()
+    with pytest.raises(NonFiniteError, match="on_nonfinite='freeze'"):
+        make(tol=1e-10, max_iter=200)(lambda z: torch.full_like(z, float("nan")), torch.zeros(2, 3, dtype=torch.float64))
