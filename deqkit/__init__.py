@@ -2,7 +2,7 @@
 
 from .deq import DEQ, DEQInfo
 from .errors import ConvergenceError, ConvergenceWarning, DEQError, NonFiniteError
-from .estimators import Exact, GradientEstimator, JacobianFree, Neumann, Unrolled, make_estimator
+from .estimators import AdjointEstimator, Exact, GradientEstimator, JacobianFree, Neumann, Unrolled, make_estimator
 from .linear import GMRES, Dense
 from .models import ConvCell, DEQClassifier, MLPCell
 from .shine import SHINE, BroydenReuse, WarmExact
@@ -22,6 +22,7 @@ __all__ = [
     "GMRES",
     "Dense",
     "GradientEstimator",
+    "AdjointEstimator",
     "Exact",
     "Unrolled",
     "Neumann",

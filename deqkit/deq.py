@@ -150,6 +150,7 @@ class DEQ(nn.Module):
         return f"solver={self.solver!r}, grad={self.grad!r}, state_shape={self.state_shape}"
 
     def initial_state(self, x: Any) -> Tensor:
+        """``z0`` for input ``x`` under the ``init`` policy (zeros: ``state_shape``, else ``x``'s shape)."""
         if callable(self.init):
             return self.init(x)
         ref = _batch_like(x)

@@ -74,6 +74,11 @@ class LinearSolver:
     def solve_adjoint(
         self, vjp: Fn, v: Tensor, w0: Optional[Tensor] = None, *, tol: Optional[float] = None, max_iter: Optional[int] = None
     ) -> SolverResult:
+        """Solve ``w = vjp(w) + v`` for rows ``w`` shaped like ``v``, from ``w0`` (default zero).
+
+        ``tol`` / ``max_iter`` override the solver's own settings. The result's ``z`` is ``w``;
+        its relative residual is ``‖w − wJ − v‖ / ‖v‖``.
+        """
         raise NotImplementedError
 
 

@@ -92,6 +92,7 @@ class BroydenState:
         self.n_updates += 1
 
     def detach(self) -> "BroydenState":
+        """The same estimate with ``U`` and ``V`` detached from any graph."""
         return BroydenState(self.U.detach(), self.V.detach(), self.n_updates)
 
 
@@ -134,13 +135,16 @@ class SolverResult:
 
     @property
     def all_converged(self) -> bool:
+        """Whether every sample met the tolerance (one host sync)."""
         return bool(self.converged.all())
 
     @property
     def n_failed(self) -> int:
+        """Samples that did not meet the tolerance."""
         return int((~self.converged).sum())
 
     def summary(self) -> str:
+        """One line for logs and error messages: how many converged, worst residual, step range."""
         B = self.converged.numel()
         worst = float(self.residual.max()) if B else 0.0
         n_bad = 0 if self.nonfinite is None else int(self.nonfinite.sum())
