@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -72,6 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--lam-scale", choices=LAM_SCALES, default="none", help="per-row λ scaling (default none)")
     p.add_argument("--penalty", choices=PENALTIES, default="uniform",
                    help="ℓ1 weights: uniform (paper, default) or standardized (rescaling-invariant, experimental)")
+    p.add_argument("--input-weight", type=float, default=1.0,
+                   help="per-block λ: ℓ1 weight of the input columns of B, D relative to A, C and the bias (default 1, the paper's uniform penalty)")
     p.add_argument("--kappa", type=float, default=0.99, help="well-posedness margin κ (default 0.99)")
     p.add_argument("--samples", type=int, default=None, help="state samples m (default 1000 digits, 2000 fashion)")
     p.add_argument("--mode", choices=MODES, default="relaxed")
@@ -154,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {val}")
     if not (0 < args.kappa < 1):
         raise ValueError(f"--kappa must be in (0, 1), got {args.kappa}")
+    if not (args.input_weight > 0 and math.isfinite(args.input_weight)):
+        raise ValueError(f"--input-weight must be a finite number > 0, got {args.input_weight}")
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
     d = _DEFAULTS[args.dataset]
@@ -207,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
         "solver": args.solver,
         "lam_scale": args.lam_scale,
         "penalty": args.penalty,
+        "input_weight": args.input_weight,
         "attacks": list(args.attacks),
         "baseline": {"accuracy": base_acc, "nnz": base_nnz, "how": how, "robust": robust(net)},
         "sim": [],
@@ -222,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
             warnings.simplefilter("always", ConvergenceWarning)
             res = fit_sim(states, lam, method=args.solver, mode=args.mode, admm_ab=admm_ab, admm_cd=admm_cd,
                           warm_start=prev, lam_scale=args.lam_scale if args.solver == "admm" else "none",
-                          penalty=args.penalty)
+                          penalty=args.penalty, input_weight=args.input_weight)
         for w in caught:
             print(f"  warning: {w.message}", file=sys.stderr)
         model = res.model.eval()

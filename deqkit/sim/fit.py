@@ -70,6 +70,7 @@ def fit_sim(
     zero_tol: float = 1e-6,
     lam_scale: str = "none",
     penalty: str = "uniform",
+    input_weight: float = 1.0,
     **model_kwargs,
 ) -> SIMResult:
     """Fit ``(A, B, C, D)`` to ``states`` (from :func:`~deqkit.sim.states.collect_states`).
@@ -86,6 +87,11 @@ def fit_sim(
         lam_scale: ``"none"`` (λ for every row, the paper's program) or ``"rms"``: row ``i``
             uses ``λ·rms(z_i)``, which makes λ invariant to the per-layer rescaling of the
             states (deeper layers are scaled down to make ``A`` well-posed). ADMM only.
+        input_weight: per-block λ: the ℓ1 weight of the input columns (``U``, i.e. of ``B`` and
+            ``D`` without their bias column) relative to the state columns (``A``, ``C``) and the
+            bias, so those coefficients cost ``input_weight·λ`` each (default 1: the paper's
+            uniform penalty). A value > 1 counters the rescaling that shrinks deep states and
+            makes the lasso prefer raw pixels. Multiplies ``penalty="standardized"``'s weights.
         model_kwargs: passed to :class:`ImplicitModel` (solver, grad, ...).
     Returns:
         a :class:`SIMResult`; its model is well-posed (``‖A‖_∞ ≤ κ``) in every mode.
@@ -102,6 +108,9 @@ def fit_sim(
         raise ValueError("lam_scale='rms' is only implemented for method='admm'")
     if penalty not in PENALTIES:
         raise ValueError(f"penalty={penalty!r} is invalid; valid: {', '.join(PENALTIES)}")
+    if not (isinstance(input_weight, (int, float)) and not isinstance(input_weight, bool)
+            and input_weight > 0 and math.isfinite(input_weight)):
+        raise ValueError(f"input_weight must be a finite number > 0, got {input_weight!r}")
     kappa = states.kappa if kappa is None else float(kappa)
     if not (0 < kappa < 1):
         raise ValueError(f"kappa must be in (0, 1), got {kappa}")
@@ -116,6 +125,11 @@ def fit_sim(
     if penalty == "standardized":
         weights = phi.pow(2).mean(dim=0).sqrt()
         weights = torch.where(weights > 0, weights, torch.ones_like(weights))
+    if input_weight != 1.0:
+        if weights is None:
+            weights = torch.ones(phi.shape[1], dtype=phi.dtype, device=phi.device)
+        weights = weights.clone()
+        weights[n : n + p] *= float(input_weight)
     t0 = time.perf_counter()
     if method == "admm":
         factor = admm_ab.factorize(phi)
