@@ -154,10 +154,9 @@ class DEQ(nn.Module):
         if callable(self.init):
             return self.init(x)
         ref = _batch_like(x)
-        if self.state_shape is None:
-            return torch.zeros_like(ref, dtype=ref.dtype if ref.is_floating_point() else torch.get_default_dtype())
         dtype = ref.dtype if ref.is_floating_point() else torch.get_default_dtype()
-        return ref.new_zeros((ref.shape[0], *self.state_shape), dtype=dtype)
+        shape = ref.shape if self.state_shape is None else (ref.shape[0], *self.state_shape)
+        return ref.new_zeros(shape, dtype=dtype)
 
     def forward(
         self, x: Any, z0: Optional[Tensor] = None, loss_fn: Optional[Callable[[Tensor], Tensor]] = None
