@@ -99,15 +99,12 @@ def _add_train(sub: Any) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .compare import build_model, load_splits
+    from .compare import build_model, load_splits, set_threads
     from .estimators import make_estimator
     from .solvers import make_solver
-    import torch
-
     from .train import TrainConfig, Trainer
 
-    if args.threads or args.device == "cpu":
-        torch.set_num_threads(args.threads or 1)
+    set_threads(args.threads, args.device)
     solver_opts = {"tol": 1e-4, "max_iter": 30, **parse_options(args.solver_opts, "--solver-opts")}
     solver = make_solver(args.solver, **solver_opts)
     grad = make_estimator(args.grad, **parse_options(args.grad_opts, "--grad-opts"))
