@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from ._io import atomic_write_text
+from ._timing import synced_perf_counter
 from .compare import ESTIMATOR_PRESETS
 from .diagnostics import gradient_quality
 from .errors import ConvergenceWarning
@@ -222,12 +223,12 @@ def _quiet() -> Any:
 def _timed_step(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float, Any]:
     """One training step (no optimiser update): returns forward seconds, backward seconds, DEQInfo."""
     _zero_grads(model)
-    t0 = time.perf_counter()
+    t0 = synced_perf_counter(x.device)
     logits, info = model(x, return_info=True)
     loss = nn.functional.cross_entropy(logits, y)
-    t1 = time.perf_counter()
+    t1 = synced_perf_counter(x.device)
     loss.backward()
-    t2 = time.perf_counter()
+    t2 = synced_perf_counter(x.device)
     return t1 - t0, t2 - t1, info
 
 
@@ -538,13 +539,13 @@ def bench_torchdeq(
             def run(lib: str, mode: str = mode, ours: Anderson = ours, tol: float = tol, cap: int = cap, res: dict = res) -> None:
                 f = _Counter(lambda z: cell(z, u0))
                 with torch.no_grad():
-                    t0 = time.perf_counter()
+                    t0 = synced_perf_counter(u0.device)
                     if lib == "deqkit":
                         out = ours(f, torch.zeros_like(u0))
                         z = out.z
                     else:
                         z, _, _ = their_anderson(f, torch.zeros_like(u0), max_iter=cap, tol=tol, stop_mode="rel", m=6, lam=1e-4, tau=1.0)
-                    dt = time.perf_counter() - t0
+                    dt = synced_perf_counter(u0.device) - t0
                     fz = cell(z, u0)
                     rel = ((fz - z).norm(dim=1) / fz.norm(dim=1)).max()
                 res[lib]["ms"].append(1e3 * dt)
@@ -586,7 +587,7 @@ def bench_torchdeq(
         _zero_grads(model)
         for c in counters.values():
             c.n = 0
-        t0 = time.perf_counter()
+        t0 = synced_perf_counter(x.device)
         u = injection(x)
         if lib == "deqkit":
             z, info = layer(u)
@@ -595,10 +596,10 @@ def bench_torchdeq(
             zs, info = layer(lambda z: cell(z, u), torch.zeros_like(u))
             z = zs[-1]
         loss = nn.functional.cross_entropy(head(z), y)
-        t1 = time.perf_counter()
+        t1 = synced_perf_counter(x.device)
         fwd_evals = counters["anderson"].n
         loss.backward()
-        t2 = time.perf_counter()
+        t2 = synced_perf_counter(x.device)
         s["fwd_ms"].append(1e3 * (t1 - t0))
         s["bwd_ms"].append(1e3 * (t2 - t1))
         s["total_ms"].append(1e3 * (t2 - t0))

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from ._timing import synced_perf_counter
 from .deq import DEQ
 from .estimators import Exact, GradientEstimator
 from .linear import GMRES
@@ -57,13 +57,9 @@ def _run(
     xx = x.detach().clone().requires_grad_() if isinstance(x, Tensor) and x.is_floating_point() else x
     z, info = deq(xx, loss_fn=loss_fn)
     loss = loss_fn(z)
-    if z.is_cuda:
-        torch.cuda.synchronize(z.device)
-    start = time.perf_counter()
+    start = synced_perf_counter(z.device)
     loss.backward()
-    if z.is_cuda:
-        torch.cuda.synchronize(z.device)
-    elapsed = time.perf_counter() - start
+    elapsed = synced_perf_counter(z.device) - start
     grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device) for p in params]
     gx = xx.grad.reshape(-1) if isinstance(xx, Tensor) and xx.grad is not None else None
     return torch.cat(grads).detach().double(), None if gx is None else gx.detach().double(), elapsed, info

@@ -49,7 +49,8 @@ class BackwardStats:
     Attributes:
         estimator: the estimator's name.
         time_s: wall-clock seconds spent computing ``w`` (not the final VJP to the parameters;
-            no device synchronisation).
+            no device synchronisation); ``None`` for :class:`Unrolled`, whose ``w`` is
+            autograd's pass through the unrolled graph, not a separate step.
         vjps: vector–Jacobian products spent computing ``w`` (per batch); for :class:`Unrolled`,
             the ``k`` graph evaluations it backpropagates through.
         solve: the adjoint solve's result, for :class:`Exact` (steps, residuals, converged).
@@ -59,7 +60,7 @@ class BackwardStats:
     """
 
     estimator: str
-    time_s: float = 0.0
+    time_s: Optional[float] = 0.0
     vjps: int = 0
     solve: Optional[SolverResult] = None
     refine: Optional[SolverResult] = None
@@ -302,7 +303,7 @@ class Unrolled(GradientEstimator):
             z = fz if self.damping == 1.0 else self.damping * fz + (1 - self.damping) * z
         if not z.requires_grad:
             return result.z
-        info.backward = BackwardStats(self.name, vjps=self.k)
+        info.backward = BackwardStats(self.name, time_s=None, vjps=self.k)
         return straight_through(result.z, z)
 
 

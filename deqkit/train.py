@@ -56,6 +56,7 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from ._options import check_choice, unknown_option_message, validated_options
 from ._io import atomic_open
+from ._timing import synced_perf_counter
 from .deq import DEQ, DEQInfo
 from .errors import NonFiniteError
 
@@ -221,7 +222,7 @@ class Callback:
 def _new_accumulator() -> dict[str, float]:
     keys = (
         "loss_sum", "correct", "n", "steps", "fwd_steps_sum", "fwd_samples", "fwd_unconverged",
-        "bwd_unconverged", "bwd_samples", "bwd_vjps", "fwd_ms", "bwd_ms", "adjoint_ms", "epoch_s",
+        "bwd_unconverged", "bwd_samples", "bwd_vjps", "fwd_ms", "bwd_ms", "adjoint_ms", "adjoint_timed", "epoch_s",
     )
     return {k: 0.0 for k in keys}
 
@@ -437,10 +438,6 @@ class Trainer:
     def _elapsed(self) -> float:
         return self._elapsed_before + (time.perf_counter() - self._t_start)
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     # -- building --------------------------------------------------------------------------------
     def _build_optimizer(self) -> None:
         cfg = self.config
@@ -528,7 +525,7 @@ class Trainer:
                 self.scheduler.T_max = max(self.total_steps, 1)  # type: ignore[attr-defined]
         _set_rng_state(ckpt["rng"])
         self._pos = {"epoch": int(ckpt["epoch"]), "batch": int(ckpt["batch"]), "global_step": int(ckpt["global_step"])}
-        self._acc = {k: float(v) for k, v in ckpt["accumulator"].items()}
+        self._acc = {**_new_accumulator(), **{k: float(v) for k, v in ckpt["accumulator"].items()}}
         self.history = list(ckpt["history"])
         self._elapsed_before = float(ckpt["elapsed_s"])
         self._t_start = time.perf_counter()
@@ -565,21 +562,18 @@ class Trainer:
         cfg = self.config
         infos: list[DEQInfo] = []
         self.optimizer.zero_grad(set_to_none=True)
-        self._sync()
-        t0 = time.perf_counter()
+        t0 = synced_perf_counter(self.device)
         with _collect_infos(self.model, infos):
             logits = self.model(x, target=y) if self._passes_target else self.model(x)
         loss = F.cross_entropy(logits, y)
-        self._sync()
-        t1 = time.perf_counter()
+        t1 = synced_perf_counter(self.device)
         if not torch.isfinite(loss):
             raise NonFiniteError(
                 f"Trainer: the training loss is {loss.item()} at step {self._pos['global_step'] + 1}. "
                 f"Lower the learning rate, set grad_clip, or use a contractive cell (spectral_norm=True)."
             )
         loss.backward()
-        self._sync()
-        t2 = time.perf_counter()
+        t2 = synced_perf_counter(self.device)
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self._consistent = False
@@ -600,6 +594,7 @@ class Trainer:
             "bwd_samples": 0,
             "bwd_vjps": 0,
             "adjoint_ms": 0.0,
+            "adjoint_timed": 0,
         }
         for info in infos:
             stats["fwd_steps_sum"] += float(info.nstep.sum())
@@ -607,7 +602,9 @@ class Trainer:
             stats["fwd_unconverged"] += int((~info.converged).sum())
             bwd = info.backward
             if bwd is not None:
-                stats["adjoint_ms"] += 1e3 * bwd.time_s
+                if bwd.time_s is not None:  # None: not separable from the backward (Unrolled)
+                    stats["adjoint_ms"] += 1e3 * bwd.time_s
+                    stats["adjoint_timed"] += 1
                 stats["bwd_vjps"] += bwd.vjps
                 if bwd.solve is not None:
                     stats["bwd_samples"] += bwd.solve.converged.numel()
@@ -620,7 +617,7 @@ class Trainer:
         a["correct"] += s["correct"]
         a["n"] += s["n"]
         a["steps"] += 1
-        for k in ("fwd_steps_sum", "fwd_samples", "fwd_unconverged", "bwd_unconverged", "bwd_samples", "bwd_vjps", "fwd_ms", "bwd_ms", "adjoint_ms"):
+        for k in ("fwd_steps_sum", "fwd_samples", "fwd_unconverged", "bwd_unconverged", "bwd_samples", "bwd_vjps", "fwd_ms", "bwd_ms", "adjoint_ms", "adjoint_timed"):
             a[k] += s[k]
 
     def _postfix(self) -> dict[str, str]:
@@ -653,7 +650,7 @@ class Trainer:
             "bwd_vjps": _mean(a["bwd_vjps"], steps),
             "fwd_ms": _mean(a["fwd_ms"], steps),
             "bwd_ms": _mean(a["bwd_ms"], steps),
-            "adjoint_ms": _mean(a["adjoint_ms"], steps),
+            "adjoint_ms": _mean(a["adjoint_ms"], steps) if a["adjoint_timed"] else None,
             "val_fwd_steps": None if val is None else val["fwd_steps"],
             "val_fwd_converged": None if val is None else val["fwd_converged"],
             "val_fwd_unconverged": None if val is None else val["fwd_unconverged"],
@@ -676,7 +673,8 @@ class Trainer:
             forward solves that converged), ``fwd_unconverged`` (count), ``bwd_unconverged``
             (adjoint solves of ``Exact`` that missed their tolerance), ``bwd_vjps`` (per step),
             ``fwd_ms`` / ``bwd_ms`` (wall-clock per step of forward+loss and of
-            ``loss.backward()``), ``adjoint_ms`` (of that, the estimator computing ``w``),
+            ``loss.backward()``), ``adjoint_ms`` (of that, the estimator computing ``w``;
+            ``None`` for :class:`~deqkit.estimators.Unrolled`, whose ``w`` is autograd's own pass),
             ``val_fwd_*``, ``steps``, ``epoch_s`` and ``elapsed_s`` (total training wall clock,
             across resumes).
 

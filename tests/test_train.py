@@ -346,3 +346,11 @@ def test_trainer_passes_labels_for_outer_problem_awareness(tiny):
     model.head.register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
     Trainer(model, tiny.train, None, TrainConfig(epochs=1, max_steps=1, batch_size=32, progress=False)).fit()
     assert calls["n"] > 1
+
+
+def test_adjoint_time_is_reported_only_where_it_is_measured(tiny, tmp_path):
+    # Exact computes w in its own solve (timed); Unrolled's w is autograd's pass: no quiet 0 ms
+    exact = Trainer(_model(grad=Exact()), tiny.train, None, _cfg(tmp_path / "e", epochs=1)).fit()[-1]
+    unrolled = Trainer(_model(), tiny.train, None, _cfg(tmp_path / "u", epochs=1)).fit()[-1]
+    assert exact["adjoint_ms"] is not None and exact["adjoint_ms"] > 0
+    assert unrolled["adjoint_ms"] is None and unrolled["bwd_ms"] > 0
