@@ -7,6 +7,8 @@ import ast
 import sys
 from typing import Any, Optional, Sequence
 
+from .data import DatasetNotFoundError
+
 
 def parse_options(text: str, flag: str) -> dict[str, Any]:
     """``"k=5,damping=0.5"`` → ``{"k": 5, "damping": 0.5}`` (values parsed as Python literals)."""
@@ -154,7 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\ndeqkit: interrupted; the last checkpoint (if any) is kept. Re-run with --resume to continue.", file=sys.stderr)
         return 130
-    except ValueError as err:  # option errors: one clear line, no traceback
+    except (ValueError, DatasetNotFoundError) as err:  # option errors, missing data: one clear line
         print(f"deqkit: error: {err}", file=sys.stderr)
         return 2
 

@@ -698,8 +698,8 @@ def load_dataset(
     def to_dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
         if normalize:
             x = (x - m) / s
-        if flatten:
-            x = x.reshape(len(x), -1)
+        if flatten:  # an explicit width, so that an empty split (val_fraction=0) flattens too
+            x = x.reshape(len(x), int(np.prod(x.shape[1:])))
         xt = torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
         return TensorDataset(xt, torch.from_numpy(np.asarray(y, np.int64).copy()))
 

@@ -66,6 +66,12 @@ def test_bad_options_give_one_clear_line(argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
+def test_missing_data_gives_one_clear_line(tmp_path, capsys):
+    assert main(["sim", "--dataset", "mnist", "--data-dir", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "IDX files were not found" in err and "--data-dir" in err and "Traceback" not in err
+
+
 def test_compare_resume_reuses_finished_runs(tmp_path, capsys):
     out = tmp_path / "cmp"
     argv = ["compare", "--subset", "150", "--epochs", "1", "--estimators", "unrolled", "--out", str(out), "--no-progress"]

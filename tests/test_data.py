@@ -253,6 +253,14 @@ def test_normalize_false_scales_to_unit_interval() -> None:
     assert s.mean.tolist() == [0.0] and s.std.tolist() == [1.0]
 
 
+@pytest.mark.parametrize("flatten", [True, False])
+def test_val_fraction_zero_gives_an_empty_validation_split(flatten: bool) -> None:
+    s = load_dataset("digits", val_fraction=0.0, flatten=flatten)
+    assert s.sizes == {"train": 1527, "val": 0, "test": 270}
+    shape = (64,) if flatten else (1, 8, 8)
+    assert s.val.tensors[0].shape == (0, *shape) and s.train.tensors[0].shape == (1527, *shape)
+
+
 # --------------------------------------------------------------------------------------------
 # the IDX reader / writer
 # --------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""Smoke test of the ``deqkit sim`` command on a tiny setting."""
+"""Tests of the ``deqkit sim`` command: a smoke run on a tiny setting, and its data loading."""
 
 import argparse
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from deqkit.sim import cli
 
@@ -29,6 +31,21 @@ def test_cli_sim_tiny_run(tmp_path, capsys):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_cli_sim_feedforward_debias_run(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "out"
+    rc = cli.main([
+        "--dataset", "digits", "--hidden", "8,4", "--samples", "150", "--lam", "0.3", "--epochs", "2",
+        "--n-test", "80", "--n-attack", "0", "--structure", "feedforward", "--no-output-skip", "--debias",
+        "--no-plot", "--out", str(out),
+    ])
+    assert rc == 0 and "SIM λ=0.3" in capsys.readouterr().out
+    res = json.loads((out / "sim_results.json").read_text())
+    assert (res["structure"], res["output_skip"], res["debias"]) == ("feedforward", False, True)
+    row = res["sim"][0]
+    assert row["wellposed"] and 0 < row["nnz"]["total"] and row["nnz"]["D"] <= 10  # D: bias only
+
+
 def test_cli_registers_subparser_and_validates():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
@@ -39,3 +56,85 @@ def test_cli_registers_subparser_and_validates():
         parser.parse_args(["sim", "--attacks", "fgsm,cw"])
     with pytest.raises(SystemExit):
         parser.parse_args(["sim", "--mode", "exact"])
+
+
+# --------------------------------------------------------------------------------------------
+# data: deqkit.data.load_dataset, raw inputs in [0, 1], no validation split
+# --------------------------------------------------------------------------------------------
+
+
+def test_dataset_choices_and_defaults():
+    from deqkit.data import DATASETS
+
+    assert set(cli.DATASETS) <= set(DATASETS) and "digits" in cli.DATASETS
+    assert "mnist1d" not in cli.DATASETS  # its signals are not in [0, 1], where the attacks clip
+    parser = cli.add_arguments(argparse.ArgumentParser())
+    assert parser.parse_args(["--dataset", "mnist5k"]).dataset == "mnist5k"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--dataset", "mnist1d"])
+    for name in cli.DATASETS:
+        assert set(cli.defaults(name)) == {"samples", "epochs", "lr"}
+    assert cli.defaults("digits")["epochs"] == 60 and cli.defaults("fashion-mnist")["samples"] == 2000
+
+
+def test_load_data_digits_raw_unit_interval_and_fixed_test_split():
+    pytest.importorskip("sklearn")
+    xtr, ytr, xte, yte = cli.load_data("digits", seed=0)
+    assert xtr.shape == (1527, 64) and xte.shape == (270, 64)  # validation folded into training
+    assert xtr.dtype == torch.float32 and ytr.dtype == torch.int64
+    for x in (xtr, xte):
+        assert x.min() == 0 and x.max() == 1
+        torch.testing.assert_close(x * 16, torch.round(x * 16))  # pixel counts / 16, not standardised
+    assert 0.2 < xtr.mean() < 0.4
+    xtr1, ytr1, xte1, yte1 = cli.load_data("digits", seed=1)
+    assert torch.equal(xte1, xte) and torch.equal(yte1, yte)  # same test samples for every seed
+    assert not torch.equal(ytr1, ytr)  # training order follows the seed ...
+    assert torch.equal(torch.bincount(ytr1), torch.bincount(ytr))  # ... over the same samples
+
+
+def _write_idx_dir(directory, n_train=60, n_test=20):
+    from deqkit.data import write_idx
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        y = (np.arange(n) % 10).astype(np.uint8)
+        write_idx(directory / f"{split}-images-idx3-ubyte.gz", x)
+        write_idx(directory / f"{split}-labels-idx1-ubyte.gz", y)
+        arrays[split] = (x, y)
+    return arrays
+
+
+def test_load_data_from_data_dir(tmp_path):
+    arrays = _write_idx_dir(tmp_path)
+    xtr, ytr, xte, yte = cli.load_data("fashion-mnist", data_dir=tmp_path)
+    assert xtr.shape == (60, 784) and xte.shape == (20, 784)  # all training images, no validation
+    x_test, y_test = arrays["t10k"]
+    # the official test split, in file order, only scaled to [0, 1]
+    torch.testing.assert_close(xte, torch.from_numpy(x_test.reshape(20, -1).astype(np.float32) / 255))
+    assert torch.equal(yte, torch.from_numpy(y_test.astype(np.int64)))
+    assert xtr.min() >= 0 and xtr.max() <= 1
+    from deqkit.data import DatasetNotFoundError
+
+    with pytest.raises(DatasetNotFoundError, match="IDX files"):
+        cli.load_data("mnist", data_dir=tmp_path / "empty")
+
+
+def test_cli_states_see_raw_unit_interval_inputs(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(net, u, **kw):
+        seen["u"] = u
+        raise Stop
+
+    monkeypatch.setattr(cli, "collect_states", spy)
+    with pytest.raises(Stop):
+        cli.main(["--dataset", "digits", "--hidden", "8", "--samples", "50", "--epochs", "0",
+                  "--n-attack", "0", "--no-plot", "--out", str(tmp_path)])
+    u = seen["u"]
+    assert u.shape == (50, 64) and u.min() >= 0 and u.max() <= 1 and u.max() > 0.99

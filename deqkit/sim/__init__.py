@@ -14,7 +14,7 @@ ADMM (or a CVXPY reference); then evaluate sparsity, accuracy and robustness to 
 from .admm import ADMMResult, BatchedADMM
 from .attacks import accuracy, fgsm, pgd, robust_accuracy
 from .baseline import make_mlp, train_mlp
-from .fit import SIMResult, baseline_nonzeros, count_nonzeros, finetune, fit_sim
+from .fit import SIMResult, baseline_nonzeros, count_nonzeros, finetune, fit_sim, structure_support
 from .model import ImplicitModel
 from .projection import project_l1_ball
 from .reference import CVXPYResult, solve_rows_cvxpy
@@ -32,6 +32,7 @@ __all__ = [
     "mlp_to_implicit",
     "register_layer",
     "fit_sim",
+    "structure_support",
     "finetune",
     "SIMResult",
     "count_nonzeros",

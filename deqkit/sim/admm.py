@@ -6,16 +6,18 @@ Robustness in Neural Networks", arXiv 2209.09389. For every row ``i`` (all rows 
 * ``mode="relaxed"``:  ``min_β λ‖β‖₁ + ½‖z_i − Φβ‖²   s.t. ‖β[:k]‖₁ ≤ r_i``
 * ``mode="equality"``: ``min_β λ‖β‖₁                 s.t. Φβ = z_i, ‖β[:k]‖₁ ≤ r_i``
 
-(optionally with a weighted norm ``‖β‖₁ = Σ_j w_j |β_j|``, ``w`` shared by all rows),
+(optionally with a weighted norm ``‖β‖₁ = Σ_j w_j |β_j|``, ``w`` shared by all rows, and
+restricted to a per-row support: ``β_j = 0`` off a boolean mask),
 
 with ``Φ`` (``m × d``) shared by all rows, ``k`` the number of leading coordinates under the
 ball constraint (the row of ``A``) and ``r_i = κ`` for rows of ``(A, B)``, ``∞`` for ``(C, D)``.
 
 ADMM splits ``β = v`` (Boyd et al., 2011, §6.4): the ``β``-step is a ridge solve (relaxed) or
 an affine projection (equality) with ``Φ``; the ``v``-step is the prox of
-``λ‖·‖₁ + ι(ℓ1 ball)``. ``ΦᵀΦ = QΛQᵀ`` is diagonalised once, so the ``β``-step for all rows is
-two matrix products and each row may carry its own penalty ``ρ_i`` (residual balancing, Boyd
-§3.4.1) at no extra cost. Rows stop individually on Boyd's primal/dual residual criterion
+``λ‖·‖₁ + ι(ℓ1 ball)`` (with a support: zero the coordinates off it, then the same prox).
+``ΦᵀΦ = QΛQᵀ`` is diagonalised once, so the ``β``-step for all rows is two matrix products
+and each row may carry its own penalty ``ρ_i`` (residual balancing, Boyd §3.4.1) at no extra
+cost. Rows stop individually on Boyd's primal/dual residual criterion
 (§3.3.1); converged rows are frozen and removed from the working set. Runs on any device.
 """
 
@@ -168,6 +170,7 @@ class BatchedADMM:
         beta0: Tensor | None = None,
         factor: Factorization | None = None,
         weights: Tensor | None = None,
+        support: Tensor | None = None,
     ) -> ADMMResult:
         """Solve the program for every row of ``targets``.
 
@@ -180,6 +183,8 @@ class BatchedADMM:
             beta0: ``(r, d)`` warm start (e.g. the solution at a nearby λ).
             factor: a :class:`Factorization` of this ``phi`` to reuse.
             weights: ``(d,)`` positive weights of a weighted ℓ1 penalty (default all ones).
+            support: ``(r, d)`` boolean mask; coefficients outside it are held at zero (the
+                program restricted to a fixed sparsity pattern, e.g. to debias a lasso fit).
         """
         if factor is None:
             factor = self.factorize(phi)
@@ -200,6 +205,10 @@ class BatchedADMM:
             weights = torch.as_tensor(weights, dtype=dt, device=dev)
             if weights.shape != (d,) or not bool((weights > 0).all()) or not bool(torch.isfinite(weights).all()):
                 raise ValueError(f"weights must be a positive finite tensor of shape ({d},)")
+        if support is not None:
+            if support.shape != (r, d) or support.dtype != torch.bool:
+                raise ValueError(f"support must be a boolean tensor of shape ({r}, {d}), got {support.dtype} {tuple(support.shape)}")
+            support_t = support.to(dev).T.to(dt)  # (d, r), rows as columns like the state
         if radius is None:
             n_constrained = 0
             rad = torch.full((r,), math.inf, dtype=dt, device=dev)
@@ -247,7 +256,10 @@ class BatchedADMM:
             t = lam_t[active] / rho
             if weights is not None:
                 t = t[:, None] * weights[None, :]
-            v = prox_l1_ball((beta_hat + w).T, t, rad[active], n_constrained).T
+            x = beta_hat + w
+            if support is not None:  # prox of g + ι{β = 0 off the support}: zero those first
+                x = x * support_t[:, active]
+            v = prox_l1_ball(x.T, t, rad[active], n_constrained).T
             w = w + beta_hat - v
             # residuals and stopping
             pr = torch.linalg.vector_norm(beta - v, dim=0)

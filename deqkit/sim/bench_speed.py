@@ -15,16 +15,17 @@ import time
 import numpy as np
 import torch
 
-from . import _data
 from .admm import BatchedADMM
 from .baseline import make_mlp, train_mlp
+from .cli import DATASETS, defaults, load_data
 from .reference import solve_rows_cvxpy
 from .states import collect_states
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deqkit.sim.bench_speed")
-    ap.add_argument("--dataset", default="digits", choices=_data.DATASETS)
+    ap.add_argument("--dataset", default="digits", choices=DATASETS)
+    ap.add_argument("--data-dir", default=None, help="directory with the four IDX files (as for `deqkit sim`)")
     ap.add_argument("--hidden", default="64,32,16")
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--lam", type=float, default=1.0)
@@ -33,12 +34,12 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", default=None)
     ap.add_argument("--epochs", type=int, default=10)
     args = ap.parse_args(argv)
-    xtr, ytr, _, _ = (torch.as_tensor(a) for a in _data.load(args.dataset))
+    xtr, ytr, _, _ = load_data(args.dataset, args.data_dir)
     net = make_mlp(xtr.shape[1], [int(h) for h in args.hidden.split(",")], int(ytr.max()) + 1)
     if args.baseline and os.path.exists(args.baseline):
         net.load_state_dict(torch.load(args.baseline)); net.eval()
     else:
-        train_mlp(net, xtr, ytr, epochs=args.epochs, lr=3e-3 if args.dataset == "digits" else 1e-3)
+        train_mlp(net, xtr, ytr, epochs=args.epochs, lr=defaults(args.dataset)["lr"])
     net = net.double()
     st = collect_states(net, xtr[: args.samples].double())
     phi, z, n = st.phi, st.Z.T, st.X.shape[1]

@@ -20,18 +20,47 @@ from typing import Optional, Sequence
 import torch
 
 from .._io import atomic_write_bytes
+from ..data import DATASETS as _ALL_DATASETS
+from ..data import load_dataset
 from ..errors import ConvergenceWarning
-from . import _data
 from .admm import MODES, BatchedADMM
 from .attacks import ATTACKS, accuracy, robust_accuracy
 from .baseline import make_mlp, train_mlp
-from .fit import LAM_SCALES, PENALTIES, SOLVERS, baseline_nonzeros, count_nonzeros, fit_sim
+from .fit import LAM_SCALES, PENALTIES, SOLVERS, STRUCTURES, baseline_nonzeros, count_nonzeros, fit_sim
 from .states import collect_states
 
-_DEFAULTS = {  # per data set: samples, epochs, lr
+#: Data sets of :mod:`deqkit.data` the command offers: those whose raw inputs lie in [0, 1], the
+#: box the attacks clip to (``mnist1d``'s signals are not scaled, so it is left out).
+DATASETS: tuple[str, ...] = tuple(n for n in _ALL_DATASETS if n != "mnist1d")
+
+_DEFAULTS = {  # per data set: samples, epochs, lr (data sets not listed use _FALLBACK)
     "digits": {"samples": 1000, "epochs": 60, "lr": 3e-3},
+    "mnist5k": {"samples": 2000, "epochs": 20, "lr": 1e-3},
     "fashion-mnist": {"samples": 2000, "epochs": 10, "lr": 1e-3},
+    "mnist": {"samples": 2000, "epochs": 10, "lr": 1e-3},
 }
+_FALLBACK = {"samples": 2000, "epochs": 10, "lr": 1e-3}
+
+
+def defaults(name: str) -> dict:
+    """Default ``samples``, ``epochs`` and ``lr`` for data set ``name``."""
+    return _DEFAULTS.get(name, _FALLBACK)
+
+
+def load_data(name: str, data_dir: str | os.PathLike | None = None, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """``(x_train, y_train, x_test, y_test)`` for SIM, through :func:`deqkit.data.load_dataset`.
+
+    Inputs are flattened and only scaled to [0, 1] (``normalize=False``): the attacks clip to
+    that box and ε is in pixel units. SIM needs no validation split (``val_fraction=0``), so the
+    whole training pool trains (all 60k Fashion-MNIST training images). The test split is the
+    official one where there is one (fashion-mnist, mnist; in file order), else deqkit.data's
+    stratified hold-out drawn with ``test_seed=0``, the same for every ``seed``. The training
+    samples come in a random order drawn with ``seed``; the command takes the first ``m`` of them
+    as state samples.
+    """
+    splits = load_dataset(name, data_dir=data_dir, val_fraction=0.0, seed=seed, test_seed=0,
+                          flatten=True, normalize=False)
+    return (*splits.train.tensors, *splits.test.tensors)
 
 
 def _floats(text: str) -> list[float]:
@@ -66,8 +95,9 @@ def _names(valid: Sequence[str]):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--dataset", choices=_data.DATASETS, default="digits", help="data set (default: digits)")
-    p.add_argument("--data-dir", default=None, help="directory with the Fashion-MNIST IDX files")
+    p.add_argument("--dataset", choices=DATASETS, default="digits", help="data set (default: digits)")
+    p.add_argument("--data-dir", default=None,
+                   help="directory with the four IDX files (fashion-mnist: default /usr/share/datasets/fashion-mnist; mnist: required)")
     p.add_argument("--hidden", type=_ints, default=[64, 32, 16], help="hidden widths of the MLP baseline (default 64,32,16)")
     p.add_argument("--lam", type=_floats, default=[0.01, 0.1, 0.3, 1.0], help="λ values, comma-separated")
     p.add_argument("--lam-scale", choices=LAM_SCALES, default="none", help="per-row λ scaling (default none)")
@@ -75,8 +105,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="ℓ1 weights: uniform (paper, default) or standardized (rescaling-invariant, experimental)")
     p.add_argument("--input-weight", type=float, default=1.0,
                    help="per-block λ: ℓ1 weight of the input columns of B, D relative to A, C and the bias (default 1, the paper's uniform penalty)")
+    p.add_argument("--structure", choices=STRUCTURES, default="full",
+                   help="full (paper, default): any state may feed any state; feedforward: states read only earlier layers")
+    p.add_argument("--output-skip", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the outputs read the inputs directly (D's input columns; default yes)")
+    p.add_argument("--debias", action="store_true", help="refit each row by least squares on its lasso support (relaxed lasso)")
     p.add_argument("--kappa", type=float, default=0.99, help="well-posedness margin κ (default 0.99)")
-    p.add_argument("--samples", type=int, default=None, help="state samples m (default 1000 digits, 2000 fashion)")
+    p.add_argument("--samples", type=int, default=None, help="state samples m (default 1000 digits, 2000 others)")
     p.add_argument("--mode", choices=MODES, default="relaxed")
     p.add_argument("--solver", choices=SOLVERS, default="admm")
     p.add_argument("--rho", type=float, default=1.0, help="ADMM penalty ρ (default 1)")
@@ -159,11 +194,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--kappa must be in (0, 1), got {args.kappa}")
     if not (args.input_weight > 0 and math.isfinite(args.input_weight)):
         raise ValueError(f"--input-weight must be a finite number > 0, got {args.input_weight}")
+    if args.debias and args.mode != "relaxed":
+        raise ValueError("--debias refits by least squares and needs --mode relaxed")
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
-    d = _DEFAULTS[args.dataset]
+    d = defaults(args.dataset)
     m = args.samples or d["samples"]
-    xtr, ytr, xte, yte = (torch.as_tensor(a) for a in _data.load(args.dataset, args.data_dir))
+    xtr, ytr, xte, yte = load_data(args.dataset, args.data_dir, seed=args.seed)
     if args.n_test is not None:
         xte, yte = xte[: args.n_test], yte[: args.n_test]
     q = int(ytr.max()) + 1
@@ -213,6 +250,9 @@ def run(args: argparse.Namespace) -> int:
         "lam_scale": args.lam_scale,
         "penalty": args.penalty,
         "input_weight": args.input_weight,
+        "structure": args.structure,
+        "output_skip": args.output_skip,
+        "debias": args.debias,
         "attacks": list(args.attacks),
         "baseline": {"accuracy": base_acc, "nnz": base_nnz, "how": how, "robust": robust(net)},
         "sim": [],
@@ -228,7 +268,8 @@ def run(args: argparse.Namespace) -> int:
             warnings.simplefilter("always", ConvergenceWarning)
             res = fit_sim(states, lam, method=args.solver, mode=args.mode, admm_ab=admm_ab, admm_cd=admm_cd,
                           warm_start=prev, lam_scale=args.lam_scale if args.solver == "admm" else "none",
-                          penalty=args.penalty, input_weight=args.input_weight)
+                          penalty=args.penalty, input_weight=args.input_weight, structure=args.structure,
+                          output_skip=args.output_skip, debias=args.debias)
         for w in caught:
             print(f"  warning: {w.message}", file=sys.stderr)
         model = res.model.eval()

@@ -47,12 +47,14 @@ def solve_rows_cvxpy(
     solver: str = "CLARABEL",
     solver_opts: dict | None = None,
     weights: np.ndarray | Tensor | None = None,
+    support: np.ndarray | Tensor | None = None,
 ) -> CVXPYResult:
     """Solve the SIM program for each row of ``targets`` (``(r, m)``) with CVXPY.
 
     ``relaxed``: ``min λ‖β‖₁ + ½‖z − Φβ‖² s.t. ‖β[:k]‖₁ ≤ radius``;
     ``equality``: ``min λ‖β‖₁ s.t. Φβ = z, ‖β[:k]‖₁ ≤ radius`` (``k = n_constrained``).
-    ``weights`` (``(d,)``) makes the penalty ``λ Σ_j w_j |β_j|``.
+    ``weights`` (``(d,)``) makes the penalty ``λ Σ_j w_j |β_j|``; ``support`` (``(r, d)``
+    boolean) holds each row's coefficients outside its mask at zero.
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is invalid; valid: {', '.join(MODES)}")
@@ -80,6 +82,12 @@ def solve_rows_cvxpy(
         cons = [phi_np @ beta == z]
     if radius is not None and n_constrained > 0 and math.isfinite(radius):
         cons.append(cp.norm1(beta[:n_constrained]) <= float(radius))
+    if support is not None:
+        supp_np = np.asarray(support.detach().cpu() if isinstance(support, Tensor) else support, dtype=bool)
+        if supp_np.shape != (z_np.shape[0], d):
+            raise ValueError(f"support must have shape ({z_np.shape[0]}, {d}), got {supp_np.shape}")
+        off = cp.Parameter(d, nonneg=True)
+        cons.append(cp.multiply(off, beta) == 0)
     prob = cp.Problem(cp.Minimize(obj), cons)
     out_beta = np.zeros((z_np.shape[0], d))
     out_obj = np.zeros(z_np.shape[0])
@@ -87,6 +95,8 @@ def solve_rows_cvxpy(
     t0 = time.perf_counter()
     for i, zi in enumerate(z_np):
         z.value = zi
+        if support is not None:
+            off.value = (~supp_np[i]).astype(np.float64)
         prob.solve(solver=solver, **(solver_opts or {}))
         status.append(prob.status)
         if beta.value is None:

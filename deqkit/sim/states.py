@@ -173,6 +173,8 @@ class States:
     ``U`` ``(m, p)`` inputs (without the constant 1), ``Z`` ``(m, n)`` pre-activations,
     ``X = φ(Z)`` ``(m, n)`` states, ``Y`` ``(m, q)`` outputs, all in the rescaled coordinates
     of :func:`mlp_to_implicit`, so ``Z = X Aᵀ + [U 1] Bᵀ`` and ``Y = X Cᵀ + [U 1] Dᵀ``.
+    ``layer_sizes`` are the baseline's hidden widths, layer 1 first (needed only by
+    ``fit_sim(structure="feedforward")``).
     """
 
     U: Tensor
@@ -180,6 +182,19 @@ class States:
     X: Tensor
     Y: Tensor
     kappa: float
+    layer_sizes: tuple[int, ...] = ()
+
+    def state_layers(self) -> Tensor:
+        """The hidden layer (1-based, layer 1 reads the input) of each state, in the stacking
+        order of ``X`` (last layer first), shape ``(n,)``. Needs ``layer_sizes``."""
+        n = self.X.shape[1]
+        if sum(self.layer_sizes) != n:
+            raise ValueError(
+                f"these States do not record their layers (layer_sizes={self.layer_sizes!r} for {n} states); "
+                "collect them with collect_states(), or set layer_sizes to the hidden widths, layer 1 first"
+            )
+        ids = [l for l in range(len(self.layer_sizes), 0, -1) for _ in range(self.layer_sizes[l - 1])]
+        return torch.tensor(ids, device=self.X.device)
 
     @property
     def phi(self) -> Tensor:
@@ -205,4 +220,5 @@ def collect_states(net: nn.Module, u: Tensor, kappa: float = 0.99, dtype: Option
     y = h @ layers[-1].weight.to(dtype).T + layers[-1].bias.to(dtype)
     Z = torch.cat(zs[::-1], dim=1)
     X = torch.cat(xs[::-1], dim=1)
-    return States(U=uu, Z=Z, X=X, Y=y, kappa=kappa)
+    sizes = tuple(int(lay.weight.shape[0]) for lay in layers[:-1])
+    return States(U=uu, Z=Z, X=X, Y=y, kappa=kappa, layer_sizes=sizes)
