@@ -37,6 +37,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -180,6 +181,32 @@ def saved_tensor_bytes(exclude: Sequence[Tensor] = ()) -> Any:
         yield out
 
 
+#: Lines the native profiler writes to stderr that say nothing about the measurement: its trace
+#: points, and the allocator's note on blocks allocated before profiling began (the peak is
+#: taken above the level at the first event, so those blocks are already accounted for).
+_PROFILER_NOISE = ("USDT:", "was allocated before the profiling started")
+
+
+@contextlib.contextmanager
+def _without_profiler_noise():
+    """Drop the :data:`_PROFILER_NOISE` lines native code writes to file descriptor 2 while the
+    block runs; everything else written to stderr meanwhile is passed on when the block ends."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(noise in line for noise in _PROFILER_NOISE):
+                    sys.stderr.write(line)
+
+
 def peak_allocated_bytes(fn: Callable[[], Any]) -> int:
     """Peak live bytes allocated by torch's CPU allocator while ``fn`` runs, above the start level.
 
@@ -189,8 +216,9 @@ def peak_allocated_bytes(fn: Callable[[], Any]) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    with _without_profiler_noise():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
     fd, path = tempfile.mkstemp(suffix=".json", prefix="deqkit-bench-")
     os.close(fd)
     try:

@@ -92,3 +92,16 @@ def test_cli_quick_memory_section(tmp_path, capsys):
     assert bench.main(["--quick", "--section", "memory", "--write", str(out)]) == 0
     text = out.read_text()
     assert text.startswith(bench.SECTIONS["memory"]) and "BPTT" in text
+
+
+def test_peak_memory_measure_keeps_stderr_clean(capfd):
+    import sys
+
+    def work():
+        sys.stderr.write("a plain line survives\n")
+        return torch.ones(1000, 100) * 2
+
+    peak = bench.peak_allocated_bytes(work)
+    err = capfd.readouterr().err
+    assert "USDT" not in err and "a plain line survives" in err
+    assert peak >= 1000 * 100 * 4
