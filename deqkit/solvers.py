@@ -20,7 +20,7 @@ gradient (see :mod:`deqkit.linear`), so each solver also has :meth:`Solver.solve
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Optional
+from typing import Callable, ClassVar, Optional, Union
 
 import torch
 from torch import Tensor
@@ -102,7 +102,8 @@ class SolverResult:
 
     Attributes:
         z: best iterate per sample (lowest residual in ``stop_mode``), shape of ``z0``.
-        nstep: number of residual evaluations each sample used, ``(B,)`` (its own stop step).
+        nstep: number of residual evaluations each sample used, ``(B,)`` (its own stop step;
+            Broyden's line-search trials are counted apart, in ``extra["line_search_evals"]``).
         abs_residual, rel_residual: residuals of the returned iterate, ``(B,)``.
         converged: ``(B,)`` bool, residual of the returned iterate ``<= tol``.
         abs_trace, rel_trace: residual of the current iterate at each iteration, ``(T, B)``
@@ -111,6 +112,7 @@ class SolverResult:
         nonfinite: ``(B,)`` bool, samples whose map returned NaN/Inf (``on_nonfinite="freeze"``).
         tol, stop_mode, max_iter: the settings this solve ran with.
         solver: the solver's name.
+        extra: solver-specific counters (Broyden: ``n_opa``, ``line_search_evals``).
     """
 
     z: Tensor
@@ -202,7 +204,8 @@ class Solver:
     def _observe(self, state: object, z: Tensor, fz: Tensor, fresh: Tensor) -> None:
         """See a new evaluation ``fz = f(z)``; ``fresh`` marks the samples it is new for."""
 
-    def _propose(self, state: object, z: Tensor, fz: Tensor, active: Tensor, it: int) -> Tensor:
+    def _propose(self, state: object, z: Tensor, fz: Tensor, active: Tensor, it: int) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        """The next iterate, or ``(z_next, fn(z_next))`` when the solver evaluated it already."""
         raise NotImplementedError
 
     def _final_state(self, state: object) -> Optional[BroydenState]:
@@ -299,9 +302,11 @@ class Solver:
                 )
             if it == max_iter - 1 or not flags[1]:
                 break
-            z_next = self._propose(state, z, fz, active, it)
+            proposal = self._propose(state, z, fz, active, it)
+            # a solver that already evaluated its proposal (a line search) hands f(z_next) back
+            z_next, fz_next = proposal if isinstance(proposal, tuple) else (proposal, None)
             z = torch.where(active[:, None], z_next, z)
-            fz = torch.where(active[:, None], flat_fn(z), fz)
+            fz = torch.where(active[:, None], flat_fn(z) if fz_next is None else fz_next, fz)
         best = best_rel if self.stop_mode == "rel" else best_abs
         return SolverResult(
             z=best_z.view(shape),
@@ -462,6 +467,7 @@ class _BroydenLoopState:
     g_prev: Optional[Tensor] = None
     n_seen: int = 0
     n_opa: int = 0
+    n_line_search: int = 0
 
 
 @validated_options
@@ -475,16 +481,33 @@ class Broyden(Solver):
     as used in DEQs by Bai, Kolter & Koltun, NeurIPS 2019.
 
     The final ``H`` is returned in ``result.state`` for SHINE and BroydenReuse.
+
+    ``line_search=True`` backtracks along the Broyden direction ``p = −H g``: the step
+    ``α ∈ {1, ½, ¼, …}`` (at most ``line_search_steps`` halvings) is the first with
+    ``‖g(z + αp)‖ ≤ (1 − 10⁻⁴α)‖g(z)‖`` (a sufficient decrease of the residual norm, the
+    derivative-free test of Griewank, "The 'global' convergence of Broyden-like methods with a
+    suitable line search", J. Austral. Math. Soc. B 1986), per sample; a sample that finds none
+    takes the trial with the smallest residual. Each halving costs one
+    evaluation of the map for the batch, counted in ``result.extra["line_search_evals"]`` (not in
+    ``nstep``). The secant update uses the step actually taken. Off by default: it rescues
+    full steps that overshoot (``g = −2·atan(z)`` from ``z₀ = 5``: the root instead of a run-away,
+    tested), but where ``H`` is still poor the Broyden direction need not decrease ``‖g‖`` and
+    the short steps feed worse secant pairs (``tanh(Wz + x)``, ``‖W‖₂ = 3``, ``d = 8``: 14 instead
+    of 16 of 16 samples converged, with ~200 extra evaluations).
     """
 
     keeps_inverse_jacobian = True
     name = "broyden"
+    #: sufficient-decrease constant of the line search
+    armijo_c: ClassVar[float] = 1e-4
 
     def __init__(
         self,
         *,
         memory: int = 20,
         opa_freq: Optional[int] = None,
+        line_search: bool = False,
+        line_search_steps: int = 4,
         tol: float = 1e-4,
         max_iter: int = 50,
         stop_mode: str = "rel",
@@ -494,8 +517,13 @@ class Broyden(Solver):
         check_int(type(self).__name__, "memory", memory)
         if opa_freq is not None:
             check_int(type(self).__name__, "opa_freq", opa_freq)
+        if not isinstance(line_search, bool):
+            raise ValueError(f"Broyden: line_search must be True or False, got {line_search!r}.")
+        check_int(type(self).__name__, "line_search_steps", line_search_steps)
         self.memory = int(memory)
         self.opa_freq = opa_freq
+        self.line_search = line_search
+        self.line_search_steps = int(line_search_steps)
 
     def _init_state(self, z: Tensor, fz: Tensor, max_iter: int, ctx: _CallContext) -> _BroydenLoopState:
         B, d = z.shape
@@ -565,9 +593,43 @@ class Broyden(Solver):
         state.H.n_updates += 1
         state.n_opa += 1
 
-    def _propose(self, state: object, z: Tensor, fz: Tensor, active: Tensor, it: int) -> Tensor:
+    def _propose(self, state: object, z: Tensor, fz: Tensor, active: Tensor, it: int) -> Union[Tensor, tuple[Tensor, Tensor]]:
         assert isinstance(state, _BroydenLoopState)
-        return z - state.H.apply(fz - z)
+        g = fz - z
+        p = -state.H.apply(g)
+        if not self.line_search:
+            return z + p
+        return self._backtrack(state, z, g, p, active)
+
+    def _backtrack(self, state: _BroydenLoopState, z: Tensor, g: Tensor, p: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-sample backtracking along ``p`` (see the class docstring); returns ``(z_new, f(z_new))``."""
+        fn = state.ctx.fn
+        g_norm = g.norm(dim=1)
+        alpha = torch.ones_like(g_norm)
+        z_new = z + p
+        f_new = fn(z_new)
+        new_norm = torch.nan_to_num((f_new - z_new).norm(dim=1), nan=float("inf"))
+        best_z, best_f, best_norm = z_new, f_new, new_norm
+        for _ in range(self.line_search_steps):
+            retry = active & ~(new_norm <= (1 - self.armijo_c * alpha) * g_norm)
+            if not bool(retry.any()):  # one host sync per trial
+                break
+            alpha = torch.where(retry, alpha / 2, alpha)
+            z_try = z + alpha[:, None] * p
+            f_try = fn(z_try)
+            state.n_line_search += 1
+            z_new = torch.where(retry[:, None], z_try, z_new)
+            f_new = torch.where(retry[:, None], f_try, f_new)
+            new_norm = torch.where(retry, torch.nan_to_num((f_try - z_try).norm(dim=1), nan=float("inf")), new_norm)
+            better = new_norm < best_norm
+            best_z = torch.where(better[:, None], z_new, best_z)
+            best_f = torch.where(better[:, None], f_new, best_f)
+            best_norm = torch.where(better, new_norm, best_norm)
+        else:  # samples still without sufficient decrease take their best trial
+            failed = active & ~(new_norm <= (1 - self.armijo_c * alpha) * g_norm)
+            z_new = torch.where(failed[:, None], best_z, z_new)
+            f_new = torch.where(failed[:, None], best_f, f_new)
+        return z_new, f_new
 
     def _final_state(self, state: object) -> Optional[BroydenState]:
         assert isinstance(state, _BroydenLoopState)
@@ -576,7 +638,7 @@ class Broyden(Solver):
     def _extra(self, state: object) -> dict:
         # each OPA update costs one loss gradient and one cell VJP, not counted in nstep
         assert isinstance(state, _BroydenLoopState)
-        return {"n_opa": state.n_opa}
+        return {"n_opa": state.n_opa, "line_search_evals": state.n_line_search}
 
 
 SOLVERS: dict[str, type[Solver]] = {"fixed-point": FixedPoint, "anderson": Anderson, "broyden": Broyden}
