@@ -33,6 +33,7 @@ ESTIMATOR_PRESETS: dict[str, Callable[[], GradientEstimator]] = {
     "exact": lambda: Exact(GMRES(tol=1e-6, max_iter=60)),
     "exact-broyden": lambda: Exact(Broyden(memory=30, tol=1e-6, max_iter=60)),
     "exact-warm": WarmExact,  # the Broyden adjoint above, started from −vH and the forward Hᵀ
+    "exact-precond": lambda: WarmExact(GMRES(tol=1e-6, max_iter=60)),  # GMRES, the forward −H as preconditioner
     "unrolled": lambda: Unrolled(5, 0.5),
     "neumann": lambda: Neumann(5, 0.5),
     "jacobian-free": JacobianFree,

@@ -102,19 +102,38 @@ class GMRES(LinearSolver):
         self.restart = int(restart)
 
     def solve_adjoint(
-        self, vjp: Fn, v: Tensor, w0: Optional[Tensor] = None, *, tol: Optional[float] = None, max_iter: Optional[int] = None
+        self,
+        vjp: Fn,
+        v: Tensor,
+        w0: Optional[Tensor] = None,
+        *,
+        tol: Optional[float] = None,
+        max_iter: Optional[int] = None,
+        precondition: Optional[Fn] = None,
     ) -> SolverResult:
+        """See :meth:`LinearSolver.solve_adjoint`. ``precondition``: a map ``P`` on rows ``(B, d)``
+        with ``P(y) ≈ y (I − J)⁻¹``; GMRES then runs on ``y ↦ P(y)(I − J)`` (right
+        preconditioning, Saad, "Iterative Methods for Sparse Linear Systems", §9.3) and returns
+        ``w = P(y)``. The residual, the stopping test and ``nstep`` stay those of ``w``. It starts
+        at ``w = 0``, so ``w0`` must be ``None``: the first Krylov step already holds ``P(v)``.
+        """
         tol = self.tol if tol is None else tol
         max_iter = self.max_iter if max_iter is None else max_iter
+        if precondition is not None and w0 is not None:
+            raise ValueError("GMRES: pass either w0 or precondition (a preconditioned solve starts at w = 0).")
         shape, B = v.shape, v.shape[0]
         vf = v.reshape(B, -1)
         dtype, dev = vf.dtype, vf.device
         eps = torch.finfo(dtype).eps
 
-        def op(u: Tensor) -> Tensor:  # u ↦ u (I − J)
-            return u - vjp(u.view(shape)).reshape(B, -1)
+        def to_w(y: Tensor) -> Tensor:
+            return y if precondition is None else precondition(y).reshape(B, -1)
 
-        w = vf.new_zeros(vf.shape) if w0 is None else w0.reshape(B, -1).clone()
+        def op(u: Tensor) -> Tensor:  # y ↦ P(y) (I − J)
+            pu = to_w(u)
+            return pu - vjp(pu.view(shape)).reshape(B, -1)
+
+        w = vf.new_zeros(vf.shape) if w0 is None else w0.reshape(B, -1).clone()  # the Krylov unknown (y)
         vnorm = vf.norm(dim=1)
         target = tol * (vnorm + eps) if self.stop_mode == "rel" else torch.full_like(vnorm, tol)
         nstep = torch.zeros(B, dtype=torch.long, device=dev)
@@ -177,7 +196,7 @@ class GMRES(LinearSolver):
             w = w + torch.where(active[:, None], step, torch.zeros_like(step))
             r = vf - op(w)  # true residual (one extra product) before a restart or the end
             used += 1
-        return _result(self.name, w.view(shape), vf, r.norm(dim=1), nstep, trace, tol, self.stop_mode, max_iter)
+        return _result(self.name, to_w(w).view(shape), vf, r.norm(dim=1), nstep, trace, tol, self.stop_mode, max_iter)
 
 
 @validated_options

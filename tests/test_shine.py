@@ -258,3 +258,45 @@ def test_reuse_estimators_build_no_z_graph_and_exact_builds_one():
         (z * c).sum().backward()
         assert Counting.calls == expected, (est, Counting.calls)
         assert (info.backward.vjps == 0) == (expected == 1)
+
+
+def test_preconditioned_gmres_is_exact_and_needs_fewer_krylov_steps():
+    A, B, x, c = problem(8, d=16, rho=0.9, batch=8)
+    loss = lambda z: ((z - c) ** 2).sum()  # noqa: E731
+    ref = exact_grad(TanhCell, A, B, x, loss)
+    solver = dk.Broyden(memory=40, tol=1e-8, max_iter=40)
+    lin = lambda: dk.GMRES(tol=1e-10, max_iter=60)  # noqa: E731
+    warm = dk.WarmExact(lin())
+    assert warm.warm_start == "precondition"  # the default with GMRES
+    g_cold, info_cold = param_grad(TanhCell, A, B, x, loss, solver, dk.Exact(lin()))
+    g_pre, info_pre = param_grad(TanhCell, A, B, x, loss, solver, warm)
+    cold, pre = info_cold.backward.solve, info_pre.backward.solve
+    assert cold.all_converged and pre.all_converged
+    assert rel(g_pre, ref) < 1e-8 and rel(g_cold, ref) < 1e-8
+    assert pre.nstep.sum() < cold.nstep.sum(), (pre.nstep, cold.nstep)
+    assert info_pre.backward.vjps < info_cold.backward.vjps
+
+
+def test_gmres_right_preconditioning_against_dense_solves():
+    gen = torch.Generator().manual_seed(5)
+    B, d = 3, 7
+    J = 0.9 * torch.randn(B, d, d, generator=gen, dtype=DT) / d**0.5
+    v = torch.randn(B, d, generator=gen, dtype=DT)
+    vjp = lambda u: torch.einsum("bi,bij->bj", u, J)  # noqa: E731
+    M = torch.eye(d, dtype=DT) - J
+    w_true = torch.linalg.solve(M.transpose(1, 2), v.unsqueeze(-1)).squeeze(-1)  # w M = v
+    plain = dk.GMRES(tol=1e-12, max_iter=40).solve_adjoint(vjp, v)
+    # the identity as preconditioner changes nothing
+    ident = dk.GMRES(tol=1e-12, max_iter=40).solve_adjoint(vjp, v, precondition=lambda y: y)
+    torch.testing.assert_close(ident.z, plain.z, rtol=0, atol=1e-12)
+    assert ident.nstep.tolist() == plain.nstep.tolist()
+    # the exact inverse: one Krylov step
+    Minv = torch.linalg.inv(M)
+    exact = dk.GMRES(tol=1e-12, max_iter=40).solve_adjoint(vjp, v, precondition=lambda y: torch.einsum("bi,bij->bj", y, Minv))
+    assert exact.nstep.tolist() == [1] * B
+    for sol in (plain, exact):
+        torch.testing.assert_close(sol.z, w_true, rtol=1e-9, atol=1e-11)
+    with pytest.raises(ValueError, match="either w0 or precondition"):
+        dk.GMRES().solve_adjoint(vjp, v, v, precondition=lambda y: y)
+    with pytest.raises(ValueError, match="needs linear_solver=GMRES"):
+        dk.WarmExact(dk.Broyden(), warm_start="precondition")
