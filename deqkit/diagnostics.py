@@ -141,14 +141,18 @@ def gradient_quality(
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
-    """A plain-text table: ``columns`` are ``(key, header, format)`` triples, e.g. ``("cosine", "cos", ".4f")``."""
+    """A plain-text table: ``columns`` are ``(key, header, format)`` triples, e.g. ``("cosine", "cos", ".4f")``;
+    a missing or ``None`` value prints as ``-``."""
     cells = [[h for _, h, _ in columns]]
     for r in rows:
         line = []
         for key, _, fmt in columns:
-            val = r.get(key, "")
+            val = r.get(key)
+            if val is None or val == "":
+                line.append("-")
+                continue
             try:
-                line.append(format(val, fmt) if fmt and val is not None and val != "" else str(val))
+                line.append(format(val, fmt) if fmt else str(val))
             except (TypeError, ValueError):
                 line.append(str(val))
         cells.append(line)

@@ -59,6 +59,14 @@ class SHINE(AdjointEstimator):
             forward ``Hᵀ`` as the initial inverse (0: none). Costs ``refine + 1`` VJPs.
 
     ``info.backward.n_fallback`` counts the samples that fell back; ``info.backward.vjps`` the cost.
+
+    With OPA (``Broyden(opa_freq=k)`` and the loss passed to the forward call), leave the
+    fallback off: OPA makes ``−vH`` accurate in the loss direction, so a large ``‖w‖`` is the true
+    amplification by ``(I − J)⁻¹`` and the fallback replaces exactly those accurate estimates by
+    ``v``. Measured on the trained digits DEQs of ``deqkit compare`` (10 seeds, OPA every 5
+    steps): cosine to the exact gradient 0.992 ± 0.006 without the fallback, 0.555 ± 0.315 with
+    it (tested on a small problem in ``tests/test_shine.py``). Without OPA the fallback guards
+    against a poor ``H`` and helps.
     """
 
     needs_inverse_jacobian = True

@@ -77,6 +77,8 @@ def test_compare_resume_reuses_finished_runs(tmp_path, capsys):
     argv = ["compare", "--subset", "150", "--epochs", "1", "--estimators", "unrolled", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     first = json.loads((out / "results.json").read_text())["results"][0]
+    assert first["bwd_speedup"] is None  # no exact run to compare with: no number, no nan
+    assert "nan" not in capsys.readouterr().out
     assert main(argv + ["--resume"]) == 0
     again = json.loads((out / "results.json").read_text())["results"][0]
     # nothing retrained: the same weights give the same test accuracy and the same recorded training time
