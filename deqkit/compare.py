@@ -48,6 +48,11 @@ DEFAULT_ESTIMATORS = ("exact", "unrolled", "neumann", "jacobian-free", "shine", 
 OPA_FREQ = {"shine-opa": 5}
 
 
+def preset_label(name: str, grad: GradientEstimator) -> str:
+    """The table label of preset ``name`` built as ``grad``: its own label, plus its OPA frequency."""
+    return grad.label + (f" + OPA/{OPA_FREQ[name]}" if name in OPA_FREQ else "")
+
+
 @dataclass
 class CompareConfig:
     """Settings of :func:`run_compare` (the defaults are the embedded ``digits`` demo)."""
@@ -156,7 +161,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[
             log_path=str(out / f"metrics-{name}.jsonl"),
             progress=cfg.progress,
         )
-        label = grad.label + (f" + OPA/{OPA_FREQ[name]}" if name in OPA_FREQ else "")
+        label = preset_label(name, grad)
         log(f"\n[{name}] {label}")
         trainer = Trainer(model, splits.train, splits.val, tcfg)
         history = trainer.fit(resume=cfg.resume)  # resume: finished runs load their last checkpoint
