@@ -487,13 +487,13 @@ class Broyden(Solver):
     ``‖g(z + αp)‖ ≤ (1 − 10⁻⁴α)‖g(z)‖`` (a sufficient decrease of the residual norm, the
     derivative-free test of Griewank, "The 'global' convergence of Broyden-like methods with a
     suitable line search", J. Austral. Math. Soc. B 1986), per sample; a sample that finds none
-    takes the trial with the smallest residual. Each halving costs one
-    evaluation of the map for the batch, counted in ``result.extra["line_search_evals"]`` (not in
-    ``nstep``). The secant update uses the step actually taken. Off by default: it rescues
-    full steps that overshoot (``g = −2·atan(z)`` from ``z₀ = 5``: the root instead of a run-away,
-    tested), but where ``H`` is still poor the Broyden direction need not decrease ``‖g‖`` and
-    the short steps feed worse secant pairs (``tanh(Wz + x)``, ``‖W‖₂ = 3``, ``d = 8``: 14 instead
-    of 16 of 16 samples converged, with ~200 extra evaluations).
+    takes the trial with the smallest residual. Each halving costs one evaluation of the map for
+    the batch, counted in ``result.extra["line_search_evals"]`` (not in ``nstep``). The secant
+    update uses the step actually taken. Off by default: it rescues full steps that overshoot
+    (``g = −2·atan(z)`` from ``z₀ = 5``: the root instead of a run-away, tested), but where ``H``
+    is still poor the Broyden direction need not decrease ``‖g‖`` and the short steps feed worse
+    secant pairs (``tanh(Wz + x)``, ``‖W‖₂ = 3``, ``d = 8``: 14 instead of 16 of 16 samples
+    converged, with ~200 extra evaluations).
     """
 
     keeps_inverse_jacobian = True
