@@ -17,6 +17,17 @@ def test_quick_start_runs(capsys):
     assert "cosine" in out
 
 
+def test_sim_example_runs(capsys):
+    import pytest
+
+    pytest.importorskip("sklearn")
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(blocks) >= 2, "README has no SIM example"
+    exec(compile(blocks[1], "README.md", "exec"), {"__name__": "readme"})
+    out = capsys.readouterr().out
+    assert "SIM: accuracy" in out and "‖A‖∞ = 0." in out
+
+
 def test_two_setup_commands_and_ci_calls_the_test_one():
     text = README.read_text()
     setup = text.split("## Set-up", 1)[1].split("##", 1)[0]

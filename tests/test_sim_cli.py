@@ -37,13 +37,19 @@ def test_cli_sim_feedforward_debias_run(tmp_path, capsys):
     rc = cli.main([
         "--dataset", "digits", "--hidden", "8,4", "--samples", "150", "--lam", "0.3", "--epochs", "2",
         "--n-test", "80", "--n-attack", "0", "--structure", "feedforward", "--no-output-skip", "--debias",
-        "--no-plot", "--out", str(out),
+        "--finetune-epochs", "2", "--no-plot", "--out", str(out),
     ])
-    assert rc == 0 and "SIM λ=0.3" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert rc == 0 and "SIM λ=0.3 +ft2" in captured.out and "epoch 2/2" in captured.err
     res = json.loads((out / "sim_results.json").read_text())
     assert (res["structure"], res["output_skip"], res["debias"]) == ("feedforward", False, True)
-    row = res["sim"][0]
+    row, tuned = res["sim"]
     assert row["wellposed"] and 0 < row["nnz"]["total"] and row["nnz"]["D"] <= 10  # D: bias only
+    assert (row["finetune_epochs"], tuned["finetune_epochs"]) == (0, 2)
+    assert tuned["wellposed"] and tuned["nnz"]["total"] <= row["nnz"]["total"]  # the pattern is kept
+    args = cli.add_arguments(argparse.ArgumentParser()).parse_args(["--finetune-epochs", "-1"])
+    with pytest.raises(ValueError, match="--finetune-epochs"):
+        cli.run(args)
 
 
 def test_cli_registers_subparser_and_validates():

@@ -135,7 +135,9 @@ def test_finetune_keeps_sparsity_pattern_and_wellposedness():
         pattern = [(p.detach() != 0) for p in (model.A, model.B, model.C, model.D)]
         with torch.no_grad():
             before = float(nn.functional.cross_entropy(model(u), y))
-        finetune(model, u, y, epochs=3, lr=1e-2, batch_size=40)
+        seen = []
+        finetune(model, u, y, epochs=3, lr=1e-2, batch_size=40, log=lambda e, loss: seen.append((e, loss)))
+        assert [e for e, _ in seen] == [1, 2, 3] and seen[-1][1] < seen[0][1]
         with torch.no_grad():
             after = float(nn.functional.cross_entropy(model(u), y))
     assert after < before and model.is_wellposed()

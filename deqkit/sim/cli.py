@@ -8,6 +8,7 @@ robustness; writes ``sim_results.json`` and ``sim.png`` (atomically) to ``--out`
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from ..errors import ConvergenceWarning
 from .admm import MODES, BatchedADMM
 from .attacks import ATTACKS, accuracy, robust_accuracy
 from .baseline import make_mlp, train_mlp
-from .fit import LAM_SCALES, PENALTIES, SOLVERS, STRUCTURES, baseline_nonzeros, count_nonzeros, fit_sim
+from .fit import LAM_SCALES, PENALTIES, SOLVERS, STRUCTURES, baseline_nonzeros, count_nonzeros, finetune, fit_sim
 from .states import collect_states
 
 #: Data sets of :mod:`deqkit.data` the command offers: those whose raw inputs lie in [0, 1], the
@@ -110,6 +111,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--output-skip", action=argparse.BooleanOptionalAction, default=True,
                    help="let the outputs read the inputs directly (D's input columns; default yes)")
     p.add_argument("--debias", action="store_true", help="refit each row by least squares on its lasso support (relaxed lasso)")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="after each fit, also fine-tune a copy on the training labels for this many epochs, "
+                        "sparsity pattern and well-posedness kept (default 0: SIM alone)")
+    p.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate of the fine-tuning (default 1e-3)")
     p.add_argument("--kappa", type=float, default=0.99, help="well-posedness margin κ (default 0.99)")
     p.add_argument("--samples", type=int, default=None, help="state samples m (default 1000 digits, 2000 others)")
     p.add_argument("--mode", choices=MODES, default="relaxed")
@@ -150,15 +155,20 @@ def _plot(results: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     rows = results["sim"]
-    lams = [r["lam"] for r in rows]
+    plain = [r for r in rows if not r.get("finetune_epochs")]
+    tuned = [r for r in rows if r.get("finetune_epochs")]
+    lams = [r["lam"] for r in plain]
     ax = axes[0]
-    ax.plot(lams, [100 * r["accuracy"] for r in rows], "o-", color="C0", label="SIM accuracy")
+    ax.plot(lams, [100 * r["accuracy"] for r in plain], "o-", color="C0", label="SIM accuracy")
+    if tuned:
+        ax.plot([r["lam"] for r in tuned], [100 * r["accuracy"] for r in tuned], "o:", color="C2",
+                label="SIM + fine-tuning accuracy")
     ax.axhline(100 * results["baseline"]["accuracy"], color="C0", ls="--", label="baseline accuracy")
     ax.set_xscale("log")
     ax.set_xlabel("λ")
     ax.set_ylabel("test accuracy (%)", color="C0")
     ax2 = ax.twinx()
-    ax2.plot(lams, [r["nnz"]["total"] for r in rows], "s-", color="C1", label="SIM non-zeros")
+    ax2.plot(lams, [r["nnz"]["total"] for r in plain], "s-", color="C1", label="SIM non-zeros")
     ax2.axhline(results["baseline"]["nnz"], color="C1", ls="--", label="baseline non-zeros")
     ax2.set_ylabel("non-zeros of (A, B, C, D)", color="C1")
     ax.set_title("accuracy and non-zeros against λ")
@@ -173,7 +183,7 @@ def _plot(results: dict, path: Path) -> None:
             rob = r["robust"].get(attack)
             if rob:
                 eps = sorted(float(e) for e in rob)
-                ax.plot(eps, [100 * rob[str(e)] for e in eps], ls, color=f"C{i % 10}", marker=".", label=f"SIM λ={r['lam']:g} {attack}")
+                ax.plot(eps, [100 * rob[str(e)] for e in eps], ls, color=f"C{i % 10}", marker=".", label=f"SIM λ={r['lam']:g}{' +ft' if r.get('finetune_epochs') else ''} {attack}")
     ax.set_xlabel("ε (ℓ∞)")
     ax.set_ylabel("accuracy under attack (%)")
     ax.set_title("robustness")
@@ -194,6 +204,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--kappa must be in (0, 1), got {args.kappa}")
     if not (args.input_weight > 0 and math.isfinite(args.input_weight)):
         raise ValueError(f"--input-weight must be a finite number > 0, got {args.input_weight}")
+    if args.finetune_epochs < 0:
+        raise ValueError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
+    if not (args.finetune_lr > 0 and math.isfinite(args.finetune_lr)):
+        raise ValueError(f"--finetune-lr must be a finite number > 0, got {args.finetune_lr}")
     if args.debias and args.mode != "relaxed":
         raise ValueError("--debias refits by least squares and needs --mode relaxed")
     torch.manual_seed(args.seed)
@@ -263,6 +277,26 @@ def run(args: argparse.Namespace) -> int:
     admm_ab = BatchedADMM(rho=args.rho, max_iter=args.max_iter_ab, mode=args.mode)
     admm_cd = BatchedADMM(rho=args.rho, max_iter=args.max_iter_cd, mode=args.mode)
     prev = None
+
+    def evaluate(model, lam: float, res, finetune_epochs: int) -> dict:
+        with warnings.catch_warnings(record=True) as fwd_warn:
+            warnings.simplefilter("always", ConvergenceWarning)
+            acc = accuracy(model, xte, yte)
+        nnz = count_nonzeros(model)
+        return {
+            "lam": lam,
+            "finetune_epochs": finetune_epochs,
+            "accuracy": acc,
+            "nnz": nnz,
+            "nnz_fraction": nnz["total"] / base_nnz,
+            "A_inf_norm": model.inf_norm(),
+            "wellposed": model.is_wellposed(),
+            "solve_time_s": res.time_s,
+            "solver_converged": res.converged,
+            "forward_warnings": len(fwd_warn),
+            "robust": robust(model),
+        }
+
     for lam in args.lam:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
@@ -274,37 +308,31 @@ def run(args: argparse.Namespace) -> int:
             print(f"  warning: {w.message}", file=sys.stderr)
         model = res.model.eval()
         prev = model
-        with warnings.catch_warnings(record=True) as fwd_warn:
-            warnings.simplefilter("always", ConvergenceWarning)
-            acc = accuracy(model, xte, yte)
-        nnz = count_nonzeros(model)
-        row = {
-            "lam": lam,
-            "accuracy": acc,
-            "nnz": nnz,
-            "nnz_fraction": nnz["total"] / base_nnz,
-            "A_inf_norm": model.inf_norm(),
-            "wellposed": model.is_wellposed(),
-            "solve_time_s": res.time_s,
-            "solver_converged": res.converged,
-            "forward_warnings": len(fwd_warn),
-            "robust": robust(model),
-        }
-        results["sim"].append(row)
+        results["sim"].append(evaluate(model, lam, res, finetune_epochs=0))
+        if args.finetune_epochs:
+            tuned = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            finetune(tuned, xtr, ytr, epochs=args.finetune_epochs, lr=args.finetune_lr, seed=args.seed,
+                     log=lambda e, loss: print(f"  fine-tuning λ={lam:g}: epoch {e}/{args.finetune_epochs}, "
+                                               f"train loss {loss:.4f}", file=sys.stderr, flush=True))
+            row = evaluate(tuned, lam, res, finetune_epochs=args.finetune_epochs)
+            row["finetune_time_s"] = time.perf_counter() - t0
+            results["sim"].append(row)
     # table
     eps_cols = [(a, str(float(e))) for a in args.attacks for e in args.eps if n_att]
-    head = f"{'model':>14} {'acc %':>7} {'nnz':>7} {'nnz %':>6} {'‖A‖∞':>6} {'ok':>3} {'solve s':>7}"
+    head = f"{'model':>18} {'acc %':>7} {'nnz':>7} {'nnz %':>6} {'‖A‖∞':>6} {'ok':>3} {'solve s':>7}"
     head += "".join(f" {a}@{float(e):g}".rjust(11) for a, e in eps_cols)
     print(head)
 
     def fmt(name, acc, nnz, frac, ainf, ok, t, rob):
-        s = f"{name:>14} {100 * acc:7.2f} {nnz:7d} {100 * frac:6.1f} {ainf:>6} {ok:>3} {t:>7}"
+        s = f"{name:>18} {100 * acc:7.2f} {nnz:7d} {100 * frac:6.1f} {ainf:>6} {ok:>3} {t:>7}"
         return s + "".join(f"{100 * rob[a][e]:11.1f}" for a, e in eps_cols)
 
     b = results["baseline"]
     print(fmt("baseline", b["accuracy"], b["nnz"], 1.0, "-", "-", "-", b["robust"]))
     for r in results["sim"]:
-        print(fmt(f"SIM λ={r['lam']:g}", r["accuracy"], r["nnz"]["total"], r["nnz_fraction"], f"{r['A_inf_norm']:.3f}",
+        name = f"SIM λ={r['lam']:g}" + (f" +ft{r['finetune_epochs']}" if r["finetune_epochs"] else "")
+        print(fmt(name, r["accuracy"], r["nnz"]["total"], r["nnz_fraction"], f"{r['A_inf_norm']:.3f}",
                   "yes" if r["wellposed"] else "NO", f"{r['solve_time_s']:.1f}", r["robust"]))
     out = Path(args.out)
     atomic_write_bytes(out / "sim_results.json", json.dumps(results, indent=2).encode())

@@ -34,7 +34,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -268,12 +268,15 @@ def finetune(
     batch_size: int = 256,
     keep_sparsity: bool = True,
     seed: int = 0,
+    log: Optional[Callable[[int, float], None]] = None,
 ) -> ImplicitModel:
     """Fine-tune a (SIM) model on ``(u, y)`` by cross-entropy with the core's implicit gradient.
 
     Projected Adam: after every step each row of ``A`` is projected back onto the ℓ1 ball of
     radius κ (well-posedness kept). With ``keep_sparsity`` the gradient is masked to the
-    current non-zero pattern of ``(A, B, C, D)``, so the non-zero count cannot grow.
+    current non-zero pattern of ``(A, B, C, D)``, so the non-zero count cannot grow (and a
+    ``structure="feedforward"`` model stays feedforward). ``log(epoch, mean_loss)`` is called
+    after each epoch (1-based). Unlike the SIM program, this uses the labels.
     """
     if not (isinstance(epochs, int) and epochs >= 0):
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
@@ -282,12 +285,14 @@ def finetune(
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         perm = torch.randperm(len(u), generator=gen)
+        total, count = 0.0, 0
         for i in range(0, len(u), batch_size):
             idx = perm[i : i + batch_size].to(u.device)
             opt.zero_grad()
-            nn.functional.cross_entropy(model(u[idx]), y[idx]).backward()
+            loss = nn.functional.cross_entropy(model(u[idx]), y[idx])
+            loss.backward()
             if masks is not None:
                 for p, mk in zip(params, masks):
                     p.grad.mul_(mk)
@@ -297,4 +302,7 @@ def finetune(
                     for p, mk in zip(params, masks):
                         p.mul_(mk)
             model.project_wellposed()
+            total, count = total + float(loss.detach()) * len(idx), count + len(idx)
+        if log is not None:
+            log(epoch + 1, total / max(count, 1))
     return model.eval()
