@@ -318,7 +318,8 @@ def test_with_opa_the_fallback_discards_accurate_estimates():
         loss = lambda z: ((z - c) ** 2).sum()  # noqa: E731
         ref = exact_grad(TanhCell, A, B, x, loss)
         solver = lambda: dk.Broyden(memory=40, tol=1e-8, max_iter=40, opa_freq=2)  # noqa: E731
-        g_fb, info = param_grad(TanhCell, A, B, x, loss, solver(), dk.SHINE(fallback=True), pass_loss=True)
+        with pytest.warns(UserWarning, match="fallback then replaces"):
+            g_fb, info = param_grad(TanhCell, A, B, x, loss, solver(), dk.SHINE(fallback=True), pass_loss=True)
         g_no, _ = param_grad(TanhCell, A, B, x, loss, solver(), dk.SHINE(fallback=False), pass_loss=True)
         with_fb.append(cos(g_fb, ref))
         without_fb.append(cos(g_no, ref))
