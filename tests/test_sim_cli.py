@@ -144,3 +144,41 @@ def test_cli_states_see_raw_unit_interval_inputs(tmp_path, monkeypatch):
                   "--n-attack", "0", "--no-plot", "--out", str(tmp_path)])
     u = seen["u"]
     assert u.shape == (50, 64) and u.min() >= 0 and u.max() <= 1 and u.max() > 0.99
+
+
+def test_cli_sim_resume_keeps_finished_lambdas(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("sklearn")
+    base = ["--dataset", "digits", "--hidden", "8", "--samples", "150", "--lam", "0.1,1", "--epochs", "2",
+            "--n-test", "80", "--n-attack", "12", "--pgd-steps", "2", "--eps", "0,0.05", "--no-plot",
+            "--baseline", str(tmp_path / "base.pt")]
+    assert cli.main(base + ["--out", str(tmp_path / "full")]) == 0
+    full = json.loads((tmp_path / "full" / "sim_results.json").read_text())
+    assert full["complete"] and [r["lam"] for r in full["sim"]] == [0.1, 1.0]
+
+    real = cli.fit_sim
+    calls = []
+
+    def interrupted_at_the_second_fit(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    out = ["--out", str(tmp_path / "part")]
+    monkeypatch.setattr(cli, "fit_sim", interrupted_at_the_second_fit)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(base + out)
+    partial = json.loads((tmp_path / "part" / "sim_results.json").read_text())
+    assert not partial["complete"] and [r["lam"] for r in partial["sim"]] == [0.1]
+    drop = lambda r: {k: v for k, v in r.items() if k != "solve_time_s"}  # noqa: E731
+    assert drop(partial["sim"][0]) == drop(full["sim"][0])  # deterministic, PGD starts included
+
+    monkeypatch.setattr(cli, "fit_sim", real)
+    with pytest.raises(ValueError, match="other settings.*kappa"):
+        cli.main(base + out + ["--resume", "--kappa", "0.9"])
+    assert cli.main(base + out + ["--resume"]) == 0
+    assert "kept from" in capsys.readouterr().err
+    resumed = json.loads((tmp_path / "part" / "sim_results.json").read_text())
+    assert resumed["complete"] and [r["lam"] for r in resumed["sim"]] == [0.1, 1.0]
+    assert resumed["sim"][0] == partial["sim"][0]  # reused as it was
+    assert resumed["sim"][1]["wellposed"]

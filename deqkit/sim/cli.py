@@ -64,6 +64,31 @@ def load_data(name: str, data_dir: str | os.PathLike | None = None, seed: int = 
     return (*splits.train.tensors, *splits.test.tensors)
 
 
+#: the options that shape the results: a run resumed with --resume must have the same
+RESULT_SETTINGS = (
+    "dataset", "hidden", "samples", "kappa", "mode", "solver", "rho", "max_iter_ab", "max_iter_cd", "lam_scale",
+    "penalty", "input_weight", "structure", "output_skip", "debias", "finetune_epochs", "finetune_lr", "seed",
+    "attacks", "eps", "pgd_steps", "n_test", "n_attack",
+)
+
+
+def _resumed_rows(path: Path, results: dict) -> dict:
+    """Rows of a previous run at ``path`` by ``(λ, fine-tuning epochs)``, after checking that
+    it was made with the same settings and baseline as ``results`` (ValueError otherwise)."""
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    changed = [f"{k}: {old.get(k)!r} -> {results[k]!r}" for k in RESULT_SETTINGS if old.get(k) != results[k]]
+    if changed:
+        raise ValueError(f"--resume: {path} was written with other settings ({'; '.join(changed)}); "
+                         "use another --out, or drop --resume to start over")
+    ob, nb = old.get("baseline", {}), results["baseline"]
+    if (ob.get("accuracy"), ob.get("nnz")) != (nb["accuracy"], nb["nnz"]):
+        raise ValueError(f"--resume: {path} was written for another baseline (test accuracy {ob.get('accuracy')} vs "
+                         f"{nb['accuracy']}); pass the same --baseline file")
+    return {(r["lam"], r["finetune_epochs"]): r for r in old.get("sim", [])}
+
+
 def _floats(text: str) -> list[float]:
     try:
         vals = [float(t) for t in text.split(",") if t.strip()]
@@ -134,6 +159,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="sim_out", help="output directory (sim_results.json, sim.png)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the λ already in OUT/sim_results.json (same settings and baseline) and run the rest")
     return p
 
 
@@ -238,39 +265,27 @@ def run(args: argparse.Namespace) -> int:
     xtr, xte, ytr, yte = xtr.to(dev, dt), xte.to(dev, dt), ytr.to(dev), yte.to(dev)
     n_att = min(args.n_attack, len(xte))
     xa, ya = xte[:n_att], yte[:n_att]
-    pgd_kw = {"steps": args.pgd_steps, "generator": torch.Generator().manual_seed(args.seed)}
-
     def robust(model) -> dict:
-        out = {}
+        accs: dict = {}
         if n_att == 0:
-            return out
+            return accs
         for att in args.attacks:
-            kw = pgd_kw if att == "pgd" else {}
+            # the same random PGD starts for every model (and for a resumed run)
+            kw = {"steps": args.pgd_steps, "generator": torch.Generator().manual_seed(args.seed)} if att == "pgd" else {}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                out[att] = {str(k): v for k, v in robust_accuracy(model, xa, ya, args.eps, attack=att, **kw).items()}
-        return out
+                accs[att] = {str(k): v for k, v in robust_accuracy(model, xa, ya, args.eps, attack=att, **kw).items()}
+        return accs
 
     base_acc = accuracy(net, xte, yte)
     base_nnz = baseline_nonzeros(net)
-    results = {
-        "command": " ".join(sys.argv),
-        "dataset": args.dataset,
-        "hidden": list(args.hidden),
-        "samples": m,
-        "kappa": args.kappa,
-        "mode": args.mode,
-        "solver": args.solver,
-        "lam_scale": args.lam_scale,
-        "penalty": args.penalty,
-        "input_weight": args.input_weight,
-        "structure": args.structure,
-        "output_skip": args.output_skip,
-        "debias": args.debias,
-        "attacks": list(args.attacks),
-        "baseline": {"accuracy": base_acc, "nnz": base_nnz, "how": how, "robust": robust(net)},
-        "sim": [],
-    }
+    results = {"command": " ".join(sys.argv)}
+    results.update({k: getattr(args, k) for k in RESULT_SETTINGS})
+    results.update({"hidden": list(args.hidden), "samples": m, "attacks": list(args.attacks), "eps": list(args.eps)})
+    results.update({"baseline": {"accuracy": base_acc, "nnz": base_nnz, "how": how, "robust": robust(net)},
+                    "sim": [], "complete": False})
+    out = Path(args.out)
+    done = _resumed_rows(out / "sim_results.json", results) if args.resume else {}
     print(f"baseline MLP {xtr.shape[1]}-{'-'.join(map(str, args.hidden))}-{q} ({how}): "
           f"test accuracy {100 * base_acc:.2f}%, non-zeros {base_nnz}")
     states = collect_states(net, xtr[:m], kappa=args.kappa, dtype=dt)
@@ -298,6 +313,12 @@ def run(args: argparse.Namespace) -> int:
         }
 
     for lam in args.lam:
+        wanted = [(lam, 0)] + ([(lam, args.finetune_epochs)] if args.finetune_epochs else [])
+        if all(key in done for key in wanted):
+            print(f"  λ={lam:g}: kept from {out / 'sim_results.json'} (--resume)", file=sys.stderr)
+            results["sim"] += [done[key] for key in wanted]
+            prev = None  # the next λ's solve starts cold: same program, same solution within tolerance
+            continue
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             res = fit_sim(states, lam, method=args.solver, mode=args.mode, admm_ab=admm_ab, admm_cd=admm_cd,
@@ -318,6 +339,8 @@ def run(args: argparse.Namespace) -> int:
             row = evaluate(tuned, lam, res, finetune_epochs=args.finetune_epochs)
             row["finetune_time_s"] = time.perf_counter() - t0
             results["sim"].append(row)
+        # every finished λ is on disk (atomically): an interrupted run keeps it for --resume
+        atomic_write_bytes(out / "sim_results.json", json.dumps(results, indent=2).encode())
     # table
     eps_cols = [(a, str(float(e))) for a in args.attacks for e in args.eps if n_att]
     head = f"{'model':>18} {'acc %':>7} {'nnz':>7} {'nnz %':>6} {'‖A‖∞':>6} {'ok':>3} {'solve s':>7}"
@@ -334,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
         name = f"SIM λ={r['lam']:g}" + (f" +ft{r['finetune_epochs']}" if r["finetune_epochs"] else "")
         print(fmt(name, r["accuracy"], r["nnz"]["total"], r["nnz_fraction"], f"{r['A_inf_norm']:.3f}",
                   "yes" if r["wellposed"] else "NO", f"{r['solve_time_s']:.1f}", r["robust"]))
-    out = Path(args.out)
+    results["complete"] = True
     atomic_write_bytes(out / "sim_results.json", json.dumps(results, indent=2).encode())
     if not args.no_plot:
         _plot(results, out / "sim.png")
