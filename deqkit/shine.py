@@ -65,8 +65,9 @@ class SHINE(AdjointEstimator):
     fallback off: OPA makes ``−vH`` accurate in the loss direction, so a large ``‖w‖`` is the true
     amplification by ``(I − J)⁻¹`` and the fallback replaces exactly those accurate estimates by
     ``v``. Measured on the trained digits DEQs of ``deqkit compare`` (10 seeds, OPA every 5
-    steps): cosine to the exact gradient 0.992 ± 0.006 without the fallback, 0.555 ± 0.315 with
-    it (tested on a small problem in ``tests/test_shine.py``); a DEQ built with both warns.
+    steps): cosine to the exact gradient 0.992 ± 0.006 without the fallback (BENCHMARKS.md
+    accuracy section), 0.555 ± 0.315 with it (the same command and seeds before the preset
+    changed) (tested on a small problem in ``tests/test_shine.py``); a DEQ built with both warns.
     Without OPA the fallback guards against a poor ``H`` and helps.
     """
 
@@ -138,13 +139,13 @@ class WarmExact(Exact):
     ``warm_start="shine"``: the adjoint solve starts at ``w₀ = −vH``; ``"shine+inverse"`` (the
     default with a Broyden ``linear_solver``, which is the default solver) also starts Broyden
     from the forward ``Hᵀ`` as its inverse estimate. Same tolerance, fewer backward iterations
-    (measured on the digits MLP: 11 vs 13 VJPs; width 256: 28 vs 37, against the same Broyden
-    adjoint started cold). ``"precondition"`` (the default with :class:`~deqkit.linear.GMRES`):
+    (BENCHMARKS.md step table: 11 vs 12 VJPs on the digits MLP, 30 vs 42 at width 256, against
+    the same Broyden adjoint started cold). ``"precondition"`` (the default with :class:`~deqkit.linear.GMRES`):
     ``−H`` is GMRES's right preconditioner, ``w = −yH`` with GMRES on ``y ↦ −yH(I − J)``: its
     first step already contains the SHINE estimate, and every later step is one VJP plus one
-    low-rank product (measured, width 256: 38 instead of 49 VJPs; on a CPU at that size the
-    saving and the extra products balance, 0.93–1.05× the time of plain GMRES in two runs, so it
-    pays where the cell's VJP dominates). A plain warm start of GMRES (``"shine"``) saves about
+    low-rank product (width 256: 38 instead of 49 VJPs; on a CPU at that size the saving and the
+    extra products balance: 1.05× the time of plain GMRES in the recorded step benchmark, 0.93×
+    in an earlier run of it; it should pay where the cell's VJP dominates). A plain warm start of GMRES (``"shine"``) saves about
     one step per sample and costs one VJP for the initial residual, so it rarely pays. Ramzi et al. (arXiv
     2106.00553) use ``H`` as a warm start; the preconditioned form is ours.
     """

@@ -492,8 +492,9 @@ class Broyden(Solver):
     update uses the step actually taken. Off by default: it rescues full steps that overshoot
     (``g = −2·atan(z)`` from ``z₀ = 5``: the root instead of a run-away, tested), but where ``H``
     is still poor the Broyden direction need not decrease ``‖g‖`` and the short steps feed worse
-    secant pairs (``tanh(Wz + x)``, ``‖W‖₂ = 3``, ``d = 8``: 14 instead of 16 of 16 samples
-    converged, with ~200 extra evaluations).
+    secant pairs: on random ``tanh(Wz + x)`` problems with ``‖W‖₂ = 3``, ``d = 8``, 16 samples,
+    it converged 14, 15 or 16 of the samples where plain Broyden converged 16, for 15–200 extra
+    batch evaluations.
     """
 
     keeps_inverse_jacobian = True

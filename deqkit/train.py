@@ -72,6 +72,12 @@ _RESUME_KEYS = ("batch_size", "lr", "weight_decay", "optimizer", "momentum", "sc
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def _deq_settings(model: nn.Module) -> list[str]:
+    """The solver and gradient estimator of every DEQ in ``model`` (their reprs), so a resumed
+    run can tell that they were swapped (e.g. a preset that changed meaning)."""
+    return [f"solver={m.solver!r}, grad={m.grad!r}" for m in model.modules() if isinstance(m, DEQ)]
+
+
 def seed_everything(seed: int) -> None:
     """Seed python's ``random``, numpy's global generator and torch (CPU and CUDA)."""
     random.seed(seed)
@@ -475,6 +481,7 @@ class Trainer:
             "elapsed_s": self._elapsed(),
             "n_train": len(self.train_set),  # type: ignore[arg-type]
             "config": self.config.to_dict(),
+            "deqs": _deq_settings(self.model),
         }
 
     def save_checkpoint(self, path: Optional[PathLike] = None, *, rng: Optional[dict[str, Any]] = None) -> Path:
@@ -505,9 +512,14 @@ class Trainer:
         changed = [k for k in _RESUME_KEYS if old.get(k) != getattr(self.config, k)]
         if old.get("epochs") != self.config.epochs and self.config.schedule != "none":
             changed.append("epochs")
+        what = [f"{k}: {old.get(k)!r} -> {getattr(self.config, k)!r}" for k in changed]
+        deqs = _deq_settings(self.model)
+        if "deqs" in ckpt and ckpt["deqs"] != deqs:  # a solver or gradient estimator was swapped
+            changed.append("deqs")
+            what.append(f"DEQ solver/estimator: {ckpt['deqs']} -> {deqs}")
         if changed:
             warnings.warn(
-                f"resuming from {source} with changed settings {', '.join(f'{k}: {old.get(k)!r} -> {getattr(self.config, k)!r}' for k in changed)}; "
+                f"resuming from {source} with changed settings {'; '.join(what)}; "
                 f"the run will differ from an uninterrupted one.",
                 stacklevel=3,
             )

@@ -182,3 +182,9 @@ def test_cli_sim_resume_keeps_finished_lambdas(tmp_path, monkeypatch, capsys):
     assert resumed["complete"] and [r["lam"] for r in resumed["sim"]] == [0.1, 1.0]
     assert resumed["sim"][0] == partial["sim"][0]  # reused as it was
     assert resumed["sim"][1]["wellposed"]
+    # extending the sweep keeps the λ not asked for again
+    argv = [a if a != "0.1,1" else "0.3" for a in base]
+    assert cli.main(argv + out + ["--resume"]) == 0
+    extended = json.loads((tmp_path / "part" / "sim_results.json").read_text())
+    assert [r["lam"] for r in extended["sim"]] == [0.1, 0.3, 1.0]
+    assert extended["sim"][0] == resumed["sim"][0] and extended["sim"][2] == resumed["sim"][1]

@@ -354,3 +354,14 @@ def test_adjoint_time_is_reported_only_where_it_is_measured(tiny, tmp_path):
     unrolled = Trainer(_model(), tiny.train, None, _cfg(tmp_path / "u", epochs=1)).fit()[-1]
     assert exact["adjoint_ms"] is not None and exact["adjoint_ms"] > 0
     assert unrolled["adjoint_ms"] is None and unrolled["bwd_ms"] > 0
+
+
+def test_resume_with_a_swapped_estimator_warns(tiny, tmp_path):
+    cfg = _cfg(tmp_path, epochs=1)
+    Trainer(_model(), tiny.train, None, cfg).fit()
+    assert torch.load(tmp_path / "ckpt" / CHECKPOINT_NAME, weights_only=True)["deqs"][0].endswith("grad=Unrolled(k=5, damping=0.5)")
+    with pytest.warns(UserWarning, match=r"DEQ solver/estimator: .*Unrolled.* -> .*Exact"):
+        Trainer(_model(grad=Exact()), tiny.train, None, cfg).fit(resume=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same estimator: no warning
+        Trainer(_model(), tiny.train, None, cfg).fit(resume=True)
