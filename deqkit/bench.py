@@ -1066,7 +1066,7 @@ the preset changed; see `SHINE`'s docstring).
 What limits SHINE(fallback=True) on digits (2026-11-23: −0.56 points over 10 seeds, the missed target;
 it was −0.86 over 3): its gradient's cosine to exact is 0.66. The forward Broyden converges in
 ~8–11 steps, so `H` has seen few directions; OPA fixes that direction (cosine 0.99, −0.15
-points) at +40 % forward cost. On the fashion subset every estimator is within 0.12 points.
+points) at +40–55 % forward cost. On the fashion subset every estimator is within 0.12 points.
 """
 
 

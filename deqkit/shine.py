@@ -144,8 +144,9 @@ class WarmExact(Exact):
     ``−H`` is GMRES's right preconditioner, ``w = −yH`` with GMRES on ``y ↦ −yH(I − J)``: its
     first step already contains the SHINE estimate, and every later step is one VJP plus one
     low-rank product (width 256: 38 instead of 49 VJPs; on a CPU at that size the saving and the
-    extra products balance: 1.05× the time of plain GMRES in the recorded step benchmark, 0.93×
-    in an earlier run of it; it should pay where the cell's VJP dominates). A plain warm start of GMRES (``"shine"``) saves about
+    extra products balance: 0.93–1.05× the time of plain GMRES over three runs of the step
+    benchmark, 0.96× in the recorded one, and 1.04–1.12× on the small reference cell; it should
+    pay where the cell's VJP dominates). A plain warm start of GMRES (``"shine"``) saves about
     one step per sample and costs one VJP for the initial residual, so it rarely pays. Ramzi et al. (arXiv
     2106.00553) use ``H`` as a warm start; the preconditioned form is ours.
     """
