@@ -1,14 +1,47 @@
-"""Exceptions and warnings raised by deqkit.
+"""The one error/warning hierarchy of deqkit, and the one failure policy.
 
-Every failure of a solve is surfaced through one of these: a non-finite iterate, a solve that
-misses its tolerance (when asked to raise), or an invalid option.
+Every failure is surfaced through one of these classes, in core, ``deqkit.bilevel`` and
+``deqkit.sim`` alike:
+
+- :class:`OptionError` — an invalid option or argument (a ``ValueError``, raised at
+  construction or call time, naming the class, the option, the value and what is allowed);
+- :class:`ConvergenceError` / :class:`ConvergenceWarning` — an iterative solve missed its
+  tolerance within its iteration cap (raised or warned according to ``on_failure``);
+- :class:`NonFiniteError` — a solve produced NaN or Inf (always raised unless a solver's own
+  option, such as ``on_nonfinite="freeze"``, says otherwise).
+
+``on_failure`` is the one spelling of the failure policy everywhere: ``"warn"`` (default),
+``"raise"`` or ``"ignore"``; whatever the policy, the result object records what happened
+(``converged``, ``nstep``, residuals). :func:`apply_failure_policy` is the helper every
+module calls.
 """
 
 from __future__ import annotations
 
+import warnings
+from typing import Literal
+
+__all__ = [
+    "DEQError",
+    "OptionError",
+    "ConvergenceError",
+    "NonFiniteError",
+    "ConvergenceWarning",
+    "FAILURE_POLICIES",
+    "FailurePolicy",
+    "apply_failure_policy",
+]
+
 
 class DEQError(RuntimeError):
     """Base class of the errors deqkit raises at run time."""
+
+
+class OptionError(DEQError, ValueError):
+    """An invalid option or argument: the message names the owner, the option, the value and what is allowed.
+
+    A ``ValueError`` too, so ``except ValueError`` keeps working.
+    """
 
 
 class ConvergenceError(DEQError):
@@ -21,3 +54,23 @@ class NonFiniteError(DEQError):
 
 class ConvergenceWarning(UserWarning):
     """A solve missed its tolerance within its iteration cap (the result is still returned)."""
+
+
+FailurePolicy = Literal["warn", "raise", "ignore"]
+#: the values of every ``on_failure`` option in deqkit
+FAILURE_POLICIES: tuple[str, ...] = ("warn", "raise", "ignore")
+
+
+def apply_failure_policy(policy: str, message: str, *, stacklevel: int = 2) -> None:
+    """Act on a missed tolerance according to ``policy`` (an ``on_failure`` value).
+
+    ``"raise"``: :class:`ConvergenceError` with ``message``; ``"warn"``: a
+    :class:`ConvergenceWarning`; ``"ignore"``: nothing (the result still records it).
+    ``stacklevel`` counts from the caller of this function, as in :func:`warnings.warn`.
+    """
+    if policy == "raise":
+        raise ConvergenceError(message)
+    if policy == "warn":
+        warnings.warn(message, ConvergenceWarning, stacklevel=stacklevel + 1)
+    elif policy != "ignore":
+        raise OptionError(f"on_failure={policy!r} is not valid; choose one of {', '.join(map(repr, FAILURE_POLICIES))}.")

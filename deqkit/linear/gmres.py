@@ -1,86 +1,15 @@
-"""Linear solvers for the adjoint equation of the exact implicit gradient.
-
-The exact gradient needs ``w`` with ``w = wJ + v`` (``J = ∂f/∂z`` at ``z*``, ``v = ∂L/∂z*``,
-row vectors), i.e. ``w (I − J) = v``. Only vector–Jacobian products ``u ↦ uJ`` are available.
-
-Any forward solver of :mod:`deqkit.solvers` solves it as the fixed point ``w ↦ wJ + v``
-(:meth:`deqkit.solvers.Solver.solve_adjoint`). This module adds two solvers that use the
-linearity: :class:`GMRES` (Krylov, per sample, restarted) and :class:`Dense` (builds ``J``
-explicitly; for tests and tiny states). All return a :class:`~deqkit.solvers.SolverResult`.
-
-The relative residual of an adjoint solve is ``‖w − wJ − v‖ / ‖v‖``.
-"""
+"""Restarted GMRES for the adjoint equation."""
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ._options import options_repr, check_choice, check_int, check_positive, validated_options
-from .errors import NonFiniteError
-from .solvers import STOP_MODES, SolverResult
-
-Fn = Callable[[Tensor], Tensor]
-
-
-def _result(
-    name: str, w: Tensor, v: Tensor, res: Tensor, nstep: Tensor, trace: list[Tensor], tol: float, stop_mode: str, max_iter: int
-) -> SolverResult:
-    vnorm = v.norm(dim=1)
-    eps = torch.finfo(v.dtype).eps
-    rel = res / (vnorm + eps)
-    measure = rel if stop_mode == "rel" else res
-    abs_trace = torch.stack(trace) if trace else res[None]
-    return SolverResult(
-        z=w,
-        nstep=nstep,
-        abs_residual=res,
-        rel_residual=rel,
-        converged=measure <= tol,
-        abs_trace=abs_trace,
-        rel_trace=abs_trace / (vnorm + eps),
-        tol=tol,
-        stop_mode=stop_mode,
-        max_iter=max_iter,
-        solver=name,
-    )
-
-
-def _check_finite(name: str, t: Tensor, what: str) -> None:
-    if not torch.isfinite(t).all():
-        raise NonFiniteError(
-            f"{name}: the adjoint solve produced NaN/Inf ({what}). The Jacobian at the fixed point may be "
-            f"ill-conditioned (spectral radius ≥ 1): check that the forward solve converged."
-        )
-
-
-class LinearSolver:
-    """Base class of the dedicated adjoint solvers (``solve_adjoint`` is the one call)."""
-
-    name: ClassVar[str] = "linear"
-
-    def __init__(self, *, tol: float, max_iter: int, stop_mode: str) -> None:
-        owner = type(self).__name__
-        check_positive(owner, "tol", tol)
-        check_int(owner, "max_iter", max_iter)
-        check_choice(owner, "stop_mode", stop_mode, STOP_MODES)
-        self.tol, self.max_iter, self.stop_mode = float(tol), int(max_iter), stop_mode
-
-    def __repr__(self) -> str:
-        return options_repr(self)
-
-    def solve_adjoint(
-        self, vjp: Fn, v: Tensor, w0: Optional[Tensor] = None, *, tol: Optional[float] = None, max_iter: Optional[int] = None
-    ) -> SolverResult:
-        """Solve ``w = vjp(w) + v`` for rows ``w`` shaped like ``v``, from ``w0`` (default zero).
-
-        ``tol`` / ``max_iter`` override the solver's own settings. The result's ``z`` is ``w``;
-        its relative residual is ``‖w − wJ − v‖ / ‖v‖``.
-        """
-        raise NotImplementedError
-
+from .._options import check_int, validated_options
+from .base import Fn, LinearSolver, _check_finite, _result
+from ..solvers import SolverResult
 
 @validated_options
 class GMRES(LinearSolver):
@@ -197,51 +126,3 @@ class GMRES(LinearSolver):
             r = vf - op(w)  # true residual (one extra product) before a restart or the end
             used += 1
         return _result(self.name, to_w(w).view(shape), vf, r.norm(dim=1), nstep, trace, tol, self.stop_mode, max_iter)
-
-
-@validated_options
-class Dense(LinearSolver):
-    """Exact dense solve: builds ``J`` (``d`` VJPs per batch) and calls ``torch.linalg.solve``.
-
-    For tests and tiny states only (refuses ``d > max_dim``). ``tol`` is only used to flag the
-    result as converged.
-    """
-
-    name = "dense"
-
-    def __init__(self, *, max_dim: int = 4096, tol: float = 1e-6, stop_mode: str = "rel") -> None:
-        super().__init__(tol=tol, max_iter=1, stop_mode=stop_mode)
-        check_int(type(self).__name__, "max_dim", max_dim)
-        self.max_dim = int(max_dim)
-
-    def jacobian(self, vjp: Fn, v: Tensor) -> Tensor:
-        """Rows ``e_i J`` stacked: the per-sample ``(B, d, d)`` Jacobian of the map behind ``vjp``."""
-        shape, B = v.shape, v.shape[0]
-        d = v[0].numel()
-        if d > self.max_dim:
-            raise ValueError(
-                f"Dense: the state has {d} entries per sample, more than max_dim={self.max_dim}; building the "
-                f"Jacobian would cost {d} VJPs and {d * d} numbers per sample. Use GMRES() or Anderson() instead."
-            )
-        rows = []
-        for i in range(d):
-            e = v.new_zeros(B, d)
-            e[:, i] = 1
-            rows.append(vjp(e.view(shape)).reshape(B, d))
-        return torch.stack(rows, dim=1)
-
-    def solve_adjoint(
-        self, vjp: Fn, v: Tensor, w0: Optional[Tensor] = None, *, tol: Optional[float] = None, max_iter: Optional[int] = None
-    ) -> SolverResult:
-        tol = self.tol if tol is None else tol
-        shape, B = v.shape, v.shape[0]
-        J = self.jacobian(vjp, v)
-        d = J.shape[-1]
-        vf = v.reshape(B, d)
-        eye = torch.eye(d, dtype=v.dtype, device=v.device)
-        # w (I − J) = v  ⇔  (I − J)ᵀ wᵀ = vᵀ
-        w = torch.linalg.solve((eye - J).transpose(1, 2), vf.unsqueeze(-1)).squeeze(-1)
-        _check_finite(self.name, w, "dense solve")
-        res = (w - torch.einsum("bi,bij->bj", w, J) - vf).norm(dim=1)
-        nstep = torch.full((B,), d, dtype=torch.long, device=v.device)
-        return _result(self.name, w.view(shape), vf, res, nstep, [res], tol, self.stop_mode, 1)
