@@ -35,27 +35,43 @@ __all__ = [
 ]
 
 
-def validated_options(cls: type[T]) -> type[T]:
-    """Class decorator: an unknown keyword to ``__init__`` raises an ``OptionError`` naming the valid ones.
+def validated_options(obj: T) -> T:
+    """Decorator for a class (its ``__init__``) or a public function: an unknown keyword raises an
+    ``OptionError`` naming the valid ones, with a "did you mean" hint.
 
     Python's own ``TypeError`` for an unexpected keyword does not list the valid options and
     gives no hint for a typo (``tolerance=`` for ``tol=``); this does both. The valid names are
-    kept in ``cls.valid_options``.
+    kept in ``obj.valid_options``.
     """
-    init = cls.__init__
-    sig = inspect.signature(init)
+    is_class = isinstance(obj, type)
+    target: Any = obj.__init__ if is_class else obj  # type: ignore[misc]
+    sig = inspect.signature(target)
     valid = [n for n, p in sig.parameters.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    owner = getattr(obj, "__name__", str(obj))
 
-    @functools.wraps(init)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> None:
+    def check(kwargs: dict[str, Any]) -> None:
         unknown = [k for k in kwargs if k not in valid]
         if unknown:
-            raise OptionError(unknown_option_message(cls.__name__, unknown[0], valid))
-        init(self, *args, **kwargs)
+            raise OptionError(unknown_option_message(owner, unknown[0], valid))
 
-    cls.__init__ = wrapper  # type: ignore[method-assign]
-    cls.valid_options = tuple(valid)  # type: ignore[attr-defined]
-    return cls
+    if is_class:
+
+        @functools.wraps(target)
+        def init(self: Any, *args: Any, **kwargs: Any) -> None:
+            check(kwargs)
+            target(self, *args, **kwargs)
+
+        obj.__init__ = init  # type: ignore[misc]
+        obj.valid_options = tuple(valid)  # type: ignore[attr-defined]
+        return obj
+
+    @functools.wraps(target)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        check(kwargs)
+        return target(*args, **kwargs)
+
+    call.valid_options = tuple(valid)  # type: ignore[attr-defined]
+    return call  # type: ignore[return-value]
 
 
 def options_repr(obj: Any) -> str:
