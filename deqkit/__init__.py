@@ -1,11 +1,24 @@
 """deqkit: deep equilibrium and implicit models in PyTorch, every cheap gradient one switch apart."""
 
 from .deq import DEQ, DEQInfo
-from .errors import ConvergenceError, ConvergenceWarning, DEQError, NonFiniteError
-from .estimators import AdjointEstimator, Exact, GradientEstimator, JacobianFree, Neumann, Unrolled, make_estimator
-from .linear import GMRES, Dense
+from .errors import ConvergenceError, ConvergenceWarning, DEQError, NonFiniteError, OptionError
+from .estimators import (
+    SHINE,
+    AdjointEstimator,
+    BackwardStats,
+    BroydenReuse,
+    Exact,
+    GradientEstimator,
+    JacobianFree,
+    Neumann,
+    Unrolled,
+    WarmExact,
+    make_estimator,
+)
+from .inverse import InverseEstimate
+from .linear import GMRES, Dense, FixedPointAdjoint, LinearSolver, make_linear_solver
 from .models import ConvCell, DEQClassifier, MLPCell
-from .shine import SHINE, BroydenReuse, WarmExact
+from .registry import register_estimator, register_linear_solver, register_solver
 from .solvers import Anderson, Broyden, BroydenState, FixedPoint, Solver, SolverResult, make_solver
 
 __version__ = "0.1.0"
@@ -19,10 +32,14 @@ __all__ = [
     "Anderson",
     "Broyden",
     "BroydenState",
+    "InverseEstimate",
+    "LinearSolver",
     "GMRES",
     "Dense",
+    "FixedPointAdjoint",
     "GradientEstimator",
     "AdjointEstimator",
+    "BackwardStats",
     "Exact",
     "Unrolled",
     "Neumann",
@@ -35,8 +52,13 @@ __all__ = [
     "DEQClassifier",
     "make_solver",
     "make_estimator",
+    "make_linear_solver",
+    "register_solver",
+    "register_estimator",
+    "register_linear_solver",
     "ConvergenceError",
     "ConvergenceWarning",
     "DEQError",
     "NonFiniteError",
+    "OptionError",
 ]

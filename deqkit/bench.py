@@ -127,7 +127,7 @@ def build_model(cfg: BenchConfig, grad: GradientEstimator, solver: Optional[Solv
 
     torch.manual_seed(cfg.seed)
     model = DEQClassifier.mlp(
-        64, cfg.width, 10, solver=solver or cfg.solver(), grad=grad, init_scale=cfg.init_scale, on_nonconvergence="ignore"
+        64, cfg.width, 10, solver=solver or cfg.solver(), grad=grad, init_scale=cfg.init_scale, on_failure="ignore"
     )
     return model.to(dtype)
 
@@ -597,7 +597,7 @@ def bench_torchdeq(
 
     # ---- training steps --------------------------------------------------------------------------
     def ours_deq(grad: GradientEstimator) -> DEQ:
-        return DEQ(cell, Anderson(memory=6, regularization=1e-4, tol=f_tol, max_iter=f_max_iter, stop_mode="rel"), grad, on_nonconvergence="ignore")
+        return DEQ(cell, Anderson(memory=6, regularization=1e-4, tol=f_tol, max_iter=f_max_iter, stop_mode="rel"), grad, on_failure="ignore")
 
     def theirs(**kw: Any) -> nn.Module:
         return get_deq(core="sliced", f_solver="counted_anderson", f_max_iter=f_max_iter, f_tol=f_tol, f_stop_mode="rel",

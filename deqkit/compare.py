@@ -25,7 +25,7 @@ from ._options import check_choice, check_int, check_positive
 from .diagnostics import format_table, gradient_quality
 from .estimators import Exact, GradientEstimator, JacobianFree, Neumann, Unrolled
 from .linear import GMRES
-from .shine import SHINE, BroydenReuse, WarmExact
+from .estimators import SHINE, BroydenReuse, WarmExact
 from .solvers import Broyden, Solver
 
 #: the estimators ``deqkit compare`` knows, by name (each a factory: a fresh object per run)
@@ -113,8 +113,8 @@ def build_model(model: str, splits: Any, width: int, solver: Solver, grad: Gradi
     torch.manual_seed(seed)
     if model == "mlp":
         dim = math.prod(splits.input_shape)
-        return DEQClassifier.mlp(dim, width, splits.num_classes, solver=solver, grad=grad, on_nonconvergence="ignore")
-    return DEQClassifier.conv(splits.input_shape, width, splits.num_classes, solver=solver, grad=grad, on_nonconvergence="ignore")
+        return DEQClassifier.mlp(dim, width, splits.num_classes, solver=solver, grad=grad, on_failure="ignore")
+    return DEQClassifier.conv(splits.input_shape, width, splits.num_classes, solver=solver, grad=grad, on_failure="ignore")
 
 
 def _residual_curve(model: nn.Module, x: torch.Tensor) -> list[float]:

@@ -10,10 +10,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._options import check_choice, check_int, validated_options
-from .errors import ConvergenceError, ConvergenceWarning
-from .estimators import FAILURE_POLICIES, BackwardStats, Exact, GradientEstimator
+from ._options import check_failure_policy, check_int, validated_options
+from .errors import OptionError, apply_failure_policy
+from .estimators import BackwardStats, Exact, GradientEstimator
 from .solvers import Anderson, Solver, SolverResult
+
+__all__ = ["DEQ", "DEQInfo", "InitPolicy"]
 
 InitPolicy = Union[str, Callable[[Any], Tensor]]
 
@@ -59,7 +61,7 @@ def _batch_like(x: Any) -> Tensor:
         return x[0]
     if isinstance(x, dict) and x:
         return _batch_like(next(iter(x.values())))
-    raise ValueError("DEQ: cannot infer the batch size, dtype and device from x; pass z0 explicitly.")
+    raise OptionError("DEQ: cannot infer the batch size, dtype and device from x; pass z0 explicitly.")
 
 
 def _compute_parametrizations(module: nn.Module) -> None:
@@ -97,12 +99,12 @@ class DEQ(nn.Module):
         state_shape: per-sample shape of ``z``; ``None`` means ``z`` has the shape of ``x``.
         init: initial state policy: ``"zeros"`` or a callable ``x ↦ z0``.
         eval_max_iter: iteration cap in eval mode (default: the solver's).
-        on_nonconvergence: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when a forward solve
+        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when a forward solve
             misses its tolerance; ``info.converged`` always says which samples did.
 
     ``forward(x, z0=None, loss_fn=None)`` returns ``(z, info)`` (:class:`DEQInfo`). The forward
-    solver's state (Broyden's inverse estimate) is kept in ``info.forward.state`` only when the
-    estimator reuses it (SHINE, BroydenReuse, WarmExact).
+    solver's inverse estimate (Broyden's ``H``) is kept in ``info.forward.inverse`` only when the
+    estimator reuses it (``grad.needs_inverse``: SHINE, BroydenReuse, WarmExact).
     """
 
     def __init__(
@@ -114,36 +116,36 @@ class DEQ(nn.Module):
         state_shape: Optional[Sequence[int]] = None,
         init: InitPolicy = "zeros",
         eval_max_iter: Optional[int] = None,
-        on_nonconvergence: str = "warn",
+        on_failure: str = "warn",
     ) -> None:
         super().__init__()
         if not isinstance(cell, nn.Module):
-            raise ValueError(
+            raise OptionError(
                 f"DEQ: cell must be an nn.Module computing f(z, x) (so its parameters are seen and get gradients), "
                 f"got {type(cell).__name__}. Wrap a function in an nn.Module that owns its parameters."
             )
         solver = Anderson(memory=6, tol=1e-4, max_iter=40) if solver is None else solver
         grad = Exact() if grad is None else grad
         if not isinstance(solver, Solver):
-            raise ValueError(f"DEQ: solver must be a deqkit forward solver (FixedPoint, Anderson, Broyden), got {type(solver).__name__}.")
+            raise OptionError(f"DEQ: solver must be a deqkit forward solver (FixedPoint, Anderson, Broyden), got {type(solver).__name__}.")
         if not isinstance(grad, GradientEstimator):
-            raise ValueError(
+            raise OptionError(
                 f"DEQ: grad must be a gradient estimator (Exact, Unrolled, Neumann, JacobianFree, SHINE, BroydenReuse), "
                 f"got {type(grad).__name__}."
             )
         grad.check_solver(solver)
         if not (init == "zeros" or callable(init)):
-            raise ValueError(f"DEQ: init must be 'zeros' or a callable x -> z0, got {init!r}.")
+            raise OptionError(f"DEQ: init must be 'zeros' or a callable x -> z0, got {init!r}.")
         if eval_max_iter is not None:
             check_int("DEQ", "eval_max_iter", eval_max_iter)
-        check_choice("DEQ", "on_nonconvergence", on_nonconvergence, FAILURE_POLICIES)
+        on_failure = check_failure_policy("DEQ", on_failure)
         self.cell = cell
         self.solver = solver
         self.grad = grad
         self.state_shape = None if state_shape is None else tuple(int(s) for s in state_shape)
         self.init = init
         self.eval_max_iter = eval_max_iter
-        self.on_nonconvergence = on_nonconvergence
+        self.on_failure = on_failure
         self._warned_no_opa = False
 
     def extra_repr(self) -> str:
@@ -171,9 +173,9 @@ class DEQ(nn.Module):
         """
         z0 = self.initial_state(x) if z0 is None else z0
         max_iter = self.eval_max_iter if (not self.training and self.eval_max_iter is not None) else None
-        use_opa = loss_fn is not None and self.training and getattr(self.solver, "opa_freq", None) is not None
-        loss_grad = _gradient_of(loss_fn) if use_opa else None
-        if getattr(self.solver, "opa_freq", None) is not None and self.training and loss_fn is None and not self._warned_no_opa:
+        wants_loss = self.training and self.solver.needs_loss_grad
+        call_options = {"loss_grad": _gradient_of(loss_fn)} if wants_loss and loss_fn is not None else {}
+        if wants_loss and loss_fn is None and not self._warned_no_opa:
             warnings.warn(
                 "DEQ: the solver has opa_freq set but forward() got no loss_fn, so no outer-problem-aware "
                 "updates are made. Pass loss_fn=... (DEQClassifier does when given target=...).",
@@ -186,18 +188,16 @@ class DEQ(nn.Module):
         with parametrize.cached():
             _compute_parametrizations(self.cell)  # cached with their graph, before the no-grad solve
             with torch.no_grad():
-                result = self.solver(lambda z: self.cell(z, x), z0, max_iter=max_iter, loss_grad=loss_grad)
+                result = self.solver(lambda z: self.cell(z, x), z0, max_iter=max_iter, **call_options)
             return self._finish(x, result)
 
     def _finish(self, x: Any, result: SolverResult) -> tuple[Tensor, DEQInfo]:
-        if not self.grad.needs_inverse_jacobian:
-            result.state = None  # Broyden's U, V would otherwise live until backward (MBs per batch)
+        if not self.grad.needs_inverse:
+            result.inverse = None  # Broyden's U, V would otherwise live until backward (MBs per batch)
         info = DEQInfo(result)
-        if not result.all_converged and self.on_nonconvergence != "ignore":
+        if not result.all_converged and self.on_failure != "ignore":
             msg = f"DEQ forward: {result.summary()}. Raise max_iter, loosen tol, or check the cell is contractive."
-            if self.on_nonconvergence == "raise":
-                raise ConvergenceError(msg)
-            warnings.warn(msg, ConvergenceWarning, stacklevel=4)  # the caller of DEQ.forward
+            apply_failure_policy(self.on_failure, msg, stacklevel=4)  # the caller of DEQ.forward
         needs_grad = torch.is_grad_enabled() and (_requires_grad(x) or any(p.requires_grad for p in self.cell.parameters()))
         if not needs_grad:
             return result.z, info

@@ -292,7 +292,7 @@ class DEQClassifier(nn.Module):
         head: ``z* ↦ logits``.
         solver, grad: forward solver and gradient estimator (defaults of :class:`~deqkit.deq.DEQ`).
         state_shape: per-sample shape of ``z`` (default: the shape of ``u``).
-        init, eval_max_iter, on_nonconvergence: passed to :class:`~deqkit.deq.DEQ`.
+        init, eval_max_iter, on_failure: passed to :class:`~deqkit.deq.DEQ`.
 
     Attributes:
         deq: the equilibrium layer; ``deq.solver`` / ``deq.grad`` can be swapped between calls.
@@ -313,7 +313,7 @@ class DEQClassifier(nn.Module):
         state_shape: Optional[Sequence[int]] = None,
         init: InitPolicy = "zeros",
         eval_max_iter: Optional[int] = None,
-        on_nonconvergence: str = "warn",
+        on_failure: str = "warn",
     ) -> None:
         super().__init__()
         for name, mod in (("cell", cell), ("injection", injection), ("head", head)):
@@ -321,7 +321,7 @@ class DEQClassifier(nn.Module):
                 raise ValueError(f"DEQClassifier: {name} must be an nn.Module, got {type(mod).__name__}.")
         self.injection = injection
         self.deq = DEQ(
-            cell, solver, grad, state_shape=state_shape, init=init, eval_max_iter=eval_max_iter, on_nonconvergence=on_nonconvergence
+            cell, solver, grad, state_shape=state_shape, init=init, eval_max_iter=eval_max_iter, on_failure=on_failure
         )
         self.head = head
         self.last_info: Optional[DEQInfo] = None
@@ -367,7 +367,7 @@ class DEQClassifier(nn.Module):
         spectral_scale: float = 0.9,
         init_scale: float = 0.25,
         eval_max_iter: Optional[int] = None,
-        on_nonconvergence: str = "warn",
+        on_failure: str = "warn",
     ) -> "DEQClassifier":
         """An MLP DEQ: ``u = U flatten(x) + b``, ``z* = MLPCell(z*, u)``, ``logits = C z* + c``.
 
@@ -383,7 +383,7 @@ class DEQClassifier(nn.Module):
         )
         injection = nn.Sequential(nn.Flatten(), nn.Linear(input_dim, width))
         head = nn.Linear(width, num_classes)
-        return cls(cell, injection, head, solver=solver, grad=grad, eval_max_iter=eval_max_iter, on_nonconvergence=on_nonconvergence)
+        return cls(cell, injection, head, solver=solver, grad=grad, eval_max_iter=eval_max_iter, on_failure=on_failure)
 
     @classmethod
     @_validated_kwargs
@@ -401,7 +401,7 @@ class DEQClassifier(nn.Module):
         init_std: float = 0.01,
         pool: int = 4,
         eval_max_iter: Optional[int] = None,
-        on_nonconvergence: str = "warn",
+        on_failure: str = "warn",
     ) -> "DEQClassifier":
         """A convolutional DEQ for images ``(B, C_in, H, W)`` (flat inputs are reshaped).
 
@@ -424,4 +424,4 @@ class DEQClassifier(nn.Module):
         )
         p = min(pool, shape[1], shape[2])
         head = nn.Sequential(nn.AdaptiveAvgPool2d(p), nn.Flatten(), nn.Linear(channels * p * p, num_classes))
-        return cls(cell, injection, head, solver=solver, grad=grad, eval_max_iter=eval_max_iter, on_nonconvergence=on_nonconvergence)
+        return cls(cell, injection, head, solver=solver, grad=grad, eval_max_iter=eval_max_iter, on_failure=on_failure)

@@ -16,7 +16,15 @@ from typing import Any, Callable, Generic, Iterator, Optional, TypeVar
 from ._options import check_choice
 from .errors import OptionError
 
-__all__ = ["Registry"]
+__all__ = [
+    "Registry",
+    "SOLVERS",
+    "ESTIMATORS",
+    "LINEAR_SOLVERS",
+    "register_solver",
+    "register_estimator",
+    "register_linear_solver",
+]
 
 T = TypeVar("T")
 
@@ -97,3 +105,30 @@ class Registry(Generic[T]):
 def optional_name(obj: Optional[object]) -> Optional[str]:
     """The registered ``name`` class attribute of an object, if any."""
     return getattr(obj, "name", None) if obj is not None else None
+
+
+# -- the library's registries ---------------------------------------------------------------------
+# They live here, in a module that imports nothing of deqkit's solvers or estimators, so a solver or
+# estimator module registers itself on import and nothing needs a lazy import to build one by name.
+
+#: forward fixed-point solvers (:class:`deqkit.solvers.Solver`), built by :func:`deqkit.make_solver`
+SOLVERS: Registry[Any] = Registry("solver")
+#: gradient estimators (:class:`deqkit.estimators.GradientEstimator`), built by :func:`deqkit.make_estimator`
+ESTIMATORS: Registry[Any] = Registry("estimator")
+#: adjoint linear solvers (:class:`deqkit.linear.LinearSolver`), built by :func:`deqkit.make_linear_solver`
+LINEAR_SOLVERS: Registry[Any] = Registry("linear solver")
+
+
+def register_solver(name: str, *, aliases: tuple[str, ...] = (), replace: bool = False) -> Callable[[Any], Any]:
+    """Class decorator: make a forward solver buildable by ``make_solver(name)`` (and conformance-tested)."""
+    return SOLVERS.register(name, aliases=aliases, replace=replace)
+
+
+def register_estimator(name: str, *, aliases: tuple[str, ...] = (), replace: bool = False) -> Callable[[Any], Any]:
+    """Class decorator: make a gradient estimator buildable by ``make_estimator(name)`` (and conformance-tested)."""
+    return ESTIMATORS.register(name, aliases=aliases, replace=replace)
+
+
+def register_linear_solver(name: str, *, aliases: tuple[str, ...] = (), replace: bool = False) -> Callable[[Any], Any]:
+    """Class decorator: make an adjoint linear solver buildable by ``make_linear_solver(name)`` (and conformance-tested)."""
+    return LINEAR_SOLVERS.register(name, aliases=aliases, replace=replace)

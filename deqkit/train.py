@@ -7,7 +7,7 @@ backward (adjoint) failures of :class:`~deqkit.estimators.Exact`, and the wall-c
 forward and backward per step.
 
 Non-convergence is counted, never silent, and never spammed: during :meth:`Trainer.fit` and
-:meth:`Trainer.evaluate` every DEQ in the model runs with ``on_nonconvergence="ignore"`` (and
+:meth:`Trainer.evaluate` every DEQ in the model runs with ``on_failure="ignore"`` (and
 an estimator's ``on_failure="ignore"``), and the counts go into the metrics (``fwd_unconverged``,
 ``bwd_unconverged`` per epoch) instead of one warning per batch. The previous settings are
 restored afterwards.
@@ -289,8 +289,8 @@ def _quiet_deqs(model: nn.Module) -> Iterator[None]:
     saved: list[tuple[object, str, str]] = []
     try:
         for deq in _deqs(model):
-            saved.append((deq, "on_nonconvergence", deq.on_nonconvergence))
-            deq.on_nonconvergence = "ignore"
+            saved.append((deq, "on_failure", deq.on_failure))
+            deq.on_failure = "ignore"
             if isinstance(getattr(deq.grad, "on_failure", None), str):
                 saved.append((deq.grad, "on_failure", deq.grad.on_failure))
                 deq.grad.on_failure = "ignore"

@@ -128,7 +128,7 @@ def test_unknown_option_for_estimators_and_deq():
         (lambda: Exact(on_failure="loud"), "on_failure='loud' is not valid"),
         (lambda: Exact(warm_start="jbf"), "Did you mean 'jfb'"),
         (lambda: Exact(linear_solver="gmres"), "linear_solver must be a deqkit solver"),
-        (lambda: DEQ(TanhCell(), on_nonconvergence="warns"), "Did you mean 'warn'"),
+        (lambda: DEQ(TanhCell(), on_failure="warns"), "Did you mean 'warn'"),
         (lambda: DEQ(TanhCell(), eval_max_iter=0), "eval_max_iter must be an integer >= 1"),
         (lambda: DEQ(TanhCell(), solver=GMRES()), "solver must be a deqkit forward solver"),
         (lambda: DEQ(TanhCell(), init="ones"), "init must be 'zeros' or a callable"),
@@ -180,7 +180,7 @@ def test_dense_refuses_a_too_large_state():
 
 def _slow_deq(policy):
     cell = LinearCell(8, 5, rho=0.9, seed=3)
-    return DEQ(cell, FixedPoint(tol=1e-12, max_iter=3), state_shape=(8,), on_nonconvergence=policy), randn(2, 5)
+    return DEQ(cell, FixedPoint(tol=1e-12, max_iter=3), state_shape=(8,), on_failure=policy), randn(2, 5)
 
 
 def test_deq_nonconvergence_raise():
@@ -202,7 +202,7 @@ def test_deq_nonconvergence_warn_default():
 
 def test_deq_converged_does_not_warn():
     cell = LinearCell(8, 5, rho=0.5, seed=3)
-    deq = DEQ(cell, Anderson(tol=1e-8, max_iter=100), state_shape=(8,), on_nonconvergence="raise")
+    deq = DEQ(cell, Anderson(tol=1e-8, max_iter=100), state_shape=(8,), on_failure="raise")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         z, info = deq(randn(2, 5))

@@ -37,7 +37,7 @@ def test_exact_linear_cell_closed_form(forward, linear, linear_problem):
     cell, x, c = linear_problem
     d = cell.A.shape[0]
     deq = DEQ(cell, tight_forward_solvers()[forward], Exact(tight_linear_solvers()[linear], on_failure="raise"),
-              state_shape=(d,), on_nonconvergence="raise")
+              state_shape=(d,), on_failure="raise")
     z, g, gx, info = _grads(deq, x, c)
 
     A, Bm = cell.A.detach(), cell.B.detach()

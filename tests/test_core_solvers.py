@@ -12,6 +12,7 @@ from conftest import (F64, FORWARD_NAMES, ConvCell, LinearCell, TanhCell, randn,
                       tight_linear_solvers)
 from deqkit import DEQ, GMRES, Anderson, Broyden, BroydenState, Dense, Exact, FixedPoint, SolverResult
 from deqkit.errors import ConvergenceWarning
+from deqkit.linear import as_linear_solver
 
 
 def _linear_fn(cell, x):
@@ -158,7 +159,7 @@ def test_max_iter_reached_marks_not_converged(name):
 def test_deq_info_reports_nonconvergence():
     cell = TanhCell(6, 4, rho=0.9, seed=2)
     x = randn(3, 4, seed=3)
-    deq = DEQ(cell, FixedPoint(tol=1e-14, max_iter=2), state_shape=(6,), on_nonconvergence="ignore")
+    deq = DEQ(cell, FixedPoint(tol=1e-14, max_iter=2), state_shape=(6,), on_failure="ignore")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # 'ignore' must not warn
         z, info = deq(x)
@@ -180,12 +181,12 @@ def test_linear_solvers_solve_adjoint_closed_form(name):
     v = randn(B, d, seed=6)
     vjp = lambda u: torch.einsum("bi,bij->bj", u, J)
     w_ref = torch.linalg.solve((torch.eye(d, dtype=F64) - J).transpose(1, 2), v.unsqueeze(-1)).squeeze(-1)
-    solver = tight_linear_solvers()[name]
+    solver = as_linear_solver(tight_linear_solvers()[name])
     res = solver.solve_adjoint(vjp, v)
     assert res.all_converged, res.summary()
     assert rel_err(res.z, w_ref) < 1e-10
     # warm start at the answer: converged at once (GMRES/Dense) or within a step or two
-    res2 = solver.solve_adjoint(vjp, v, w_ref.clone())
+    res2 = solver.solve_adjoint(vjp, v, w0=w_ref.clone())
     assert res2.all_converged
     assert int(res2.nstep.max()) <= (d if name == "dense" else 2)
 
@@ -232,20 +233,20 @@ def _linear_g_problem(d=6, B=2, rho=0.7, seed=20):
 def test_broyden_memory_is_bounded():
     fn_for, c, x = _per_sample_problem()
     res = Broyden(memory=3, tol=1e-300, max_iter=60, stop_mode="abs")(fn_for(c, x), torch.zeros_like(x))
-    assert res.state.U.shape == (3, 6, 3) and res.state.V.shape == (3, 6, 3)
-    assert res.state.memory == 3
-    assert res.state.n_updates > 3  # the ring buffer wrapped
+    assert res.inverse.U.shape == (3, 6, 3) and res.inverse.V.shape == (3, 6, 3)
+    assert res.inverse.memory == 3
+    assert res.inverse.n_updates > 3  # the ring buffer wrapped
 
 
 def test_broyden_apply_and_apply_left_agree_with_dense():
     fn, _, _ = _linear_g_problem()
     res = Broyden(memory=4, tol=1e-14, max_iter=9)(fn, torch.zeros(2, 6, dtype=F64))
-    H = res.state.dense()
+    H = res.inverse.dense()
     assert H.shape == (2, 6, 6)
     assert float((H + torch.eye(6, dtype=F64)).abs().max()) > 1e-3  # not the initial −I
     u = randn(2, 6, seed=30)
-    torch.testing.assert_close(res.state.apply(u), torch.einsum("bij,bj->bi", H, u), rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(res.state.apply_left(u), torch.einsum("bi,bij->bj", u, H), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(res.inverse.apply(u), torch.einsum("bij,bj->bi", H, u), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(res.inverse.apply_left(u), torch.einsum("bi,bij->bj", u, H), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("memory", [20, 3])
@@ -266,11 +267,11 @@ def test_broyden_secant_equation_for_latest_pair(memory):
     res = Broyden(memory=memory, tol=1e-300, max_iter=8, stop_mode="abs")(recording, torch.zeros(2, 6, dtype=F64))
     assert bool((res.nstep == 8).all())
     if memory == 3:
-        assert res.state.n_updates > memory
+        assert res.inverse.n_updates > memory
     dz = seen[-1] - seen[-2]
     dg = torch.einsum("bij,bj->bi", Jg, dz)
     assert float(dz.norm(dim=1).min()) > 1e-8  # a genuine step, not round-off
-    err = (res.state.apply(dg) - dz).norm(dim=1) / dz.norm(dim=1)
+    err = (res.inverse.apply(dg) - dz).norm(dim=1) / dz.norm(dim=1)
     assert float(err.max()) < 1e-10, err
 
 
@@ -284,7 +285,7 @@ def test_broyden_is_exact_secant_method_in_one_dimension():
     assert res.all_converged
     assert res.nstep.tolist() == [3, 3, 3]
     torch.testing.assert_close(res.z, bias / (1 - a), rtol=1e-13, atol=0)
-    torch.testing.assert_close(res.state.dense()[:, 0, 0], 1 / (a[:, 0] - 1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(res.inverse.dense()[:, 0, 0], 1 / (a[:, 0] - 1), rtol=1e-12, atol=0)
 
 
 def test_broyden_state_update_skips_masked_and_degenerate_samples():
@@ -316,7 +317,7 @@ def test_conv_like_state_for_each_solver():
         assert res.z.shape == x.shape and res.all_converged, (name, res.summary())
         assert res.abs_trace.shape[1] == 2
         if name == "broyden":
-            assert res.state.U.shape[:2] == (2, 2 * 4 * 5)
+            assert res.inverse.U.shape[:2] == (2, 2 * 4 * 5)
         zs[name] = res.z
     for name in zs:
         torch.testing.assert_close(zs[name], zs["fixed-point"], rtol=0, atol=1e-9)
@@ -356,7 +357,7 @@ def test_float32_smoke():
 def test_deq_eval_mode_uses_eval_max_iter():
     cell = LinearCell(8, 5, rho=0.9, seed=70)
     x = randn(3, 5, seed=71)
-    deq = DEQ(cell, FixedPoint(tol=1e-10, max_iter=300), state_shape=(8,), eval_max_iter=4, on_nonconvergence="ignore")
+    deq = DEQ(cell, FixedPoint(tol=1e-10, max_iter=300), state_shape=(8,), eval_max_iter=4, on_failure="ignore")
     z_train, info_train = deq(x)
     assert info_train.forward.max_iter == 300 and int(info_train.nstep.max()) > 4 and info_train.converged.all()
     deq.eval()

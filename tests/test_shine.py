@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import deqkit as dk
-from deqkit.shine import shine_direction, transposed
+from deqkit.estimators import shine_direction
 
 DT = torch.float64
 
@@ -39,7 +39,7 @@ def problem(seed: int, d: int = 12, p: int = 4, rho: float = 0.8, batch: int = 6
 
 def param_grad(cell_cls, A, B, x, loss, solver, grad, *, pass_loss=False):
     cell = cell_cls(A, B)
-    deq = dk.DEQ(cell, solver, grad, state_shape=(A.shape[0],), on_nonconvergence="ignore")
+    deq = dk.DEQ(cell, solver, grad, state_shape=(A.shape[0],), on_failure="ignore")
     z, info = deq(x, loss_fn=loss if pass_loss else None)
     loss(z).backward()
     return torch.cat([cell.A.grad.flatten(), cell.B.grad.flatten()]), info
@@ -66,7 +66,7 @@ def test_low_rank_product_equals_dense():
     dense = -(v[:, None, :] @ H.dense()).squeeze(1)
     torch.testing.assert_close(shine_direction(v, H), dense, rtol=1e-12, atol=1e-12)
     # the transposed estimate is the dense transpose
-    torch.testing.assert_close(transposed(H).dense(), H.dense().transpose(1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(H.transpose().dense(), H.dense().transpose(1, 2), rtol=0, atol=0)
 
 
 def test_shine_backward_is_minus_v_H_of_the_forward_state():
@@ -75,7 +75,7 @@ def test_shine_backward_is_minus_v_H_of_the_forward_state():
     loss = lambda z: (z * c).sum()  # v = c for every sample  # noqa: E731
     solver = dk.Broyden(memory=30, tol=1e-8, max_iter=30)
     g, info = param_grad(TanhCell, A, B, x, loss, solver, dk.SHINE())
-    H = info.forward.state.dense()
+    H = info.forward.inverse.dense()
     w = -(c.expand(x.shape[0], -1)[:, None, :] @ H).squeeze(1)
     cell = TanhCell(A, B)
     z = info.forward.z
@@ -118,7 +118,7 @@ def test_fallback_triggers_exactly_past_the_ratio(ratio):
     solver = dk.Broyden(memory=20, tol=1e-8, max_iter=30)
     _, info = param_grad(TanhCell, A, B, x, loss, solver, dk.SHINE())
     v = c.expand(x.shape[0], -1)
-    w = shine_direction(v, info.forward.state)
+    w = shine_direction(v, info.forward.inverse)
     ratios = w.norm(dim=1) / v.norm(dim=1)
     expected_fallback = ratios > ratio
     g_fb, info_fb = param_grad(TanhCell, A, B, x, loss, solver, dk.SHINE(fallback=True, fallback_ratio=ratio))
@@ -183,7 +183,7 @@ def test_opa_is_ignored_in_eval_mode_and_without_loss():
     A, B, x, c = problem(6)
     cell = TanhCell(A, B)
     solver = dk.Broyden(memory=30, tol=1e-6, max_iter=30, opa_freq=2)
-    deq = dk.DEQ(cell, solver, dk.SHINE(), state_shape=(A.shape[0],), on_nonconvergence="ignore")
+    deq = dk.DEQ(cell, solver, dk.SHINE(), state_shape=(A.shape[0],), on_failure="ignore")
     calls = []
 
     def loss(z):
@@ -207,10 +207,14 @@ def test_estimators_needing_inverse_refuse_other_solvers(estimator, solver):
         dk.DEQ(TanhCell(A, B), solver, estimator)
 
 
-def test_solvers_without_inverse_refuse_state0_and_loss_grad():
+def test_solvers_without_inverse_refuse_inverse0_and_loss_grad():
     z0 = torch.zeros(2, 3, dtype=DT)
     with pytest.raises(ValueError, match="Broyden"):
         dk.Anderson()(lambda z: 0.5 * z, z0, loss_grad=lambda z: z)
+    with pytest.raises(dk.OptionError, match=r"unknown option 'inverse0'.*option of Broyden"):
+        dk.FixedPoint()(lambda z: 0.5 * z, z0, inverse0=None)
+    with pytest.raises(dk.OptionError, match="Did you mean 'inverse0'"):
+        dk.Broyden()(lambda z: 0.5 * z, z0, inverse=None)
 
 
 def test_shine_options_validated():
@@ -287,18 +291,18 @@ def test_gmres_right_preconditioning_against_dense_solves():
     w_true = torch.linalg.solve(M.transpose(1, 2), v.unsqueeze(-1)).squeeze(-1)  # w M = v
     plain = dk.GMRES(tol=1e-12, max_iter=40).solve_adjoint(vjp, v)
     # the identity as preconditioner changes nothing
-    ident = dk.GMRES(tol=1e-12, max_iter=40).solve_adjoint(vjp, v, precondition=lambda y: y)
+    ident = dk.GMRES(tol=1e-12, max_iter=40).solve_adjoint(vjp, v, preconditioner=lambda y: y)
     torch.testing.assert_close(ident.z, plain.z, rtol=0, atol=1e-12)
     assert ident.nstep.tolist() == plain.nstep.tolist()
     # the exact inverse: one Krylov step
     Minv = torch.linalg.inv(M)
-    exact = dk.GMRES(tol=1e-12, max_iter=40).solve_adjoint(vjp, v, precondition=lambda y: torch.einsum("bi,bij->bj", y, Minv))
+    exact = dk.GMRES(tol=1e-12, max_iter=40).solve_adjoint(vjp, v, preconditioner=lambda y: torch.einsum("bi,bij->bj", y, Minv))
     assert exact.nstep.tolist() == [1] * B
     for sol in (plain, exact):
         torch.testing.assert_close(sol.z, w_true, rtol=1e-9, atol=1e-11)
-    with pytest.raises(ValueError, match="either w0 or precondition"):
-        dk.GMRES().solve_adjoint(vjp, v, v, precondition=lambda y: y)
-    with pytest.raises(ValueError, match="needs linear_solver=GMRES"):
+    with pytest.raises(ValueError, match="either w0 or preconditioner"):
+        dk.GMRES().solve_adjoint(vjp, v, w0=v, preconditioner=lambda y: y)
+    with pytest.raises(ValueError, match="accepts_preconditioner"):
         dk.WarmExact(dk.Broyden(), warm_start="precondition")
 
 

@@ -252,7 +252,7 @@ def test_nonconvergence_is_counted_not_warned(tiny, tmp_path):
     assert rec["val_fwd_unconverged"] == len(tiny.val) == ev["fwd_unconverged"]
     assert rec["fwd_steps"] == 3.0
     # the model's own policies are restored after training
-    assert model.deq.on_nonconvergence == "warn" and model.deq.grad.on_failure == "warn"
+    assert model.deq.on_failure == "warn" and model.deq.grad.on_failure == "warn"
 
 
 def test_max_steps_and_eval_every(tiny, tmp_path):

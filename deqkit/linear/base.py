@@ -1,33 +1,61 @@
-"""Linear solvers for the adjoint equation of the exact implicit gradient.
+"""The linear-solver protocol for the adjoint equation of the exact implicit gradient.
 
 The exact gradient needs ``w`` with ``w = wJ + v`` (``J = ∂f/∂z`` at ``z*``, ``v = ∂L/∂z*``,
 row vectors), i.e. ``w (I − J) = v``. Only vector–Jacobian products ``u ↦ uJ`` are available.
 
-Any forward solver of :mod:`deqkit.solvers` solves it as the fixed point ``w ↦ wJ + v``
-(:meth:`deqkit.solvers.Solver.solve_adjoint`). This module adds two solvers that use the
-linearity: :class:`GMRES` (Krylov, per sample, restarted) and :class:`Dense` (builds ``J``
-explicitly; for tests and tiny states). All return a :class:`~deqkit.solvers.SolverResult`.
+Every adjoint solver is a :class:`LinearSolver` with one call::
 
-The relative residual of an adjoint solve is ``‖w − wJ − v‖ / ‖v‖``.
+    result = linear_solver.solve_adjoint(vjp, v, w0=None, tol=None, max_iter=None,
+                                         preconditioner=None, inverse=None)
+
+- :class:`~deqkit.linear.GMRES` (Krylov, per sample, restarted; accepts a ``preconditioner``),
+- :class:`~deqkit.linear.Dense` (builds ``J``; tests and tiny states),
+- :class:`~deqkit.linear.FixedPointAdjoint` (any forward solver of :mod:`deqkit.solvers` on the
+  fixed point ``w ↦ wJ + v``; with Broyden it accepts an ``inverse`` estimate).
+
+Capabilities are flags, not types: ``accepts_preconditioner`` and ``accepts_inverse`` say which
+options a solver takes (passing one it does not take is an :class:`~deqkit.errors.OptionError`).
+
+One residual for every adjoint solve: the relative residual is ``‖w − wJ − v‖ / ‖v‖`` (``abs``:
+``‖w − wJ − v‖``). Every solve returns a :class:`~deqkit.solvers.SolverResult` whose ``z`` is ``w``.
 """
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Optional
+import time
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch import Tensor
 
-from .._options import options_repr, check_choice, check_int, check_positive
-from ..errors import NonFiniteError
-from ..solvers import STOP_MODES, SolverResult
+from .._options import check_choice, check_int, check_positive, options_repr
+from ..errors import NonFiniteError, OptionError
+from ..inverse import InverseEstimate
+from ..solvers.base import STOP_MODES, SolverResult
+
+__all__ = ["Fn", "LinearSolver"]
 
 Fn = Callable[[Tensor], Tensor]
 
 
 def _result(
-    name: str, w: Tensor, v: Tensor, res: Tensor, nstep: Tensor, trace: list[Tensor], tol: float, stop_mode: str, max_iter: int
+    name: str,
+    w: Tensor,
+    v: Tensor,
+    res: Tensor,
+    nstep: Tensor,
+    trace: list[Tensor],
+    tol: float,
+    stop_mode: str,
+    max_iter: int,
+    *,
+    start: Optional[float] = None,
 ) -> SolverResult:
+    """The :class:`~deqkit.solvers.SolverResult` of an adjoint solve from its absolute residuals.
+
+    ``v`` is the flattened right-hand side ``(B, d)``; ``res`` and ``trace`` are absolute
+    residuals ``‖w − wJ − v‖``; ``start`` is the ``time.perf_counter()`` at the solve's start.
+    """
     vnorm = v.norm(dim=1)
     eps = torch.finfo(v.dtype).eps
     rel = res / (vnorm + eps)
@@ -45,6 +73,7 @@ def _result(
         stop_mode=stop_mode,
         max_iter=max_iter,
         solver=name,
+        time_s=None if start is None else time.perf_counter() - start,
     )
 
 
@@ -57,26 +86,67 @@ def _check_finite(name: str, t: Tensor, what: str) -> None:
 
 
 class LinearSolver:
-    """Base class of the dedicated adjoint solvers (``solve_adjoint`` is the one call)."""
+    """Base class of the adjoint solvers: :meth:`solve_adjoint` is the one call.
+
+    Subclasses set ``name`` and the capability flags, and implement :meth:`solve_adjoint`
+    (calling :meth:`_settings` and :meth:`_refuse_options` first, and :func:`_result` last).
+    """
 
     name: ClassVar[str] = "linear"
+    #: whether :meth:`solve_adjoint` takes ``preconditioner=`` (a map ``y ↦ y M ≈ y (I − J)⁻¹``)
+    accepts_preconditioner: ClassVar[bool] = False
+    #: whether :meth:`solve_adjoint` takes ``inverse=`` (an :class:`~deqkit.inverse.InverseEstimate` of
+    #: the adjoint system's ``(Jᵀ − I)⁻¹`` to start from)
+    accepts_inverse: ClassVar[bool] = False
 
     def __init__(self, *, tol: float, max_iter: int, stop_mode: str) -> None:
         owner = type(self).__name__
-        check_positive(owner, "tol", tol)
-        check_int(owner, "max_iter", max_iter)
+        self.tol = check_positive(owner, "tol", tol)
+        self.max_iter = check_int(owner, "max_iter", max_iter)
         check_choice(owner, "stop_mode", stop_mode, STOP_MODES)
-        self.tol, self.max_iter, self.stop_mode = float(tol), int(max_iter), stop_mode
+        self.stop_mode = stop_mode
 
     def __repr__(self) -> str:
         return options_repr(self)
 
     def solve_adjoint(
-        self, vjp: Fn, v: Tensor, w0: Optional[Tensor] = None, *, tol: Optional[float] = None, max_iter: Optional[int] = None
+        self,
+        vjp: Fn,
+        v: Tensor,
+        *,
+        w0: Optional[Tensor] = None,
+        tol: Optional[float] = None,
+        max_iter: Optional[int] = None,
+        preconditioner: Optional[Fn] = None,
+        inverse: Optional[InverseEstimate] = None,
     ) -> SolverResult:
-        """Solve ``w = vjp(w) + v`` for rows ``w`` shaped like ``v``, from ``w0`` (default zero).
+        """Solve ``w = vjp(w) + v`` for rows ``w`` shaped like ``v`` (``vjp(w) = wJ``).
 
-        ``tol`` / ``max_iter`` override the solver's own settings. The result's ``z`` is ``w``;
-        its relative residual is ``‖w − wJ − v‖ / ‖v‖``.
+        Args:
+            vjp: ``u ↦ uJ`` on tensors shaped like ``v``.
+            v: the right-hand side ``∂L/∂z*``, ``(B, ...)``.
+            w0: the initial guess (default: the solver's own start).
+            tol, max_iter: override the solver's own settings for this call.
+            preconditioner: only where ``accepts_preconditioner``.
+            inverse: only where ``accepts_inverse``.
+
+        The result's ``z`` is ``w``; its relative residual is ``‖w − wJ − v‖ / ‖v‖``.
         """
         raise NotImplementedError
+
+    # -- helpers for subclasses -------------------------------------------------------------
+    def _settings(self, tol: Optional[float], max_iter: Optional[int]) -> tuple[float, int]:
+        """This call's ``(tol, max_iter)``: the overrides (validated) or the solver's own."""
+        owner = type(self).__name__
+        tol = self.tol if tol is None else check_positive(owner, "tol", tol)
+        max_iter = self.max_iter if max_iter is None else check_int(owner, "max_iter", max_iter)
+        return tol, max_iter
+
+    def _refuse_options(self, preconditioner: Any = None, inverse: Any = None) -> None:
+        """An :class:`~deqkit.errors.OptionError` for a per-call option this solver does not take."""
+        for opt, val, ok in (("preconditioner", preconditioner, self.accepts_preconditioner), ("inverse", inverse, self.accepts_inverse)):
+            if val is not None and not ok:
+                raise OptionError(
+                    f"{type(self).__name__}.solve_adjoint does not take {opt}= (accepts_{opt} is False); "
+                    f"use a linear solver that does (preconditioner: GMRES; inverse: FixedPointAdjoint(Broyden(...)))."
+                )

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .._options import check_int, validated_options
+from ..errors import OptionError
+from ..inverse import InverseEstimate
+from ..registry import register_linear_solver
+from ..solvers.base import SolverResult
 from .base import Fn, LinearSolver, _check_finite, _result
-from ..solvers import SolverResult
 
+__all__ = ["GMRES"]
+
+
+@register_linear_solver("gmres")
 @validated_options
 class GMRES(LinearSolver):
     """Restarted GMRES on ``w (I − J) = v``, one Krylov space per sample, built on VJPs.
@@ -24,39 +32,41 @@ class GMRES(LinearSolver):
     """
 
     name = "gmres"
+    accepts_preconditioner = True
 
     def __init__(self, *, restart: int = 20, tol: float = 1e-6, max_iter: int = 60, stop_mode: str = "rel") -> None:
         super().__init__(tol=tol, max_iter=max_iter, stop_mode=stop_mode)
-        check_int(type(self).__name__, "restart", restart)
-        self.restart = int(restart)
+        self.restart = check_int(type(self).__name__, "restart", restart)
 
     def solve_adjoint(
         self,
         vjp: Fn,
         v: Tensor,
-        w0: Optional[Tensor] = None,
         *,
+        w0: Optional[Tensor] = None,
         tol: Optional[float] = None,
         max_iter: Optional[int] = None,
-        precondition: Optional[Fn] = None,
+        preconditioner: Optional[Fn] = None,
+        inverse: Optional[InverseEstimate] = None,
     ) -> SolverResult:
-        """See :meth:`LinearSolver.solve_adjoint`. ``precondition``: a map ``P`` on rows ``(B, d)``
+        """See :meth:`LinearSolver.solve_adjoint`. ``preconditioner``: a map ``P`` on rows ``(B, d)``
         with ``P(y) ≈ y (I − J)⁻¹``; GMRES then runs on ``y ↦ P(y)(I − J)`` (right
         preconditioning, Saad, "Iterative Methods for Sparse Linear Systems", §9.3) and returns
         ``w = P(y)``. The residual, the stopping test and ``nstep`` stay those of ``w``. It starts
         at ``w = 0``, so ``w0`` must be ``None``: the first Krylov step already holds ``P(v)``.
         """
-        tol = self.tol if tol is None else tol
-        max_iter = self.max_iter if max_iter is None else max_iter
-        if precondition is not None and w0 is not None:
-            raise ValueError("GMRES: pass either w0 or precondition (a preconditioned solve starts at w = 0).")
+        start = time.perf_counter()
+        self._refuse_options(preconditioner, inverse)
+        tol, max_iter = self._settings(tol, max_iter)
+        if preconditioner is not None and w0 is not None:
+            raise OptionError("GMRES: pass either w0 or preconditioner (a preconditioned solve starts at w = 0).")
         shape, B = v.shape, v.shape[0]
         vf = v.reshape(B, -1)
         dtype, dev = vf.dtype, vf.device
         eps = torch.finfo(dtype).eps
 
         def to_w(y: Tensor) -> Tensor:
-            return y if precondition is None else precondition(y).reshape(B, -1)
+            return y if preconditioner is None else preconditioner(y).reshape(B, -1)
 
         def op(u: Tensor) -> Tensor:  # y ↦ P(y) (I − J)
             pu = to_w(u)
@@ -125,4 +135,4 @@ class GMRES(LinearSolver):
             w = w + torch.where(active[:, None], step, torch.zeros_like(step))
             r = vf - op(w)  # true residual (one extra product) before a restart or the end
             used += 1
-        return _result(self.name, to_w(w).view(shape), vf, r.norm(dim=1), nstep, trace, tol, self.stop_mode, max_iter)
+        return _result(self.name, to_w(w).view(shape), vf, r.norm(dim=1), nstep, trace, tol, self.stop_mode, max_iter, start=start)

@@ -1,0 +1,205 @@
+"""The gradient-estimator protocol: how the backward pass of a DEQ replaces ``(I − J)⁻¹``.
+
+Each estimator takes the converged solve and returns a tensor whose **value is the solver's
+best iterate** ``z*`` (the same for every estimator, so estimators differ only in their
+gradients) and whose autograd graph yields that estimator's gradient for the cell's
+parameters and input. With ``v = ∂L/∂z*`` (rows, per sample) and ``J = ∂f/∂z`` at ``z*``:
+
+===================================  ===========================================  ======================
+estimator                            ``w`` reaching ``∂f/∂θ`` and ``∂f/∂x``        extra cost
+===================================  ===========================================  ======================
+:class:`~deqkit.Exact`               ``w = wJ + v`` solved by a linear solver      iterative solve (VJPs)
+:class:`~deqkit.Unrolled` (UPG)      backprop through k damped steps from ``z*``   k graph evaluations
+:class:`~deqkit.Neumann` (NPG)       ``λ Σ_{t<k} v (λJ + (1−λ)I)^t``                k − 1 VJPs
+:class:`~deqkit.JacobianFree` (JFB)  ``v`` (exactly ``Unrolled(1, 1)``)            none
+:class:`~deqkit.SHINE`               ``−vH`` from the forward inverse estimate     one low-rank product
+===================================  ===========================================  ======================
+
+Writing an estimator: subclass :class:`AdjointEstimator` and implement
+:meth:`AdjointEstimator.compute_w` (``v ↦ w``), register it with
+:func:`~deqkit.register_estimator`, and (optionally) give its closed form in
+:meth:`GradientEstimator.adjoint_closed_form` so the conformance tests can check it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar, Optional
+
+import torch
+from torch import Tensor
+
+from .._options import options_repr
+from ..errors import NonFiniteError, OptionError
+from ..inverse import InverseEstimate
+from ..solvers.base import SolverResult
+
+if TYPE_CHECKING:
+    from ..deq import DEQInfo
+
+__all__ = ["BackwardStats", "GradientEstimator", "AdjointEstimator", "straight_through", "CellFn", "Vjp"]
+
+CellFn = Callable[[Tensor], Tensor]
+Vjp = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class BackwardStats:
+    """What the backward pass of one DEQ call did (``info.backward``, filled in when ``backward`` runs).
+
+    Attributes:
+        estimator: the estimator's name.
+        time_s: wall-clock seconds spent computing ``w`` (not the final VJP to the parameters;
+            no device synchronisation); ``None`` for :class:`~deqkit.Unrolled`, whose ``w`` is
+            autograd's pass through the unrolled graph, not a separate step.
+        vjps: vector–Jacobian products spent computing ``w`` (per batch); for :class:`~deqkit.Unrolled`,
+            the ``k`` graph evaluations it backpropagates through.
+        solve: the adjoint solve's result, for :class:`~deqkit.Exact` (steps, residuals, converged).
+        refine: SHINE's fixed-budget refinement steps (a budget, not a tolerance: its
+            ``converged`` flags are not a failure).
+        n_fallback: samples that fell back to the Jacobian-free direction (SHINE).
+    """
+
+    estimator: str
+    time_s: Optional[float] = 0.0
+    vjps: int = 0
+    solve: Optional[SolverResult] = None
+    refine: Optional[SolverResult] = None
+    n_fallback: int = 0
+
+    @property
+    def converged(self) -> Optional[Tensor]:
+        """The adjoint solve's per-sample ``converged`` mask (``None`` without a solve)."""
+        return None if self.solve is None else self.solve.converged
+
+
+class GradientEstimator:
+    """Base class. :meth:`attach` is the one call a :class:`~deqkit.DEQ` makes.
+
+    Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019, define the implicit gradient
+    the estimators approximate; see each subclass for its own paper.
+    """
+
+    #: the estimator reads the forward solver's inverse estimate ``result.inverse`` (SHINE, BroydenReuse, WarmExact)
+    needs_inverse: ClassVar[bool] = False
+    #: the registered name
+    name: ClassVar[str] = "estimator"
+
+    def check_solver(self, solver: object) -> None:
+        """Refuse, at construction of the DEQ, a forward solver this estimator cannot use."""
+        if self.needs_inverse and not getattr(solver, "keeps_inverse", False):
+            raise OptionError(
+                f"{type(self).__name__} reuses the forward solver's inverse-Jacobian estimate, but "
+                f"{type(solver).__name__} keeps none. Use solver=Broyden(...) as the forward solver, "
+                f"or choose an estimator that needs no solver state (Exact, Unrolled, Neumann, JacobianFree)."
+            )
+
+    def attach(self, cell_fn: CellFn, result: SolverResult, info: "DEQInfo") -> Tensor:
+        """Return ``z*`` (value of ``result.z``) carrying this estimator's gradient.
+
+        Args:
+            cell_fn: ``z ↦ f(z, x)``, evaluated with autograd on (depends on θ and x).
+            result: the forward solve.
+            info: the DEQ call's info; the estimator records its backward stats there.
+        """
+        raise NotImplementedError
+
+    def adjoint_closed_form(self, v: Tensor, J: Tensor, inverse: Optional[Tensor] = None) -> Optional[Tensor]:
+        """The ``w`` this estimator defines, from dense matrices (tests on small problems).
+
+        Args:
+            v: rows ``∂L/∂z*``, ``(B, d)``.
+            J: the per-sample Jacobian ``∂f/∂z`` at ``z*``, ``(B, d, d)``.
+            inverse: the forward solver's inverse estimate as a dense ``(B, d, d)`` matrix, if any.
+
+        Returns ``None`` (the default) where the estimator has no closed form; the conformance
+        tests then check only its generic properties.
+        """
+        return None
+
+    def __repr__(self) -> str:
+        return options_repr(self)
+
+    @property
+    def label(self) -> str:
+        """A short name for tables: the class and the options that differ from their defaults."""
+        params = inspect.signature(type(self).__init__).parameters
+        parts = []
+        for k, p in params.items():
+            if k == "self" or not hasattr(self, k):
+                continue
+            val = getattr(self, k)
+            if p.default is inspect.Parameter.empty or val != p.default:
+                parts.append(getattr(val, "name", None) or f"{k}={val}")
+        return f"{type(self).__name__}({', '.join(parts)})" if parts else type(self).__name__
+
+
+def straight_through(value: Tensor, carrier: Tensor) -> Tensor:
+    """A tensor equal to ``value`` whose gradient flows unchanged into ``carrier``."""
+    return value.detach() + (carrier - carrier.detach())
+
+
+def forward_inverse(result: SolverResult, owner: str) -> InverseEstimate:
+    """The forward solve's inverse estimate, or an :class:`~deqkit.errors.OptionError` saying which solver to use."""
+    if not isinstance(result.inverse, InverseEstimate):
+        raise OptionError(
+            f"{owner}: the forward solve ({result.solver}) returned no inverse-Jacobian estimate; use solver=Broyden(...)."
+        )
+    return result.inverse
+
+
+class AdjointEstimator(GradientEstimator):
+    """Estimators defined by a map ``v ↦ w`` (implemented by :meth:`compute_w`) at ``z*``.
+
+    The cell is evaluated once with a graph at ``z*``; a hook on its output replaces the
+    incoming gradient ``v`` by ``w``, which autograd then pushes to θ and x.
+    """
+
+    @property
+    def uses_vjp(self) -> bool:
+        """Whether :meth:`compute_w` calls ``vjp`` (then a graph in ``z`` is built in the forward)."""
+        return True
+
+    def compute_w(self, v: Tensor, vjp: Vjp, result: SolverResult, stats: BackwardStats) -> Tensor:
+        """``w`` for flattened row vectors ``v`` of shape ``(B, d)``; ``vjp(u) = uJ`` on ``(B, d)``."""
+        raise NotImplementedError
+
+    def attach(self, cell_fn: CellFn, result: SolverResult, info: "DEQInfo") -> Tensor:
+        # The path to θ and x is built with z* detached, so the final backward does not also
+        # pay a VJP into z; estimators that take VJPs get a second evaluation with z requiring
+        # grad (built here, in the forward, where the cell's parametrised weights are cached).
+        # SHINE / BroydenReuse take none and build no z-graph. The cell must be deterministic
+        # (no dropout inside it), as a fixed point requires anyway.
+        f_out = cell_fn(result.z.detach())
+        if not f_out.requires_grad:
+            return result.z
+        shape, B = f_out.shape, f_out.shape[0]
+        stats = BackwardStats(self.name)
+        z_in = result.z.detach().requires_grad_()
+        f_z = cell_fn(z_in) if self.uses_vjp else None
+
+        def vjp(u: Tensor) -> Tensor:
+            assert f_z is not None, f"{type(self).__name__}.uses_vjp must be True to take VJPs"
+            stats.vjps += 1
+            (g,) = torch.autograd.grad(f_z, z_in, u.reshape(shape), retain_graph=True)
+            return g.reshape(B, -1)
+
+        def hook(v: Optional[Tensor]) -> Optional[Tensor]:
+            if v is None:  # an undefined (zero) incoming gradient stays undefined
+                return None
+            start = time.perf_counter()
+            w = self.compute_w(v.reshape(B, -1), vjp, result, stats)
+            if not torch.isfinite(w).all():
+                raise NonFiniteError(
+                    f"{type(self).__name__}: the backward pass produced NaN/Inf in the adjoint w. "
+                    f"Check that the forward solve converged (info.converged) and the loss is finite."
+                )
+            assert stats.time_s is not None
+            stats.time_s += time.perf_counter() - start
+            info.backward = stats
+            return w.reshape(shape).to(v.dtype)
+
+        f_out.register_hook(hook)  # the VJPs use their own graph, so they never re-enter this hook
+        return straight_through(result.z, f_out)

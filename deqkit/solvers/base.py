@@ -1,0 +1,329 @@
+"""The forward-solver protocol and the one solve loop.
+
+Every solver finds ``z`` with ``fn(z) = z`` for a batch of states of any shape ``(B, ...)``:
+
+    result = solver(fn, z0)
+
+Samples are independent: each stops when its own residual is below ``tol`` (a converged
+sample is frozen while the rest go on) and the batch stops when all have converged or the
+iteration cap is hit. The result holds the best iterate of each sample, its step count,
+residual traces, a ``converged`` mask, the wall-clock time and, for a quasi-Newton solver, its
+inverse-Jacobian estimate (an :class:`~deqkit.inverse.InverseEstimate`).
+
+The residual of an iterate is ``g(z) = fn(z) − z``; ``abs`` is ``‖g‖`` and ``rel`` is
+``‖g‖ / (‖fn(z)‖ + eps)``, both per sample over the flattened state. ``stop_mode`` picks which
+one is compared to ``tol`` (and ranks iterates for "best").
+
+Writing a solver
+----------------
+The loop (validation, flattening, per-sample freezing, best-iterate tracking, traces, the
+non-finite policy, timing) is written once, in :meth:`Solver.__call__`. A solver implements
+hooks on flattened ``(B, d)`` tensors, in the spirit of optimistix's init/step/terminate:
+
+- :meth:`Solver.step` (required): the next iterate from ``z`` and ``fz = fn(z)``;
+- :meth:`Solver.init` (optional): build the solver's state at the start of a call;
+- :meth:`Solver.observe` (optional): see each new evaluation (e.g. a secant update);
+- :meth:`Solver.inverse` / :meth:`Solver.extras` (optional): what goes into the result.
+
+Termination is the loop's: a sample stops when its residual is ``<= tol``. Per-call options
+beyond ``max_iter``/``tol`` are declared in ``call_options`` (Broyden: ``inverse0``,
+``loss_grad``); any other keyword is refused with a "did you mean".
+
+    >>> @register_solver("halfway")
+    ... class Halfway(Solver):
+    ...     '''z ← (z + f(z)) / 2'''
+    ...     def step(self, state, z, fz, active):
+    ...         return 0.5 * (z + fz)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .._options import check_choice, check_int, check_positive, options_repr, unknown_option_message
+from ..errors import NonFiniteError, OptionError
+from ..inverse import InverseEstimate
+from ..registry import SOLVERS
+from ..results import ResultMixin
+from .tracking import IterateTracker
+
+__all__ = ["Fn", "STOP_MODES", "NONFINITE_POLICIES", "Problem", "Solver", "SolverResult"]
+
+Fn = Callable[[Tensor], Tensor]
+
+STOP_MODES = ("abs", "rel")
+NONFINITE_POLICIES = ("raise", "freeze")
+
+
+@dataclass
+class SolverResult(ResultMixin):
+    """What a forward (or fixed-point adjoint) solve returns. Per-sample tensors have leading dimension ``B``.
+
+    Attributes:
+        z: best iterate per sample (lowest residual in ``stop_mode``), shape of ``z0``.
+        nstep: number of residual evaluations each sample used, ``(B,)`` (its own stop step;
+            Broyden's line-search trials are counted apart, in ``extra["line_search_evals"]``).
+        abs_residual, rel_residual: residuals of the returned iterate, ``(B,)``; ``residual``
+            is the one compared to ``tol``.
+        converged: ``(B,)`` bool, residual of the returned iterate ``<= tol``.
+        abs_trace, rel_trace: residual of the current iterate at each iteration, ``(T, B)``
+            (a frozen sample repeats its last value).
+        tol, stop_mode, max_iter: the settings this solve ran with.
+        solver: the solver's name.
+        inverse: the solver's inverse-Jacobian estimate (:class:`~deqkit.inverse.InverseEstimate`;
+            Broyden: :class:`~deqkit.solvers.BroydenState`), ``None`` for other solvers.
+        extra: solver-specific counters (Broyden: ``n_opa``, ``line_search_evals``).
+        nonfinite: ``(B,)`` bool, samples whose map returned NaN/Inf (``on_nonfinite="freeze"``).
+        time_s: wall-clock seconds of the solve (``time.perf_counter``, no device synchronisation).
+    """
+
+    z: Tensor
+    nstep: Tensor
+    abs_residual: Tensor
+    rel_residual: Tensor
+    converged: Tensor
+    abs_trace: Tensor
+    rel_trace: Tensor
+    tol: float
+    stop_mode: str
+    max_iter: int
+    solver: str
+    inverse: Optional[InverseEstimate] = None
+    extra: dict = field(default_factory=dict)
+    nonfinite: Optional[Tensor] = None
+    time_s: Optional[float] = None
+
+    @property
+    def residual(self) -> Tensor:  # type: ignore[override]
+        """The residual that was compared to ``tol`` (``abs`` or ``rel``)."""
+        return self.rel_residual if self.stop_mode == "rel" else self.abs_residual
+
+    def summary(self) -> str:
+        """One line for logs and error messages: how many converged, worst residual, step range."""
+        B = self.converged.numel()
+        worst = float(self.residual.max()) if B else 0.0
+        n_bad = 0 if self.nonfinite is None else int(self.nonfinite.sum())
+        bad = f"; {n_bad} hit NaN/Inf and were frozen" if n_bad else ""
+        return (
+            f"{self.solver}: {B - self.n_failed}/{B} samples converged to {self.stop_mode} tol={self.tol:g} "
+            f"within max_iter={self.max_iter} (worst {self.stop_mode} residual {worst:.3g}, "
+            f"steps {int(self.nstep.min()) if B else 0}..{int(self.nstep.max()) if B else 0}){bad}"
+        )
+
+
+@dataclass
+class Problem:
+    """What a solver's hooks see of one call.
+
+    Attributes:
+        fn: the map on flattened states, ``(B, d) -> (B, d)`` (checks its output shape).
+        shape: the caller's state shape ``(B, ...)``.
+        max_iter, tol: the settings of this call.
+        options: the call options the solver declared in ``call_options`` and the caller passed.
+    """
+
+    fn: Fn
+    shape: torch.Size
+    max_iter: int
+    tol: float
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Solver:
+    """Base class of the forward fixed-point solvers (see the module docstring for the protocol).
+
+    Args:
+        tol: stopping tolerance on the residual selected by ``stop_mode``.
+        max_iter: cap on residual evaluations (each costs one ``fn`` call).
+        stop_mode: ``"rel"`` (``‖fn(z) − z‖ / ‖fn(z)‖``) or ``"abs"`` (``‖fn(z) − z‖``).
+        on_nonfinite: ``"raise"`` (default: :class:`~deqkit.errors.NonFiniteError` as soon as
+            ``fn`` returns NaN/Inf for a sample) or ``"freeze"``: that sample stops at its best
+            finite iterate, is marked in ``result.nonfinite`` and counts as not converged,
+            while the rest of the batch goes on.
+
+    To solve the linear adjoint equation of the exact gradient with a forward solver, wrap it:
+    :class:`deqkit.linear.FixedPointAdjoint` (``Exact(Anderson())`` does so itself).
+    """
+
+    #: whether ``result.inverse`` holds an inverse-Jacobian estimate (needed by SHINE, BroydenReuse, WarmExact)
+    keeps_inverse: ClassVar[bool] = False
+    #: per-call keyword options this solver accepts beyond ``max_iter`` and ``tol``
+    call_options: ClassVar[tuple[str, ...]] = ()
+    #: the registered name (also what ``Exact(<solver>).label`` prints)
+    name: ClassVar[str] = "solver"
+
+    def __init__(self, *, tol: float = 1e-4, max_iter: int = 50, stop_mode: str = "rel", on_nonfinite: str = "raise") -> None:
+        owner = type(self).__name__
+        self.tol = check_positive(owner, "tol", tol)
+        self.max_iter = check_int(owner, "max_iter", max_iter)
+        check_choice(owner, "stop_mode", stop_mode, STOP_MODES)
+        check_choice(owner, "on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
+        self.stop_mode = stop_mode
+        self.on_nonfinite = on_nonfinite
+
+    def __repr__(self) -> str:
+        return options_repr(self)
+
+    @property
+    def needs_loss_grad(self) -> bool:
+        """Whether the solver wants ``loss_grad=`` (``z ↦ ∇_z L``) in its call (outer-problem awareness)."""
+        return False
+
+    # -- the hooks a solver implements ------------------------------------------------------
+    def init(self, problem: Problem, z: Tensor, fz: Tensor) -> Any:
+        """The solver's state for this call (default: none), from the first evaluation ``fz = fn(z)``."""
+        return None
+
+    def observe(self, state: Any, z: Tensor, fz: Tensor, fresh: Tensor) -> None:
+        """See a new evaluation ``fz = fn(z)``; ``fresh`` ``(B,)`` marks the samples it is new for."""
+
+    def step(self, state: Any, z: Tensor, fz: Tensor, active: Tensor) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        """The next iterate ``(B, d)``, or ``(z_next, fn(z_next))`` when the solver evaluated it already.
+
+        Only the ``active`` samples move; the loop keeps the others where they are.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement step(state, z, fz, active)")
+
+    def inverse(self, state: Any) -> Optional[InverseEstimate]:
+        """The inverse-Jacobian estimate to return in ``result.inverse`` (default: none)."""
+        return None
+
+    def extras(self, state: Any) -> dict:
+        """Solver-specific counters for ``result.extra``."""
+        return {}
+
+    # -- the loop, written once -------------------------------------------------------------
+    def __call__(self, fn: Fn, z0: Tensor, *, max_iter: Optional[int] = None, tol: Optional[float] = None, **call_options: Any) -> SolverResult:
+        """Solve ``fn(z) = z`` from ``z0`` (shape ``(B, ...)``).
+
+        Args:
+            fn: the map, batch in, batch of the same shape out.
+            z0: the initial state.
+            max_iter, tol: override the solver's defaults for this call.
+            call_options: the per-call options the solver declares in ``call_options``
+                (:class:`~deqkit.solvers.Broyden`: ``inverse0``, ``loss_grad``).
+        """
+        return self._solve(fn, z0, max_iter=max_iter, tol=tol, options=call_options)
+
+    def _solve(
+        self,
+        fn: Fn,
+        z0: Tensor,
+        *,
+        max_iter: Optional[int],
+        tol: Optional[float],
+        options: dict[str, Any],
+        rel_scale: Optional[Tensor] = None,
+    ) -> SolverResult:
+        """:meth:`__call__` with ``rel_scale``: the denominators of the relative residual (adjoint solves)."""
+        start = time.perf_counter()
+        self._check_z0(z0)
+        problem = Problem(self._flat_map(fn, z0.shape), z0.shape, *self._settings(max_iter, tol), self._check_call_options(options))
+        result = self._iterate(problem, z0, rel_scale)
+        result.time_s = time.perf_counter() - start
+        return result
+
+    def _check_z0(self, z0: Any) -> None:
+        owner = type(self).__name__
+        if not isinstance(z0, Tensor) or z0.dim() < 1 or z0.shape[0] == 0:
+            raise OptionError(f"{owner}: z0 must be a tensor of shape (B, ...) with B >= 1, got {getattr(z0, 'shape', type(z0))}.")
+        if not z0.is_floating_point():
+            raise OptionError(f"{owner}: z0 must be a floating-point tensor, got {z0.dtype}.")
+        if not torch.isfinite(z0).all():
+            raise NonFiniteError(f"{owner}: the initial state z0 contains NaN or Inf values.")
+
+    def _settings(self, max_iter: Optional[int], tol: Optional[float]) -> tuple[int, float]:
+        owner = type(self).__name__
+        max_iter = self.max_iter if max_iter is None else check_int(owner, "max_iter", max_iter)
+        tol = self.tol if tol is None else check_positive(owner, "tol", tol)
+        return max_iter, tol
+
+    def _check_call_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        valid = ("max_iter", "tol", *self.call_options)
+        for name in options:
+            if name not in valid:
+                msg = unknown_option_message(f"{type(self).__name__}(...) call", name, valid)
+                takers = _solvers_taking(name)
+                if takers:
+                    msg += f" ({name!r} is an option of {', '.join(takers)}.)"
+                raise OptionError(msg)
+        return {k: v for k, v in options.items() if v is not None}
+
+    @staticmethod
+    def _flat_map(fn: Fn, shape: torch.Size) -> Fn:
+        B = shape[0]
+
+        def flat_fn(zf: Tensor) -> Tensor:
+            out = fn(zf.view(shape))
+            if not isinstance(out, Tensor) or out.shape != shape:
+                raise OptionError(
+                    f"the function being solved returned {getattr(out, 'shape', type(out))} for a state of shape "
+                    f"{tuple(shape)}; a fixed-point map (a DEQ cell f(z, x)) must return a tensor of the same shape as z."
+                )
+            return out.reshape(B, -1)
+
+        return flat_fn
+
+    def _raise_nonfinite(self, it: int, bad_mask: Tensor) -> None:
+        bad = bad_mask.nonzero().flatten().tolist()
+        raise NonFiniteError(
+            f"{type(self).__name__}: the fixed-point map returned NaN/Inf at iteration {it} for samples "
+            f"{bad[:10]}{'...' if len(bad) > 10 else ''}. Check the cell's scale and inputs, lower the "
+            f"learning rate, add normalisation, or use damping < 1 (or on_nonfinite='freeze' to keep the rest)."
+        )
+
+    def _iterate(self, problem: Problem, z0: Tensor, rel_scale: Optional[Tensor]) -> SolverResult:
+        B = z0.shape[0]
+        z = z0.reshape(B, -1).clone()
+        fz = problem.fn(z)
+        state = self.init(problem, z, fz)
+        tracker = IterateTracker(z, self.stop_mode, rel_scale)
+        active = torch.ones(B, dtype=torch.bool, device=z.device)
+        nstep = torch.zeros(B, dtype=torch.long, device=z.device)
+        nonfinite = torch.zeros(B, dtype=torch.bool, device=z.device)
+        for it in range(problem.max_iter):
+            measure, bad_mask = tracker.record(z, fz, active)
+            self.observe(state, z, fz, active)
+            nstep = nstep + active.long()
+            active = active & (measure > problem.tol)
+            if self.on_nonfinite == "freeze":
+                nonfinite = nonfinite | bad_mask
+                active = active & ~bad_mask
+            # one host sync per iteration: any sample non-finite, or none left active
+            any_bad, any_active = torch.stack([bad_mask.any(), active.any()]).tolist()
+            if any_bad and self.on_nonfinite == "raise":
+                self._raise_nonfinite(it, bad_mask)
+            if it == problem.max_iter - 1 or not any_active:
+                break
+            proposal = self.step(state, z, fz, active)
+            # a solver that already evaluated its proposal (a line search) hands f(z_next) back
+            z_next, fz_next = proposal if isinstance(proposal, tuple) else (proposal, None)
+            z = torch.where(active[:, None], z_next, z)
+            fz = torch.where(active[:, None], problem.fn(z) if fz_next is None else fz_next, fz)
+        abs_trace, rel_trace = tracker.traces()
+        return SolverResult(
+            z=tracker.best_z.view(problem.shape),
+            nstep=nstep,
+            abs_residual=tracker.best_abs,
+            rel_residual=tracker.best_rel,
+            converged=(tracker.best <= problem.tol) & ~nonfinite,
+            nonfinite=nonfinite,
+            abs_trace=abs_trace,
+            rel_trace=rel_trace,
+            tol=problem.tol,
+            stop_mode=self.stop_mode,
+            max_iter=problem.max_iter,
+            solver=type(self).__name__,
+            inverse=self.inverse(state),
+            extra=self.extras(state),
+        )
+
+
+def _solvers_taking(option: str) -> list[str]:
+    """Names of the registered solver classes that declare ``option`` as a call option (for error hints)."""
+    return [getattr(f, "__name__", str(f)) for _, f in SOLVERS.items() if option in getattr(f, "call_options", ())]

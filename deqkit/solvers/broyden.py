@@ -1,0 +1,289 @@
+"""Limited-memory Broyden's method and its inverse-Jacobian estimate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .._options import check_bool, check_int, validated_options
+from ..errors import OptionError
+from ..inverse import InverseEstimate
+from ..registry import register_solver
+from .base import Fn, Problem, Solver
+
+__all__ = ["Broyden", "BroydenState"]
+
+
+@dataclass(eq=False, repr=False)
+class BroydenState(InverseEstimate):
+    """Limited-memory inverse-Jacobian estimate ``H = H₀ + U Vᵀ ≈ (J − I)⁻¹`` per sample.
+
+    An :class:`~deqkit.inverse.InverseEstimate` (Broyden, Math. Comp. 1965; reused by SHINE,
+    Ramzi et al., ICLR 2022). ``H₀`` is ``−I`` unless ``base`` gives another estimate (a
+    warm start from any :class:`~deqkit.inverse.InverseEstimate`). ``U`` and ``V`` have shape
+    ``(B, d, memory)`` (``d`` the flattened state size); unused columns are zero, so products
+    with all columns are exact. The buffer is a ring: once ``memory`` updates were made the
+    oldest column is overwritten, so memory never grows with the iteration cap.
+    """
+
+    U: Tensor
+    V: Tensor
+    n_updates: int = 0
+    base: Optional[InverseEstimate] = None
+
+    def __repr__(self) -> str:
+        B, d, m = self.U.shape
+        return f"BroydenState(B={B}, d={d}, memory={m}, n_updates={self.n_updates}{', base=' + repr(self.base) if self.base is not None else ''})"
+
+    @property
+    def memory(self) -> int:
+        return self.U.shape[-1]
+
+    # (1, d) @ (d, m) @ (m, d) as batched matrix–matrix products: the matrix–vector einsum form
+    # hits a slow CPU path (measured 2.3–3.3x slower forward solves).
+    def apply(self, x: Tensor) -> Tensor:
+        """``H x`` for column vectors ``x`` of shape ``(B, d)``."""
+        h0x = -x if self.base is None else self.base.apply(x)
+        return h0x + torch.bmm(torch.bmm(x.unsqueeze(1), self.V), self.U.transpose(1, 2)).squeeze(1)
+
+    def apply_left(self, v: Tensor) -> Tensor:
+        """``v H`` for row vectors ``v`` of shape ``(B, d)``."""
+        vh0 = -v if self.base is None else self.base.apply_left(v)
+        return vh0 + torch.bmm(torch.bmm(v.unsqueeze(1), self.U), self.V.transpose(1, 2)).squeeze(1)
+
+    def dense(self) -> Tensor:
+        """The dense ``(B, d, d)`` matrix ``H`` (for tests and small problems)."""
+        B, d, _ = self.U.shape
+        if self.base is not None:
+            return self.base.dense() + self.U @ self.V.transpose(1, 2)
+        eye = torch.eye(d, dtype=self.U.dtype, device=self.U.device).expand(B, d, d)
+        return -eye + self.U @ self.V.transpose(1, 2)
+
+    def transpose(self) -> "BroydenState":
+        """``Hᵀ = H₀ᵀ + VUᵀ``: the inverse estimate for the adjoint (row-vector) system."""
+        return BroydenState(self.V, self.U, self.n_updates, None if self.base is None else self.base.transpose())
+
+    def update(self, dz: Tensor, dg: Tensor, mask: Tensor) -> None:
+        """Good-Broyden update of the inverse with the secant pair ``(dz, dg)`` where ``mask``.
+
+        ``H ← H + (dz − H dg)(dzᵀ H) / (dzᵀ H dg)``, so afterwards ``H dg = dz``. A sample
+        whose denominator is (numerically) zero keeps its estimate unchanged.
+
+        Once the ring is full, ``H`` here is the estimate *without* the oldest column (the one
+        being overwritten), so the secant equation also holds after the buffer wraps.
+        """
+        slot = self.n_updates % self.memory
+        u_old, v_old = self.U[:, :, slot], self.V[:, :, slot]
+        h_dg = self.apply(dg) - u_old * (v_old * dg).sum(dim=1, keepdim=True)
+        vt = self.apply_left(dz) - v_old * (u_old * dz).sum(dim=1, keepdim=True)  # dzᵀ H
+        den = (vt * dg).sum(dim=1)
+        scale = (dz.norm(dim=1) * h_dg.norm(dim=1)).clamp_min(torch.finfo(dz.dtype).tiny)
+        ok = mask & (den.abs() > 1e3 * torch.finfo(dz.dtype).eps * scale)
+        safe_den = torch.where(ok, den, torch.ones_like(den))
+        u = (dz - h_dg) / safe_den[:, None]
+        keep = ~ok[:, None]
+        self.U[:, :, slot] = torch.where(keep, self.U[:, :, slot], u)
+        self.V[:, :, slot] = torch.where(keep, self.V[:, :, slot], vt)
+        self.n_updates += 1
+
+    def detach(self) -> "BroydenState":
+        """The same estimate with ``U`` and ``V`` detached from any graph."""
+        return BroydenState(self.U.detach(), self.V.detach(), self.n_updates, None if self.base is None else self.base.detach())
+
+
+@dataclass
+class _BroydenLoopState:
+    H: BroydenState
+    problem: Problem
+    loss_grad: Optional[Fn]
+    z_prev: Optional[Tensor] = None
+    g_prev: Optional[Tensor] = None
+    n_seen: int = 0
+    n_opa: int = 0
+    n_line_search: int = 0
+
+
+@register_solver("broyden")
+@validated_options
+class Broyden(Solver):
+    """Limited-memory ("good") Broyden's method on ``g(z) = f(z) − z``.
+
+    Keeps ``H ≈ J_g⁻¹`` as ``H = −I + U Vᵀ`` with a ring buffer of ``memory`` columns per sample
+    (memory is bounded by ``memory``, never by ``max_iter``) and steps ``z ← z − H g``.
+    After each step, ``H`` satisfies the secant equation ``H Δg = Δz`` for the latest pair.
+    Broyden, "A class of methods for solving nonlinear simultaneous equations", Math. Comp. 1965;
+    as used in DEQs by Bai, Kolter & Koltun, NeurIPS 2019.
+
+    The final ``H`` (a :class:`BroydenState`) is returned in ``result.inverse`` for SHINE,
+    BroydenReuse and WarmExact.
+
+    Call options (``solver(fn, z0, inverse0=..., loss_grad=...)``):
+
+    - ``inverse0``: an initial inverse estimate (any :class:`~deqkit.inverse.InverseEstimate`
+      of ``(J − I)⁻¹`` for this map; a :class:`BroydenState` keeps its columns and gets room for
+      this solve's own), e.g. to warm-start an adjoint solve from the forward estimate;
+    - ``loss_grad``: with ``opa_freq``, ``z ↦ ∇_z L(z)`` for outer-problem awareness (OPA).
+
+    ``line_search=True`` backtracks along the Broyden direction ``p = −H g``: the step
+    ``α ∈ {1, ½, ¼, …}`` (at most ``line_search_steps`` halvings) is the first with
+    ``‖g(z + αp)‖ ≤ (1 − 10⁻⁴α)‖g(z)‖`` (a sufficient decrease of the residual norm, the
+    derivative-free test of Griewank, "The 'global' convergence of Broyden-like methods with a
+    suitable line search", J. Austral. Math. Soc. B 1986), per sample; a sample that finds none
+    takes the trial with the smallest residual. Each halving costs one evaluation of the map for
+    the batch, counted in ``result.extra["line_search_evals"]`` (not in ``nstep``). The secant
+    update uses the step actually taken. Off by default: it rescues full steps that overshoot
+    (``g = −2·atan(z)`` from ``z₀ = 5``: the root instead of a run-away, tested), but where ``H``
+    is still poor the Broyden direction need not decrease ``‖g‖`` and the short steps feed worse
+    secant pairs, so it can cost convergence on problems plain Broyden solves (see BENCHMARKS.md).
+    """
+
+    keeps_inverse = True
+    call_options: ClassVar[tuple[str, ...]] = ("inverse0", "loss_grad")
+    name = "broyden"
+    #: sufficient-decrease constant of the line search
+    armijo_c: ClassVar[float] = 1e-4
+
+    def __init__(
+        self,
+        *,
+        memory: int = 20,
+        opa_freq: Optional[int] = None,
+        line_search: bool = False,
+        line_search_steps: int = 4,
+        tol: float = 1e-4,
+        max_iter: int = 50,
+        stop_mode: str = "rel",
+        on_nonfinite: str = "raise",
+    ) -> None:
+        super().__init__(tol=tol, max_iter=max_iter, stop_mode=stop_mode, on_nonfinite=on_nonfinite)
+        owner = type(self).__name__
+        self.memory = check_int(owner, "memory", memory)
+        self.opa_freq = None if opa_freq is None else check_int(owner, "opa_freq", opa_freq)
+        self.line_search = check_bool(owner, "line_search", line_search)
+        self.line_search_steps = check_int(owner, "line_search_steps", line_search_steps)
+
+    @property
+    def needs_loss_grad(self) -> bool:
+        """``True`` with ``opa_freq``: the forward call wants ``loss_grad`` for outer-problem awareness."""
+        return self.opa_freq is not None
+
+    def init(self, problem: Problem, z: Tensor, fz: Tensor) -> _BroydenLoopState:
+        B, d = z.shape
+        loss_grad = problem.options.get("loss_grad")
+        if loss_grad is not None and self.opa_freq is None:
+            raise OptionError("Broyden got loss_grad but has no opa_freq, so it would ignore it; set Broyden(opa_freq=k).")
+        H0 = problem.options.get("inverse0")
+        zeros = z.new_zeros(B, d, self.memory)
+        if H0 is None:
+            H = BroydenState(zeros, zeros.clone())
+        elif isinstance(H0, BroydenState) and H0.base is None:
+            if H0.U.shape[:2] != (B, d):
+                raise OptionError(f"Broyden: inverse0 has shape {tuple(H0.U.shape)}, expected (B={B}, d={d}, memory).")
+            # keep the given columns and append room for this solve's own updates
+            H = BroydenState(torch.cat([H0.U.to(z), zeros], -1), torch.cat([H0.V.to(z), zeros.clone()], -1), H0.U.shape[-1])
+        elif isinstance(H0, InverseEstimate):
+            H = BroydenState(zeros, zeros.clone(), base=H0)
+        else:
+            raise OptionError(f"Broyden: inverse0 must be an InverseEstimate (e.g. a BroydenState), got {type(H0).__name__}.")
+        return _BroydenLoopState(H, problem, loss_grad)
+
+    def observe(self, state: Any, z: Tensor, fz: Tensor, fresh: Tensor) -> None:
+        # every fresh evaluation, the last one included, adds its secant pair to H
+        g = fz - z
+        if state.z_prev is not None:
+            state.H.update(z - state.z_prev, g - state.g_prev, fresh)
+        state.z_prev, state.g_prev = z, g
+        state.n_seen += 1
+        if self.opa_freq is not None and state.loss_grad is not None and state.n_seen % self.opa_freq == 0:
+            self._opa_update(state, z, fresh)
+
+    def _opa_update(self, state: _BroydenLoopState, z: Tensor, mask: Tensor) -> None:
+        """Outer-problem awareness (SHINE, Ramzi et al. 2022): make ``vH`` accurate for ``v = ∇_z L``.
+
+        An *adjoint* Broyden update (Schlenkrich, Griewank & Walther 2010) along
+        ``σ = (vH)ᵀ``: with ``B = H⁻¹ ≈ J_g``, ``B ← B + σ (σᵀJ_g − σᵀB) / σᵀσ`` makes
+        ``σᵀB = σᵀJ_g`` exactly, i.e. ``(σᵀJ_g) H = σᵀ``: ``H`` becomes exact on the row
+        ``u = σᵀJ_g = v H J_g``, which equals ``v`` only if ``H`` already was. Repeated updates
+        therefore act as an iterative refinement of ``−vH`` towards ``−vJ_g⁻¹`` (tested in
+        ``tests/test_shine.py``); give the ring room
+        for them (the OPA columns share ``memory`` with the secant pairs and, once it wraps,
+        overwrite them). ``σᵀB = v`` needs no ``B``; ``σᵀJ_g`` costs one VJP of the cell.
+        Applied to ``H`` by Sherman–Morrison as one more ring column; counted in ``result.extra["n_opa"]``.
+        A good-Broyden (secant) step along ``H∇L`` instead fixes the *column* action ``H y``,
+        which the row product ``vH`` of the backward pass does not use.
+        """
+        problem, loss_grad = state.problem, state.loss_grad
+        assert loss_grad is not None
+        B = z.shape[0]
+        # the column about to be overwritten must not take part (as in BroydenState.update)
+        slot = state.H.n_updates % state.H.memory
+        u_old, v_old = state.H.U[:, :, slot].clone(), state.H.V[:, :, slot].clone()
+        state.H.U[:, :, slot] = 0
+        state.H.V[:, :, slot] = 0
+        with torch.enable_grad():
+            v = loss_grad(z.view(problem.shape).detach()).reshape(B, -1).detach()
+            sigma = state.H.apply_left(v)  # row vector vH
+            zz = z.detach().requires_grad_()
+            out = problem.fn(zz)
+            (sJ,) = torch.autograd.grad(out, zz, sigma)
+        sJg = sJ - sigma  # σᵀ J_g
+        r = (sJg - v) / (sigma * sigma).sum(1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)  # row rᵀ
+        H_sigma = state.H.apply(sigma)
+        rT_H = state.H.apply_left(r)
+        den = 1 + (r * H_sigma).sum(1)
+        ok = mask & (den.abs() > 1e-8) & torch.isfinite(den)
+        u = -H_sigma / torch.where(ok, den, torch.ones_like(den))[:, None]
+        keep = ~ok[:, None]
+        state.H.U[:, :, slot] = torch.where(keep, u_old, u)
+        state.H.V[:, :, slot] = torch.where(keep, v_old, rT_H)
+        state.H.n_updates += 1
+        state.n_opa += 1
+
+    def step(self, state: Any, z: Tensor, fz: Tensor, active: Tensor) -> Union[Tensor, tuple[Tensor, Tensor]]:
+        g = fz - z
+        p = -state.H.apply(g)
+        if not self.line_search:
+            return z + p
+        return self._backtrack(state, z, g, p, active)
+
+    def _backtrack(self, state: _BroydenLoopState, z: Tensor, g: Tensor, p: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-sample backtracking along ``p`` (see the class docstring); returns ``(z_new, f(z_new))``."""
+        fn = state.problem.fn
+        g_norm = g.norm(dim=1)
+        alpha = torch.ones_like(g_norm)
+        z_new = z + p
+        f_new = fn(z_new)
+        new_norm = torch.nan_to_num((f_new - z_new).norm(dim=1), nan=float("inf"))
+        best_z, best_f, best_norm = z_new, f_new, new_norm
+        for _ in range(self.line_search_steps):
+            retry = active & ~(new_norm <= (1 - self.armijo_c * alpha) * g_norm)
+            if not bool(retry.any()):  # one host sync per trial
+                break
+            alpha = torch.where(retry, alpha / 2, alpha)
+            z_try = z + alpha[:, None] * p
+            f_try = fn(z_try)
+            state.n_line_search += 1
+            z_new = torch.where(retry[:, None], z_try, z_new)
+            f_new = torch.where(retry[:, None], f_try, f_new)
+            new_norm = torch.where(retry, torch.nan_to_num((f_try - z_try).norm(dim=1), nan=float("inf")), new_norm)
+            better = new_norm < best_norm
+            best_z = torch.where(better[:, None], z_new, best_z)
+            best_f = torch.where(better[:, None], f_new, best_f)
+            best_norm = torch.where(better, new_norm, best_norm)
+        else:  # samples still without sufficient decrease take their best trial
+            failed = active & ~(new_norm <= (1 - self.armijo_c * alpha) * g_norm)
+            z_new = torch.where(failed[:, None], best_z, z_new)
+            f_new = torch.where(failed[:, None], best_f, f_new)
+        return z_new, f_new
+
+    def inverse(self, state: Any) -> BroydenState:
+        return state.H
+
+    def extras(self, state: Any) -> dict:
+        # each OPA update costs one loss gradient and one cell VJP, not counted in nstep
+        return {"n_opa": state.n_opa, "line_search_evals": state.n_line_search}
+
+

@@ -1,0 +1,72 @@
+"""Best-iterate tracking and residual traces, shared by every forward solver's loop.
+
+:class:`IterateTracker` is the one place that computes the residuals of an iterate, keeps the
+best iterate of each sample and the per-iteration traces; :meth:`deqkit.solvers.Solver.__call__`
+feeds it and a solver's own hooks never deal with it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["IterateTracker"]
+
+
+class IterateTracker:
+    """Residuals, best iterate per sample and residual traces of one batched solve.
+
+    Args:
+        z: the initial flattened iterate ``(B, d)`` (the best iterate until a better one is seen).
+        stop_mode: ``"rel"`` or ``"abs"``: which residual ranks iterates.
+        rel_scale: per-sample denominators ``(B,)`` of the relative residual; ``None`` means
+            ``‖fn(z)‖`` of each iterate (the forward convention). Adjoint solves pass ``‖v‖``.
+
+    The residual of ``z`` is ``g = fn(z) − z``; ``abs = ‖g‖``, ``rel = ‖g‖ / (scale + eps)``.
+    A frozen (inactive) sample repeats its last value in the traces.
+    """
+
+    def __init__(self, z: Tensor, stop_mode: str, rel_scale: Optional[Tensor] = None) -> None:
+        B = z.shape[0]
+        self.stop_mode = stop_mode
+        self.rel_scale = rel_scale
+        self.eps = torch.finfo(z.dtype).eps
+        self.best_z = z.clone()
+        self.best_abs = torch.full((B,), float("inf"), dtype=z.dtype, device=z.device)
+        self.best_rel = self.best_abs.clone()
+        self.abs_trace: list[Tensor] = []
+        self.rel_trace: list[Tensor] = []
+
+    def record(self, z: Tensor, fz: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+        """See iterate ``z`` with ``fz = fn(z)``; returns ``(measure, nonfinite)`` per sample.
+
+        ``measure`` is the residual in ``stop_mode`` (compared to the tolerance by the loop);
+        ``nonfinite`` marks the active samples whose ``fz`` holds NaN/Inf.
+        """
+        abs_res = (fz - z).norm(dim=1)  # NaN/Inf anywhere in a sample's f(z) shows up here
+        fz_norm = fz.norm(dim=1)
+        scale = fz_norm if self.rel_scale is None else self.rel_scale
+        rel_res = abs_res / (scale + self.eps)
+        nonfinite = active & ~torch.isfinite(abs_res + fz_norm)
+        if self.abs_trace:  # frozen samples repeat their last value in the traces
+            abs_res = torch.where(active, abs_res, self.abs_trace[-1])
+            rel_res = torch.where(active, rel_res, self.rel_trace[-1])
+        self.abs_trace.append(abs_res)
+        self.rel_trace.append(rel_res)
+        measure = rel_res if self.stop_mode == "rel" else abs_res
+        better = active & (measure < self.best)
+        self.best_z = torch.where(better[:, None], z, self.best_z)
+        self.best_abs = torch.where(better, abs_res, self.best_abs)
+        self.best_rel = torch.where(better, rel_res, self.best_rel)
+        return measure, nonfinite
+
+    @property
+    def best(self) -> Tensor:
+        """The best residual so far per sample, in ``stop_mode``."""
+        return self.best_rel if self.stop_mode == "rel" else self.best_abs
+
+    def traces(self) -> tuple[Tensor, Tensor]:
+        """``(abs_trace, rel_trace)``, each ``(T, B)``."""
+        return torch.stack(self.abs_trace), torch.stack(self.rel_trace)
