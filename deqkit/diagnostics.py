@@ -9,15 +9,19 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ._options import check_int, validated_options
 from ._timing import synced_perf_counter
 from .deq import DEQ
+from .errors import OptionError
 from .estimators import Exact, GradientEstimator
 from .linear import GMRES
+
+__all__ = ["GradientQuality", "gradient_quality", "format_table"]
 
 
 @dataclass
 class GradientQuality:
-    """One row of :func:`gradient_quality`.
+    """One row of :func:`gradient_quality` (the cosine-to-exact measure of SHINE, Ramzi et al., ICLR 2022).
 
     Attributes:
         estimator: the estimator's short label.
@@ -65,6 +69,7 @@ def _run(
     return torch.cat(grads).detach().double(), None if gx is None else gx.detach().double(), elapsed, info
 
 
+@validated_options
 def gradient_quality(
     deq: DEQ,
     x: Any,
@@ -94,11 +99,10 @@ def gradient_quality(
     Returns:
         One :class:`GradientQuality` per estimator, in order.
     """
-    if repeats < 1:
-        raise ValueError(f"gradient_quality: repeats must be >= 1, got {repeats}.")
+    repeats = check_int("gradient_quality", "repeats", repeats)
     params = [p for p in (deq.parameters() if params is None else params) if p.requires_grad]
     if not params:
-        raise ValueError("gradient_quality: no parameter requires grad; nothing to compare.")
+        raise OptionError("gradient_quality: no parameter requires grad; nothing to compare.")
     if reference is None:  # as tight as the dtype allows
         tol = max(1e-10, 100 * torch.finfo(params[0].dtype).eps)
         reference = Exact(GMRES(tol=tol, max_iter=500), on_failure="warn")

@@ -13,6 +13,7 @@ from conftest import (F64, FORWARD_NAMES, ConvCell, LinearCell, TanhCell, randn,
 from deqkit import DEQ, GMRES, Anderson, Broyden, BroydenState, Dense, Exact, FixedPoint, SolverResult
 from deqkit.errors import ConvergenceWarning
 from deqkit.linear import as_linear_solver
+import deqkit.inverse as dk_inverse
 
 
 def _linear_fn(cell, x):
@@ -139,6 +140,12 @@ def test_solver_result_fields(name, stop_mode):
     torch.testing.assert_close(res.rel_residual, abs_res / (fz.norm(dim=1) + torch.finfo(F64).eps), rtol=1e-9, atol=1e-15)
     assert torch.equal(res.converged, res.residual <= tol)
     assert res.all_converged and res.n_failed == 0
+    # the result protocol shared with every iterative solve in deqkit
+    from deqkit.results import IterativeResult, ResultMixin
+
+    assert isinstance(res, ResultMixin) and isinstance(res, IterativeResult)
+    assert isinstance(res.time_s, float) and res.time_s > 0
+    assert res.inverse is None or isinstance(res.inverse, dk_inverse.InverseEstimate)
 
 
 @pytest.mark.parametrize("name", FORWARD_NAMES)
@@ -189,6 +196,12 @@ def test_linear_solvers_solve_adjoint_closed_form(name):
     res2 = solver.solve_adjoint(vjp, v, w0=w_ref.clone())
     assert res2.all_converged
     assert int(res2.nstep.max()) <= (d if name == "dense" else 2)
+    # one residual definition for every adjoint solver: ‖w − wJ − v‖ / ‖v‖ of the returned w
+    for r in (res, res2):
+        true_abs = (r.z - vjp(r.z) - v).norm(dim=1)
+        torch.testing.assert_close(r.abs_residual, true_abs, rtol=1e-6, atol=1e-15)
+        torch.testing.assert_close(r.rel_residual, true_abs / (v.norm(dim=1) + torch.finfo(F64).eps), rtol=1e-6, atol=1e-15)
+        assert isinstance(r.time_s, float) and r.time_s >= 0
 
 
 def test_gmres_respects_restart_and_cap():

@@ -43,7 +43,7 @@ class BroydenState(InverseEstimate):
         return self.U.shape[-1]
 
     # (1, d) @ (d, m) @ (m, d) as batched matrix–matrix products: the matrix–vector einsum form
-    # hits a slow CPU path (measured 2.3–3.3x slower forward solves).
+    # hits a slow CPU path (several times slower forward solves on CPU).
     def apply(self, x: Tensor) -> Tensor:
         """``H x`` for column vectors ``x`` of shape ``(B, d)``."""
         h0x = -x if self.base is None else self.base.apply(x)
