@@ -30,6 +30,9 @@ __all__ = ["InverseEstimate"]
 class InverseEstimate:
     """An estimate ``H`` of an inverse Jacobian/Hessian, available as products only.
 
+    The object SHINE shares between the forward and the backward pass (Ramzi, Mannel, Bahmani,
+    Sutter & Vaiter, ICLR 2022, arXiv 2106.00553).
+
     Subclasses implement :meth:`apply` (``H x``), :meth:`apply_left` (``v H``) and
     :meth:`transpose` (``Hᵀ``); :meth:`dense` is optional (tests and small problems).
     """

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Generic, Iterator, Optional, TypeVar
 
-from ._options import check_choice
+from ._options import check_choice, validated_options
 from .errors import OptionError
 
 __all__ = [
@@ -33,6 +33,7 @@ def _key(name: str) -> str:
     return name.lower().replace("_", "-")
 
 
+@validated_options
 class Registry(Generic[T]):
     """A name → factory table of one kind of object (``"solver"``, ``"estimator"``, ...)."""
 

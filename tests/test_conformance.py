@@ -143,8 +143,11 @@ def dense_jacobian(cell: nn.Module, z: torch.Tensor, x: torch.Tensor) -> torch.T
     return torch.stack(rows, dim=1)
 
 
-def contractive_jacobians(seed: int = 5, rho: float = 0.6) -> torch.Tensor:
-    return torch.stack([rho * M / torch.linalg.matrix_norm(M, ord=2) for M in randn(B, D, D, seed=seed)])
+def contractive_jacobians(seed: int = 5, rho: float = 0.6, symmetric: bool = False) -> torch.Tensor:
+    Ms = randn(B, D, D, seed=seed)
+    if symmetric:
+        Ms = Ms + Ms.transpose(1, 2)
+    return torch.stack([rho * M / torch.linalg.matrix_norm(M, ord=2) for M in Ms])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,8 +185,9 @@ def check_forward_solver(factory: Callable[..., Any]) -> None:
 
 def check_linear_solver(solver: dk.LinearSolver) -> None:
     """An adjoint solver solves ``w = wJ + v`` against ``torch.linalg.solve`` in float64, reports the one
-    residual ``‖w − wJ − v‖ / ‖v‖``, and honours the options its capability flags advertise."""
-    J = contractive_jacobians()
+    residual ``‖w − wJ − v‖ / ‖v‖``, and honours the options its capability flags advertise
+    (a solver with ``requires_spd`` gets a symmetric ``J``, so ``I − J`` is positive definite)."""
+    J = contractive_jacobians(symmetric=solver.requires_spd)
     v = randn(B, D, seed=6)
     eye = torch.eye(D, dtype=F64)
     w_ref = torch.linalg.solve((eye - J).transpose(1, 2), v.unsqueeze(-1)).squeeze(-1)

@@ -153,6 +153,9 @@ def forward_inverse(result: SolverResult, owner: str) -> InverseEstimate:
 class AdjointEstimator(GradientEstimator):
     """Estimators defined by a map ``v ↦ w`` (implemented by :meth:`compute_w`) at ``z*``.
 
+    The backward hook of Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019: the
+    gradient arriving at ``f(z*, x)`` is replaced by the adjoint ``w``.
+
     The cell is evaluated once with a graph at ``z*``; a hook on its output replaces the
     incoming gradient ``v`` by ``w``, which autograd then pushes to θ and x.
     """

@@ -88,6 +88,10 @@ def _check_finite(name: str, t: Tensor, what: str) -> None:
 class LinearSolver:
     """Base class of the adjoint solvers: :meth:`solve_adjoint` is the one call.
 
+    The adjoint equation is that of the implicit function theorem as used for DEQs by Bai,
+    Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019; for the Krylov methods see Saad,
+    "Iterative Methods for Sparse Linear Systems", SIAM 2003.
+
     Subclasses set ``name`` and the capability flags, and implement :meth:`solve_adjoint`
     (calling :meth:`_settings` and :meth:`_refuse_options` first, and :func:`_result` last).
     """
@@ -98,6 +102,9 @@ class LinearSolver:
     #: whether :meth:`solve_adjoint` takes ``inverse=`` (an :class:`~deqkit.inverse.InverseEstimate` of
     #: the adjoint system's ``(Jᵀ − I)⁻¹`` to start from)
     accepts_inverse: ClassVar[bool] = False
+    #: whether the solver handles only symmetric positive-definite systems ``I − J`` (conjugate
+    #: gradients); the conformance tests then give it a symmetric ``J``
+    requires_spd: ClassVar[bool] = False
 
     def __init__(self, *, tol: float, max_iter: int, stop_mode: str) -> None:
         owner = type(self).__name__

@@ -137,6 +137,11 @@ class Problem:
 class Solver:
     """Base class of the forward fixed-point solvers (see the module docstring for the protocol).
 
+    The batched, per-sample-stopping fixed-point solve of a deep equilibrium model (Bai, Kolter &
+    Koltun, "Deep Equilibrium Models", NeurIPS 2019); the protocol follows optimistix's
+    init/step/terminate (Rader, Lyons & Kidger, "Optimistix: modular optimisation in JAX and
+    Equinox", 2024).
+
     Args:
         tol: stopping tolerance on the residual selected by ``stop_mode``.
         max_iter: cap on residual evaluations (each costs one ``fn`` call).

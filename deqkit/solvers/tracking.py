@@ -12,9 +12,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._options import check_choice, validated_options
+
 __all__ = ["IterateTracker"]
 
 
+@validated_options
 class IterateTracker:
     """Residuals, best iterate per sample and residual traces of one batched solve.
 
@@ -30,6 +33,7 @@ class IterateTracker:
 
     def __init__(self, z: Tensor, stop_mode: str, rel_scale: Optional[Tensor] = None) -> None:
         B = z.shape[0]
+        check_choice("IterateTracker", "stop_mode", stop_mode, ("abs", "rel"))
         self.stop_mode = stop_mode
         self.rel_scale = rel_scale
         self.eps = torch.finfo(z.dtype).eps
