@@ -69,7 +69,7 @@ def _compute_parametrizations(module: nn.Module) -> None:
     with torch.enable_grad():
         for m in module.modules():
             if parametrize.is_parametrized(m):
-                for name in m.parametrizations:
+                for name in m.parametrizations:  # type: ignore[union-attr]  # a ModuleDict once parametrised
                     getattr(m, name)
 
 
@@ -174,7 +174,7 @@ class DEQ(nn.Module):
         z0 = self.initial_state(x) if z0 is None else z0
         max_iter = self.eval_max_iter if (not self.training and self.eval_max_iter is not None) else None
         wants_loss = self.training and self.solver.needs_loss_grad
-        call_options = {"loss_grad": _gradient_of(loss_fn)} if wants_loss and loss_fn is not None else {}
+        call_options: dict[str, Any] = {"loss_grad": _gradient_of(loss_fn)} if wants_loss and loss_fn is not None else {}
         if wants_loss and loss_fn is None and not self._warned_no_opa:
             warnings.warn(
                 "DEQ: the solver has opa_freq set but forward() got no loss_fn, so no outer-problem-aware "

@@ -117,8 +117,9 @@ def gradient_quality(
         rows = []
         for est in estimators:
             deq.grad = est
-            times, info = [], None
-            for _ in range(repeats):
+            g, gx, elapsed, info = _run(deq, x, loss_fn, params)
+            times = [elapsed]
+            for _ in range(repeats - 1):
                 g, gx, elapsed, info = _run(deq, x, loss_fn, params)
                 times.append(elapsed)
             back = info.backward if info is not None else None

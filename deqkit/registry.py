@@ -27,6 +27,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+F = TypeVar("F")
 
 
 def _key(name: str) -> str:
@@ -42,11 +43,11 @@ class Registry(Generic[T]):
         self._items: dict[str, Callable[..., T]] = {}
         self._aliases: dict[str, str] = {}
 
-    def register(self, name: str, *, aliases: tuple[str, ...] = (), replace: bool = False) -> Callable[[Any], Any]:
+    def register(self, name: str, *, aliases: tuple[str, ...] = (), replace: bool = False) -> Callable[[F], F]:
         """Decorator: register a class (or factory) under ``name`` (and ``aliases``)."""
 
-        def deco(factory: Any) -> Any:
-            self.add(name, factory, aliases=aliases, replace=replace)
+        def deco(factory: F) -> F:
+            self.add(name, factory, aliases=aliases, replace=replace)  # type: ignore[arg-type]
             return factory
 
         return deco
@@ -120,16 +121,16 @@ ESTIMATORS: Registry[Any] = Registry("estimator")
 LINEAR_SOLVERS: Registry[Any] = Registry("linear solver")
 
 
-def register_solver(name: str, *, aliases: tuple[str, ...] = (), replace: bool = False) -> Callable[[Any], Any]:
+def register_solver(name: str, *, aliases: tuple[str, ...] = (), replace: bool = False) -> Callable[[F], F]:
     """Class decorator: make a forward solver buildable by ``make_solver(name)`` (and conformance-tested)."""
     return SOLVERS.register(name, aliases=aliases, replace=replace)
 
 
-def register_estimator(name: str, *, aliases: tuple[str, ...] = (), replace: bool = False) -> Callable[[Any], Any]:
+def register_estimator(name: str, *, aliases: tuple[str, ...] = (), replace: bool = False) -> Callable[[F], F]:
     """Class decorator: make a gradient estimator buildable by ``make_estimator(name)`` (and conformance-tested)."""
     return ESTIMATORS.register(name, aliases=aliases, replace=replace)
 
 
-def register_linear_solver(name: str, *, aliases: tuple[str, ...] = (), replace: bool = False) -> Callable[[Any], Any]:
+def register_linear_solver(name: str, *, aliases: tuple[str, ...] = (), replace: bool = False) -> Callable[[F], F]:
     """Class decorator: make an adjoint linear solver buildable by ``make_linear_solver(name)`` (and conformance-tested)."""
     return LINEAR_SOLVERS.register(name, aliases=aliases, replace=replace)

@@ -6,11 +6,26 @@ import warnings
 
 import pytest
 import torch
+from conftest import F64, LinearCell, TanhCell, randn
 from torch import nn
 
-from conftest import F64, LinearCell, TanhCell, randn
-from deqkit import (DEQ, GMRES, Anderson, Broyden, ConvergenceError, ConvergenceWarning, Dense, Exact, FixedPoint,
-                    JacobianFree, Neumann, NonFiniteError, Unrolled, make_estimator, make_solver)
+from deqkit import (
+    DEQ,
+    GMRES,
+    Anderson,
+    Broyden,
+    ConvergenceError,
+    ConvergenceWarning,
+    Dense,
+    Exact,
+    FixedPoint,
+    JacobianFree,
+    Neumann,
+    NonFiniteError,
+    Unrolled,
+    make_estimator,
+    make_solver,
+)
 from deqkit.errors import DEQError
 
 SOLVER_CLASSES = [FixedPoint, Anderson, Broyden]

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import (
+    F64,
+    FORWARD_NAMES,
+    LINEAR_NAMES,
+    ShiftCell,
+    TanhCell,
+    randn,
+    rel_err,
+    tight_forward_solvers,
+    tight_linear_solvers,
+)
 from torch.func import functional_call
 
-from conftest import (F64, FORWARD_NAMES, LINEAR_NAMES, LinearCell, ShiftCell, TanhCell, randn, rel_err,
-                      tight_forward_solvers, tight_linear_solvers)
 from deqkit import DEQ, GMRES, Anderson, Dense, Exact, FixedPoint, JacobianFree, Neumann, Unrolled, make_estimator
 
 

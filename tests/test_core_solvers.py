@@ -7,13 +7,11 @@ import warnings
 
 import pytest
 import torch
+from conftest import F64, FORWARD_NAMES, ConvCell, LinearCell, TanhCell, randn, rel_err, tight_forward_solvers, tight_linear_solvers
 
-from conftest import (F64, FORWARD_NAMES, ConvCell, LinearCell, TanhCell, randn, rel_err, tight_forward_solvers,
-                      tight_linear_solvers)
-from deqkit import DEQ, GMRES, Anderson, Broyden, BroydenState, Dense, Exact, FixedPoint, SolverResult
-from deqkit.errors import ConvergenceWarning
-from deqkit.linear import as_linear_solver
 import deqkit.inverse as dk_inverse
+from deqkit import DEQ, GMRES, Anderson, Broyden, BroydenState, Dense, Exact, FixedPoint, SolverResult
+from deqkit.linear import as_linear_solver
 
 
 def _linear_fn(cell, x):

@@ -331,3 +331,52 @@ def test_with_opa_the_fallback_discards_accurate_estimates():
     assert n_fell > 0
     assert min(without_fb) > 0.999, without_fb
     assert sum(with_fb) / 6 < sum(without_fb) / 6 - 0.01, (with_fb, without_fb)
+
+
+class _DenseInverse(dk.InverseEstimate):
+    def __init__(self, M: torch.Tensor) -> None:
+        self.M = M
+
+    def apply(self, x):
+        return torch.einsum("bij,bj->bi", self.M, x)
+
+    def apply_left(self, v):
+        return torch.einsum("bi,bij->bj", v, self.M)
+
+    def transpose(self):
+        return _DenseInverse(self.M.transpose(1, 2))
+
+    def dense(self):
+        return self.M
+
+
+class _PicardWithInverse(dk.FixedPoint):
+    """A forward solver that is not Broyden but returns an InverseEstimate (here ``H = −I``)."""
+
+    keeps_inverse = True
+
+    def inverse(self, state):
+        return self._H
+
+    def init(self, problem, z, fz):
+        B, d = z.shape
+        self._H = _DenseInverse(-torch.eye(d, dtype=z.dtype).expand(B, d, d).clone())
+        return None
+
+
+def test_any_solver_returning_an_inverse_estimate_gets_shine_and_its_refinement():
+    """SHINE reads result.inverse through the InverseEstimate interface only: with H = −I it is JFB,
+    and its Broyden refinement starts from that (non-Broyden) estimate and approaches the exact gradient."""
+    A, B, x, c = problem(3, d=8, rho=0.5)
+    loss = lambda z: ((z - c) ** 2).sum()  # noqa: E731
+    ref = exact_grad(TanhCell, A, B, x, loss)
+    solver = _PicardWithInverse(tol=1e-12, max_iter=300)
+    g_shine, info = param_grad(TanhCell, A, B, x, loss, solver, dk.SHINE())
+    assert isinstance(info.forward.inverse, _DenseInverse)
+    g_jfb, _ = param_grad(TanhCell, A, B, x, loss, dk.FixedPoint(tol=1e-12, max_iter=300), dk.JacobianFree())
+    torch.testing.assert_close(g_shine, g_jfb, rtol=1e-10, atol=1e-12)
+    errs = [rel(param_grad(TanhCell, A, B, x, loss, solver, dk.SHINE(refine=n))[0], ref) for n in (0, 2, 6)]
+    assert errs[2] < errs[1] < errs[0], errs
+    # WarmExact too: warm start at −vH, the default Broyden adjoint starts from Hᵀ as its inverse
+    g_warm, info = param_grad(TanhCell, A, B, x, loss, solver, dk.WarmExact(dk.Broyden(tol=1e-12, max_iter=100)))
+    assert rel(g_warm, ref) < 1e-8 and info.backward.solve.all_converged

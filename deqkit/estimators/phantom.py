@@ -82,7 +82,9 @@ class Unrolled(GradientEstimator):
     def __init__(self, k: int = 5, damping: float = 0.5) -> None:
         self.k, self.damping = _phantom_options(self, k, damping)
 
-    label = Neumann.label
+    @property
+    def label(self) -> str:
+        return f"{type(self).__name__}({self.k}, {self.damping:g})"
 
     def attach(self, cell_fn: CellFn, result: SolverResult, info: "DEQInfo") -> Tensor:
         z = result.z.detach()

@@ -203,7 +203,9 @@ class Solver:
         return {}
 
     # -- the loop, written once -------------------------------------------------------------
-    def __call__(self, fn: Fn, z0: Tensor, *, max_iter: Optional[int] = None, tol: Optional[float] = None, **call_options: Any) -> SolverResult:
+    def __call__(
+        self, fn: Fn, z0: Tensor, *, max_iter: Optional[int] = None, tol: Optional[float] = None, **call_options: Any
+    ) -> SolverResult:
         """Solve ``fn(z) = z`` from ``z0`` (shape ``(B, ...)``).
 
         Args:

@@ -36,7 +36,8 @@ class BroydenState(InverseEstimate):
 
     def __repr__(self) -> str:
         B, d, m = self.U.shape
-        return f"BroydenState(B={B}, d={d}, memory={m}, n_updates={self.n_updates}{', base=' + repr(self.base) if self.base is not None else ''})"
+        base = "" if self.base is None else f", base={self.base!r}"
+        return f"BroydenState(B={B}, d={d}, memory={m}, n_updates={self.n_updates}{base})"
 
     @property
     def memory(self) -> int:
