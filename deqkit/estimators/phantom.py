@@ -18,10 +18,16 @@ if TYPE_CHECKING:
 __all__ = ["Neumann", "Unrolled", "JacobianFree"]
 
 
-def _phantom_options(owner: object, k: int, damping: float) -> tuple[int, float]:
-    """Validated ``(k, λ)`` of a phantom-gradient estimator."""
-    name = type(owner).__name__
-    return check_int(name, "k", k), check_fraction(name, "damping", damping)
+class _PhantomOptions:
+    """The options ``(k, λ)`` shared by the phantom gradients, and their table label ``Name(k, λ)``."""
+
+    def __init__(self, k: int = 5, damping: float = 0.5) -> None:
+        owner = type(self).__name__
+        self.k, self.damping = check_int(owner, "k", k), check_fraction(owner, "damping", damping)
+
+    @property
+    def label(self) -> str:
+        return f"{type(self).__name__}({self.k}, {self.damping:g})"
 
 
 def _neumann_closed_form(k: int, lam: float, v: Tensor, J: Tensor) -> Tensor:
@@ -37,7 +43,7 @@ def _neumann_closed_form(k: int, lam: float, v: Tensor, J: Tensor) -> Tensor:
 
 @register_estimator("neumann")
 @validated_options
-class Neumann(AdjointEstimator):
+class Neumann(_PhantomOptions, AdjointEstimator):
     """Neumann-series phantom gradient (NPG): ``w = λ Σ_{t<k} v (λJ + (1−λ)I)^t`` at ``z*``.
 
     Geng, Zhang, Bai, Wang & Lin, "On Training Implicit Models", NeurIPS 2021 (arXiv 2111.05177).
@@ -46,13 +52,6 @@ class Neumann(AdjointEstimator):
     """
 
     name = "neumann"
-
-    def __init__(self, k: int = 5, damping: float = 0.5) -> None:
-        self.k, self.damping = _phantom_options(self, k, damping)
-
-    @property
-    def label(self) -> str:
-        return f"{type(self).__name__}({self.k}, {self.damping:g})"
 
     def compute_w(self, v: Tensor, vjp: Vjp, result: SolverResult, stats: BackwardStats) -> Tensor:
         lam = self.damping
@@ -68,7 +67,7 @@ class Neumann(AdjointEstimator):
 
 @register_estimator("unrolled")
 @validated_options
-class Unrolled(GradientEstimator):
+class Unrolled(_PhantomOptions, GradientEstimator):
     """Unrolled phantom gradient (UPG): backprop through ``k`` damped steps started at ``z*``.
 
     ``z₀ = z*`` (detached), ``z_{t+1} = λ f(z_t, x) + (1 − λ) z_t``; the returned value stays
@@ -78,13 +77,6 @@ class Unrolled(GradientEstimator):
     """
 
     name = "unrolled"
-
-    def __init__(self, k: int = 5, damping: float = 0.5) -> None:
-        self.k, self.damping = _phantom_options(self, k, damping)
-
-    @property
-    def label(self) -> str:
-        return f"{type(self).__name__}({self.k}, {self.damping:g})"
 
     def attach(self, cell_fn: CellFn, result: SolverResult, info: "DEQInfo") -> Tensor:
         z = result.z.detach()

@@ -92,8 +92,9 @@ class LinearSolver:
     Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019; for the Krylov methods see Saad,
     "Iterative Methods for Sparse Linear Systems", SIAM 2003.
 
-    Subclasses set ``name`` and the capability flags, and implement :meth:`solve_adjoint`
-    (calling :meth:`_settings` and :meth:`_refuse_options` first, and :func:`_result` last).
+    Subclasses set ``name`` and the capability flags, and implement :meth:`_solve` (the
+    validated settings in, a result from :func:`_result` out); :meth:`solve_adjoint` checks the
+    options against the flags, applies the overrides and times the call.
     """
 
     name: ClassVar[str] = "linear"
@@ -137,9 +138,20 @@ class LinearSolver:
             preconditioner: only where ``accepts_preconditioner``.
             inverse: only where ``accepts_inverse``.
 
-        The result's ``z`` is ``w``; its relative residual is ``‖w − wJ − v‖ / ‖v‖``.
+        The result's ``z`` is ``w``; its relative residual is ``‖w − wJ − v‖ / ‖v‖``; its
+        ``time_s`` the wall-clock of the whole call.
         """
-        raise NotImplementedError
+        start = time.perf_counter()
+        self._refuse_options(preconditioner, inverse)
+        tol, max_iter = self._settings(tol, max_iter)
+        options = {k: o for k, o in (("preconditioner", preconditioner), ("inverse", inverse)) if o is not None}
+        result = self._solve(vjp, v, w0, tol, max_iter, options)
+        result.time_s = time.perf_counter() - start
+        return result
+
+    def _solve(self, vjp: Fn, v: Tensor, w0: Optional[Tensor], tol: float, max_iter: int, options: dict[str, Any]) -> SolverResult:
+        """The solve itself, with validated settings; ``options`` holds the accepted per-call options given."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _solve (or override solve_adjoint)")
 
     # -- helpers for subclasses -------------------------------------------------------------
     def _settings(self, tol: Optional[float], max_iter: Optional[int]) -> tuple[float, int]:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import time
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from .._options import check_int, validated_options
 from ..errors import OptionError
-from ..inverse import InverseEstimate
 from ..registry import register_linear_solver
 from ..solvers.base import SolverResult
 from .base import Fn, LinearSolver, _check_finite, _result
@@ -50,20 +48,7 @@ class Dense(LinearSolver):
             rows.append(vjp(e.view(shape)).reshape(B, d))
         return torch.stack(rows, dim=1)
 
-    def solve_adjoint(
-        self,
-        vjp: Fn,
-        v: Tensor,
-        *,
-        w0: Optional[Tensor] = None,
-        tol: Optional[float] = None,
-        max_iter: Optional[int] = None,
-        preconditioner: Optional[Fn] = None,
-        inverse: Optional[InverseEstimate] = None,
-    ) -> SolverResult:
-        start = time.perf_counter()
-        self._refuse_options(preconditioner, inverse)
-        tol, _ = self._settings(tol, max_iter)
+    def _solve(self, vjp: Fn, v: Tensor, w0: Optional[Tensor], tol: float, max_iter: int, options: dict[str, Any]) -> SolverResult:
         shape, B = v.shape, v.shape[0]
         J = self.jacobian(vjp, v)
         d = J.shape[-1]
@@ -74,4 +59,4 @@ class Dense(LinearSolver):
         _check_finite(self.name, w, "dense solve")
         res = (w - torch.einsum("bi,bij->bj", w, J) - vf).norm(dim=1)
         nstep = torch.full((B,), d, dtype=torch.long, device=v.device)
-        return _result(self.name, w.view(shape), vf, res, nstep, [res], tol, self.stop_mode, 1, start=start)
+        return _result(self.name, w.view(shape), vf, res, nstep, [res], tol, self.stop_mode, 1)

@@ -8,7 +8,6 @@ from torch import Tensor
 
 from .._options import validated_options
 from ..errors import OptionError
-from ..inverse import InverseEstimate
 from ..solvers.base import Solver, SolverResult
 from .base import Fn, LinearSolver
 
@@ -59,22 +58,11 @@ class FixedPointAdjoint(LinearSolver):
     def __repr__(self) -> str:
         return f"FixedPointAdjoint({self.solver!r})"
 
-    def solve_adjoint(
-        self,
-        vjp: Fn,
-        v: Tensor,
-        *,
-        w0: Optional[Tensor] = None,
-        tol: Optional[float] = None,
-        max_iter: Optional[int] = None,
-        preconditioner: Optional[Fn] = None,
-        inverse: Optional[InverseEstimate] = None,
-    ) -> SolverResult:
-        self._refuse_options(preconditioner, inverse)
+    def _solve(self, vjp: Fn, v: Tensor, w0: Optional[Tensor], tol: float, max_iter: int, options: dict[str, Any]) -> SolverResult:
         start = v.clone() if w0 is None else w0
-        options: dict[str, Any] = {} if inverse is None else {"inverse0": inverse}
+        call_options = {"inverse0": options["inverse"]} if "inverse" in options else {}
         scale = v.reshape(v.shape[0], -1).norm(dim=1)  # the adjoint residual is relative to ‖v‖
-        return self.solver._solve(lambda w: vjp(w) + v, start, max_iter=max_iter, tol=tol, options=options, rel_scale=scale)
+        return self.solver._solve(lambda w: vjp(w) + v, start, max_iter=max_iter, tol=tol, options=call_options, rel_scale=scale)
 
 
 def as_linear_solver(solver: Union[Solver, LinearSolver]) -> LinearSolver:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import time
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from .._options import check_int, validated_options
 from ..errors import OptionError
-from ..inverse import InverseEstimate
 from ..registry import register_linear_solver
 from ..solvers.base import SolverResult
 from .base import Fn, LinearSolver, _check_finite, _result
@@ -29,6 +27,12 @@ class GMRES(LinearSolver):
     Krylov basis kept in memory. Converged samples stop changing. The small least-squares
     problem is solved by Givens rotations and back substitution, elementwise per sample, so the
     result is bitwise reproducible (a batched LAPACK ``lstsq`` was not).
+
+    ``solve_adjoint(..., preconditioner=P)``: a map ``P`` on rows ``(B, d)`` with
+    ``P(y) ≈ y (I − J)⁻¹``; GMRES then runs on ``y ↦ P(y)(I − J)`` (right preconditioning, Saad,
+    "Iterative Methods for Sparse Linear Systems", §9.3) and returns ``w = P(y)``. The residual,
+    the stopping test and ``nstep`` stay those of ``w``. It starts at ``w = 0``, so ``w0`` must be
+    ``None``: the first Krylov step already holds ``P(v)``.
     """
 
     name = "gmres"
@@ -38,26 +42,8 @@ class GMRES(LinearSolver):
         super().__init__(tol=tol, max_iter=max_iter, stop_mode=stop_mode)
         self.restart = check_int(type(self).__name__, "restart", restart)
 
-    def solve_adjoint(
-        self,
-        vjp: Fn,
-        v: Tensor,
-        *,
-        w0: Optional[Tensor] = None,
-        tol: Optional[float] = None,
-        max_iter: Optional[int] = None,
-        preconditioner: Optional[Fn] = None,
-        inverse: Optional[InverseEstimate] = None,
-    ) -> SolverResult:
-        """See :meth:`LinearSolver.solve_adjoint`. ``preconditioner``: a map ``P`` on rows ``(B, d)``
-        with ``P(y) ≈ y (I − J)⁻¹``; GMRES then runs on ``y ↦ P(y)(I − J)`` (right
-        preconditioning, Saad, "Iterative Methods for Sparse Linear Systems", §9.3) and returns
-        ``w = P(y)``. The residual, the stopping test and ``nstep`` stay those of ``w``. It starts
-        at ``w = 0``, so ``w0`` must be ``None``: the first Krylov step already holds ``P(v)``.
-        """
-        start = time.perf_counter()
-        self._refuse_options(preconditioner, inverse)
-        tol, max_iter = self._settings(tol, max_iter)
+    def _solve(self, vjp: Fn, v: Tensor, w0: Optional[Tensor], tol: float, max_iter: int, options: dict[str, Any]) -> SolverResult:
+        preconditioner = options.get("preconditioner")
         if preconditioner is not None and w0 is not None:
             raise OptionError("GMRES: pass either w0 or preconditioner (a preconditioned solve starts at w = 0).")
         shape, B = v.shape, v.shape[0]
@@ -135,4 +121,4 @@ class GMRES(LinearSolver):
             w = w + torch.where(active[:, None], step, torch.zeros_like(step))
             r = vf - op(w)  # true residual (one extra product) before a restart or the end
             used += 1
-        return _result(self.name, to_w(w).view(shape), vf, r.norm(dim=1), nstep, trace, tol, self.stop_mode, max_iter, start=start)
+        return _result(self.name, to_w(w).view(shape), vf, r.norm(dim=1), nstep, trace, tol, self.stop_mode, max_iter)
