@@ -164,7 +164,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     out = []
     for n, c in enumerate(cells):
-        out.append("  ".join(s.rjust(w) if n else s.ljust(w) for s, w in zip(c, widths)))
+        out.append("  ".join(s.rjust(w) if n else s.ljust(w) for s, w in zip(c, widths, strict=True)))
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)

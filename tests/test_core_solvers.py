@@ -412,3 +412,34 @@ def test_anderson_with_full_memory_terminates_like_gmres_on_a_linear_map(regular
     assert int(res.nstep.max()) <= d + 4
     fp = FixedPoint(tol=1e-12, max_iter=60)(lambda z: z @ A.T + x, torch.zeros(4, d, dtype=torch.float64))
     assert int(res.nstep.max()) < int(fp.nstep.min())
+
+
+def test_a_solver_written_with_the_public_hooks():
+    """init / observe / step / terminate / inverse / extras: a damped Picard that counts its evaluations
+    in its own state and stops on its own criterion; the loop does the rest (freezing, best iterate, traces)."""
+    from deqkit.solvers import Problem, Solver
+
+    class Counting(Solver):
+        def init(self, problem, z, fz):
+            assert isinstance(problem, Problem) and problem.fn(z).shape == z.shape
+            return {"evals": 0}
+
+        def observe(self, state, z, fz, fresh):
+            state["evals"] += 1
+
+        def step(self, state, z, fz, active):
+            return 0.5 * (z + fz)
+
+        def terminate(self, state, measure, tol):
+            return measure <= 10 * tol  # a looser stop than the tolerance
+
+        def extras(self, state):
+            return {"evals": state["evals"]}
+
+    A = 0.5 * torch.eye(3, dtype=F64)
+    x = randn(2, 3, seed=1)
+    res = Counting(tol=1e-8, max_iter=200)(lambda z: z @ A.T + x, torch.zeros(2, 3, dtype=F64))
+    assert res.extra["evals"] == int(res.nstep.max())
+    assert bool((res.residual <= 1e-7).all())
+    assert not res.all_converged or bool((res.residual <= 1e-8).all())  # stopping is not converging
+    assert res.inverse is None and res.time_s > 0

@@ -23,9 +23,10 @@ hooks on flattened ``(B, d)`` tensors, in the spirit of optimistix's init/step/t
 - :meth:`Solver.step` (required): the next iterate from ``z`` and ``fz = fn(z)``;
 - :meth:`Solver.init` (optional): build the solver's state at the start of a call;
 - :meth:`Solver.observe` (optional): see each new evaluation (e.g. a secant update);
+- :meth:`Solver.terminate` (optional): which samples stop (default: residual ``<= tol``);
 - :meth:`Solver.inverse` / :meth:`Solver.extras` (optional): what goes into the result.
 
-Termination is the loop's: a sample stops when its residual is ``<= tol``. Per-call options
+Per-call options
 beyond ``max_iter``/``tol`` are declared in ``call_options`` (Broyden: ``inverse0``,
 ``loss_grad``); any other keyword is refused with a "did you mean".
 
@@ -194,6 +195,15 @@ class Solver:
         """
         raise NotImplementedError(f"{type(self).__name__} must implement step(state, z, fz, active)")
 
+    def terminate(self, state: Any, measure: Tensor, tol: float) -> Tensor:
+        """``(B,)`` bool: the samples that stop now (default: residual ``measure <= tol``, or NaN).
+
+        Called once per iteration with the residual in ``stop_mode``; a sample that stops is
+        frozen. Stopping does not make a sample converged: ``result.converged`` is always
+        "the returned residual ``<= tol``". Must not synchronise with the host.
+        """
+        return ~(measure > tol)
+
     def inverse(self, state: Any) -> Optional[InverseEstimate]:
         """The inverse-Jacobian estimate to return in ``result.inverse`` (default: none)."""
         return None
@@ -297,7 +307,7 @@ class Solver:
             measure, bad_mask = tracker.record(z, fz, active)
             self.observe(state, z, fz, active)
             nstep = nstep + active.long()
-            active = active & (measure > problem.tol)
+            active = active & ~self.terminate(state, measure, problem.tol)
             if self.on_nonfinite == "freeze":
                 nonfinite = nonfinite | bad_mask
                 active = active & ~bad_mask
