@@ -43,14 +43,14 @@ def main(argv=None) -> int:
     net = net.double()
     st = collect_states(net, xtr[: args.samples].double())
     phi, z, n = st.phi, st.Z.T, st.X.shape[1]
-    admm = BatchedADMM(rho=1.0, max_iter=2000, eps_abs=1e-7, eps_rel=1e-5)
+    admm = BatchedADMM(rho=1.0, max_iter=2000, tol=1e-5, tol_abs=1e-7)
     t0 = time.perf_counter()
     res = admm.solve(phi, z, args.lam, radius=st.kappa, n_constrained=n)
     t_admm = time.perf_counter() - t0
     k = min(args.cvxpy_rows, z.shape[0])
     opts = {"tol_gap_abs": args.tol, "tol_gap_rel": args.tol, "tol_feas": args.tol}
     ref = solve_rows_cvxpy(phi, z[:k], args.lam, radius=st.kappa, n_constrained=n, solver_opts=opts)
-    per_row = ref.solve_time_s / k
+    per_row = ref.time_s / k
     gap = (res.objective[:k].numpy() - ref.objective) / np.abs(ref.objective)
     print(f"Phi {tuple(phi.shape)}, {z.shape[0]} (A,B) rows, lam={args.lam}")
     print(f"ADMM (all {z.shape[0]} rows, incl. eigendecomposition): {t_admm:.2f} s, "

@@ -273,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
             return accs
         for att in args.attacks:
             # the same random PGD starts for every model (and for a resumed run)
-            kw = {"steps": args.pgd_steps, "generator": torch.Generator().manual_seed(args.seed)} if att == "pgd" else {}
+            kw = {"steps": args.pgd_steps, "seed": args.seed} if att == "pgd" else {}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 accs[att] = {str(k): v for k, v in robust_accuracy(model, xa, ya, args.eps, attack=att, **kw).items()}

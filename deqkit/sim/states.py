@@ -25,7 +25,14 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .model import ImplicitModel
+from .._options import validated_options
+from ..errors import OptionError
+from .model import ImplicitModel, check_kappa
+
+__all__ = [
+    "Affine", "Activation", "NoOp", "LAYER_HANDLERS", "register_layer", "mlp_layers", "layer_scales",
+    "mlp_to_implicit", "States", "collect_states",
+]
 
 
 @dataclass
@@ -62,18 +69,21 @@ LAYER_HANDLERS: dict[type, LayerHandler] = {
 }
 
 
+@validated_options
 def register_layer(layer_type: type, handler: LayerHandler) -> None:
     """Teach :func:`mlp_layers` a new layer type: ``handler(module)`` returns an
     :class:`Affine` (dense ``W``, ``b`` on flattened features), :class:`Activation` or :class:`NoOp`."""
     if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
-        raise ValueError(f"layer_type must be an nn.Module subclass, got {layer_type!r}")
+        raise OptionError(f"register_layer: layer_type must be an nn.Module subclass, got {layer_type!r}.")
+    if not callable(handler):
+        raise OptionError(f"register_layer: handler must be callable, got {handler!r}.")
     LAYER_HANDLERS[layer_type] = handler
 
 
 def mlp_layers(net: nn.Module) -> list[Affine]:
     """The affine layers ``[(W_1, b_1), …, (W_L, b_L)]`` of ``net``, a ReLU between each pair.
 
-    Consecutive affine layers are composed. Raises ValueError for an unsupported layer, two
+    Consecutive affine layers are composed. Raises OptionError for an unsupported layer, two
     activations in a row, an activation first or last, or a network without hidden layer.
     """
     modules = list(net) if isinstance(net, nn.Sequential) else [net]
@@ -81,12 +91,12 @@ def mlp_layers(net: nn.Module) -> list[Affine]:
     last_act = True
     for mod in modules:
         if isinstance(mod, nn.Sequential):
-            raise ValueError("nested nn.Sequential is not supported; flatten it first")
+            raise OptionError("nested nn.Sequential is not supported; flatten it first")
         handler = next((h for t, h in LAYER_HANDLERS.items() if type(mod) is t), None)
         if handler is None:
             handler = next((h for t, h in LAYER_HANDLERS.items() if isinstance(mod, t)), None)
         if handler is None:
-            raise ValueError(
+            raise OptionError(
                 f"unsupported layer {type(mod).__name__}; supported: "
                 + ", ".join(t.__name__ for t in LAYER_HANDLERS)
                 + " (add one with deqkit.sim.register_layer)"
@@ -96,35 +106,34 @@ def mlp_layers(net: nn.Module) -> list[Affine]:
             continue
         if isinstance(kind, Activation):
             if last_act:
-                raise ValueError("an activation must follow an affine layer (found two in a row, or one first)")
+                raise OptionError("an activation must follow an affine layer (found two in a row, or one first)")
             groups.append([])
             last_act = True
         else:
             groups[-1].append(kind)
             last_act = False
     if last_act:
-        raise ValueError("the network must end with an affine layer (the output layer)")
+        raise OptionError("the network must end with an affine layer (the output layer)")
     layers = []
     for g in groups:
         w, b = g[0].weight, g[0].bias
         for nxt in g[1:]:
             if nxt.weight.shape[1] != w.shape[0]:
-                raise ValueError("consecutive affine layers have mismatched shapes")
+                raise OptionError("consecutive affine layers have mismatched shapes")
             w, b = nxt.weight @ w, nxt.weight @ b + nxt.bias
         layers.append(Affine(w, b))
     if len(layers) < 2:
-        raise ValueError("the network needs at least one hidden layer (affine, ReLU, affine)")
+        raise OptionError("the network needs at least one hidden layer (affine, ReLU, affine)")
     for a, b in zip(layers[:-1], layers[1:]):
         if b.weight.shape[1] != a.weight.shape[0]:
-            raise ValueError(f"layer shapes do not chain: {tuple(a.weight.shape)} then {tuple(b.weight.shape)}")
+            raise OptionError(f"layer shapes do not chain: {tuple(a.weight.shape)} then {tuple(b.weight.shape)}")
     return layers
 
 
 def layer_scales(layers: list[Affine], kappa: float = 0.99) -> list[float]:
     """Scales ``s_1 … s_{L-1}`` of the hidden layers: ``s_1 = 1``,
     ``s_l = s_{l-1}·min(1, κ/‖W_l‖_∞)`` so each block of ``A`` has ``‖·‖_∞ ≤ κ``."""
-    if not (0 < kappa < 1):
-        raise ValueError(f"kappa must be in (0, 1), got {kappa}")
+    kappa = check_kappa("layer_scales", kappa)
     scales = [1.0]
     for lay in layers[1:-1]:
         norm = float(lay.weight.abs().sum(dim=1).max())
@@ -132,16 +141,22 @@ def layer_scales(layers: list[Affine], kappa: float = 0.99) -> list[float]:
     return scales
 
 
-def mlp_to_implicit(net: nn.Module, kappa: float = 0.99, **model_kwargs) -> ImplicitModel:
+@validated_options
+def mlp_to_implicit(
+    net: nn.Module, kappa: float = 0.99, *, solver: Optional[object] = None, grad: Optional[object] = None
+) -> ImplicitModel:
     """The ImplicitModel (``bias=True``, ReLU) that reproduces ``net`` exactly, rescaled so
-    ``‖A‖_∞ ≤ κ``. ``model_kwargs`` go to :class:`ImplicitModel` (solver, grad, …)."""
+    ``‖A‖_∞ ≤ κ``. ``solver`` and ``grad`` are the model's fixed-point solver and gradient
+    estimator (defaults: those of :class:`ImplicitModel`)."""
+    kappa = check_kappa("mlp_to_implicit", kappa)
     layers = mlp_layers(net)
     scales = layer_scales(layers, kappa)
     hidden = [lay.weight.shape[0] for lay in layers[:-1]]
     p, q = layers[0].weight.shape[1], layers[-1].weight.shape[0]
     n = sum(hidden)
     ref = layers[0].weight
-    model = ImplicitModel(n, p, q, phi="relu", kappa=kappa, bias=True, dtype=ref.dtype, device=ref.device, **model_kwargs)
+    model = ImplicitModel(n, p, q, phi="relu", kappa=kappa, bias=True, dtype=ref.dtype, device=ref.device,
+                          solver=solver, grad=grad)
     # offsets of hidden layer l (1-based) in the stacked state (last layer first)
     L1 = len(hidden)
     offsets = {}
@@ -189,8 +204,8 @@ class States:
         order of ``X`` (last layer first), shape ``(n,)``. Needs ``layer_sizes``."""
         n = self.X.shape[1]
         if sum(self.layer_sizes) != n:
-            raise ValueError(
-                f"these States do not record their layers (layer_sizes={self.layer_sizes!r} for {n} states); "
+            raise OptionError(
+                f"States.state_layers: these States do not record their layers (layer_sizes={self.layer_sizes!r} for {n} states); "
                 "collect them with collect_states(), or set layer_sizes to the hidden widths, layer 1 first"
             )
         ids = [l for l in range(len(self.layer_sizes), 0, -1) for _ in range(self.layer_sizes[l - 1])]
@@ -203,9 +218,13 @@ class States:
         return torch.cat([self.X, self.U, ones], dim=1)
 
 
+@validated_options
 @torch.no_grad()
 def collect_states(net: nn.Module, u: Tensor, kappa: float = 0.99, dtype: Optional[torch.dtype] = None) -> States:
     """Run ``u`` (``(m, …)``, flattened) through ``net``'s layers and stack its rescaled states."""
+    kappa = check_kappa("collect_states", kappa)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise OptionError(f"collect_states: dtype must be a torch.dtype or None, got {dtype!r}.")
     layers = mlp_layers(net)
     scales = layer_scales(layers, kappa)
     dtype = dtype or layers[0].weight.dtype
