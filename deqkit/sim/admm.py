@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -46,7 +45,7 @@ from ..errors import NonFiniteError, OptionError, apply_failure_policy
 from ..results import ResultMixin
 from .projection import _radius_tensor, prox_l1_ball
 
-__all__ = ["MODES", "Factorization", "ADMMResult", "BatchedADMM"]
+__all__ = ["MODES", "ADMMResult", "BatchedADMM", "Factorization"]
 
 #: the two programs :class:`BatchedADMM` solves
 MODES = ("relaxed", "equality")
@@ -114,11 +113,11 @@ class _Problem:
     lam: Tensor  # (r,)
     radius: Tensor  # (r,)
     n_constrained: int
-    weights: Optional[Tensor]  # (d,)
-    support: Optional[Tensor]  # (d, r) in phi's dtype
+    weights: Tensor | None  # (d,)
+    support: Tensor | None  # (d, r) in phi's dtype
     c: Tensor  # Φᵀz in the eigenbasis, (d, r)
-    c_ls: Optional[Tensor] = None  # equality: least-squares solution in the eigenbasis
-    null: Optional[Tensor] = None  # equality: (d, 1) indicator of the null space of Φ
+    c_ls: Tensor | None = None  # equality: least-squares solution in the eigenbasis
+    null: Tensor | None = None  # equality: (d, 1) indicator of the null space of Φ
 
     @property
     def rows(self) -> int:
@@ -142,7 +141,7 @@ class _Record:
         self.dr = torch.full((r,), math.inf, dtype=dt, device=dev)
         self.ratio = torch.full((r,), math.inf, dtype=dt, device=dev)
 
-    def store(self, idx: Tensor, stop: Tensor, it: int, v: Tensor, rho: Tensor, done: Tensor, res: "_Residuals") -> None:
+    def store(self, idx: Tensor, stop: Tensor, it: int, v: Tensor, rho: Tensor, done: Tensor, res: _Residuals) -> None:
         """Record the rows ``idx`` (global indices) selected by ``stop`` (a mask of the working set)."""
         self.v[:, idx] = v[:, stop]
         self.rho[idx] = rho[stop]
@@ -170,7 +169,7 @@ class _Residuals:
     def done(self) -> Tensor:
         return (self.pr <= self.eps_pri) & (self.dr <= self.eps_dual)
 
-    def keep(self, mask: Tensor) -> "_Residuals":
+    def keep(self, mask: Tensor) -> _Residuals:
         return _Residuals(self.pr[mask], self.dr[mask], self.eps_pri[mask], self.eps_dual[mask])
 
 
@@ -203,6 +202,7 @@ class BatchedADMM:
 
     def __init__(
         self,
+        *,
         rho: float = 1.0,
         max_iter: int = 1000,
         tol: float = 1e-5,
@@ -385,7 +385,7 @@ class BatchedADMM:
                           time_s=time.perf_counter() - t0, primal_residual=rec.pr, dual_residual=rec.dr, rho=rec.rho,
                           constraint_residual=cres, mode=self.mode)
 
-    def failure_message(self, result: ADMMResult) -> Optional[str]:
+    def failure_message(self, result: ADMMResult) -> str | None:
         """The message for rows that missed the tolerance, ``None`` when all converged."""
         n_bad = result.n_failed
         if not n_bad:

@@ -11,16 +11,22 @@ Models are any callables ``u ↦ logits`` with a gradient to ``u``; for an
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._options import check_bool, check_choice, check_int, check_positive, validated_options
+from .._options import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_positive,
+    validated_options,
+)
 from ..errors import OptionError
 
-__all__ = ["ATTACKS", "fgsm", "pgd", "accuracy", "robust_accuracy"]
+__all__ = ["ATTACKS", "accuracy", "fgsm", "pgd", "robust_accuracy"]
 
 Model = Callable[[Tensor], Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -29,7 +35,7 @@ ATTACKS = ("fgsm", "pgd")
 _PGD_ONLY = ("steps", "step_size", "random_start", "seed")
 
 
-def _check(owner: str, eps, clip: Optional[tuple[float, float]]) -> float:
+def _check(owner: str, eps, clip: tuple[float, float] | None) -> float:
     eps = check_positive(owner, "eps", eps, allow_zero=True)
     if clip is not None and not (len(clip) == 2 and clip[0] < clip[1]):
         raise OptionError(f"{owner}: clip must be (low, high) with low < high, or None, got {clip!r}.")
@@ -51,7 +57,7 @@ def fgsm(
     y: Tensor,
     eps: float,
     loss_fn: LossFn = F.cross_entropy,
-    clip: Optional[tuple[float, float]] = (0.0, 1.0),
+    clip: tuple[float, float] | None = (0.0, 1.0),
 ) -> Tensor:
     """One-step ℓ∞ attack ``clip(u + ε·sign(∇_u loss(model(u), y)))`` (a new tensor, no grad)."""
     eps = _check("fgsm", eps, clip)
@@ -71,7 +77,7 @@ def _pgd_step_size(owner: str, eps: float, steps, step_size) -> float:
 
 
 def _pgd(model: Model, u: Tensor, y: Tensor, eps: float, steps: int, alpha: float, random_start: bool,
-         loss_fn: LossFn, clip: Optional[tuple[float, float]], generator: Optional[torch.Generator]) -> Tensor:
+         loss_fn: LossFn, clip: tuple[float, float] | None, generator: torch.Generator | None) -> Tensor:
     """PGD on checked options, drawing the random start from ``generator``."""
     u0 = u.detach()
     adv = u0.clone()
@@ -88,7 +94,7 @@ def _pgd(model: Model, u: Tensor, y: Tensor, eps: float, steps: int, alpha: floa
     return adv.detach()
 
 
-def _generator(owner: str, seed: Optional[int]) -> Optional[torch.Generator]:
+def _generator(owner: str, seed: int | None) -> torch.Generator | None:
     if seed is None:
         return None
     return torch.Generator().manual_seed(check_int(owner, "seed", seed, minimum=0))
@@ -101,11 +107,11 @@ def pgd(
     y: Tensor,
     eps: float,
     steps: int = 10,
-    step_size: Optional[float] = None,
+    step_size: float | None = None,
     random_start: bool = True,
     loss_fn: LossFn = F.cross_entropy,
-    clip: Optional[tuple[float, float]] = (0.0, 1.0),
-    seed: Optional[int] = None,
+    clip: tuple[float, float] | None = (0.0, 1.0),
+    seed: int | None = None,
 ) -> Tensor:
     """Projected gradient ascent on the loss in the ℓ∞ ball of radius ε (default step ``2.5ε/steps``).
 
@@ -139,11 +145,11 @@ def robust_accuracy(
     attack: str = "fgsm",
     batch_size: int = 512,
     loss_fn: LossFn = F.cross_entropy,
-    clip: Optional[tuple[float, float]] = (0.0, 1.0),
-    steps: Optional[int] = None,
-    step_size: Optional[float] = None,
-    random_start: Optional[bool] = None,
-    seed: Optional[int] = None,
+    clip: tuple[float, float] | None = (0.0, 1.0),
+    steps: int | None = None,
+    step_size: float | None = None,
+    random_start: bool | None = None,
+    seed: int | None = None,
 ) -> dict[float, float]:
     """Accuracy under ``attack`` (``"fgsm"`` or ``"pgd"``) at each ε: ``{ε: accuracy}``.
 

@@ -3,7 +3,8 @@ Atamtürk, arXiv 2209.09389): an MLP of Linear + ReLU layers."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import itertools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ def make_mlp(p: int, hidden: Sequence[int], q: int) -> nn.Sequential:
         raise OptionError(f"make_mlp: hidden must be a non-empty list of positive ints, got {hidden!r}.")
     dims = [p, *hidden]
     layers: list[nn.Module] = []
-    for a, b in zip(dims[:-1], dims[1:]):
+    for a, b in itertools.pairwise(dims):
         layers += [nn.Linear(a, b), nn.ReLU()]
     layers.append(nn.Linear(dims[-1], q))
     return nn.Sequential(*layers)

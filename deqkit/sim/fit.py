@@ -31,8 +31,8 @@ Solved by :class:`~deqkit.sim.admm.BatchedADMM` (all rows at once) or by the CVX
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +41,6 @@ from .._options import (
     check_bool,
     check_choice,
     check_failure_policy,
-    check_int,
     check_positive,
     validated_options,
 )
@@ -54,8 +53,16 @@ from .reference import CVXPYResult, solve_rows_cvxpy
 from .states import States, mlp_layers
 
 __all__ = [
-    "SOLVERS", "STRUCTURES", "LAM_SCALES", "PENALTIES", "SIMResult", "structure_support", "fit_sim",
-    "count_nonzeros", "baseline_nonzeros", "finetune",
+    "LAM_SCALES",
+    "PENALTIES",
+    "SOLVERS",
+    "STRUCTURES",
+    "SIMResult",
+    "baseline_nonzeros",
+    "count_nonzeros",
+    "finetune",
+    "fit_sim",
+    "structure_support",
 ]
 
 #: the ``method`` values of :func:`fit_sim`
@@ -64,7 +71,7 @@ STRUCTURES = ("full", "feedforward")
 LAM_SCALES = ("none", "rms")
 PENALTIES = ("uniform", "standardized")
 
-BlockResult = Union[ADMMResult, CVXPYResult]
+BlockResult = ADMMResult | CVXPYResult
 _BLOCK_LABELS = {"ab": "rows of (A, B)", "cd": "rows of (C, D)", "refit_ab": "refit of (A, B)", "refit_cd": "refit of (C, D)"}
 
 
@@ -91,8 +98,8 @@ class SIMResult(ResultMixin):
     cd: BlockResult
     lam: float
     time_s: float
-    refit_ab: Optional[BlockResult] = None
-    refit_cd: Optional[BlockResult] = None
+    refit_ab: BlockResult | None = None
+    refit_cd: BlockResult | None = None
 
     @property
     def solves(self) -> dict[str, BlockResult]:
@@ -125,7 +132,7 @@ class SIMResult(ResultMixin):
 @validated_options
 def structure_support(
     states: States, structure: str = "full", output_skip: bool = True
-) -> tuple[Optional[Tensor], Optional[Tensor]]:
+) -> tuple[Tensor | None, Tensor | None]:
     """Boolean masks ``(support_ab, support_cd)`` of the coefficients the program may use,
     shapes ``(n, n+p+1)`` and ``(q, n+p+1)`` over ``Φ = [X U 1]``; ``None`` = unrestricted.
 
@@ -155,11 +162,11 @@ class _Block:
 
     admm: BatchedADMM
     targets: Tensor
-    lam: Union[float, Tensor]
-    radius: Optional[float]
+    lam: float | Tensor
+    radius: float | None
     n_constrained: int
-    support: Optional[Tensor]
-    beta0: Optional[Tensor]
+    support: Tensor | None
+    beta0: Tensor | None
 
 
 def _solve_block(method: str, mode: str, block: _Block, phi: Tensor, lam, *, weights, support, beta0, factor,
@@ -206,7 +213,7 @@ def _check_fit_options(states: States, lam, method, mode, kappa, admm_ab, admm_c
     return kappa, admm_ab, admm_cd
 
 
-def _penalty_weights(phi: Tensor, n: int, p: int, penalty: str, input_weight: float) -> Optional[Tensor]:
+def _penalty_weights(phi: Tensor, n: int, p: int, penalty: str, input_weight: float) -> Tensor | None:
     """The ℓ1 weights over ``Φ``'s columns (``None``: all ones)."""
     weights = None
     if penalty == "standardized":
@@ -221,12 +228,12 @@ def _penalty_weights(phi: Tensor, n: int, p: int, penalty: str, input_weight: fl
 
 
 def _blocks(states: States, lam: float, lam_scale: str, kappa: float, admm_ab: BatchedADMM, admm_cd: BatchedADMM,
-            structure: str, output_skip: bool, warm_start: Optional[ImplicitModel]) -> dict[str, _Block]:
+            structure: str, output_skip: bool, warm_start: ImplicitModel | None) -> dict[str, _Block]:
     """The two row blocks of the program: ``(A, B)`` under the ℓ1 ball, ``(C, D)`` without."""
     support_ab, support_cd = structure_support(states, structure, output_skip)
     phi = states.phi
-    lam_ab: Union[float, Tensor] = lam
-    lam_cd: Union[float, Tensor] = lam
+    lam_ab: float | Tensor = lam
+    lam_cd: float | Tensor = lam
     if lam_scale == "rms":
         lam_ab = lam * states.Z.pow(2).mean(dim=0).sqrt()
         lam_cd = lam * states.Y.pow(2).mean(dim=0).sqrt()
@@ -241,7 +248,7 @@ def _blocks(states: States, lam: float, lam_scale: str, kappa: float, admm_ab: B
     }
 
 
-def _solve_blocks(method: str, mode: str, blocks: dict[str, _Block], phi: Tensor, weights: Optional[Tensor],
+def _solve_blocks(method: str, mode: str, blocks: dict[str, _Block], phi: Tensor, weights: Tensor | None,
                   debias: bool, zero_tol: float) -> tuple[dict[str, BlockResult], dict[str, Tensor]]:
     """The lasso solve of each block, then (``debias``) least squares on each row's lasso support."""
     factor = blocks["ab"].admm.factorize(phi) if method == "admm" else None
@@ -258,7 +265,7 @@ def _solve_blocks(method: str, mode: str, blocks: dict[str, _Block], phi: Tensor
     return results, betas
 
 
-def _failure_message(lam: float, results: dict[str, BlockResult], blocks: dict[str, _Block]) -> Optional[str]:
+def _failure_message(lam: float, results: dict[str, BlockResult], blocks: dict[str, _Block]) -> str | None:
     """One message naming every solve of the fit with rows that missed their tolerance."""
     parts = []
     for name, res in results.items():
@@ -296,10 +303,10 @@ def fit_sim(
     *,
     method: str = "admm",
     mode: str = "relaxed",
-    kappa: Optional[float] = None,
-    admm_ab: Optional[BatchedADMM] = None,
-    admm_cd: Optional[BatchedADMM] = None,
-    warm_start: Optional[ImplicitModel] = None,
+    kappa: float | None = None,
+    admm_ab: BatchedADMM | None = None,
+    admm_cd: BatchedADMM | None = None,
+    warm_start: ImplicitModel | None = None,
     zero_tol: float = 1e-6,
     lam_scale: str = "none",
     penalty: str = "uniform",
@@ -308,8 +315,8 @@ def fit_sim(
     output_skip: bool = True,
     debias: bool = False,
     on_failure: str = "warn",
-    solver: Optional[object] = None,
-    grad: Optional[object] = None,
+    solver: object | None = None,
+    grad: object | None = None,
 ) -> SIMResult:
     """Fit ``(A, B, C, D)`` to ``states`` (from :func:`~deqkit.sim.states.collect_states`).
 
@@ -412,7 +419,7 @@ def finetune(
     batch_size: int = 256,
     keep_sparsity: bool = True,
     seed: int = 0,
-    log: Optional[Callable[[int, float], None]] = None,
+    log: Callable[[int, float], None] | None = None,
 ) -> ImplicitModel:
     """Fine-tune a (SIM) model on ``(u, y)`` by cross-entropy with the core's implicit gradient.
 

@@ -12,13 +12,20 @@ componentwise 1-Lipschitz φ (ReLU, tanh), ``‖A‖_∞ ≤ κ < 1`` makes the 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._options import check_bool, check_choice, check_int, check_number, check_positive, validated_options
+from .._options import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_positive,
+    validated_options,
+)
 from ..errors import OptionError
 from .projection import project_l1_ball
 
@@ -34,7 +41,7 @@ def check_kappa(owner: str, kappa) -> float:
     return check_number(owner, "kappa", kappa, low=0.0, high=1.0, low_open=True, high_open=True)
 
 
-def _resolve_phi(phi: Union[str, Callable[[Tensor], Tensor]]) -> tuple[str, Callable[[Tensor], Tensor]]:
+def _resolve_phi(phi: str | Callable[[Tensor], Tensor]) -> tuple[str, Callable[[Tensor], Tensor]]:
     if isinstance(phi, str):
         check_choice("ImplicitModel", "phi", phi, ACTIVATIONS)
         return phi, ACTIVATIONS[phi]
@@ -50,7 +57,7 @@ def _resolve_phi(phi: Union[str, Callable[[Tensor], Tensor]]) -> tuple[str, Call
 class _ImplicitCell(nn.Module):
     """``cell(z, Bu) = φ(A z + Bu)``; ``Bu`` is computed once per forward, outside the solve."""
 
-    def __init__(self, owner: "ImplicitModel") -> None:
+    def __init__(self, owner: ImplicitModel) -> None:
         super().__init__()
         # keep a plain reference (not a submodule) to avoid a module cycle
         object.__setattr__(self, "_owner", owner)
@@ -102,14 +109,14 @@ class ImplicitModel(nn.Module):
         n: int,
         p: int,
         q: int,
-        phi: Union[str, Callable[[Tensor], Tensor]] = "relu",
+        phi: str | Callable[[Tensor], Tensor] = "relu",
         kappa: float = 0.99,
         bias: bool = False,
-        solver: Optional[object] = None,
-        grad: Optional[object] = None,
+        solver: object | None = None,
+        grad: object | None = None,
         init: str = "zeros",
-        dtype: Optional[torch.dtype] = None,
-        device: Optional[Union[str, torch.device]] = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
     ) -> None:
         super().__init__()
         own = "ImplicitModel"
@@ -152,7 +159,7 @@ class ImplicitModel(nn.Module):
             u = torch.cat([u, torch.ones(u.shape[0], 1, dtype=u.dtype, device=u.device)], dim=1)
         return u
 
-    def equilibrium(self, u: Tensor, x0: Optional[Tensor] = None) -> tuple[Tensor, object]:
+    def equilibrium(self, u: Tensor, x0: Tensor | None = None) -> tuple[Tensor, object]:
         """Return the state ``x`` (``(batch, n)``, implicit gradient attached) and the DEQ info.
 
         ``x0`` is the solver's starting state (default zeros); for a well-posed model the

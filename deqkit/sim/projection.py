@@ -15,7 +15,7 @@ from torch import Tensor
 from .._options import validated_options
 from ..errors import OptionError
 
-__all__ = ["project_l1_ball", "soft_threshold", "prox_l1_ball"]
+__all__ = ["project_l1_ball", "prox_l1_ball", "soft_threshold"]
 
 
 def _radius_tensor(radius: float | Tensor, rows: int, like: Tensor, owner: str = "project_l1_ball") -> Tensor:

@@ -11,12 +11,18 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from torch import Tensor
 
-from .._options import check_choice, check_failure_policy, check_int, check_positive, validated_options
+from .._options import (
+    check_choice,
+    check_failure_policy,
+    check_int,
+    check_positive,
+    validated_options,
+)
 from ..errors import OptionError, apply_failure_policy
 from ..results import ResultMixin
 from .admm import MODES
@@ -73,8 +79,8 @@ def _as_numpy(x: Any, dtype=np.float64) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
-def _infeasibility(beta: np.ndarray, phi: np.ndarray, z: np.ndarray, mode: str, radius: Optional[float], k: int,
-                   support: Optional[np.ndarray]) -> float:
+def _infeasibility(beta: np.ndarray, phi: np.ndarray, z: np.ndarray, mode: str, radius: float | None, k: int,
+                   support: np.ndarray | None) -> float:
     """Primal infeasibility of one row's point (see :class:`CVXPYResult`)."""
     if not np.all(np.isfinite(beta)):
         return math.inf
@@ -93,6 +99,7 @@ def solve_rows_cvxpy(
     phi: Tensor | np.ndarray,
     targets: Tensor | np.ndarray,
     lam: float,
+    *,
     radius: float | None = None,
     n_constrained: int = 0,
     mode: str = "relaxed",

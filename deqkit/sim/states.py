@@ -19,8 +19,9 @@ with :func:`register_layer`, e.g. a convolution as its dense (im2col/Toeplitz) m
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +31,16 @@ from ..errors import OptionError
 from .model import ImplicitModel, check_kappa
 
 __all__ = [
-    "Affine", "Activation", "NoOp", "LAYER_HANDLERS", "register_layer", "mlp_layers", "layer_scales",
-    "mlp_to_implicit", "States", "collect_states",
+    "LAYER_HANDLERS",
+    "Activation",
+    "Affine",
+    "NoOp",
+    "States",
+    "collect_states",
+    "layer_scales",
+    "mlp_layers",
+    "mlp_to_implicit",
+    "register_layer",
 ]
 
 
@@ -51,7 +60,7 @@ class NoOp:
     """Marker for a layer that is the identity on flattened features (in eval mode)."""
 
 
-LayerHandler = Callable[[nn.Module], Union[Affine, Activation, NoOp]]
+LayerHandler = Callable[[nn.Module], Affine | Activation | NoOp]
 
 
 def _linear(mod: nn.Module) -> Affine:
@@ -124,7 +133,7 @@ def mlp_layers(net: nn.Module) -> list[Affine]:
         layers.append(Affine(w, b))
     if len(layers) < 2:
         raise OptionError("the network needs at least one hidden layer (affine, ReLU, affine)")
-    for a, b in zip(layers[:-1], layers[1:]):
+    for a, b in itertools.pairwise(layers):
         if b.weight.shape[1] != a.weight.shape[0]:
             raise OptionError(f"layer shapes do not chain: {tuple(a.weight.shape)} then {tuple(b.weight.shape)}")
     return layers
@@ -143,7 +152,7 @@ def layer_scales(layers: list[Affine], kappa: float = 0.99) -> list[float]:
 
 @validated_options
 def mlp_to_implicit(
-    net: nn.Module, kappa: float = 0.99, *, solver: Optional[object] = None, grad: Optional[object] = None
+    net: nn.Module, kappa: float = 0.99, *, solver: object | None = None, grad: object | None = None
 ) -> ImplicitModel:
     """The ImplicitModel (``bias=True``, ReLU) that reproduces ``net`` exactly, rescaled so
     ``‖A‖_∞ ≤ κ``. ``solver`` and ``grad`` are the model's fixed-point solver and gradient
@@ -220,7 +229,7 @@ class States:
 
 @validated_options
 @torch.no_grad()
-def collect_states(net: nn.Module, u: Tensor, kappa: float = 0.99, dtype: Optional[torch.dtype] = None) -> States:
+def collect_states(net: nn.Module, u: Tensor, kappa: float = 0.99, dtype: torch.dtype | None = None) -> States:
     """Run ``u`` (``(m, …)``, flattened) through ``net``'s layers and stack its rescaled states."""
     kappa = check_kappa("collect_states", kappa)
     if dtype is not None and not isinstance(dtype, torch.dtype):
