@@ -16,8 +16,8 @@ Two options restrict or refine that program; both keep it convex and row-separab
   block upper triangular in the stacking, hence nilpotent. With ``"full"`` (the paper's
   program) the lasso also buys lateral edges inside a layer: a first-layer state is a cheap
   summary of all pixels, so it explains its neighbours' pre-activations on the training
-  states, but such loops move the implicit model's equilibrium on new inputs (Fashion-MNIST,
-  λ = 1: 1.3k of the 3.3k non-zeros of ``A`` sat inside layer 1, with self-loops up to κ).
+  states, but such loops (self-loops included) move the implicit model's equilibrium on new
+  inputs.
   ``output_skip=False`` also keeps the outputs from reading the inputs (``D`` = bias only, as
   in the baseline).
 * ``debias=True``: the relaxed-lasso refit (Meinshausen, "Relaxed Lasso", CSDA 2007): the
@@ -25,7 +25,8 @@ Two options restrict or refine that program; both keep it convex and row-separab
   constraints undoes the ℓ1 shrinkage, which otherwise compounds through the layers. The
   non-zeros cannot grow.
 
-Solved by :class:`~deqkit.sim.admm.BatchedADMM` (all rows at once) or by the CVXPY reference.
+Solved by :class:`~deqkit.sim.admm.BatchedADMM` (all rows at once; ADMM as in Boyd et al.,
+Found. Trends Mach. Learn. 2011) or by the CVXPY reference.
 """
 
 from __future__ import annotations

@@ -94,6 +94,68 @@ def _infeasibility(beta: np.ndarray, phi: np.ndarray, z: np.ndarray, mode: str, 
     return res
 
 
+@dataclass
+class _RowProgram:
+    """The CVXPY problem of one row, with ``z`` (and the off-support mask) as parameters."""
+
+    problem: Any
+    beta: Any
+    z: Any
+    off: Any = None
+
+
+def _build_program(cp, phi_np: np.ndarray, lam: float, mode: str, radius: Optional[float], n_constrained: int,
+                   weights, with_support: bool) -> _RowProgram:
+    """Build the row problem once; each row then only sets ``z`` (and ``off``)."""
+    m, d = phi_np.shape
+    beta = cp.Variable(d)
+    z = cp.Parameter(m)
+    lam_p = cp.Parameter(nonneg=True, value=lam)
+    pen = cp.norm1(cp.multiply(_as_numpy(weights), beta)) if weights is not None else cp.norm1(beta)
+    if mode == "relaxed":
+        obj = lam_p * pen + 0.5 * cp.sum_squares(z - phi_np @ beta)
+        cons = []
+    else:
+        obj = lam_p * pen
+        cons = [phi_np @ beta == z]
+    if radius is not None and n_constrained > 0 and math.isfinite(radius):
+        cons.append(cp.norm1(beta[:n_constrained]) <= float(radius))
+    off = None
+    if with_support:
+        off = cp.Parameter(d, nonneg=True)
+        cons.append(cp.multiply(off, beta) == 0)
+    return _RowProgram(cp.Problem(cp.Minimize(obj), cons), beta, z, off)
+
+
+def _solve_each(prog: _RowProgram, phi_np: np.ndarray, z_np: np.ndarray, supp_np: Optional[np.ndarray], mode: str,
+                radius: Optional[float], n_constrained: int, solver: str, solver_opts: Optional[dict]) -> CVXPYResult:
+    """Solve the program row by row and collect the per-row results."""
+    r, d = z_np.shape[0], phi_np.shape[1]
+    out_beta, out_obj = np.zeros((r, d)), np.zeros(r)
+    nstep, resid = np.full(r, -1, dtype=np.int64), np.zeros(r)
+    status = []
+    t0 = time.perf_counter()
+    for i, zi in enumerate(z_np):
+        prog.z.value = zi
+        if supp_np is not None:
+            prog.off.value = (~supp_np[i]).astype(np.float64)
+        prog.problem.solve(solver=solver, **(solver_opts or {}))
+        status.append(prog.problem.status)
+        iters = getattr(prog.problem.solver_stats, "num_iters", None)
+        nstep[i] = -1 if iters is None else int(iters)
+        if prog.beta.value is None:
+            out_beta[i] = np.nan
+            out_obj[i] = np.nan
+        else:
+            out_beta[i] = prog.beta.value
+            out_obj[i] = prog.problem.value
+        resid[i] = _infeasibility(out_beta[i], phi_np, zi, mode, radius, n_constrained,
+                                  None if supp_np is None else supp_np[i])
+    converged = np.array([s == "optimal" for s in status], dtype=bool)
+    return CVXPYResult(beta=out_beta, objective=out_obj, converged=converged, nstep=nstep, residual=resid,
+                       time_s=time.perf_counter() - t0, status=status)
+
+
 @validated_options
 def solve_rows_cvxpy(
     phi: Tensor | np.ndarray,
@@ -131,49 +193,15 @@ def solve_rows_cvxpy(
         raise OptionError(f"{own}: targets must have shape (r, {m}), got {z_np.shape}.")
     n_constrained = check_int(own, "n_constrained", n_constrained, minimum=0, maximum=d)
     r = z_np.shape[0]
-    beta = cp.Variable(d)
-    z = cp.Parameter(m)
-    lam_p = cp.Parameter(nonneg=True, value=lam)
-    pen = cp.norm1(cp.multiply(_as_numpy(weights), beta)) if weights is not None else cp.norm1(beta)
-    if mode == "relaxed":
-        obj = lam_p * pen + 0.5 * cp.sum_squares(z - phi_np @ beta)
-        cons = []
-    else:
-        obj = lam_p * pen
-        cons = [phi_np @ beta == z]
-    if radius is not None and n_constrained > 0 and math.isfinite(radius):
-        cons.append(cp.norm1(beta[:n_constrained]) <= float(radius))
     supp_np = None
     if support is not None:
         supp_np = _as_numpy(support, dtype=bool)
         if supp_np.shape != (r, d):
             raise OptionError(f"{own}: support must have shape ({r}, {d}), got {supp_np.shape}.")
-        off = cp.Parameter(d, nonneg=True)
-        cons.append(cp.multiply(off, beta) == 0)
-    prob = cp.Problem(cp.Minimize(obj), cons)
-    out_beta, out_obj = np.zeros((r, d)), np.zeros(r)
-    nstep, resid = np.full(r, -1, dtype=np.int64), np.zeros(r)
-    status = []
-    t0 = time.perf_counter()
-    for i, zi in enumerate(z_np):
-        z.value = zi
-        if supp_np is not None:
-            off.value = (~supp_np[i]).astype(np.float64)
-        prob.solve(solver=solver, **(solver_opts or {}))
-        status.append(prob.status)
-        iters = getattr(prob.solver_stats, "num_iters", None)
-        nstep[i] = -1 if iters is None else int(iters)
-        if beta.value is None:
-            out_beta[i] = np.nan
-            out_obj[i] = np.nan
-        else:
-            out_beta[i] = beta.value
-            out_obj[i] = prob.value
-        resid[i] = _infeasibility(out_beta[i], phi_np, zi, mode, radius, n_constrained,
-                                  None if supp_np is None else supp_np[i])
-    result = CVXPYResult(beta=out_beta, objective=out_obj, converged=np.array([s == "optimal" for s in status], dtype=bool),
-                         nstep=nstep, residual=resid, time_s=time.perf_counter() - t0, status=status)
+    prog = _build_program(cp, phi_np, lam, mode, radius, n_constrained, weights, supp_np is not None)
+    result = _solve_each(prog, phi_np, z_np, supp_np, mode, radius, n_constrained, solver, solver_opts)
     if result.n_failed:
+        bad = ", ".join(sorted(set(result.status) - {"optimal"}))
         apply_failure_policy(on_failure, f"{own}: {result.n_failed} of {r} rows not solved to optimality "
-                             f"(status {', '.join(sorted(set(status) - {'optimal'}))}).", stacklevel=3)
+                             f"(status {bad}).", stacklevel=3)
     return result
