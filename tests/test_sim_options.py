@@ -182,7 +182,7 @@ def test_admm_on_failure_raise_warn_ignore():
 
 def test_fit_sim_on_failure_governs_the_whole_fit():
     st = _states()
-    capped = dict(admm_ab=BatchedADMM(max_iter=3, on_failure="raise"), admm_cd=BatchedADMM(max_iter=3))
+    capped = {"admm_ab": BatchedADMM(max_iter=3, on_failure="raise"), "admm_cd": BatchedADMM(max_iter=3)}
     with pytest.raises(ConvergenceError, match=r"fit_sim\(lam=0.1\): rows of \(A, B\): ADMM: .* did not reach.*; rows of \(C, D\)"):
         fit_sim(st, 0.1, on_failure="raise", **capped)
     with pytest.warns(ConvergenceWarning, match=r"fit_sim\(lam=0.1\)") as rec:
@@ -235,3 +235,23 @@ def test_cvxpy_result_has_the_core_fields():
     assert res.all_converged and res.n_failed == 0 and list(res.status) == ["optimal"] * 3
     assert (res.nstep > 0).all() and (res.residual <= 1e-6).all()
     assert not math.isnan(float(res.objective.sum()))
+
+
+def test_states_and_layers_validate_their_fields():
+    st = _states()
+    with pytest.raises(OptionError, match="States got an unknown option 'kapa'. .*Did you mean 'kappa'"):
+        type(st)(U=st.U, Z=st.Z, X=st.X, Y=st.Y, kapa=0.9)
+    with pytest.raises(OptionError, match="States: kappa"):
+        type(st)(U=st.U, Z=st.Z, X=st.X, Y=st.Y, kappa=1.0)
+    with pytest.raises(OptionError, match="States: Y must be a 2-D tensor"):
+        type(st)(U=st.U, Z=st.Z, X=st.X, Y=st.Y[:-1], kappa=0.9)
+    with pytest.raises(OptionError, match="collect_states: unsupported layer Tanh"):
+        collect_states(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), torch.rand(2, 3))
+
+
+def test_methods_with_keyword_options_reject_typos():
+    phi, z = _problem()
+    with pytest.raises(OptionError, match="got an unknown option 'radus'.*Did you mean 'radius'"):
+        BatchedADMM().solve(phi, z, 0.1, radus=1.0)
+    with pytest.raises(OptionError, match="got an unknown option 'criteria'.*Did you mean 'criterion'"):
+        _model().is_wellposed(criteria="inf")

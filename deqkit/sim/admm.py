@@ -395,6 +395,7 @@ class BatchedADMM:
                 "changing `rho`, or loosening the tolerances.")
 
     # ------------------------------------------------------------------ solve
+    @validated_options
     def solve(
         self,
         phi: Tensor,
@@ -424,7 +425,7 @@ class BatchedADMM:
         result = self._solve(phi, targets, lam, radius, n_constrained, beta0, factor, weights, support)
         msg = self.failure_message(result)
         if msg is not None:
-            apply_failure_policy(self.on_failure, msg, stacklevel=2)
+            apply_failure_policy(self.on_failure, msg, stacklevel=3)  # past the options wrapper
         return result
 
     def _solve(self, phi, targets, lam, radius=None, n_constrained=0, beta0=None, factor=None, weights=None,

@@ -51,7 +51,7 @@ from .admm import MODES, ADMMResult, BatchedADMM
 from .baseline import _check_training_options
 from .model import ImplicitModel, check_kappa
 from .reference import CVXPYResult, solve_rows_cvxpy
-from .states import States, mlp_layers
+from .states import States, _mlp_layers
 
 __all__ = [
     "LAM_SCALES",
@@ -384,7 +384,7 @@ def baseline_nonzeros(net: nn.Module, zero_tol: float = 1e-6) -> int:
     """Non-zero weights and biases of the baseline's affine layers (composed layers counted once)."""
     zero_tol = check_positive("baseline_nonzeros", "zero_tol", zero_tol, allow_zero=True)
     return sum(int((lay.weight.abs() >= zero_tol).sum()) + int((lay.bias.abs() >= zero_tol).sum())
-               for lay in mlp_layers(net))
+               for lay in _mlp_layers(net, "baseline_nonzeros"))
 
 
 def _finetune_epoch(model: ImplicitModel, u: Tensor, y: Tensor, opt, params, masks, batch_size: int,

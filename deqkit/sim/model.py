@@ -184,6 +184,7 @@ class ImplicitModel(nn.Module):
         """Project each row of ``A`` onto the ℓ1 ball of radius κ (nearest point), in place."""
         self.A.copy_(project_l1_ball(self.A.detach(), self.kappa))
 
+    @validated_options
     def is_wellposed(self, criterion: str = "inf", tol: float = 1e-9) -> bool:
         """Sufficient condition for a unique equilibrium (φ componentwise 1-Lipschitz).
 

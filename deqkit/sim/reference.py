@@ -104,7 +104,7 @@ class _RowProgram:
     off: Any = None
 
 
-def _build_program(cp, phi_np: np.ndarray, lam: float, mode: str, radius: Optional[float], n_constrained: int,
+def _build_program(cp, phi_np: np.ndarray, lam: float, mode: str, radius: float | None, n_constrained: int,
                    weights, with_support: bool) -> _RowProgram:
     """Build the row problem once; each row then only sets ``z`` (and ``off``)."""
     m, d = phi_np.shape
@@ -127,8 +127,8 @@ def _build_program(cp, phi_np: np.ndarray, lam: float, mode: str, radius: Option
     return _RowProgram(cp.Problem(cp.Minimize(obj), cons), beta, z, off)
 
 
-def _solve_each(prog: _RowProgram, phi_np: np.ndarray, z_np: np.ndarray, supp_np: Optional[np.ndarray], mode: str,
-                radius: Optional[float], n_constrained: int, solver: str, solver_opts: Optional[dict]) -> CVXPYResult:
+def _solve_each(prog: _RowProgram, phi_np: np.ndarray, z_np: np.ndarray, supp_np: np.ndarray | None, mode: str,
+                radius: float | None, n_constrained: int, solver: str, solver_opts: dict | None) -> CVXPYResult:
     """Solve the program row by row and collect the per-row results."""
     r, d = z_np.shape[0], phi_np.shape[1]
     out_beta, out_obj = np.zeros((r, d)), np.zeros(r)

@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 
+@validated_options
 @dataclass
 class Affine:
     """An affine map ``x ↦ W x + b`` on flattened features."""
@@ -89,54 +90,73 @@ def register_layer(layer_type: type, handler: LayerHandler) -> None:
     LAYER_HANDLERS[layer_type] = handler
 
 
-def mlp_layers(net: nn.Module) -> list[Affine]:
-    """The affine layers ``[(W_1, b_1), …, (W_L, b_L)]`` of ``net``, a ReLU between each pair.
+def _handler(mod: nn.Module, owner: str) -> LayerHandler:
+    """The handler of ``mod``'s exact type, else of its nearest registered base type."""
+    if isinstance(mod, nn.Sequential):
+        raise OptionError(f"{owner}: nested nn.Sequential is not supported; flatten it first.")
+    handler = next((h for t, h in LAYER_HANDLERS.items() if type(mod) is t), None)
+    if handler is None:
+        handler = next((h for t, h in LAYER_HANDLERS.items() if isinstance(mod, t)), None)
+    if handler is None:
+        raise OptionError(
+            f"{owner}: unsupported layer {type(mod).__name__}; supported: "
+            + ", ".join(t.__name__ for t in LAYER_HANDLERS)
+            + " (add one with deqkit.sim.register_layer)."
+        )
+    return handler
 
-    Consecutive affine layers are composed. Raises OptionError for an unsupported layer, two
-    activations in a row, an activation first or last, or a network without hidden layer.
-    """
+
+def _affine_groups(net: nn.Module, owner: str) -> list[list[Affine]]:
+    """The affine layers of ``net`` grouped between activations (no-op layers dropped)."""
     modules = list(net) if isinstance(net, nn.Sequential) else [net]
     groups: list[list[Affine]] = [[]]
     last_act = True
     for mod in modules:
-        if isinstance(mod, nn.Sequential):
-            raise OptionError("nested nn.Sequential is not supported; flatten it first")
-        handler = next((h for t, h in LAYER_HANDLERS.items() if type(mod) is t), None)
-        if handler is None:
-            handler = next((h for t, h in LAYER_HANDLERS.items() if isinstance(mod, t)), None)
-        if handler is None:
-            raise OptionError(
-                f"unsupported layer {type(mod).__name__}; supported: "
-                + ", ".join(t.__name__ for t in LAYER_HANDLERS)
-                + " (add one with deqkit.sim.register_layer)"
-            )
-        kind = handler(mod)
+        kind = _handler(mod, owner)(mod)
         if isinstance(kind, NoOp):
             continue
         if isinstance(kind, Activation):
             if last_act:
-                raise OptionError("an activation must follow an affine layer (found two in a row, or one first)")
+                raise OptionError(f"{owner}: an activation must follow an affine layer "
+                                  "(found two in a row, or one first).")
             groups.append([])
             last_act = True
         else:
             groups[-1].append(kind)
             last_act = False
     if last_act:
-        raise OptionError("the network must end with an affine layer (the output layer)")
-    layers = []
-    for g in groups:
-        w, b = g[0].weight, g[0].bias
-        for nxt in g[1:]:
-            if nxt.weight.shape[1] != w.shape[0]:
-                raise OptionError("consecutive affine layers have mismatched shapes")
-            w, b = nxt.weight @ w, nxt.weight @ b + nxt.bias
-        layers.append(Affine(w, b))
+        raise OptionError(f"{owner}: the network must end with an affine layer (the output layer).")
+    return groups
+
+
+def _compose(group: list[Affine], owner: str) -> Affine:
+    """One affine map equal to the consecutive affine layers of ``group``."""
+    w, b = group[0].weight, group[0].bias
+    for nxt in group[1:]:
+        if nxt.weight.shape[1] != w.shape[0]:
+            raise OptionError(f"{owner}: consecutive affine layers have mismatched shapes.")
+        w, b = nxt.weight @ w, nxt.weight @ b + nxt.bias
+    return Affine(w, b)
+
+
+def _mlp_layers(net: nn.Module, owner: str) -> list[Affine]:
+    layers = [_compose(g, owner) for g in _affine_groups(net, owner)]
     if len(layers) < 2:
-        raise OptionError("the network needs at least one hidden layer (affine, ReLU, affine)")
+        raise OptionError(f"{owner}: the network needs at least one hidden layer (affine, ReLU, affine).")
     for a, b in itertools.pairwise(layers):
         if b.weight.shape[1] != a.weight.shape[0]:
-            raise OptionError(f"layer shapes do not chain: {tuple(a.weight.shape)} then {tuple(b.weight.shape)}")
+            raise OptionError(f"{owner}: layer shapes do not chain: {tuple(a.weight.shape)} "
+                              f"then {tuple(b.weight.shape)}.")
     return layers
+
+
+def mlp_layers(net: nn.Module) -> list[Affine]:
+    """The affine layers ``[(W_1, b_1), …, (W_L, b_L)]`` of ``net``, a ReLU between each pair.
+
+    Consecutive affine layers are composed. Raises OptionError for an unsupported layer, two
+    activations in a row, an activation first or last, or a network without hidden layer.
+    """
+    return _mlp_layers(net, "mlp_layers")
 
 
 def layer_scales(layers: list[Affine], kappa: float = 0.99) -> list[float]:
@@ -158,7 +178,7 @@ def mlp_to_implicit(
     ``‖A‖_∞ ≤ κ``. ``solver`` and ``grad`` are the model's fixed-point solver and gradient
     estimator (defaults: those of :class:`ImplicitModel`)."""
     kappa = check_kappa("mlp_to_implicit", kappa)
-    layers = mlp_layers(net)
+    layers = _mlp_layers(net, "mlp_to_implicit")
     scales = layer_scales(layers, kappa)
     hidden = [lay.weight.shape[0] for lay in layers[:-1]]
     p, q = layers[0].weight.shape[1], layers[-1].weight.shape[0]
@@ -190,6 +210,7 @@ def mlp_to_implicit(
     return model
 
 
+@validated_options
 @dataclass
 class States:
     """Stacked states of ``m`` samples (batch-first; the paper's matrices transposed).
@@ -207,6 +228,17 @@ class States:
     Y: Tensor
     kappa: float
     layer_sizes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.kappa = check_kappa("States", self.kappa)
+        for name in "UZXY":
+            t = getattr(self, name)
+            if not isinstance(t, Tensor) or t.ndim != 2 or t.shape[0] != self.U.shape[0]:
+                raise OptionError(f"States: {name} must be a 2-D tensor with one row per sample "
+                                  f"({self.U.shape[0]}), got {getattr(t, 'shape', type(t).__name__)}.")
+        if self.Z.shape != self.X.shape:
+            raise OptionError(f"States: Z and X must have the same shape, got {tuple(self.Z.shape)} and {tuple(self.X.shape)}.")
+        self.layer_sizes = tuple(self.layer_sizes)
 
     def state_layers(self) -> Tensor:
         """The hidden layer (1-based, layer 1 reads the input) of each state, in the stacking
@@ -234,7 +266,7 @@ def collect_states(net: nn.Module, u: Tensor, kappa: float = 0.99, dtype: torch.
     kappa = check_kappa("collect_states", kappa)
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise OptionError(f"collect_states: dtype must be a torch.dtype or None, got {dtype!r}.")
-    layers = mlp_layers(net)
+    layers = _mlp_layers(net, "collect_states")
     scales = layer_scales(layers, kappa)
     dtype = dtype or layers[0].weight.dtype
     h = u.reshape(u.shape[0], -1).to(dtype)
