@@ -306,6 +306,7 @@ class BatchedADMM:
         q, ev = prob.factor.q, prob.factor.lam
         if self.mode == "relaxed":
             return q @ ((prob.c[:, active] + rho * (q.T @ (v - w))) / (ev[:, None] + rho))
+        assert prob.null is not None and prob.c_ls is not None  # set for mode="equality"
         return q @ (prob.null * (q.T @ (v - w)) + prob.c_ls[:, active])
 
     def _v_step(self, prob: _Problem, active: Tensor, x: Tensor, rho: Tensor) -> Tensor:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -178,10 +179,10 @@ def _solve_block(method: str, mode: str, block: _Block, phi: Tensor, lam, *, wei
         res = block.admm._solve(phi, block.targets, lam, radius=block.radius, n_constrained=block.n_constrained,
                                 beta0=beta0, factor=factor, weights=weights, support=support)
         return res, res.beta
-    res = solve_rows_cvxpy(phi, block.targets, float(lam), radius=block.radius, n_constrained=block.n_constrained,
+    ref = solve_rows_cvxpy(phi, block.targets, float(lam), radius=block.radius, n_constrained=block.n_constrained,
                            mode=mode, weights=weights, support=support, on_failure="ignore")
-    beta = torch.as_tensor(res.beta, dtype=phi.dtype, device=phi.device)
-    return res, torch.where(beta.abs() < zero_tol, torch.zeros_like(beta), beta)
+    beta = torch.as_tensor(ref.beta, dtype=phi.dtype, device=phi.device)
+    return ref, torch.where(beta.abs() < zero_tol, torch.zeros_like(beta), beta)
 
 
 def _check_fit_options(states: States, lam, method, mode, kappa, admm_ab, admm_cd, zero_tol, lam_scale, penalty,
@@ -316,8 +317,8 @@ def fit_sim(
     output_skip: bool = True,
     debias: bool = False,
     on_failure: str = "warn",
-    solver: object | None = None,
-    grad: object | None = None,
+    solver: Any = None,
+    grad: Any = None,
 ) -> SIMResult:
     """Fit ``(A, B, C, D)`` to ``states`` (from :func:`~deqkit.sim.states.collect_states`).
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,8 @@ def _resolve_phi(phi: str | Callable[[Tensor], Tensor]) -> tuple[str, Callable[[
 
 class _ImplicitCell(nn.Module):
     """``cell(z, Bu) = φ(A z + Bu)``; ``Bu`` is computed once per forward, outside the solve."""
+
+    _owner: ImplicitModel
 
     def __init__(self, owner: ImplicitModel) -> None:
         super().__init__()
@@ -112,8 +115,8 @@ class ImplicitModel(nn.Module):
         phi: str | Callable[[Tensor], Tensor] = "relu",
         kappa: float = 0.99,
         bias: bool = False,
-        solver: object | None = None,
-        grad: object | None = None,
+        solver: Any = None,
+        grad: Any = None,
         init: str = "zeros",
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
@@ -126,11 +129,10 @@ class ImplicitModel(nn.Module):
         check_choice(own, "init", init, INITS)
         self.phi_name, self.phi = _resolve_phi(phi)
         pin = p + 1 if bias else p
-        kw = {"dtype": dtype, "device": device}
-        self.A = nn.Parameter(torch.zeros(n, n, **kw))
-        self.B = nn.Parameter(torch.zeros(n, pin, **kw))
-        self.C = nn.Parameter(torch.zeros(q, n, **kw))
-        self.D = nn.Parameter(torch.zeros(q, pin, **kw))
+        self.A = nn.Parameter(torch.zeros(n, n, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.zeros(n, pin, dtype=dtype, device=device))
+        self.C = nn.Parameter(torch.zeros(q, n, dtype=dtype, device=device))
+        self.D = nn.Parameter(torch.zeros(q, pin, dtype=dtype, device=device))
         if init == "random":
             with torch.no_grad():
                 for prm in (self.A, self.B, self.C, self.D):
@@ -138,10 +140,10 @@ class ImplicitModel(nn.Module):
             self.project_wellposed()
         self.solver = solver if solver is not None else _default_solver()
         self.grad = grad if grad is not None else _default_grad()
-        self._deq = None  # built lazily (DEQ validates solver/grad compatibility)
+        self._deq: Any = None  # built lazily (DEQ validates solver/grad compatibility)
 
     # ------------------------------------------------------------------ forward
-    def _get_deq(self):
+    def _get_deq(self) -> Any:
         # rebuilt when solver or grad were reassigned, so a swap is never silently ignored
         if self._deq is None or self._deq.solver is not self.solver or self._deq.grad is not self.grad:
             try:

@@ -72,7 +72,7 @@ class CVXPYResult(ResultMixin):
                 f"primal infeasibility max {worst:.3g}, {self.time_s:.3g} s")
 
 
-def _as_numpy(x: Any, dtype=np.float64) -> np.ndarray:
+def _as_numpy(x: Any, dtype: Any = np.float64) -> np.ndarray:
     if isinstance(x, Tensor):
         x = x.detach().cpu()
         x = x.double() if dtype is np.float64 else x

@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -65,6 +66,7 @@ LayerHandler = Callable[[nn.Module], Affine | Activation | NoOp]
 
 
 def _linear(mod: nn.Module) -> Affine:
+    assert isinstance(mod, nn.Linear)
     w = mod.weight.detach()
     b = mod.bias.detach() if mod.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
     return Affine(w, b)
@@ -172,7 +174,7 @@ def layer_scales(layers: list[Affine], kappa: float = 0.99) -> list[float]:
 
 @validated_options
 def mlp_to_implicit(
-    net: nn.Module, kappa: float = 0.99, *, solver: object | None = None, grad: object | None = None
+    net: nn.Module, kappa: float = 0.99, *, solver: Any = None, grad: Any = None
 ) -> ImplicitModel:
     """The ImplicitModel (``bias=True``, ReLU) that reproduces ``net`` exactly, rescaled so
     ``‖A‖_∞ ≤ κ``. ``solver`` and ``grad`` are the model's fixed-point solver and gradient
