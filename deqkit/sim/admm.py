@@ -177,7 +177,7 @@ class _Residuals:
 class BatchedADMM:
     """Batched ADMM over all rows of the SIM program (see the module docstring).
 
-    Args:
+    Args (keyword-only):
         rho: initial ADMM penalty (per row afterwards when ``adaptive_rho``).
         max_iter: iteration cap per row.
         tol: relative stopping tolerance (Boyd's ``ε_rel``).

@@ -161,6 +161,7 @@ def mlp_layers(net: nn.Module) -> list[Affine]:
     return _mlp_layers(net, "mlp_layers")
 
 
+@validated_options
 def layer_scales(layers: list[Affine], kappa: float = 0.99) -> list[float]:
     """Scales ``s_1 … s_{L-1}`` of the hidden layers: ``s_1 = 1``,
     ``s_l = s_{l-1}·min(1, κ/‖W_l‖_∞)`` so each block of ``A`` has ``‖·‖_∞ ≤ κ``."""
