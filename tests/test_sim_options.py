@@ -255,3 +255,19 @@ def test_methods_with_keyword_options_reject_typos():
         BatchedADMM().solve(phi, z, 0.1, radus=1.0)
     with pytest.raises(OptionError, match="got an unknown option 'criteria'.*Did you mean 'criterion'"):
         _model().is_wellposed(criteria="inf")
+
+
+def test_cvxpy_on_failure_raise_warn_ignore():
+    pytest.importorskip("cvxpy")
+    phi, z = _problem(r=2)
+    capped = {"radius": 0.5, "n_constrained": 4, "solver_opts": {"max_iter": 2}}  # Clarabel stops early
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Solution may be inaccurate")  # CVXPY's own note
+        with pytest.raises(ConvergenceError, match="solve_rows_cvxpy: 2 of 2 rows not solved to optimality"):
+            solve_rows_cvxpy(phi, z, 0.1, on_failure="raise", **capped)
+        with pytest.warns(ConvergenceWarning, match="not solved to optimality"):
+            res = solve_rows_cvxpy(phi, z, 0.1, **capped)
+        warnings.simplefilter("error", ConvergenceWarning)
+        quiet = solve_rows_cvxpy(phi, z, 0.1, on_failure="ignore", **capped)
+    for out in (res, quiet):
+        assert out.n_failed == 2 and not out.converged.any() and "optimal" not in out.status
