@@ -21,7 +21,7 @@ def _one_thread():
 
 def test_compare_writes_table_json_csv_and_plot(tmp_path, capsys):
     out = tmp_path / "cmp"
-    rc = main(["compare", "--subset", "200", "--epochs", "1", "--estimators", "exact,unrolled,shine-opa", "--out", str(out), "--no-progress"])
+    rc = main(["compare", "--subset", "200", "--epochs", "1", "--grad", "exact,unrolled,shine-opa", "--out", str(out), "--no-progress"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "cos to exact" in printed and "Unrolled(5, 0.5)" in printed
@@ -57,7 +57,8 @@ def test_train_then_resume(tmp_path, capsys):
         (["train", "--grad", "shin"], "Did you mean 'shine'"),
         (["train", "--solver-opts", "tolerance=1e-3"], "Did you mean 'tol'"),
         (["train", "--solver", "anderson", "--grad", "shine"], "Broyden"),
-        (["compare", "--estimators", "exact,nope"], "estimator"),
+        (["train", "--grad", "unrolled", "--grad-opts", "k=abc"], "k must be an integer"),
+        (["compare", "--solver-opts", "tolerance=1e-3"], "Did you mean 'tol'"),
     ],
 )
 def test_bad_options_give_one_clear_line(argv, message, capsys):
@@ -74,7 +75,7 @@ def test_missing_data_gives_one_clear_line(tmp_path, capsys):
 
 def test_compare_resume_reuses_finished_runs(tmp_path, capsys):
     out = tmp_path / "cmp"
-    argv = ["compare", "--subset", "150", "--epochs", "1", "--estimators", "unrolled", "--out", str(out), "--no-progress"]
+    argv = ["compare", "--subset", "150", "--epochs", "1", "--grad", "unrolled", "--out", str(out), "--no-progress"]
     assert main(argv) == 0
     first = json.loads((out / "results.json").read_text())["results"][0]
     assert first["bwd_speedup"] is None  # no exact run to compare with: no number, no nan

@@ -215,7 +215,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny, tmp_path, monkeypa
         def broken_replace(src, dst):
             raise OSError("disk full (simulated)")
 
-        monkeypatch.setattr("deqkit.train.os.replace", broken_replace)
+        monkeypatch.setattr("os.replace", broken_replace)
     else:
         real_save = torch.save
 
@@ -310,7 +310,7 @@ def test_rng_state_round_trip():
 
     import numpy as np
 
-    from deqkit.train import _rng_state, _set_rng_state
+    from deqkit.train.checkpoint import rng_state as _rng_state, set_rng_state as _set_rng_state
 
     state = _rng_state()
     first = (torch.rand(3), np.random.rand(3), random.random())
