@@ -175,7 +175,7 @@ def parse_options(text: str, flag: str, factory: Optional[Callable[..., Any]] = 
 
     Values are integers, finite floats, ``true``/``false``, ``none`` or words. A numeric
     option (see :func:`option_kinds` of ``factory``, and :data:`NUMERIC_OPTIONS` always) must be
-    a finite number (an integer where the default is one). Unknown keys are left to
+    a finite number (an integer where the default is one) or ``none``. Unknown keys are left to
     ``factory``'s own check (which names the valid ones).
 
     Raises:
@@ -192,7 +192,9 @@ def parse_options(text: str, flag: str, factory: Optional[Callable[..., Any]] = 
             raise OptionError(f"{flag} expects key=value pairs separated by commas (e.g. memory=20,tol=1e-4); got {item!r}.")
         value = _scalar(raw.strip())
         kind = kinds.get(key)
-        if kind is int:
+        if value is None:  # "none": the option's off state, left to the constructor's own check
+            pass
+        elif kind is int:
             value = check_int(flag, key, value, minimum=0)
         elif kind is float or isinstance(value, float):
             value = check_number(flag, key, value)
