@@ -10,7 +10,7 @@ from typing import Any
 
 from .._options import unknown_option_message
 from ..errors import OptionError
-from .options import comma_list, parse_options
+from .options import comma_list, parse_options, pick
 from .train import add_classifier_groups
 
 DESCRIPTION = """\
@@ -52,21 +52,10 @@ def run(args: argparse.Namespace) -> int:
     from ..apps.compare import CompareConfig, run_compare
 
     cfg = CompareConfig(
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        subset=args.subset,
-        model=args.model,
-        width=args.width,
+        **pick(args, "dataset", "data_dir", "subset", "model", "width", "epochs", "batch_size", "lr", "seed", "device",
+               "threads", "out", "resume"),
         estimators=args.grad,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        device=args.device,
-        threads=args.threads,
-        out=args.out,
         progress=not args.no_progress,
-        resume=args.resume,
         **solver_options(args.solver_opts),
     )
     run_compare(cfg)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .options import add_data_group, add_output_group, add_parser, add_runtime_group, comma_list, parse_options
+from .options import add_data_group, add_output_group, add_runtime_group, comma_list, parse_options, pick, register
 
 DESCRIPTION = """\
 HOAG hyperparameter search of l2-regularised logistic regression with SHINE-family
@@ -38,10 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``hpo`` on an ``argparse`` subparsers object; returns its parser."""
-    p = add_parser(subparsers, "hpo", help="bi-level hyperparameter search with SHINE hypergradients", description=DESCRIPTION)
-    add_arguments(p)
-    p.set_defaults(func=run)
-    return p
+    return register(subparsers, "hpo", help="bi-level hyperparameter search with SHINE hypergradients", description=DESCRIPTION,
+                    add_arguments=add_arguments, run=run)
 
 
 def config(args: argparse.Namespace) -> Any:
@@ -49,9 +47,8 @@ def config(args: argparse.Namespace) -> Any:
     from ..apps.hpo import HPOConfig, make_hypergradient
 
     return HPOConfig(
-        dataset=args.dataset, grad=args.grad, grad_opts=parse_options(args.grad_opts, "--grad-opts", make_hypergradient),
-        outer_steps=args.outer_steps, seed=args.seed, out=args.out, per_feature=args.per_feature, lam0=args.lam0,
-        threads=args.threads, progress=not args.no_progress,
+        **pick(args, "dataset", "grad", "outer_steps", "seed", "out", "per_feature", "lam0", "threads"),
+        grad_opts=parse_options(args.grad_opts, "--grad-opts", make_hypergradient), progress=not args.no_progress,
     )
 
 

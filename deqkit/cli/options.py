@@ -45,6 +45,8 @@ __all__ = [
     "HelpFormatter",
     "NUMERIC_OPTIONS",
     "add_parser",
+    "register",
+    "pick",
     "add_data_group",
     "add_runtime_group",
     "add_output_group",
@@ -86,6 +88,22 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def add_parser(subparsers: Any, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
     """A sub-command parser with the shared :class:`HelpFormatter`."""
     return subparsers.add_parser(name, help=help, description=description, formatter_class=HelpFormatter)
+
+
+def register(
+    subparsers: Any, name: str, *, help: str, description: str,
+    add_arguments: Callable[[argparse.ArgumentParser], Any], run: Callable[[argparse.Namespace], int],
+) -> argparse.ArgumentParser:
+    """Add sub-command ``name`` with the flags of ``add_arguments``, run by ``run``; returns its parser."""
+    p = add_parser(subparsers, name, help=help, description=description)
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """``{name: args.name}`` for the flags a config takes under the same name."""
+    return {n: getattr(args, n) for n in names}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from ..sim.admm import MODES
 from ..sim.attacks import ATTACKS
 from ..sim.fit import LAM_SCALES, PENALTIES, SOLVERS as FIT_SOLVERS, STRUCTURES
 from ..apps.common import set_threads
-from .options import add_data_group, add_output_group, add_parser, add_runtime_group, comma_list, floats, ints
+from .options import add_data_group, add_output_group, add_runtime_group, comma_list, floats, ints, register
 
 DESCRIPTION = """\
 State-driven implicit modeling (Tsai et al., arXiv 2209.09389): train (or load) an MLP
@@ -74,10 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``sim`` on an ``argparse`` subparsers object; returns the new parser."""
-    p = add_parser(subparsers, "sim", help="state-driven implicit models (SIM) from an MLP baseline", description=DESCRIPTION)
-    add_arguments(p)
-    p.set_defaults(func=run)
-    return p
+    return register(subparsers, "sim", help="state-driven implicit models (SIM) from an MLP baseline", description=DESCRIPTION,
+                    add_arguments=add_arguments, run=run)
 
 
 def validate(args: argparse.Namespace) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from .options import add_output_group, add_parser, add_runtime_group, parse_options
+from .options import add_output_group, add_parser, add_runtime_group, parse_options, pick
 
 DESCRIPTION = """\
 Train a DEQ classifier with a chosen forward solver and gradient estimator; checkpoints after
@@ -84,11 +84,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     splits = load_splits(args.dataset, args.data_dir, args.subset, args.seed, args.model)
     model = build_classifier(args.model, splits.input_shape, splits.num_classes, args.width, solver, grad, args.seed)
     cfg = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        device=args.device,
+        **pick(args, "epochs", "batch_size", "lr", "seed", "device"),
         checkpoint_dir=args.out,
         log_path=f"{args.out}/metrics.jsonl",
         progress=not args.no_progress,

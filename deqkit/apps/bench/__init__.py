@@ -13,10 +13,10 @@ from .accuracy import ACCURACY_SETS, accuracy_targets, bench_accuracy, format_ac
 from .config import HARD, REFERENCE, BenchConfig, build_model, digits_batch
 from .measure import peak_allocated_bytes, saved_tensor_bytes
 from .memory import BPTT, bench_memory, format_memory_table, memory_targets
-from .report import SECTIONS, md_table, replace_sections, write_sections
+from .report import md_table, replace_sections, write_sections
 from .sim_speed import SimSpeedConfig, bench_sim_speed
 from .step import STEP_ESTIMATORS, bench_step, format_step_table, step_targets
-from .suite import SuiteConfig, render_sections, run_suite
+from .suite import SECTIONS, SuiteConfig, render_sections, run_suite
 from .torchdeq import INSTALL_HINT, bench_torchdeq, format_torchdeq_tables, torchdeq_available, torchdeq_targets
 
 __all__ = [

@@ -11,7 +11,10 @@ from ...data import DatasetNotFoundError
 from ..compare import CompareConfig, run_compare
 from .report import mark, md_table
 
-__all__ = ["ACCURACY_SETS", "bench_accuracy", "format_accuracy_tables", "accuracy_targets", "ACCURACY_NOTES"]
+__all__ = ["TITLE", "ACCURACY_SETS", "bench_accuracy", "format_accuracy_tables", "accuracy_targets", "ACCURACY_NOTES"]
+
+#: this section's heading in BENCHMARKS.md
+TITLE = "## Accuracy of the estimators: equal epochs and equal wall-clock"
 
 
 #: (label, CompareConfig options) of the accuracy section; fashion-mnist needs its IDX files

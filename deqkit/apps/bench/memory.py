@@ -13,7 +13,10 @@ from .config import REFERENCE, BenchConfig, build_model, digits_batch
 from .measure import memory_of_step, peak_allocated_bytes, quiet, saved_tensor_bytes, timed_step, zero_grads
 from .report import kb, mark, md_table, ratio
 
-__all__ = ["BPTT", "bench_memory", "format_memory_table", "memory_targets", "MEMORY_NOTES"]
+__all__ = ["TITLE", "BPTT", "bench_memory", "format_memory_table", "memory_targets", "MEMORY_NOTES"]
+
+#: this section's heading in BENCHMARKS.md
+TITLE = "## Memory against forward depth"
 
 
 class BPTT(nn.Module):

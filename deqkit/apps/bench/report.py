@@ -12,13 +12,6 @@ import torch
 
 from ..._io import atomic_write_text
 
-#: the BENCHMARKS.md sections this suite owns, by ``--section`` name
-SECTIONS: dict[str, str] = {
-    "step": "## DEQ gradient estimators: step cost",
-    "memory": "## Memory against forward depth",
-    "torchdeq": "## Against torchdeq",
-    "accuracy": "## Accuracy of the estimators: equal epochs and equal wall-clock",
-}
 MACHINE = "2-core CPU, no GPU"
 RUN_DATE = "2026-11-23"
 

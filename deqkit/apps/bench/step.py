@@ -15,7 +15,10 @@ from .config import BenchConfig, build_model, digits_batch
 from .measure import interleaved, memory_of_step, quiet, timed_step
 from .report import fmt_range, kb, mark, md_table, med, ratio
 
-__all__ = ["STEP_ESTIMATORS", "bench_step", "format_step_table", "step_targets", "STEP_NOTES"]
+__all__ = ["TITLE", "STEP_ESTIMATORS", "bench_step", "format_step_table", "step_targets", "STEP_NOTES"]
+
+#: this section's heading in BENCHMARKS.md
+TITLE = "## DEQ gradient estimators: step cost"
 
 #: estimators of the step-cost table, keys of :data:`deqkit.apps.compare.ESTIMATOR_PRESETS`
 STEP_ESTIMATORS = ("exact", "exact-broyden", "exact-warm", "exact-precond", "unrolled", "neumann", "jacobian-free", "shine",

@@ -14,15 +14,19 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from . import accuracy, memory, step, torchdeq
 from .accuracy import ACCURACY_NOTES, ACCURACY_SETS, accuracy_targets, bench_accuracy, format_accuracy_tables
 from .config import HARD, REFERENCE, BenchConfig
 from .memory import MEMORY_NOTES, bench_memory, format_memory_table, memory_targets
-from .report import SECTIONS, header, write_sections
+from .report import header, write_sections
 from .sim_speed import SimSpeedConfig, bench_sim_speed
 from .step import STEP_NOTES, bench_step, format_step_table, step_targets
 from .torchdeq import INSTALL_HINT, TORCHDEQ_NOTES, bench_torchdeq, format_torchdeq_tables, torchdeq_targets
 
-__all__ = ["SuiteConfig", "run_suite", "render_sections", "SECTION_NAMES"]
+__all__ = ["SECTIONS", "SuiteConfig", "run_suite", "render_sections", "SECTION_NAMES"]
+
+#: the BENCHMARKS.md sections this suite owns: ``--section`` name → heading
+SECTIONS: dict[str, str] = {"step": step.TITLE, "memory": memory.TITLE, "torchdeq": torchdeq.TITLE, "accuracy": accuracy.TITLE}
 
 #: ``--section`` choices: the BENCHMARKS.md sections, ``sim-speed`` and ``all`` (the former)
 SECTION_NAMES = (*SECTIONS, "sim-speed", "all")

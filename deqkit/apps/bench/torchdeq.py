@@ -19,7 +19,10 @@ from .config import REFERENCE, BenchConfig, build_model, digits_batch
 from .measure import interleaved, quiet, zero_grads
 from .report import fmt_range, mark, md_table, med, ratio
 
-__all__ = ["INSTALL_HINT", "torchdeq_available", "bench_torchdeq", "format_torchdeq_tables", "torchdeq_targets", "TORCHDEQ_NOTES"]
+__all__ = ["TITLE", "INSTALL_HINT", "torchdeq_available", "bench_torchdeq", "format_torchdeq_tables", "torchdeq_targets", "TORCHDEQ_NOTES"]
+
+#: this section's heading in BENCHMARKS.md
+TITLE = "## Against torchdeq"
 
 INSTALL_HINT = "torchdeq is not installed: `pip install 'deqkit[bench]'` (or `pip install torchdeq==0.1.0`) to run this section."
 
