@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
+from .._options import validated_options
 from .._timing import synced_perf_counter
 from ..deq import DEQInfo
 from ..errors import NonFiniteError, OptionError
@@ -137,6 +138,7 @@ def _check_trainer_inputs(model: Any, train_set: Any, config: Any) -> TrainConfi
     return config
 
 
+@validated_options
 class Trainer:
     """Cross-entropy training of a classifier, with DEQ metrics, checkpoints and exact resume.
 

@@ -41,7 +41,7 @@ class BenchConfig:
 
 #: the reference configuration: the digits MLP DEQ of ``deqkit compare``
 REFERENCE = BenchConfig("reference")
-#: a harder one: wider, less contractive cell, tighter tolerance: Broyden needs ~30 steps
+#: a harder one: wider, less contractive cell, tighter tolerance (Broyden needs most of its iteration cap)
 HARD = BenchConfig("hard", width=256, init_scale=0.7, tol=1e-6, max_iter=40)
 
 
