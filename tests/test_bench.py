@@ -107,3 +107,12 @@ def test_peak_memory_measure_keeps_stderr_clean(capfd):
     err = capfd.readouterr().err
     assert "USDT" not in err and "a plain line survives" in err
     assert peak >= 1000 * 100 * 4
+
+
+def test_sim_speed_section(capsys):
+    pytest.importorskip("cvxpy")
+    pytest.importorskip("sklearn")
+    cfg = bench.SimSpeedConfig(hidden=[8], samples=80, cvxpy_rows=1, epochs=1)
+    out = bench.bench_sim_speed(cfg, log=lambda s: None)
+    assert out["rows"] == 8 and out["cvxpy_rows"] == 1 and _finite(out["admm_s"], out["gap_max"])
+    assert out["cvxpy_status"] == {"optimal"}

@@ -40,3 +40,11 @@ def test_hpo_subparser_registration_and_validation():
         parser.parse_args(["hpo", "--grad", "shine-opaa"])
     with pytest.raises(SystemExit):
         parser.parse_args(["hpo", "--dataset", "mnist"])
+
+
+def test_hpo_grad_opts_are_checked_before_any_work(capsys):
+    assert main(["hpo", "--grad-opts", "opa_fre=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deqkit: error:") and "Did you mean 'opa_freq'" in err
+    assert main(["hpo", "--grad-opts", "refine=2.5"]) == 2
+    assert "refine must be an integer" in capsys.readouterr().err

@@ -12,6 +12,7 @@ The bi-level names this job uses are imported once, at the top.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -23,12 +24,12 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from .._io import atomic_write_text, save_figure
-from .._options import check_int, validated_options
+from .._options import check_choice, check_int, unknown_option_message, validated_options
 from ..bilevel.data import DATASETS, load_dataset, logistic_hpo_problem
 from ..bilevel.hoag import HOAG, hypergradient_cosine
 from ..bilevel.hypergrad import ESTIMATOR_NAMES as HYPERGRADIENTS
 from ..bilevel.hypergrad import make_estimator as make_hypergradient
-from ..errors import ConvergenceWarning
+from ..errors import ConvergenceWarning, OptionError
 
 __all__ = ["DATASETS", "HYPERGRADIENTS", "HPOConfig", "run_hpo", "make_hypergradient"]
 
@@ -61,6 +62,12 @@ class HPOConfig:
     def __post_init__(self) -> None:
         check_int("HPOConfig", "outer_steps", self.outer_steps)
         check_int("HPOConfig", "threads", self.threads)
+        for name in self.grad:
+            check_choice("HPOConfig", "grad", name, HYPERGRADIENTS)
+        valid = [n for n in inspect.signature(make_hypergradient).parameters if n != "name"]
+        for key in self.grad_opts:
+            if key not in valid:
+                raise OptionError(unknown_option_message("HPOConfig: grad_opts", key, valid))
 
 
 def _progress_line(name: str) -> Callable[[dict], None]:
