@@ -54,7 +54,7 @@ def test_conv_classifier_shapes():
 
 @pytest.mark.parametrize("norm", ["layer", "group", None])
 def test_mlp_deq_converges_at_init(norm):
-    model = _mlp(norm=norm, on_nonconvergence="ignore")
+    model = _mlp(norm=norm, on_failure="ignore")
     _, info = model(torch.randn(128, 20), return_info=True)
     assert info.converged.float().mean() >= 0.95
     assert info.nstep.float().mean() < 25
@@ -165,7 +165,7 @@ def test_options_are_validated():
 
 
 def test_eval_mode_uses_eval_max_iter():
-    model = _mlp(eval_max_iter=2, on_nonconvergence="ignore").eval()
+    model = _mlp(eval_max_iter=2, on_failure="ignore").eval()
     with torch.no_grad():
         _, info = model(torch.randn(8, 20), return_info=True)
     assert int(info.nstep.max()) <= 2
@@ -198,7 +198,7 @@ def test_spectral_norm_cell_is_one_fixed_map_per_call_and_trains_with_every_esti
 
     torch.manual_seed(0)
     for est in [dk.Exact(), dk.Neumann(3, 0.5), dk.Unrolled(3, 0.5), dk.SHINE(refine=2)]:
-        m = dk.DEQClassifier.mlp(16, 32, 4, spectral_norm=True, solver=dk.Broyden(tol=1e-5, max_iter=60), grad=est, on_nonconvergence="ignore")
+        m = dk.DEQClassifier.mlp(16, 32, 4, spectral_norm=True, solver=dk.Broyden(tol=1e-5, max_iter=60), grad=est, on_failure="ignore")
         m.train()
         x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
         for _ in range(2):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from deqkit.errors import ConvergenceWarning
-from deqkit.sim import BatchedADMM, States, cli, collect_states, fit_sim, make_mlp, structure_support
+from deqkit.cli import sim as cli
+from deqkit.sim import BatchedADMM, States, collect_states, fit_sim, make_mlp, structure_support
 from deqkit.sim.reference import solve_rows_cvxpy
 
 TIGHT = dict(max_iter=20000, tol_abs=1e-10, tol=1e-9)
