@@ -5,9 +5,12 @@ import warnings
 import pytest
 import torch
 
-from deqkit.bilevel import (LBFGS, SHINE, BilevelProblem, Exact, JacobianFree, SecantMemory,
-                            conjugate_gradient, dense_bfgs_inverse, two_loop)
-from deqkit.errors import ConvergenceError, ConvergenceWarning, NonFiniteError
+from deqkit.bilevel import (LBFGS, BilevelProblem, ExactHypergradient, JacobianFreeHypergradient,
+                            LBFGSInverse, SecantMemory, SHINEHypergradient, dense_bfgs_inverse,
+                            two_loop)
+from deqkit.errors import ConvergenceError, ConvergenceWarning, NonFiniteError, OptionError
+from deqkit.inverse import InverseEstimate
+from deqkit.linear import CG
 
 
 
@@ -46,7 +49,7 @@ def test_exact_matches_closed_form_on_quadratic():
     x_true, g_true = _closed_form(A, b, c, lam)
     assert inner.converged
     torch.testing.assert_close(inner.x, x_true, rtol=1e-9, atol=1e-10)
-    hg = Exact(rtol=1e-13).hypergradient(pb, lam, inner)
+    hg = ExactHypergradient(tol=1e-13).hypergradient(pb, lam, inner)
     assert hg.converged and hg.n_hvp > 0
     torch.testing.assert_close(hg.grad, g_true, rtol=1e-8, atol=1e-10)
     # and the closed form itself against central finite differences of L(x*(λ))
@@ -64,7 +67,7 @@ def test_scalar_lambda_hypergradient_closed_form():
     lam = torch.tensor(0.3)
     inner = LBFGS(tol=1e-12).solve(pb, lam)
     _, g_vec = _closed_form(A, b, c, lam.expand(12))
-    hg = Exact(rtol=1e-13).hypergradient(pb, lam, inner)
+    hg = ExactHypergradient(tol=1e-13).hypergradient(pb, lam, inner)
     assert hg.grad.shape == lam.shape
     torch.testing.assert_close(hg.grad, g_vec.sum(), rtol=1e-8, atol=1e-10)
 
@@ -98,7 +101,7 @@ def test_lbfgs_result_pairs_and_memory_bound():
     assert res.converged and res.message == "converged"
     assert len(res.s) == len(res.y) <= 5
     assert all(float(si @ yi) > 0 for si, yi in zip(res.s, res.y))
-    assert len(res.grad_norms) == res.n_steps + 1 and res.grad_norms[-1] <= 1e-10
+    assert len(res.grad_norms) == res.nstep + 1 and res.grad_norms[-1] <= 1e-10
     # Armijo line search also converges
     res2 = LBFGS(memory=5, tol=1e-8, max_iter=2000, line_search="armijo").solve(pb, torch.zeros(40))
     assert res2.converged
@@ -117,20 +120,37 @@ def test_secant_memory_skips_bad_pairs():
 
 
 def test_options_validated():
-    with pytest.raises(ValueError, match="wolfe"):
+    with pytest.raises(OptionError, match="LBFGS: line_search='backtrack' is not valid.*wolfe"):
         LBFGS(line_search="backtrack")
-    with pytest.raises(ValueError, match="memory"):
+    with pytest.raises(OptionError, match="LBFGS: memory must be an integer >= 1, got 0"):
         LBFGS(memory=0)
-    with pytest.raises(ValueError, match="warn"):
-        LBFGS(on_fail="ignore")
-    with pytest.raises(ValueError, match="refine"):
-        SHINE(refine=-1)
-    with pytest.raises(ValueError, match="opa"):
-        SHINE(opa=0)
-    with pytest.raises(ValueError, match="raise"):
-        Exact(on_fail="silent")
-    with pytest.raises(ValueError, match="rtol"):
-        Exact(rtol=0)
+    with pytest.raises(OptionError, match="LBFGS: on_failure='record'.*'warn', 'raise', 'ignore'"):
+        LBFGS(on_failure="record")
+    with pytest.raises(OptionError, match="SHINEHypergradient: refine must be an integer >= 0"):
+        SHINEHypergradient(refine=-1)
+    with pytest.raises(OptionError, match="SHINEHypergradient: opa_freq"):
+        SHINEHypergradient(opa_freq=0)
+    with pytest.raises(OptionError, match="ExactHypergradient: on_failure='silent'"):
+        ExactHypergradient(on_failure="silent")
+    with pytest.raises(OptionError, match="ExactHypergradient: tol must be a finite number > 0, got 0"):
+        ExactHypergradient(tol=0)
+    with pytest.raises(OptionError, match="tol must be a finite number > 0, got inf"):
+        LBFGS(tol=float("inf"))
+    with pytest.raises(OptionError, match="CG: max_iter must be an integer"):
+        CG(max_iter=2.5)
+
+
+@pytest.mark.parametrize("make, typo, hint", [
+    (lambda **kw: LBFGS(**kw), "memroy", "memory"),
+    (lambda **kw: ExactHypergradient(**kw), "tolerance", "tol"),
+    (lambda **kw: ExactHypergradient(**kw), "on_fail", "on_failure"),
+    (lambda **kw: SHINEHypergradient(**kw), "opa", "opa_freq"),
+    (lambda **kw: SecantMemory(3, **kw), "curvature_epsilon", "curvature_eps"),
+    (lambda **kw: CG(**kw), "rtol", "tol"),
+])
+def test_typo_option_did_you_mean(make, typo, hint):
+    with pytest.raises(OptionError, match=f"unknown option '{typo}'.*Did you mean '{hint}'"):
+        make(**{typo: 1})
 
 
 def test_cg_failure_is_reported():
@@ -138,13 +158,13 @@ def test_cg_failure_is_reported():
     lam = torch.full((30,), -8.0)
     inner = LBFGS(tol=1e-10, max_iter=2000).solve(pb, lam)
     with pytest.warns(ConvergenceWarning, match="CG missed"):
-        hg = Exact(rtol=1e-12, max_iter=3).hypergradient(pb, lam, inner)
-    assert not hg.converged and hg.cg_iter == 3
+        hg = ExactHypergradient(tol=1e-12, max_iter=3).hypergradient(pb, lam, inner)
+    assert not hg.converged and hg.nstep == 3
     with pytest.raises(ConvergenceError):
-        Exact(rtol=1e-12, max_iter=3, on_fail="raise").hypergradient(pb, lam, inner)
+        ExactHypergradient(tol=1e-12, max_iter=3, on_failure="raise").hypergradient(pb, lam, inner)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        hg = Exact(rtol=1e-12, max_iter=3, on_fail="record").hypergradient(pb, lam, inner)
+        hg = ExactHypergradient(tol=1e-12, max_iter=3, on_failure="ignore").hypergradient(pb, lam, inner)
     assert not hg.converged
 
 
@@ -153,9 +173,9 @@ def test_inner_failures_recorded_or_raised():
     lam = torch.full((30,), -8.0)
     with pytest.warns(ConvergenceWarning, match="max_iter"):
         res = LBFGS(tol=1e-12, max_iter=2).solve(pb, lam)
-    assert not res.converged and res.n_steps == 2
+    assert not res.converged and res.nstep == 2
     with pytest.raises(ConvergenceError):
-        LBFGS(tol=1e-12, max_iter=2, on_fail="raise").solve(pb, lam)
+        LBFGS(tol=1e-12, max_iter=2, on_failure="raise").solve(pb, lam)
     bad = BilevelProblem(lambda x, lam: (x * x).sum() * torch.tensor(float("nan")),
                          lambda x: x.sum(), torch.ones(3))
     with pytest.raises(NonFiniteError):
@@ -163,9 +183,9 @@ def test_inner_failures_recorded_or_raised():
     # non-positive-definite Hessian met by CG
     concave = BilevelProblem(lambda x, lam: -(x * x).sum() * torch.exp(lam),
                              lambda x: x.sum(), torch.ones(3))
-    fake = LBFGS(on_fail="record", max_iter=1).solve(concave, torch.tensor(0.0))
+    fake = LBFGS(on_failure="ignore", max_iter=1).solve(concave, torch.tensor(0.0))
     with pytest.raises(NonFiniteError, match="curvature"):
-        Exact().hypergradient(concave, torch.tensor(0.0), fake)
+        ExactHypergradient().hypergradient(concave, torch.tensor(0.0), fake)
 
 
 def test_shine_refuses_missing_state():
@@ -173,9 +193,9 @@ def test_shine_refuses_missing_state():
     lam = torch.zeros(12)
     plain = LBFGS(tol=1e-8).solve(pb, lam)
     with pytest.raises(ValueError, match="OPA"):
-        SHINE(opa=5).hypergradient(pb, lam, plain)
+        SHINEHypergradient(opa_freq=5).hypergradient(pb, lam, plain)
     with pytest.raises(ValueError, match="LBFGS"):
-        SHINE().hypergradient(pb, lam, object())
+        SHINEHypergradient().hypergradient(pb, lam, object())
 
 
 def test_estimators_agree_on_quadratic_with_full_memory():
@@ -183,18 +203,19 @@ def test_estimators_agree_on_quadratic_with_full_memory():
     pb, A, b, c = _quadratic(n=8, cond=10)
     lam = torch.zeros(8)
     inner = LBFGS(memory=30, tol=1e-12).solve(pb, lam)
-    g_ex = Exact(rtol=1e-13).hypergradient(pb, lam, inner).grad
-    g_ref = SHINE(refine=50).hypergradient(pb, lam, inner).grad
+    g_ex = ExactHypergradient(tol=1e-13).hypergradient(pb, lam, inner).grad
+    g_ref = SHINEHypergradient(refine=50).hypergradient(pb, lam, inner).grad
     torch.testing.assert_close(g_ref, g_ex, rtol=1e-7, atol=1e-9)
-    g_jf = JacobianFree().hypergradient(pb, lam, inner).grad
+    g_jf = JacobianFreeHypergradient().hypergradient(pb, lam, inner).grad
     assert float((g_jf - g_ex).norm()) > 1e-3 * float(g_ex.norm())
 
 
-def test_conjugate_gradient_solves_spd_system_with_warm_start():
+def test_cg_solves_spd_system_with_warm_start():
     _, A, b, _ = _quadratic(n=20, cond=100)
     x_true = torch.linalg.solve(A, b)
-    res = conjugate_gradient(lambda v: A @ v, b, rtol=1e-12, max_iter=200)
-    assert res.converged and res.n_iter <= 40
-    torch.testing.assert_close(res.x, x_true, rtol=1e-9, atol=1e-10)
-    warm = conjugate_gradient(lambda v: A @ v, b, x0=x_true + 1e-6, rtol=1e-12, max_iter=200)
-    assert warm.converged and warm.n_iter < res.n_iter
+    cg = CG(tol=1e-12, max_iter=200)
+    res = cg.solve(lambda v: v @ A, b[None])
+    assert res.all_converged and int(res.nstep[0]) <= 40
+    torch.testing.assert_close(res.z[0], x_true, rtol=1e-9, atol=1e-10)
+    warm = cg.solve(lambda v: v @ A, b[None], x0=(x_true + 1e-6)[None])
+    assert warm.all_converged and int(warm.nstep[0]) < int(res.nstep[0])

@@ -26,19 +26,19 @@ import torch
 from deqkit._io import atomic_write_text, save_figure
 from deqkit.errors import ConvergenceWarning
 
-from .data import DATASETS, load_dataset, logistic_hpo_problem
+from .data import HPO_DATASETS, load_hpo_dataset, logistic_hpo_problem
 from .hoag import HOAG, hypergradient_cosine
-from .hypergrad import ESTIMATOR_NAMES, make_estimator
+from .hypergrad import HYPERGRADIENT_NAMES, make_hypergradient
 
 __all__ = ["add_subparser", "build_parser", "run", "main"]
 
 
 def _estimator_list(text: str) -> List[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in ESTIMATOR_NAMES]
+    bad = [n for n in names if n not in HYPERGRADIENT_NAMES]
     if bad or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown hypergradient estimator(s) {bad}; valid: {', '.join(ESTIMATOR_NAMES)}")
+            f"unknown hypergradient estimator(s) {bad}; valid: {', '.join(HYPERGRADIENT_NAMES)}")
     return list(dict.fromkeys(names))
 
 
@@ -53,10 +53,10 @@ def _positive_int(text: str) -> int:
 
 
 def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--dataset", choices=DATASETS, default="breast_cancer",
+    p.add_argument("--dataset", choices=HPO_DATASETS, default="breast_cancer",
                    help="reference dataset (default: breast_cancer)")
-    p.add_argument("--hypergrad", type=_estimator_list, default=list(ESTIMATOR_NAMES),
-                   help="comma list of " + ",".join(ESTIMATOR_NAMES) + " (default: all)")
+    p.add_argument("--hypergrad", type=_estimator_list, default=list(HYPERGRADIENT_NAMES),
+                   help="comma list of " + ",".join(HYPERGRADIENT_NAMES) + " (default: all)")
     p.add_argument("--outer-steps", type=_positive_int, default=30,
                    help="HOAG outer iterations (default 30)")
     p.add_argument("--seed", type=int, default=0, help="split / synthetic-data seed")
@@ -96,7 +96,7 @@ def _plot(path: str, runs: Dict[str, dict], title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, r in runs.items():
-        t = [h["time"] for h in r["history"]]
+        t = [h["time_s"] for h in r["history"]]
         axes[0].plot(t, [h["val_loss"] for h in r["history"]], marker=".", label=name)
         axes[1].plot(t, [h["test_loss"] for h in r["history"]], marker=".", label=name)
     for ax, lab in zip(axes, ("validation loss", "test loss")):
@@ -113,6 +113,12 @@ def _plot(path: str, runs: Dict[str, dict], title: str) -> None:
         plt.close(fig)
 
 
+def _make(name: str, args: argparse.Namespace):
+    """The estimator ``name`` with the CLI's preset options (only those it takes)."""
+    opts = {"shine-refine": {"refine": args.refine}, "shine-opa": {"opa_freq": args.opa_freq}}
+    return make_hypergradient(name, **opts.get(name, {}))
+
+
 def _fmt(v: Optional[float], spec: str = ".4f") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
@@ -120,7 +126,7 @@ def _fmt(v: Optional[float], spec: str = ".4f") -> str:
 def run(args: argparse.Namespace) -> int:
     """Run the ``hpo`` command; returns the exit status."""
     torch.set_num_threads(args.threads)
-    splits = load_dataset(args.dataset, seed=args.seed)
+    splits = load_hpo_dataset(args.dataset, seed=args.seed)
     problem = logistic_hpo_problem(splits)
     d = splits.n_features
     lam0 = torch.full((d,) if args.per_feature else (), float(args.lam0), dtype=torch.float64)
@@ -132,18 +138,17 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         for name in args.hypergrad:
-            HOAG(make_estimator(name, refine=args.refine, opa_freq=args.opa_freq),
-                 outer_steps=1).run(problem, lam0)
+            HOAG(_make(name, args), outer_steps=1).run(problem, lam0)
     runs: Dict[str, dict] = {}
     for name in args.hypergrad:
-        est = make_estimator(name, refine=args.refine, opa_freq=args.opa_freq)
+        est = _make(name, args)
 
         def progress(rec, name=name):
             if not args.quiet:
-                print(f"  [{name:>13}] step {rec['step']:3d}  t={rec['time']:7.3f}s  "
+                print(f"  [{name:>13}] step {rec['step']:3d}  t={rec['time_s']:7.3f}s  "
                       f"val={rec['val_loss']:.5f}  test={rec['test_loss']:.5f}  "
                       f"|g|={rec['grad_norm']:.2e}  λ̄={rec['lam_mean']:+.3f}  "
-                      f"inner={rec['inner_steps']:4d}{'' if rec['inner_converged'] else '!'}  "
+                      f"inner={rec['inner_nstep']:4d}{'' if rec['inner_converged'] else '!'}  "
                       f"hvp={rec['n_hvp']:4d}{'' if rec['linear_converged'] else '!'}"
                       f"{'' if rec['accepted'] else '  (rejected)'}", flush=True)
 
@@ -161,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
             "history": res.history, "final_lam": res.lam.tolist(),
             "final_val_loss": res.history[-1]["val_loss"],
             "final_test_loss": res.history[-1]["test_loss"],
-            "best_val_loss": res.best_val_loss, "total_time": res.history[-1]["time"],
+            "best_val_loss": res.best_val_loss, "total_time": res.history[-1]["time_s"],
             "cosine_to_exact": agree["cosine"], "rel_error_to_exact": agree["rel_error"],
             "n_inner_not_converged": res.n_inner_not_converged,
             "n_linear_not_converged": res.n_linear_not_converged, "n_rejected": res.n_rejected,
@@ -171,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     for name, r in runs.items():
         hist = r["history"]
         idx = sorted(set(list(range(0, len(hist), max(1, len(hist) // 6))) + [len(hist) - 1]))
-        pts = "  ".join(f"{hist[i]['time']:.2f}s:{hist[i]['val_loss']:.4f}/{hist[i]['test_loss']:.4f}"
+        pts = "  ".join(f"{hist[i]['time_s']:.2f}s:{hist[i]['val_loss']:.4f}/{hist[i]['test_loss']:.4f}"
                         for i in idx)
         print(f"  {name:>13}  (time: val/test)  {pts}")
     target = None
@@ -179,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         target = 1.01 * runs["exact"]["final_val_loss"]
         for r in runs.values():
             r["time_to_exact_final_1pct"] = next(
-                (h["time"] for h in r["history"] if h["val_loss"] <= target), None)
+                (h["time_s"] for h in r["history"] if h["val_loss"] <= target), None)
             r["time_ratio_vs_exact_total"] = (
                 r["time_to_exact_final_1pct"] / runs["exact"]["total_time"]
                 if r["time_to_exact_final_1pct"] is not None else None)
