@@ -219,3 +219,142 @@ def test_cg_solves_spd_system_with_warm_start():
     torch.testing.assert_close(res.z[0], x_true, rtol=1e-9, atol=1e-10)
     warm = cg.solve(lambda v: v @ A, b[None], x0=(x_true + 1e-6)[None])
     assert warm.all_converged and int(warm.nstep[0]) < int(res.nstep[0])
+
+
+# --------------------------------------------------------------------------- CG as a LinearSolver
+def _spd_batch(B=4, d=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(B, d, d, generator=g)
+    scales = torch.logspace(0, 3, B)  # one well-, one badly-conditioned system per sample
+    A = M @ M.transpose(1, 2) / d + torch.diag_embed(torch.ones(B, d) / scales[:, None])
+    b = torch.randn(B, d, generator=g)
+    return A, b
+
+
+def test_cg_class_matches_dense_solve_batched_per_sample_stop():
+    A, b = _spd_batch()
+    b[1] = 0.0  # a zero right-hand side converges at step 0 and stays zero
+    calls = []
+
+    def matvec(x):
+        calls.append(1)
+        return torch.einsum("bij,bj->bi", A, x)
+
+    res = CG(tol=1e-12, max_iter=500).solve(matvec, b)
+    x_true = torch.linalg.solve(A, b)
+    torch.testing.assert_close(res.z, x_true, rtol=1e-8, atol=1e-10)
+    assert res.converged.all() and res.z[1].abs().max() == 0 and int(res.nstep[1]) == 0
+    # every sample stops on its own test: step counts differ, the loop ran as long as the slowest
+    assert len(set(res.nstep.tolist())) > 2 and len(calls) == int(res.nstep.max())
+    # the residual reported is the relative one compared to tol
+    true_rel = (b - matvec(res.z)).norm(dim=1) / (b.norm(dim=1) + 1e-300)
+    assert float(true_rel[[0, 2, 3]].max()) < 1e-10
+    # a batch equals its samples solved one by one (a frozen sample does not change)
+    for i in (0, 3):
+        one = CG(tol=1e-12, max_iter=500).solve(lambda x, i=i: x @ A[i].T, b[i:i + 1])
+        assert int(one.nstep[0]) == int(res.nstep[i])
+        torch.testing.assert_close(one.z[0], res.z[i], rtol=1e-10, atol=1e-12)
+    # abs stop mode
+    res_abs = CG(tol=1e-9, max_iter=500, stop_mode="abs").solve(matvec, b)
+    assert float((b - matvec(res_abs.z)).norm(dim=1).max()) < 1e-8
+
+
+def test_cg_solve_adjoint_protocol():
+    # J symmetric with eigenvalues < 1: I − J is SPD; solve w = wJ + v for rows w
+    g = torch.Generator().manual_seed(5)
+    B, d = 3, 9
+    Q, _ = torch.linalg.qr(torch.randn(B, d, d, generator=g))
+    J = Q @ torch.diag_embed(torch.linspace(-0.9, 0.9, d).expand(B, d)) @ Q.transpose(1, 2)
+    v = torch.randn(B, d, generator=g)
+    vjp = lambda w: torch.einsum("bi,bij->bj", w, J)  # noqa: E731
+    res = CG(tol=1e-12, max_iter=100).solve_adjoint(vjp, v)
+    eye = torch.eye(d)
+    w_true = torch.linalg.solve((eye - J).transpose(1, 2), v.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(res.z, w_true, rtol=1e-9, atol=1e-11)
+    assert res.converged.all() and res.solver == "cg"
+    # the shape of v is kept (rows of any shape), and a warm start from the answer needs no step
+    v4 = v.view(B, 3, 3)
+    res4 = CG(tol=1e-12, max_iter=100).solve_adjoint(lambda w: vjp(w.reshape(B, d)).view(B, 3, 3), v4,
+                                                      w0=w_true.view(B, 3, 3))
+    assert res4.z.shape == v4.shape and int(res4.nstep.max()) <= 1
+    # I − J not positive definite: CG refuses instead of returning garbage
+    with pytest.raises(NonFiniteError, match="curvature"):
+        CG().solve_adjoint(lambda w: 2.0 * w, v)
+
+
+def test_cg_cap_reported_per_sample():
+    A, b = _spd_batch(seed=2)
+    res = CG(tol=1e-14, max_iter=3).solve(lambda x: torch.einsum("bij,bj->bi", A, x), b)
+    assert not res.converged.any() and res.nstep.tolist() == [3, 3, 3, 3]
+    assert res.n_failed == 4 and "cg" in res.summary()
+
+
+# --------------------------------------------------------------------------- LBFGSInverse
+def test_lbfgs_inverse_matches_dense_bfgs_inverse():
+    g = torch.Generator().manual_seed(7)
+    n, m = 10, 6
+    M = torch.randn(n, n, generator=g)
+    A = M @ M.T + torch.eye(n)
+    s = [torch.randn(n, generator=g) for _ in range(m)]
+    y = [A @ si for si in s]
+    H = LBFGSInverse(s, y)
+    assert isinstance(H, InverseEstimate) and H.n_pairs == m
+    D = dense_bfgs_inverse(s, y)
+    torch.testing.assert_close(H.dense(), D)
+    V = torch.randn(4, n, generator=g)
+    torch.testing.assert_close(H.apply(V), V @ D.T, rtol=1e-10, atol=1e-12)  # rows: H v each
+    torch.testing.assert_close(H.apply(V[0]), D @ V[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(H.apply_left(V), V @ D, rtol=1e-10, atol=1e-12)  # v H, H symmetric
+    assert H.transpose() is H and H.detach() is H
+    torch.testing.assert_close(H @ V[1], D @ V[1], rtol=1e-10, atol=1e-12)
+    # no pairs: H = I (γ = 1)
+    empty = LBFGSInverse([], [], dim=3)
+    torch.testing.assert_close(empty.dense(), torch.eye(3))
+    torch.testing.assert_close(empty.apply(V[0, :3]), V[0, :3])
+
+
+def test_lbfgs_result_inverse_is_what_shine_uses():
+    pb, A, b, c = _quadratic(n=10, cond=20)
+    lam = torch.zeros(10)
+    inner = LBFGS(memory=5, tol=1e-10).solve(pb, lam)
+    inv = inner.inverse
+    assert isinstance(inv, LBFGSInverse) and inv.n_pairs == len(inner.s) <= 5
+    torch.testing.assert_close(inv.dense(), dense_bfgs_inverse(inner.s, inner.y))
+    _, v = pb.outer_value_and_grad(inner.x)
+    hg = SHINEHypergradient().hypergradient(pb, lam, inner)
+    torch.testing.assert_close(hg.w, inv.apply(v))
+    assert hg.converged and hg.nstep == 0 and hg.n_hvp == 0 and hg.time_s >= 0
+    # the result protocol
+    for r in (inner, hg):
+        assert {"converged", "nstep", "residual", "time_s"} <= set(vars(r))
+        assert r.all_converged and r.n_failed == 0
+
+
+# --------------------------------------------------------------------------- failure policy
+@pytest.mark.parametrize("policy", ["warn", "raise", "ignore"])
+def test_on_failure_policies_on_capped_cg(policy):
+    pb, *_ = _quadratic(n=30, cond=1e4)
+    lam = torch.full((30,), -8.0)
+    inner = LBFGS(tol=1e-10, max_iter=2000).solve(pb, lam)
+    est = ExactHypergradient(tol=1e-12, max_iter=3, on_failure=policy)
+    if policy == "raise":
+        with pytest.raises(ConvergenceError, match="ExactHypergradient: CG missed tol=1.0e-12 after 3"):
+            est.hypergradient(pb, lam, inner)
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hg = est.hypergradient(pb, lam, inner)
+    assert not hg.converged and hg.nstep == 3 and hg.residual > 1e-12
+    assert [w.category for w in caught] == ([ConvergenceWarning] if policy == "warn" else [])
+    if policy == "warn":
+        assert caught[0].filename == __file__  # the warning points at the caller
+
+
+def test_on_failure_policies_on_capped_lbfgs():
+    pb, *_ = _quadratic(n=30, cond=1e4)
+    lam = torch.full((30,), -8.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = LBFGS(tol=1e-12, max_iter=2, on_failure="ignore").solve(pb, lam)
+    assert not res.converged and res.nstep == 2 and res.residual == res.grad_norms[-1] > 1e-12
+    assert res.message == "max_iter reached" and res.time_s > 0

@@ -122,3 +122,70 @@ def test_hoag_decreases_validation_loss_and_records():
         HOAG("exact")
     with pytest.raises(OptionError, match="Did you mean 'shine-opa'"):
         make_hypergradient("shine-opaa")
+
+
+def test_make_hypergradient_registry_and_options():
+    from deqkit.bilevel import HYPERGRADIENT_NAMES, HYPERGRADIENTS, register_hypergradient
+    assert set(HYPERGRADIENT_NAMES) <= set(HYPERGRADIENTS.names())
+    assert make_hypergradient("exact", tol=1e-8).tol == 1e-8
+    refine = make_hypergradient("shine-refine")
+    assert isinstance(refine, SHINEHypergradient) and refine.refine == 5 and refine.name == "shine-refine"
+    opa = make_hypergradient("shine-opa", opa_freq=3)
+    assert opa.opa_freq == 3 and opa.name == "shine-opa" and opa.default_memory() == 60
+    assert make_hypergradient("shine", refine=2, opa_freq=4).name == "shine-opa-refine"
+    with pytest.raises(OptionError, match="unknown option 'refine'"):
+        make_hypergradient("exact", refine=5)  # options are the estimator's own
+    with pytest.raises(OptionError, match="Did you mean 'opa_freq'"):
+        make_hypergradient("shine-opa", opa_fre=3)
+
+    @register_hypergradient("half-gradient")
+    class Half(JacobianFreeHypergradient):
+        name = "half-gradient"
+
+        def _solve_w(self, problem, lam, inner, v, w0, tol):
+            return super()._solve_w(problem, lam, inner, 0.5 * v, w0, tol)
+
+    try:
+        pb = _logreg(3, n=90, d=6)
+        res = HOAG(make_hypergradient("half-gradient"), outer_steps=2).run(pb, torch.tensor(0.0, dtype=DT))
+        assert res.estimator == "half-gradient" and res.nstep == 2
+    finally:
+        HYPERGRADIENTS.remove("half-gradient")
+    assert "half-gradient" not in HYPERGRADIENTS
+
+
+def test_hoag_result_protocol_and_failure_policy():
+    from deqkit.errors import ConvergenceError, ConvergenceWarning
+    pb = _logreg(2, n=120, d=10)
+    lam0 = torch.tensor(0.0, dtype=DT)
+    res = HOAG(ExactHypergradient(), outer_steps=3).run(pb, lam0)
+    assert res.converged and res.nstep == 3 and res.time_s == res.history[-1]["time_s"]
+    assert res.residual == res.last_inner.residual <= res.history[-1]["inner_tol"]
+    assert res.all_converged and "HOAGResult" in res.summary()
+    # an inner solver capped at one step misses the last step's tolerance
+    capped = LBFGS(max_iter=1, on_failure="ignore")
+    with pytest.warns(ConvergenceWarning, match="HOAG: the last outer step's inner solve"):
+        res = HOAG(ExactHypergradient(), solver=capped, outer_steps=2).run(pb, lam0)
+    assert not res.converged and res.n_inner_not_converged == 2
+    with pytest.raises(ConvergenceError):
+        HOAG(ExactHypergradient(), solver=capped, outer_steps=2, on_failure="raise").run(pb, lam0)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        HOAG(ExactHypergradient(), solver=capped, outer_steps=2, on_failure="ignore").run(pb, lam0)
+    with pytest.raises(OptionError, match="HOAG: lam_bounds must be .* low < high"):
+        HOAG(JacobianFreeHypergradient(), lam_bounds=(1.0, -1.0))
+    with pytest.raises(OptionError, match="HOAG got an unknown option 'reject_rtol'"):
+        HOAG(JacobianFreeHypergradient(), reject_rtol=0.1)
+
+
+def test_load_hpo_dataset_fractions():
+    sp = load_hpo_dataset("digits", seed=2, val_fraction=0.2, test_fraction=0.1)
+    n = len(sp.y_train) + len(sp.y_val) + len(sp.y_test)
+    assert n == 1797 and len(sp.y_train) == round(0.7 * 1797) and len(sp.y_val) == 359
+    with pytest.raises(OptionError, match="val_fraction \\+ test_fraction must be < 1"):
+        load_hpo_dataset("digits", val_fraction=0.6, test_fraction=0.5)
+    with pytest.raises(OptionError, match="Did you mean 'breast_cancer'"):
+        load_hpo_dataset("breast-cancer")
+    with pytest.raises(OptionError, match="unknown option 'train_frac'"):
+        load_hpo_dataset("digits", train_frac=0.9)
