@@ -277,6 +277,9 @@ def test_cg_solve_adjoint_protocol():
     res4 = CG(tol=1e-12, max_iter=100).solve_adjoint(lambda w: vjp(w.reshape(B, d)).view(B, 3, 3), v4,
                                                       w0=w_true.view(B, 3, 3))
     assert res4.z.shape == v4.shape and int(res4.nstep.max()) <= 1
+    assert res.time_s >= 0
+    with pytest.raises(OptionError, match="does not take preconditioner="):
+        CG().solve_adjoint(vjp, v, preconditioner=lambda y: y)
     # I − J not positive definite: CG refuses instead of returning garbage
     with pytest.raises(NonFiniteError, match="curvature"):
         CG().solve_adjoint(lambda w: 2.0 * w, v)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import time
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -44,6 +45,8 @@ class CG(LinearSolver):
     """
 
     name = "cg"
+    accepts_preconditioner = False
+    accepts_inverse = False
 
     def __init__(self, *, tol: float = 1e-6, max_iter: int = 100, stop_mode: str = "rel") -> None:
         super().__init__(tol=tol, max_iter=max_iter, stop_mode=stop_mode)
@@ -57,6 +60,7 @@ class CG(LinearSolver):
         symmetric positive-definite ``A`` per sample). ``tol`` / ``max_iter`` override the
         solver's own settings for this call.
         """
+        start = time.perf_counter()
         owner = f"{type(self).__name__}.solve"
         tol = self.tol if tol is None else check_positive(owner, "tol", tol)
         max_iter = self.max_iter if max_iter is None else check_int(owner, "max_iter", max_iter)
@@ -89,7 +93,9 @@ class CG(LinearSolver):
             if not bool(active.any()):
                 break
         _check_finite(self.name, x, "solution")
-        return _result(self.name, x, b, rr.sqrt(), nstep, trace, tol, self.stop_mode, max_iter)
+        result = _result(self.name, x, b, rr.sqrt(), nstep, trace, tol, self.stop_mode, max_iter)
+        result.time_s = time.perf_counter() - start
+        return result
 
     def _check_curvature(self, pap: Tensor, active: Tensor) -> None:
         """Raise on a non-finite or non-positive ``pᵀAp`` of a sample still iterating."""
@@ -104,7 +110,15 @@ class CG(LinearSolver):
             )
 
     def solve_adjoint(
-        self, vjp: Fn, v: Tensor, w0: Optional[Tensor] = None, *, tol: Optional[float] = None, max_iter: Optional[int] = None
+        self,
+        vjp: Fn,
+        v: Tensor,
+        *,
+        w0: Optional[Tensor] = None,
+        tol: Optional[float] = None,
+        max_iter: Optional[int] = None,
+        preconditioner: Any = None,
+        inverse: Any = None,
     ) -> SolverResult:
         """Solve ``w = vjp(w) + v``, i.e. ``A(w) = v`` with ``A(w) = w − vjp(w) = w (I − J)``.
 
@@ -112,8 +126,14 @@ class CG(LinearSolver):
         eigenvalue below 1, e.g. a gradient-descent step on a strongly convex function); a
         non-positive curvature raises :class:`~deqkit.errors.NonFiniteError` (use
         :class:`GMRES` otherwise). Rows ``w`` are shaped like ``v``; the relative residual is
-        ``‖w − wJ − v‖ / ‖v‖``, as for every linear solver.
+        ``‖w − wJ − v‖ / ‖v‖``, as for every linear solver. CG takes no ``preconditioner`` or
+        ``inverse`` (a preconditioner for CG must itself be symmetric positive definite, which a
+        Broyden inverse estimate is not).
         """
+        for opt, val in (("preconditioner", preconditioner), ("inverse", inverse)):
+            if val is not None:
+                raise OptionError(f"{type(self).__name__}.solve_adjoint does not take {opt}= (accepts_{opt} is False); "
+                                  "use GMRES for a preconditioned adjoint solve.")
         shape, B = v.shape, v.shape[0]
         vf = v.reshape(B, -1)
 
