@@ -213,7 +213,11 @@ class SHINEHypergradient(HypergradientEstimator):
         opa_freq: outer-problem awareness; add an extra secant pair along ``Hₖ∇L(xₙ)`` every
             ``opa_freq`` inner steps (``None``: off).  Needs ``∇L`` during the inner solve,
             which :meth:`inner_options` passes on.
+
+    ``name`` is ``"shine"``, ``"shine-refine"``, ``"shine-opa"`` or ``"shine-opa-refine"``.
     """
+
+    name = "shine"
 
     def __init__(self, *, refine: int = 0, opa_freq: Optional[int] = None) -> None:
         owner = type(self).__name__

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor
@@ -45,8 +45,11 @@ class CG(LinearSolver):
     """
 
     name = "cg"
-    accepts_preconditioner = False
-    accepts_inverse = False
+    accepts_preconditioner: ClassVar[bool] = False
+    accepts_inverse: ClassVar[bool] = False
+    #: CG is correct only for symmetric positive-definite systems (for the adjoint: ``I − J``
+    #: with ``J`` symmetric, eigenvalues below 1); a test matrix gives CG only such systems
+    requires_symmetric: ClassVar[bool] = True
 
     def __init__(self, *, tol: float = 1e-6, max_iter: int = 100, stop_mode: str = "rel") -> None:
         super().__init__(tol=tol, max_iter=max_iter, stop_mode=stop_mode)
