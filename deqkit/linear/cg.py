@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
+from functools import partial
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -14,14 +16,6 @@ from ..solvers import SolverResult
 from .base import Fn, LinearSolver, _check_finite, _result
 
 __all__ = ["CG"]
-
-
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-row inner products ``(B,)``. A batch of one takes the plain dot product, so a solve
-    of one system is bitwise that of an unbatched CG (CG amplifies round-off differences)."""
-    if a.shape[0] == 1:
-        return (a[0] @ b[0]).reshape(1)
-    return (a * b).sum(dim=1)
 
 
 @validated_options
@@ -38,7 +32,7 @@ class CG(LinearSolver):
 
     A non-positive curvature ``pᵀAp ≤ 0`` (``A`` not positive definite) or a non-finite
     product raises :class:`~deqkit.errors.NonFiniteError`. One host synchronisation per
-    iteration.
+    iteration (a single system keeps its scalars on the host, as a textbook CG).
 
     Two entry points: :meth:`solve` (any SPD ``A``; the bi-level Hessian systems) and
     :meth:`solve_adjoint` (the adjoint protocol shared with :class:`GMRES` and :class:`Dense`).
@@ -73,44 +67,78 @@ class CG(LinearSolver):
         r = b - matvec(x) if x0 is not None else b.clone()
         eps = torch.finfo(b.dtype).eps
         target = tol * (b.norm(dim=1) + eps) if self.stop_mode == "rel" else torch.full_like(b[:, 0], tol)
-        rr = _rowdot(r, r)
-        active = rr.sqrt() > target
-        nstep = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
-        trace = [rr.sqrt()]
-        p = r.clone()
-        for _ in range(max_iter if bool(active.any()) else 0):
-            ap = matvec(p)
-            pap = _rowdot(p, ap)
-            self._check_curvature(pap, active)
-            alpha = torch.where(active, rr / torch.where(active, pap, torch.ones_like(pap)), torch.zeros_like(pap))
-            x = x + alpha[:, None] * p
-            r = r - alpha[:, None] * ap
-            rr_new = _rowdot(r, r)
-            nstep = nstep + active.long()
-            still = active & (rr_new.sqrt() > target)
-            beta = rr_new / torch.where(active, rr, torch.ones_like(rr))
-            p = torch.where(still[:, None], r + beta[:, None] * p, p)
-            rr = torch.where(active, rr_new, rr)
-            active = still
-            trace.append(rr.sqrt())
-            if not bool(active.any()):
-                break
+        iterate = self._iterate_one if b.shape[0] == 1 else self._iterate_batch
+        x, rr, nstep, trace = iterate(matvec, x, r, target, max_iter)
         _check_finite(self.name, x, "solution")
-        result = _result(self.name, x, b, rr.sqrt(), nstep, trace, tol, self.stop_mode, max_iter)
+        result = _result(self.name, x, b, rr.sqrt(), nstep, list(trace.sqrt()), tol, self.stop_mode, max_iter)
         result.time_s = time.perf_counter() - start
         return result
 
-    def _check_curvature(self, pap: Tensor, active: Tensor) -> None:
-        """Raise on a non-finite or non-positive ``pᵀAp`` of a sample still iterating."""
-        nonfinite, nonpositive = torch.stack([(active & ~torch.isfinite(pap)).any(), (active & (pap <= 0)).any()]).tolist()
-        if nonfinite:
-            raise NonFiniteError(f"{self.name}: a matrix–vector product is not finite (pᵀAp = NaN/Inf).")
-        if nonpositive:
-            worst = float(torch.where(active, pap, torch.full_like(pap, float("inf"))).min())
-            raise NonFiniteError(
-                f"{self.name}: non-positive curvature pᵀAp={worst:.3e}: the operator is not positive definite, "
-                f"so conjugate gradient does not apply (use GMRES for a non-symmetric or indefinite system)."
-            )
+    def _iterate_one(self, matvec: Fn, x: Tensor, r: Tensor, target: Tensor, max_iter: int):
+        """CG on a single system ``(1, d)``, its scalars on the host: the textbook loop, with
+        fewer tensor operations per iteration than the masked batch loop."""
+        tgt, rr, n = float(target[0]), float(r[0] @ r[0]), 0
+        trace = [rr]
+        if math.sqrt(rr) > tgt:
+            p = r.clone()
+            for n in range(1, max_iter + 1):
+                ap = matvec(p)
+                pap = float(p[0] @ ap[0])
+                if not pap > 0:
+                    self._curvature_error(pap)
+                alpha = rr / pap
+                x = x + alpha * p
+                r = r - alpha * ap
+                rr_new = float(r[0] @ r[0])
+                trace.append(rr_new)
+                if math.sqrt(rr_new) <= tgt:
+                    rr = rr_new
+                    break
+                p = r + (rr_new / rr) * p
+                rr = rr_new
+        as_tensor = partial(torch.tensor, dtype=x.dtype, device=x.device)
+        return x, as_tensor([rr]), torch.tensor([n], device=x.device), as_tensor(trace)[:, None]
+
+    def _iterate_batch(self, matvec: Fn, x: Tensor, r: Tensor, target: Tensor, max_iter: int):
+        """CG per sample of a batch ``(B, d)``: converged samples take zero steps; one host
+        synchronisation per iteration (the curvature and stopping tests together)."""
+        rr = (r * r).sum(dim=1)
+        active = rr.sqrt() > target
+        nstep = torch.zeros(r.shape[0], dtype=torch.long, device=r.device)
+        trace = [rr]
+        p = r.clone()
+        all_active, any_active = torch.stack([active.all(), active.any()]).tolist()
+        for _ in range(max_iter if any_active else 0):
+            ap = matvec(p)
+            pap = (p * ap).sum(dim=1)
+            alpha = rr / pap if all_active else torch.where(active, rr / pap, 0.0)
+            x = x + alpha[:, None] * p
+            r = r - alpha[:, None] * ap
+            rr_new = (r * r).sum(dim=1)
+            nstep += active
+            still = active & (rr_new.sqrt() > target)
+            bad, now_all, any_active = torch.stack([(active & ~(pap > 0)).any(), still.all(), still.any()]).tolist()
+            if bad:
+                self._curvature_error(float(torch.where(active, pap, float("inf")).min()))
+            beta = (rr_new / rr)[:, None]
+            if all_active:
+                p, rr = r + beta * p, rr_new
+            else:  # frozen samples keep a finite p and their last residual
+                p, rr = torch.where(still[:, None], r + beta * p, p), torch.where(active, rr_new, rr)
+            active, all_active = still, now_all
+            trace.append(rr)
+            if not any_active:
+                break
+        return x, rr, nstep, torch.stack(trace)
+
+    def _curvature_error(self, pap: float) -> None:
+        """Raise for a non-finite or non-positive ``pᵀAp`` of a system still iterating."""
+        if not math.isfinite(pap):
+            raise NonFiniteError(f"{self.name}: a matrix–vector product is not finite (pᵀAp = {pap}).")
+        raise NonFiniteError(
+            f"{self.name}: non-positive curvature pᵀAp={pap:.3e}: the operator is not positive "
+            f"definite, so conjugate gradient does not apply (use GMRES for a non-symmetric or indefinite system)."
+        )
 
     def solve_adjoint(
         self,
