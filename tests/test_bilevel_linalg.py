@@ -361,3 +361,12 @@ def test_on_failure_policies_on_capped_lbfgs():
         res = LBFGS(tol=1e-12, max_iter=2, on_failure="ignore").solve(pb, lam)
     assert not res.converged and res.nstep == 2 and res.residual == res.grad_norms[-1] > 1e-12
     assert res.message == "max_iter reached" and res.time_s > 0
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_cg_refuses_non_finite_products(B):
+    b = torch.ones(B, 4)
+    with pytest.raises(NonFiniteError, match="not finite"):
+        CG().solve(lambda p: p * float("nan"), b)
+    with pytest.raises(NonFiniteError, match="non-positive curvature"):
+        CG().solve(lambda p: -p, b)
