@@ -280,7 +280,7 @@ HYPERGRADIENTS: Registry = Registry("hypergradient")
 def register_hypergradient(name: str, *, aliases: tuple = (), replace: bool = False
                            ) -> Callable[[Any], Any]:
     """Decorator: register a :class:`HypergradientEstimator` class (or a factory returning
-    one) under ``name`` for :func:`make_hypergradient` and ``deqkit hpo --hypergrad``."""
+    one) under ``name``, so that :func:`make_hypergradient` builds it."""
     return HYPERGRADIENTS.register(name, aliases=aliases, replace=replace)
 
 
