@@ -125,7 +125,9 @@ def test_hoag_decreases_validation_loss_and_records():
 
 
 def test_make_hypergradient_registry_and_options():
-    from deqkit.bilevel import HYPERGRADIENT_NAMES, HYPERGRADIENTS, register_hypergradient
+    from deqkit._options import validated_options
+    from deqkit.bilevel import (HYPERGRADIENT_NAMES, HYPERGRADIENTS, HypergradientEstimator, WEstimate,
+                                register_hypergradient)
     assert set(HYPERGRADIENT_NAMES) <= set(HYPERGRADIENTS.names())
     assert make_hypergradient("exact", tol=1e-8).tol == 1e-8
     refine = make_hypergradient("shine-refine")
@@ -138,17 +140,25 @@ def test_make_hypergradient_registry_and_options():
     with pytest.raises(OptionError, match="Did you mean 'opa_freq'"):
         make_hypergradient("shine-opa", opa_fre=3)
 
+    # the example of HypergradientEstimator's docstring
     @register_hypergradient("half-gradient")
-    class Half(JacobianFreeHypergradient):
+    @validated_options
+    class Half(HypergradientEstimator):
         name = "half-gradient"
 
-        def _solve_w(self, problem, lam, inner, v, w0, tol):
-            return super()._solve_w(problem, lam, inner, 0.5 * v, w0, tol)
+        def solve_w(self, problem, lam, inner, v, w0, tol):
+            return WEstimate(0.5 * v, 0, 0, True, float("nan"))
 
+    with pytest.raises(OptionError, match="Half got an unknown option 'tol'"):
+        make_hypergradient("half-gradient", tol=1e-3)
     try:
         pb = _logreg(3, n=90, d=6)
         res = HOAG(make_hypergradient("half-gradient"), outer_steps=2).run(pb, torch.tensor(0.0, dtype=DT))
         assert res.estimator == "half-gradient" and res.nstep == 2
+        inner = LBFGS(tol=1e-8).solve(pb, torch.tensor(0.0, dtype=DT))
+        half = make_hypergradient("half-gradient").hypergradient(pb, torch.tensor(0.0, dtype=DT), inner).grad
+        full = JacobianFreeHypergradient().hypergradient(pb, torch.tensor(0.0, dtype=DT), inner).grad
+        torch.testing.assert_close(half, 0.5 * full)
     finally:
         HYPERGRADIENTS.remove("half-gradient")
     assert "half-gradient" not in HYPERGRADIENTS

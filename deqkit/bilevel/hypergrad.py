@@ -47,7 +47,7 @@ from deqkit.results import ResultMixin
 from .lbfgs import LBFGS, LBFGSInverse
 from .problem import BilevelProblem
 
-__all__ = ["HypergradResult", "HypergradientEstimator", "ExactHypergradient",
+__all__ = ["HypergradResult", "HypergradientEstimator", "WEstimate", "ExactHypergradient",
            "SHINEHypergradient", "JacobianFreeHypergradient", "HYPERGRADIENTS",
            "HYPERGRADIENT_NAMES", "register_hypergradient", "make_hypergradient",
            "default_inner_solver"]
@@ -82,8 +82,8 @@ class HypergradResult(ResultMixin):
     estimator: str
 
 
-class _W(NamedTuple):
-    """What :meth:`HypergradientEstimator._solve_w` returns."""
+class WEstimate(NamedTuple):
+    """What :meth:`HypergradientEstimator.solve_w` returns."""
 
     w: Tensor
     n_hvp: int
@@ -107,7 +107,7 @@ def _hessian_cg(owner: str, problem: BilevelProblem, x: Tensor, lam: Tensor, v: 
 
 class HypergradientEstimator:
     """Base class of the bi-level hypergradient estimators: subclasses implement
-    :meth:`_solve_w` (the approximation of ``H⁻¹ ∇L(x*)``)."""
+    :meth:`solve_w` (the approximation of ``H⁻¹ ∇L(x*)``)."""
 
     name = "base"
 
@@ -135,10 +135,10 @@ class HypergradientEstimator:
         t0 = time.perf_counter()
         if tol is not None:
             tol = check_positive(f"{type(self).__name__}.hypergradient", "tol", tol)
-        self._check_inner(inner)
+        self.check_inner(inner)
         x = inner.x
         loss, v = problem.outer_value_and_grad(x)
-        sol = self._solve_w(problem, lam, inner, v, w0, tol)
+        sol = self.solve_w(problem, lam, inner, v, w0, tol)
         if not bool(torch.isfinite(sol.w).all()):
             raise NonFiniteError(f"{self.name}: H⁻¹∇L estimate is not finite")
         grad = -problem.cross_vjp(x, lam, sol.w)
@@ -149,13 +149,16 @@ class HypergradientEstimator:
                                residual=sol.residual, time_s=time.perf_counter() - t0,
                                estimator=self.name)
 
-    def _check_inner(self, inner: Any) -> None:
+    def check_inner(self, inner: Any) -> None:
+        """Raise :class:`~deqkit.errors.OptionError` if ``inner`` lacks what this estimator needs."""
         if not isinstance(getattr(inner, "x", None), Tensor):
             raise OptionError(f"{type(self).__name__}: inner must be the result of an inner solve "
                               f"(deqkit.bilevel.LBFGS.solve, with .x), got {type(inner).__name__}.")
 
-    def _solve_w(self, problem: BilevelProblem, lam: Tensor, inner: Any, v: Tensor,
-                 w0: Optional[Tensor], tol: Optional[float]) -> _W:  # pragma: no cover - abstract
+    def solve_w(self, problem: BilevelProblem, lam: Tensor, inner: Any, v: Tensor,
+                 w0: Optional[Tensor], tol: Optional[float]) -> WEstimate:  # pragma: no cover - abstract
+        """``w ≈ H⁻¹ v`` with ``v = ∇L(x*)``, ``H = ∇²ₓₓh(x*, lam)``; ``w0``: a warm start;
+        ``tol``: this call's relative tolerance (``None``: the estimator's own)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -186,7 +189,7 @@ class ExactHypergradient(HypergradientEstimator):
         self.warm_start = check_bool(owner, "warm_start", warm_start)
         self.on_failure = check_failure_policy(owner, on_failure)
 
-    def _solve_w(self, problem, lam, inner, v, w0, tol):
+    def solve_w(self, problem, lam, inner, v, w0, tol):
         tol = self.tol if tol is None else tol
         w0 = w0 if self.warm_start else None
         res = _hessian_cg(type(self).__name__, problem, inner.x, lam, v, w0, tol, self.max_iter)
@@ -197,7 +200,7 @@ class ExactHypergradient(HypergradientEstimator):
                 f"{type(self).__name__}: CG missed tol={tol:.1e} after {nstep} iterations "
                 f"(relative residual {residual:.2e}). Try increasing `max_iter`.",
                 stacklevel=3)
-        return _W(res.z[0], nstep + (1 if w0 is not None else 0), nstep, converged, residual)
+        return WEstimate(res.z[0], nstep + (1 if w0 is not None else 0), nstep, converged, residual)
 
 
 @validated_options
@@ -233,8 +236,8 @@ class SHINEHypergradient(HypergradientEstimator):
     def default_memory(self) -> int:
         return 60 if self.opa_freq is not None else 30
 
-    def _check_inner(self, inner: Any) -> None:
-        super()._check_inner(inner)
+    def check_inner(self, inner: Any) -> None:
+        super().check_inner(inner)
         if not isinstance(getattr(inner, "inverse", None), InverseEstimate):
             raise OptionError(f"{type(self).__name__} needs an inner result with an inverse estimate "
                               f"(the result of deqkit.bilevel.LBFGS.solve); got {type(inner).__name__}.")
@@ -242,19 +245,19 @@ class SHINEHypergradient(HypergradientEstimator):
             raise OptionError(f"{type(self).__name__}(opa_freq=...) needs an inner solve run with OPA: "
                               "pass **estimator.inner_options(problem) to LBFGS.solve.")
 
-    def _solve_w(self, problem, lam, inner, v, w0, tol):
+    def solve_w(self, problem, lam, inner, v, w0, tol):
         inverse = inner.inverse
         if isinstance(inverse, LBFGSInverse) and inverse.n_pairs == 0:
             warnings.warn(f"{type(self).__name__}: the inner solve kept no (s, y) pairs (it converged "
                           "at x0); the estimate reduces to H⁻¹ ≈ I", ConvergenceWarning, stacklevel=3)
         w = inverse.apply(v)
         if self.refine == 0:
-            return _W(w, 0, 0, True, float("nan"))
+            return WEstimate(w, 0, 0, True, float("nan"))
         res = _hessian_cg(type(self).__name__, problem, inner.x, lam, v, w,
                           1e-12 if tol is None else tol, self.refine)
         nstep = int(res.nstep[0])
         # a fixed CG budget is the point of refine: not reaching tol is not a failure
-        return _W(res.z[0], nstep + 1, nstep, True, float(res.residual[0]))
+        return WEstimate(res.z[0], nstep + 1, nstep, True, float(res.residual[0]))
 
 
 @validated_options
@@ -268,8 +271,8 @@ class JacobianFreeHypergradient(HypergradientEstimator):
     def __init__(self) -> None:
         pass
 
-    def _solve_w(self, problem, lam, inner, v, w0, tol):
-        return _W(v.clone(), 0, 0, True, float("nan"))
+    def solve_w(self, problem, lam, inner, v, w0, tol):
+        return WEstimate(v.clone(), 0, 0, True, float("nan"))
 
 
 # --------------------------------------------------------------------------- registry
