@@ -12,7 +12,6 @@ The bi-level names this job uses are imported once, at the top.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -25,18 +24,30 @@ import torch
 
 from .._io import atomic_write_text, save_figure
 from .._options import check_choice, check_int, unknown_option_message, validated_options
-from ..bilevel.data import DATASETS, load_dataset, logistic_hpo_problem
+from ..bilevel.data import HPO_DATASETS as DATASETS
+from ..bilevel.data import load_hpo_dataset, logistic_hpo_problem
 from ..bilevel.hoag import HOAG, hypergradient_cosine
-from ..bilevel.hypergrad import ESTIMATOR_NAMES as HYPERGRADIENTS
-from ..bilevel.hypergrad import make_estimator as make_hypergradient
+from ..bilevel.hypergrad import HYPERGRADIENT_NAMES, HypergradientEstimator, make_hypergradient
 from ..errors import ConvergenceWarning, OptionError
 
-__all__ = ["DATASETS", "HYPERGRADIENTS", "HPOConfig", "run_hpo", "make_hypergradient"]
+__all__ = ["DATASETS", "HYPERGRADIENTS", "HPOConfig", "run_hpo", "make_preset"]
+
+#: the names ``--grad`` accepts (the built-in hypergradient presets)
+HYPERGRADIENTS: tuple[str, ...] = tuple(HYPERGRADIENT_NAMES)
+#: ``grad_opts`` keys and the preset each one configures
+PRESET_OPTIONS: dict[str, str] = {"refine": "shine-refine", "opa_freq": "shine-opa"}
 
 
 def hypergradient_names() -> tuple[str, ...]:
     """The names ``--grad`` accepts."""
-    return tuple(HYPERGRADIENTS)
+    return HYPERGRADIENTS
+
+
+def make_preset(name: str, grad_opts: Dict[str, Any]) -> HypergradientEstimator:
+    """The estimator ``name`` with the options of ``grad_opts`` that configure it (``refine`` for
+    ``shine-refine``, ``opa_freq`` for ``shine-opa``)."""
+    opts = {k: v for k, v in grad_opts.items() if PRESET_OPTIONS.get(k) == name}
+    return make_hypergradient(name, **opts)
 
 
 @validated_options
@@ -64,7 +75,7 @@ class HPOConfig:
         check_int("HPOConfig", "threads", self.threads)
         for name in self.grad:
             check_choice("HPOConfig", "grad", name, HYPERGRADIENTS)
-        valid = [n for n in inspect.signature(make_hypergradient).parameters if n != "name"]
+        valid = list(PRESET_OPTIONS)
         for key in self.grad_opts:
             if key not in valid:
                 raise OptionError(unknown_option_message("HPOConfig: grad_opts", key, valid))
@@ -72,10 +83,10 @@ class HPOConfig:
 
 def _progress_line(name: str) -> Callable[[dict], None]:
     def progress(rec: dict) -> None:
-        print(f"  [{name:>13}] step {rec['step']:3d}  t={rec['time']:7.3f}s  "
+        print(f"  [{name:>13}] step {rec['step']:3d}  t={rec['time_s']:7.3f}s  "
               f"val={rec['val_loss']:.5f}  test={rec['test_loss']:.5f}  "
               f"|g|={rec['grad_norm']:.2e}  λ̄={rec['lam_mean']:+.3f}  "
-              f"inner={rec['inner_steps']:4d}{'' if rec['inner_converged'] else '!'}  "
+              f"inner={rec['inner_nstep']:4d}{'' if rec['inner_converged'] else '!'}  "
               f"hvp={rec['n_hvp']:4d}{'' if rec['linear_converged'] else '!'}"
               f"{'' if rec['accepted'] else '  (rejected)'}", flush=True)
 
@@ -84,7 +95,7 @@ def _progress_line(name: str) -> Callable[[dict], None]:
 
 def _run_one(cfg: HPOConfig, name: str, problem: Any, lam0: torch.Tensor, d: int) -> dict:
     """One HOAG run with estimator ``name``; its summary (history, final losses, agreement)."""
-    est = make_hypergradient(name, **cfg.grad_opts)
+    est = make_preset(name, cfg.grad_opts)
     callback = _progress_line(name) if cfg.progress else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # counted in the result
@@ -100,7 +111,7 @@ def _run_one(cfg: HPOConfig, name: str, problem: Any, lam0: torch.Tensor, d: int
         "history": res.history, "final_lam": res.lam.tolist(),
         "final_val_loss": res.history[-1]["val_loss"],
         "final_test_loss": res.history[-1]["test_loss"],
-        "best_val_loss": res.best_val_loss, "total_time": res.history[-1]["time"],
+        "best_val_loss": res.best_val_loss, "total_time": res.history[-1]["time_s"],
         "cosine_to_exact": agree["cosine"], "rel_error_to_exact": agree["rel_error"],
         "n_inner_not_converged": res.n_inner_not_converged,
         "n_linear_not_converged": res.n_linear_not_converged, "n_rejected": res.n_rejected,
@@ -113,7 +124,7 @@ def _time_to_exact(runs: Dict[str, dict]) -> Optional[float]:
         return None
     target = 1.01 * runs["exact"]["final_val_loss"]
     for r in runs.values():
-        t = next((h["time"] for h in r["history"] if h["val_loss"] <= target), None)
+        t = next((h["time_s"] for h in r["history"] if h["val_loss"] <= target), None)
         r["time_to_exact_final_1pct"] = t
         r["time_ratio_vs_exact_total"] = t / runs["exact"]["total_time"] if t is not None else None
     return target
@@ -129,7 +140,7 @@ def format_curves(runs: Dict[str, dict]) -> str:
     for name, r in runs.items():
         hist = r["history"]
         idx = sorted(set(list(range(0, len(hist), max(1, len(hist) // 6))) + [len(hist) - 1]))
-        pts = "  ".join(f"{hist[i]['time']:.2f}s:{hist[i]['val_loss']:.4f}/{hist[i]['test_loss']:.4f}" for i in idx)
+        pts = "  ".join(f"{hist[i]['time_s']:.2f}s:{hist[i]['val_loss']:.4f}/{hist[i]['test_loss']:.4f}" for i in idx)
         lines.append(f"  {name:>13}  (time: val/test)  {pts}")
     return "\n".join(lines)
 
@@ -162,7 +173,7 @@ def _plot(path: str, runs: Dict[str, dict], title: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, r in runs.items():
-        t = [h["time"] for h in r["history"]]
+        t = [h["time_s"] for h in r["history"]]
         axes[0].plot(t, [h["val_loss"] for h in r["history"]], marker=".", label=name)
         axes[1].plot(t, [h["test_loss"] for h in r["history"]], marker=".", label=name)
     for ax, lab in zip(axes, ("validation loss", "test loss")):
@@ -193,7 +204,7 @@ def _write(cfg: HPOConfig, runs: Dict[str, dict], d: int) -> str:
 def run_hpo(cfg: HPOConfig, log: Callable[[str], None] = print) -> Dict[str, dict]:
     """Run HOAG once per estimator of ``cfg.grad``; print the curves and the table; write the files."""
     torch.set_num_threads(cfg.threads)
-    splits = load_dataset(cfg.dataset, seed=cfg.seed)
+    splits = load_hpo_dataset(cfg.dataset, seed=cfg.seed)
     problem = logistic_hpo_problem(splits)
     d = splits.n_features
     lam0 = torch.full((d,) if cfg.per_feature else (), float(cfg.lam0), dtype=torch.float64)
@@ -205,7 +216,7 @@ def run_hpo(cfg: HPOConfig, log: Callable[[str], None] = print) -> Dict[str, dic
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         for name in cfg.grad:
-            HOAG(make_hypergradient(name, **cfg.grad_opts), outer_steps=1).run(problem, lam0)
+            HOAG(make_preset(name, cfg.grad_opts), outer_steps=1).run(problem, lam0)
     runs = {name: _run_one(cfg, name, problem, lam0, d) for name in cfg.grad}
     log(format_curves(runs))
     log(format_summary(runs, _time_to_exact(runs)))

@@ -4,7 +4,8 @@ See :mod:`deqkit.linear.base` for the protocol every linear solver implements.
 """
 
 from .base import LinearSolver
+from .cg import CG
 from .dense import Dense
 from .gmres import GMRES
 
-__all__ = ["LinearSolver", "GMRES", "Dense"]
+__all__ = ["LinearSolver", "GMRES", "Dense", "CG"]
