@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator, Union
 
+from ._options import check_choice
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -31,8 +33,7 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     On any exception (Ctrl-C included) the temporary file is removed and an existing ``path`` is
     left untouched.
     """
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_open: mode must be 'w' or 'wb', got {mode!r}.")
+    check_choice("atomic_open", "mode", mode, ("w", "wb"))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

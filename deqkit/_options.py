@@ -47,7 +47,7 @@ def validated_options(obj: T) -> T:
     target: Any = obj.__init__ if is_class else obj  # type: ignore[misc]
     sig = inspect.signature(target)
     valid = [n for n, p in sig.parameters.items() if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-    owner = getattr(obj, "__name__", str(obj))
+    owner = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", str(obj))
 
     def check(kwargs: dict[str, Any]) -> None:
         unknown = [k for k in kwargs if k not in valid]

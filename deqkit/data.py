@@ -57,8 +57,10 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from deqkit._io import atomic_open
-from deqkit._idx import IDXFormatError, read_idx, write_idx
+from ._idx import IDXFormatError, read_idx, write_idx
+from ._io import atomic_open
+from ._options import check_choice, check_int, check_number
+from .errors import OptionError
 
 __all__ = [
     "DATASETS",
@@ -545,7 +547,7 @@ def _load_raw(
     name: str, data_dir: Optional[PathLike], cache_dir: Optional[PathLike], download: bool
 ) -> _Raw:
     if download and name != "fashion-mnist":
-        raise ValueError(f"download=True is only supported for 'fashion-mnist', not {name!r}")
+        raise OptionError(f"load_dataset: download=True is only supported for 'fashion-mnist', not {name!r}")
     if name == "digits":
         return _load_digits()
     if name == "mnist5k":
@@ -562,11 +564,100 @@ def _load_raw(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_fraction(name: str, value: float) -> float:
-    value = float(value)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
-    return value
+def _check_options(
+    name: Any, val_fraction: Any, test_fraction: Any, seed: Any, test_seed: Any, subset: Any, test_subset: Any, dtype: Any
+) -> str:
+    """The canonical data set name, after checking every option of :func:`load_dataset`."""
+    owner = "load_dataset"
+    key = name.strip().lower() if isinstance(name, str) else name
+    key = _ALIASES.get(key, key)
+    check_choice(owner, "name", key, DATASETS)
+    for label, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        check_number(owner, label, fraction, low=0.0, high=1.0, high_open=True)
+    for label, s in (("seed", seed), ("test_seed", test_seed)):
+        check_int(owner, label, s, minimum=0)
+    for label, n in (("subset", subset), ("test_subset", test_subset)):
+        if n is not None:
+            check_int(owner, label, n)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise OptionError(f"{owner}: dtype must be a floating torch dtype, got {dtype!r}.")
+    return key
+
+
+def _test_split(raw: _Raw, key: str, test_fraction: float, test_seed: int, test_subset: Optional[int]) -> tuple[np.ndarray, ...]:
+    """Step 1: ``(x_test, y_test, x_pool, y_pool)``: the official test split, else a stratified
+    hold-out drawn with ``test_seed``; then ``test_subset`` of it."""
+    if raw.x_test is None:
+        n_test = int(round(test_fraction * len(raw.y_train)))
+        test_idx, pool_idx = stratified_split(raw.y_train, n_test, _rng(test_seed, 0))
+        x_test, y_test = raw.x_train[test_idx], raw.y_train[test_idx]
+        x_pool, y_pool = raw.x_train[pool_idx], raw.y_train[pool_idx]
+    else:
+        assert raw.y_test is not None
+        x_test, y_test = raw.x_test, raw.y_test
+        x_pool, y_pool = raw.x_train, raw.y_train
+    if test_subset is not None:
+        if test_subset > len(y_test):
+            raise OptionError(f"load_dataset: test_subset={test_subset} exceeds the {len(y_test)} test samples of {key}")
+        idx, _ = stratified_split(y_test, int(test_subset), _rng(test_seed, 1))
+        x_test, y_test = x_test[np.sort(idx)], y_test[np.sort(idx)]
+    return x_test, y_test, x_pool, y_pool
+
+
+def _train_val_split(
+    y_pool: np.ndarray, key: str, val_fraction: float, seed: int, subset: Optional[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 2 and 3: ``(train_idx, val_idx)`` into the pool: the stratified validation carve
+    (seeded by ``seed``), then ``subset`` of the training split (validation shrinks in proportion)."""
+    n_val = int(round(val_fraction * len(y_pool)))
+    val_idx, train_idx = stratified_split(y_pool, n_val, _rng(seed, 2))
+    if len(train_idx) == 0:
+        raise OptionError(f"load_dataset: val_fraction={val_fraction} leaves no training samples in {key}")
+    if subset is None:
+        return train_idx, val_idx
+    if subset > len(train_idx):
+        raise OptionError(
+            f"load_dataset: subset={subset} exceeds the {len(train_idx)} training samples of {key} "
+            f"(with val_fraction={val_fraction})"
+        )
+    rng = _rng(seed, 3)
+    take, _ = stratified_split(y_pool[train_idx], int(subset), rng)
+    n_val_sub = min(len(val_idx), int(round(subset * val_fraction / (1.0 - val_fraction))))
+    vtake, _ = stratified_split(y_pool[val_idx], n_val_sub, rng)
+    return train_idx[take], val_idx[vtake]
+
+
+class _Converter:
+    """Step 4: scale to [0, 1], normalise with the training split's statistics, flatten, convert."""
+
+    def __init__(self, x_train: np.ndarray, scale: float, normalize: bool, flatten: bool, dtype: torch.dtype) -> None:
+        self.np_dtype = np.float64 if dtype == torch.float64 else np.float32
+        self.scale, self.normalize, self.flatten, self.dtype = scale, normalize, flatten, dtype
+        x_train = self.scaled(x_train)
+        n_channels = 1 if x_train.ndim == 2 else x_train.shape[1]
+        if normalize:
+            self.mean, self.std = _channel_stats(x_train)
+        else:
+            self.mean, self.std = np.zeros(n_channels), np.ones(n_channels)
+        bshape = (1,) if x_train.ndim == 2 else (1, n_channels) + (1,) * (x_train.ndim - 2)
+        self.m = self.mean.astype(self.np_dtype).reshape(bshape)
+        self.s = self.std.astype(self.np_dtype).reshape(bshape)
+        self.input_shape = tuple(int(d) for d in x_train.shape[1:])
+
+    def scaled(self, x: np.ndarray) -> np.ndarray:
+        out = x.astype(self.np_dtype)
+        if self.scale != 1.0:
+            out /= self.np_dtype(self.scale)
+        return out
+
+    def dataset(self, x: np.ndarray, y: np.ndarray) -> TensorDataset:
+        x = self.scaled(x)
+        if self.normalize:
+            x = (x - self.m) / self.s
+        if self.flatten:  # an explicit width, so that an empty split (val_fraction=0) flattens too
+            x = x.reshape(len(x), int(np.prod(x.shape[1:])))
+        xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.dtype)
+        return TensorDataset(xt, torch.from_numpy(np.asarray(y, np.int64).copy()))
 
 
 def load_dataset(
@@ -620,98 +711,20 @@ def load_dataset(
         IDXFormatError: a malformed IDX file (the message names the file and the problem).
         ImportError: the optional package that provides the data set is not installed.
     """
-    if not isinstance(name, str):
-        raise ValueError(f"dataset name must be a string, got {name!r}; valid names: {', '.join(DATASETS)}")
-    key = name.strip().lower()
-    key = _ALIASES.get(key, key)
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
-    val_fraction = _check_fraction("val_fraction", val_fraction)
-    test_fraction = _check_fraction("test_fraction", test_fraction)
-    for label, s in (("seed", seed), ("test_seed", test_seed)):
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0:
-            raise ValueError(f"{label} must be a non-negative integer, got {s!r}")
-    for label, n in (("subset", subset), ("test_subset", test_subset)):
-        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1):
-            raise ValueError(f"{label} must be a positive integer or None, got {n!r}")
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
-
+    key = _check_options(name, val_fraction, test_fraction, seed, test_seed, subset, test_subset, dtype)
     raw = _load_raw(key, data_dir, cache_dir, download)
-
-    # 1. test split
-    if raw.x_test is None:
-        n_test = int(round(test_fraction * len(raw.y_train)))
-        test_idx, pool_idx = stratified_split(raw.y_train, n_test, _rng(test_seed, 0))
-        x_test, y_test = raw.x_train[test_idx], raw.y_train[test_idx]
-        x_pool, y_pool = raw.x_train[pool_idx], raw.y_train[pool_idx]
-    else:
-        assert raw.y_test is not None
-        x_test, y_test = raw.x_test, raw.y_test
-        x_pool, y_pool = raw.x_train, raw.y_train
-    if test_subset is not None:
-        if test_subset > len(y_test):
-            raise ValueError(f"test_subset={test_subset} exceeds the {len(y_test)} test samples of {key}")
-        idx, _ = stratified_split(y_test, int(test_subset), _rng(test_seed, 1))
-        x_test, y_test = x_test[np.sort(idx)], y_test[np.sort(idx)]
-
-    # 2. validation carve (seeded by `seed`)
-    n_val = int(round(val_fraction * len(y_pool)))
-    val_idx, train_idx = stratified_split(y_pool, n_val, _rng(seed, 2))
-    if len(train_idx) == 0:
-        raise ValueError(f"val_fraction={val_fraction} leaves no training samples in {key}")
-
-    # 3. subset of the training split; the validation split shrinks in proportion
-    if subset is not None:
-        if subset > len(train_idx):
-            raise ValueError(
-                f"subset={subset} exceeds the {len(train_idx)} training samples of {key} "
-                f"(with val_fraction={val_fraction})"
-            )
-        rng = _rng(seed, 3)
-        take, _ = stratified_split(y_pool[train_idx], int(subset), rng)
-        train_idx = train_idx[take]
-        n_val_sub = min(len(val_idx), int(round(subset * val_fraction / (1.0 - val_fraction))))
-        vtake, _ = stratified_split(y_pool[val_idx], n_val_sub, rng)
-        val_idx = val_idx[vtake]
-
-    # 4. scale, normalise with training statistics only, convert
-    np_dtype = np.float64 if dtype == torch.float64 else np.float32
-
-    def scaled(x: np.ndarray) -> np.ndarray:
-        out = x.astype(np_dtype)
-        if raw.scale != 1.0:
-            out /= np_dtype(raw.scale)
-        return out
-
-    x_train, x_val, x_te = scaled(x_pool[train_idx]), scaled(x_pool[val_idx]), scaled(x_test)
-    n_channels = 1 if x_train.ndim == 2 else x_train.shape[1]
-    if normalize:
-        mean, std = _channel_stats(x_train)
-    else:
-        mean, std = np.zeros(n_channels), np.ones(n_channels)
-    bshape = (1,) if x_train.ndim == 2 else (1, n_channels) + (1,) * (x_train.ndim - 2)
-    m, s = mean.astype(np_dtype).reshape(bshape), std.astype(np_dtype).reshape(bshape)
-
-    input_shape = tuple(int(d) for d in x_train.shape[1:])
-
-    def to_dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
-        if normalize:
-            x = (x - m) / s
-        if flatten:  # an explicit width, so that an empty split (val_fraction=0) flattens too
-            x = x.reshape(len(x), int(np.prod(x.shape[1:])))
-        xt = torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
-        return TensorDataset(xt, torch.from_numpy(np.asarray(y, np.int64).copy()))
-
+    x_test, y_test, x_pool, y_pool = _test_split(raw, key, float(test_fraction), int(test_seed), test_subset)
+    train_idx, val_idx = _train_val_split(y_pool, key, float(val_fraction), int(seed), subset)
+    conv = _Converter(x_pool[train_idx], raw.scale, normalize, flatten, dtype)
     return Splits(
-        train=to_dataset(x_train, y_pool[train_idx]),
-        val=to_dataset(x_val, y_pool[val_idx]),
-        test=to_dataset(x_te, y_test),
+        train=conv.dataset(x_pool[train_idx], y_pool[train_idx]),
+        val=conv.dataset(x_pool[val_idx], y_pool[val_idx]),
+        test=conv.dataset(x_test, y_test),
         name=key,
-        input_shape=input_shape,
+        input_shape=conv.input_shape,
         num_classes=raw.num_classes,
-        mean=torch.as_tensor(mean, dtype=dtype),
-        std=torch.as_tensor(std, dtype=dtype),
+        mean=torch.as_tensor(conv.mean, dtype=dtype),
+        std=torch.as_tensor(conv.std, dtype=dtype),
         scale=float(raw.scale),
         flat=bool(flatten),
         seed=int(seed),

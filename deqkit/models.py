@@ -33,16 +33,16 @@ implemented here.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
-from typing import Any, Callable, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 
-from ._options import check_choice, check_int, check_positive, unknown_option_message, validated_options
+from ._options import check_choice, check_fraction, check_int, check_positive, unknown_option_message, validated_options
 from .deq import DEQ, DEQInfo, InitPolicy
+from .errors import OptionError
 from .estimators import GradientEstimator
 from .solvers import Solver
 
@@ -53,23 +53,18 @@ NORMS: tuple[Optional[str], ...] = ("layer", "group", None, "none")
 #: accepted values of ``activation``
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "elu": nn.ELU}
 
-F = TypeVar("F", bound=Callable[..., Any])
+#: the keywords of :class:`DEQClassifier`'s constructors (the rest go to the cell)
+_CLASSIFIER_OPTIONS = ("solver", "grad", "eval_max_iter", "on_failure")
 
 
-def _validated_kwargs(fn: F) -> F:
-    """Function decorator: an unknown keyword raises a ``ValueError`` naming the valid ones."""
-    sig = inspect.signature(fn)
-    valid = [n for n, p in sig.parameters.items() if n not in ("self", "cls") and p.kind is not p.VAR_KEYWORD]
-    owner = fn.__qualname__
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        unknown = [k for k in kwargs if k not in valid]
-        if unknown:
-            raise ValueError(unknown_option_message(owner, unknown[0], valid))
-        return fn(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
+def _check_cell_options(owner: str, cell: type, options: dict[str, Any], own: Sequence[str]) -> None:
+    """Refuse a keyword that neither the constructor (``own``) nor ``cell`` takes, with a
+    "did you mean"; the cell's positional sizes are the constructor's, not options."""
+    positional = ("width", "input_dim", "channels")
+    valid = [*own, *(k for k in getattr(cell, "valid_options", ()) if k not in positional)]
+    for key in options:
+        if key not in valid:
+            raise OptionError(unknown_option_message(owner, key, valid))
 
 
 def _norm_layer(owner: str, norm: Optional[str], width: int, groups: int) -> nn.Module:
@@ -78,7 +73,7 @@ def _norm_layer(owner: str, norm: Optional[str], width: int, groups: int) -> nn.
         return nn.LayerNorm(width)
     if norm == "group":
         if width % groups:
-            raise ValueError(f"{owner}: groups={groups} must divide the width {width} for norm='group'.")
+            raise OptionError(f"{owner}: groups={groups} must divide the width {width} for norm='group'.")
         return nn.GroupNorm(groups, width)
     return nn.Identity()
 
@@ -167,8 +162,7 @@ class MLPCell(nn.Module):
         check_int(owner, "groups", groups)
         check_choice(owner, "activation", activation, ACTIVATIONS)
         check_positive(owner, "init_scale", init_scale)
-        if not (isinstance(spectral_scale, (int, float)) and 0 < spectral_scale <= 1):
-            raise ValueError(f"{owner}: spectral_scale must lie in (0, 1], got {spectral_scale!r}.")
+        check_fraction(owner, "spectral_scale", spectral_scale)
         self.width, self.input_dim, self.hidden = int(width), input_dim, hidden
         self.norm_kind = None if norm == "none" else norm
         self.inject = None if input_dim is None else nn.Linear(input_dim, width)
@@ -236,12 +230,12 @@ class ConvCell(nn.Module):
         check_int(owner, "kernel_size", kernel_size)
         check_positive(owner, "init_std", init_std)
         if kernel_size % 2 == 0:
-            raise ValueError(f"{owner}: kernel_size must be odd (same padding), got {kernel_size}.")
+            raise OptionError(f"{owner}: kernel_size must be odd (same padding), got {kernel_size}.")
         for name, c in (("channels", channels), ("hidden_channels", hidden_channels)):
             if c % groups:
-                raise ValueError(f"{owner}: groups={groups} must divide {name}={c}.")
+                raise OptionError(f"{owner}: groups={groups} must divide {name}={c}.")
         pad = kernel_size // 2
-        self.channels, self.hidden_channels = channels, hidden_channels
+        self.channels, self.hidden_channels, self.groups, self.kernel_size = channels, hidden_channels, groups, kernel_size
         self.conv1 = nn.Conv2d(channels, hidden_channels, kernel_size, padding=pad, bias=False)
         self.conv2 = nn.Conv2d(hidden_channels, channels, kernel_size, padding=pad, bias=False)
         self.norm1 = nn.GroupNorm(groups, hidden_channels)
@@ -292,7 +286,9 @@ class DEQClassifier(nn.Module):
         head: ``z* ↦ logits``.
         solver, grad: forward solver and gradient estimator (defaults of :class:`~deqkit.deq.DEQ`).
         state_shape: per-sample shape of ``z`` (default: the shape of ``u``).
-        init, eval_max_iter, on_failure: passed to :class:`~deqkit.deq.DEQ`.
+        init, eval_max_iter: passed to :class:`~deqkit.deq.DEQ`.
+        on_failure: what a forward solve that misses its tolerance does: ``"warn"``,
+            ``"raise"`` or ``"ignore"`` (the DEQ's failure policy).
 
     Attributes:
         deq: the equilibrium layer; ``deq.solver`` / ``deq.grad`` can be swapped between calls.
@@ -318,7 +314,7 @@ class DEQClassifier(nn.Module):
         super().__init__()
         for name, mod in (("cell", cell), ("injection", injection), ("head", head)):
             if not isinstance(mod, nn.Module):
-                raise ValueError(f"DEQClassifier: {name} must be an nn.Module, got {type(mod).__name__}.")
+                raise OptionError(f"DEQClassifier: {name} must be an nn.Module, got {type(mod).__name__}.")
         self.injection = injection
         self.deq = DEQ(
             cell, solver, grad, state_shape=state_shape, init=init, eval_max_iter=eval_max_iter, on_failure=on_failure
@@ -349,7 +345,6 @@ class DEQClassifier(nn.Module):
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
-    @_validated_kwargs
     def mlp(
         cls,
         input_dim: int,
@@ -358,35 +353,27 @@ class DEQClassifier(nn.Module):
         *,
         solver: Optional[Solver] = None,
         grad: Optional[GradientEstimator] = None,
-        hidden: Optional[int] = None,
-        norm: Optional[str] = "layer",
-        groups: int = 8,
-        activation: str = "relu",
-        weight_norm: bool = False,
-        spectral_norm: bool = False,
-        spectral_scale: float = 0.9,
-        init_scale: float = 0.25,
         eval_max_iter: Optional[int] = None,
         on_failure: str = "warn",
+        **cell_options: Any,
     ) -> "DEQClassifier":
         """An MLP DEQ: ``u = U flatten(x) + b``, ``z* = MLPCell(z*, u)``, ``logits = C z* + c``.
 
         ``input_dim`` is the number of input features (inputs of any shape ``(B, ...)`` are
-        flattened); the cell options are those of :class:`MLPCell`.
+        flattened); ``cell_options`` are those of :class:`MLPCell` (``hidden``, ``norm``,
+        ``groups``, ``activation``, ``weight_norm``, ``spectral_norm``, ``spectral_scale``,
+        ``init_scale``, ``bias``; not ``input_dim``: the injection is the classifier's).
         """
         owner = "DEQClassifier.mlp"
+        _check_cell_options(owner, MLPCell, cell_options, _CLASSIFIER_OPTIONS)
         check_int(owner, "input_dim", input_dim)
         check_int(owner, "num_classes", num_classes)
-        cell = MLPCell(
-            width, hidden=hidden, norm=norm, groups=groups, activation=activation, weight_norm=weight_norm,
-            spectral_norm=spectral_norm, spectral_scale=spectral_scale, init_scale=init_scale,
-        )
+        cell = MLPCell(width, **cell_options)
         injection = nn.Sequential(nn.Flatten(), nn.Linear(input_dim, width))
         head = nn.Linear(width, num_classes)
         return cls(cell, injection, head, solver=solver, grad=grad, eval_max_iter=eval_max_iter, on_failure=on_failure)
 
     @classmethod
-    @_validated_kwargs
     def conv(
         cls,
         input_shape: Sequence[int],
@@ -395,28 +382,29 @@ class DEQClassifier(nn.Module):
         *,
         solver: Optional[Solver] = None,
         grad: Optional[GradientEstimator] = None,
-        hidden_channels: Optional[int] = None,
-        groups: int = 8,
-        kernel_size: int = 3,
-        init_std: float = 0.01,
         pool: int = 4,
         eval_max_iter: Optional[int] = None,
         on_failure: str = "warn",
+        **cell_options: Any,
     ) -> "DEQClassifier":
         """A convolutional DEQ for images ``(B, C_in, H, W)`` (flat inputs are reshaped).
 
         Injection ``u = GN(conv₃ₓ₃(x))`` to ``channels``; ``z* = ConvCell(z*, u)``; head:
         adaptive average pooling to ``pool × pool``, flatten, linear. ``input_shape`` is
         ``(C_in, H, W)`` (``Splits.input_shape``), e.g. ``(1, 28, 28)`` or ``(1, 8, 8)``.
+        ``cell_options`` are those of :class:`ConvCell` (``hidden_channels``, ``groups``,
+        ``kernel_size``, ``init_std``); ``groups`` and ``kernel_size`` also shape the injection.
         """
         owner = "DEQClassifier.conv"
+        _check_cell_options(owner, ConvCell, cell_options, (*_CLASSIFIER_OPTIONS, "pool"))
         shape = tuple(int(s) for s in input_shape)
         if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"{owner}: input_shape must be (C, H, W), got {tuple(input_shape)!r}.")
+            raise OptionError(f"{owner}: input_shape must be (C, H, W), got {tuple(input_shape)!r}.")
         check_int(owner, "channels", channels)
         check_int(owner, "num_classes", num_classes)
         check_int(owner, "pool", pool)
-        cell = ConvCell(channels, hidden_channels=hidden_channels, groups=groups, kernel_size=kernel_size, init_std=init_std)
+        cell = ConvCell(channels, **cell_options)
+        groups, kernel_size = cell.groups, cell.kernel_size
         injection = nn.Sequential(
             _AsImage(shape),
             nn.Conv2d(shape[0], channels, kernel_size, padding=kernel_size // 2, bias=False),

@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark suite (deqkit/bench.py) at minimal sizes: rows, finite numbers, file sections."""
+"""Smoke test of the benchmark suite (deqkit/apps/bench/) at minimal sizes: rows, finite numbers, file sections."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from deqkit import bench
+from deqkit.apps import bench
+from deqkit.apps.bench import torchdeq as torchdeq_section
+from deqkit.cli import main
 
 TINY = bench.BenchConfig("tiny", width=16, batch=4, max_iter=10, memory=5)
 
@@ -64,7 +66,7 @@ def test_torchdeq_section_optional(monkeypatch):
     exact = [r for r in res["step"] if r["pair"].startswith("Exact, fixed-point")][0]
     assert exact["grad_cos"] > 0.99
     # and the skip path, as if torchdeq were missing
-    monkeypatch.setattr(bench, "torchdeq_available", lambda: False)
+    monkeypatch.setattr(torchdeq_section, "torchdeq_available", lambda: False)
     lines.clear()
     assert bench.bench_torchdeq(TINY, repeats=1, log=lines.append) is None
     assert "pip install 'deqkit[bench]'" in lines[0]
@@ -89,7 +91,7 @@ def test_write_replaces_only_own_sections(tmp_path):
 
 def test_cli_quick_memory_section(tmp_path, capsys):
     out = tmp_path / "B.md"
-    assert bench.main(["--quick", "--section", "memory", "--write", str(out)]) == 0
+    assert main(["bench", "--quick", "--section", "memory", "--write", str(out)]) == 0
     text = out.read_text()
     assert text.startswith(bench.SECTIONS["memory"]) and "BPTT" in text
 
@@ -105,3 +107,12 @@ def test_peak_memory_measure_keeps_stderr_clean(capfd):
     err = capfd.readouterr().err
     assert "USDT" not in err and "a plain line survives" in err
     assert peak >= 1000 * 100 * 4
+
+
+def test_sim_speed_section(capsys):
+    pytest.importorskip("cvxpy")
+    pytest.importorskip("sklearn")
+    cfg = bench.SimSpeedConfig(hidden=[8], samples=80, cvxpy_rows=1, epochs=1)
+    out = bench.bench_sim_speed(cfg, log=lambda s: None)
+    assert out["rows"] == 8 and out["cvxpy_rows"] == 1 and _finite(out["admm_s"], out["gap_max"])
+    assert out["cvxpy_status"] == {"optimal"}

@@ -1,16 +1,17 @@
-"""Smoke test of ``deqkit hpo`` (deqkit.bilevel.cli) on a small setting."""
+"""Smoke test of ``deqkit hpo`` (deqkit.cli.hpo, deqkit.apps.hpo) on a small setting."""
 
 import argparse
 import json
 
 import pytest
 
-from deqkit.bilevel import cli
+from deqkit.cli import hpo as cli
+from deqkit.cli import main
 
 
 def test_hpo_cli_writes_plot_and_json(tmp_path, capsys):
-    rc = cli.main(["--dataset", "breast_cancer", "--outer-steps", "3", "--hypergrad",
-                   "exact,shine-opa,jacobian-free", "--out", str(tmp_path), "--quiet"])
+    rc = main(["hpo", "--dataset", "breast_cancer", "--outer-steps", "3", "--grad",
+                   "exact,shine-opa,jacobian-free", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "shine-opa" in out and "cos(exact)" in out
@@ -32,10 +33,18 @@ def test_hpo_subparser_registration_and_validation():
     parser = argparse.ArgumentParser(prog="deqkit")
     sub = parser.add_subparsers(dest="command")
     cli.add_subparser(sub)
-    args = parser.parse_args(["hpo", "--dataset", "digits", "--hypergrad", "shine,exact",
+    args = parser.parse_args(["hpo", "--dataset", "digits", "--grad", "shine,exact",
                               "--per-feature"])
-    assert args.func is cli.run and args.hypergrad == ["shine", "exact"] and args.per_feature
+    assert args.func is cli.run and args.grad == ["shine", "exact"] and args.per_feature
     with pytest.raises(SystemExit):
-        parser.parse_args(["hpo", "--hypergrad", "shine-opaa"])
+        parser.parse_args(["hpo", "--grad", "shine-opaa"])
     with pytest.raises(SystemExit):
         parser.parse_args(["hpo", "--dataset", "mnist"])
+
+
+def test_hpo_grad_opts_are_checked_before_any_work(capsys):
+    assert main(["hpo", "--grad-opts", "opa_fre=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deqkit: error:") and "Did you mean 'opa_freq'" in err
+    assert main(["hpo", "--grad-opts", "refine=2.5"]) == 2
+    assert "refine must be an integer" in capsys.readouterr().err

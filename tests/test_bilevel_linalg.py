@@ -5,9 +5,12 @@ import warnings
 import pytest
 import torch
 
-from deqkit.bilevel import (LBFGS, SHINE, BilevelProblem, Exact, JacobianFree, SecantMemory,
-                            conjugate_gradient, dense_bfgs_inverse, two_loop)
-from deqkit.errors import ConvergenceError, ConvergenceWarning, NonFiniteError
+from deqkit.bilevel import (LBFGS, BilevelProblem, ExactHypergradient, JacobianFreeHypergradient,
+                            LBFGSInverse, SecantMemory, SHINEHypergradient, dense_bfgs_inverse,
+                            two_loop)
+from deqkit.errors import ConvergenceError, ConvergenceWarning, NonFiniteError, OptionError
+from deqkit.inverse import InverseEstimate
+from deqkit.linear import CG
 
 
 
@@ -46,7 +49,7 @@ def test_exact_matches_closed_form_on_quadratic():
     x_true, g_true = _closed_form(A, b, c, lam)
     assert inner.converged
     torch.testing.assert_close(inner.x, x_true, rtol=1e-9, atol=1e-10)
-    hg = Exact(rtol=1e-13).hypergradient(pb, lam, inner)
+    hg = ExactHypergradient(tol=1e-13).hypergradient(pb, lam, inner)
     assert hg.converged and hg.n_hvp > 0
     torch.testing.assert_close(hg.grad, g_true, rtol=1e-8, atol=1e-10)
     # and the closed form itself against central finite differences of L(x*(λ))
@@ -64,7 +67,7 @@ def test_scalar_lambda_hypergradient_closed_form():
     lam = torch.tensor(0.3)
     inner = LBFGS(tol=1e-12).solve(pb, lam)
     _, g_vec = _closed_form(A, b, c, lam.expand(12))
-    hg = Exact(rtol=1e-13).hypergradient(pb, lam, inner)
+    hg = ExactHypergradient(tol=1e-13).hypergradient(pb, lam, inner)
     assert hg.grad.shape == lam.shape
     torch.testing.assert_close(hg.grad, g_vec.sum(), rtol=1e-8, atol=1e-10)
 
@@ -98,7 +101,7 @@ def test_lbfgs_result_pairs_and_memory_bound():
     assert res.converged and res.message == "converged"
     assert len(res.s) == len(res.y) <= 5
     assert all(float(si @ yi) > 0 for si, yi in zip(res.s, res.y))
-    assert len(res.grad_norms) == res.n_steps + 1 and res.grad_norms[-1] <= 1e-10
+    assert len(res.grad_norms) == res.nstep + 1 and res.grad_norms[-1] <= 1e-10
     # Armijo line search also converges
     res2 = LBFGS(memory=5, tol=1e-8, max_iter=2000, line_search="armijo").solve(pb, torch.zeros(40))
     assert res2.converged
@@ -117,20 +120,37 @@ def test_secant_memory_skips_bad_pairs():
 
 
 def test_options_validated():
-    with pytest.raises(ValueError, match="wolfe"):
+    with pytest.raises(OptionError, match="LBFGS: line_search='backtrack' is not valid.*wolfe"):
         LBFGS(line_search="backtrack")
-    with pytest.raises(ValueError, match="memory"):
+    with pytest.raises(OptionError, match="LBFGS: memory must be an integer >= 1, got 0"):
         LBFGS(memory=0)
-    with pytest.raises(ValueError, match="warn"):
-        LBFGS(on_fail="ignore")
-    with pytest.raises(ValueError, match="refine"):
-        SHINE(refine=-1)
-    with pytest.raises(ValueError, match="opa"):
-        SHINE(opa=0)
-    with pytest.raises(ValueError, match="raise"):
-        Exact(on_fail="silent")
-    with pytest.raises(ValueError, match="rtol"):
-        Exact(rtol=0)
+    with pytest.raises(OptionError, match="LBFGS: on_failure='record'.*'warn', 'raise', 'ignore'"):
+        LBFGS(on_failure="record")
+    with pytest.raises(OptionError, match="SHINEHypergradient: refine must be an integer >= 0"):
+        SHINEHypergradient(refine=-1)
+    with pytest.raises(OptionError, match="SHINEHypergradient: opa_freq"):
+        SHINEHypergradient(opa_freq=0)
+    with pytest.raises(OptionError, match="ExactHypergradient: on_failure='silent'"):
+        ExactHypergradient(on_failure="silent")
+    with pytest.raises(OptionError, match="ExactHypergradient: tol must be a finite number > 0, got 0"):
+        ExactHypergradient(tol=0)
+    with pytest.raises(OptionError, match="tol must be a finite number > 0, got inf"):
+        LBFGS(tol=float("inf"))
+    with pytest.raises(OptionError, match="CG: max_iter must be an integer"):
+        CG(max_iter=2.5)
+
+
+@pytest.mark.parametrize("make, typo, hint", [
+    (lambda **kw: LBFGS(**kw), "memroy", "memory"),
+    (lambda **kw: ExactHypergradient(**kw), "tolerance", "tol"),
+    (lambda **kw: ExactHypergradient(**kw), "on_fail", "on_failure"),
+    (lambda **kw: SHINEHypergradient(**kw), "opa", "opa_freq"),
+    (lambda **kw: SecantMemory(3, **kw), "curvature_epsilon", "curvature_eps"),
+    (lambda **kw: CG(**kw), "rtol", "tol"),
+])
+def test_typo_option_did_you_mean(make, typo, hint):
+    with pytest.raises(OptionError, match=f"unknown option '{typo}'.*Did you mean '{hint}'"):
+        make(**{typo: 1})
 
 
 def test_cg_failure_is_reported():
@@ -138,13 +158,13 @@ def test_cg_failure_is_reported():
     lam = torch.full((30,), -8.0)
     inner = LBFGS(tol=1e-10, max_iter=2000).solve(pb, lam)
     with pytest.warns(ConvergenceWarning, match="CG missed"):
-        hg = Exact(rtol=1e-12, max_iter=3).hypergradient(pb, lam, inner)
-    assert not hg.converged and hg.cg_iter == 3
+        hg = ExactHypergradient(tol=1e-12, max_iter=3).hypergradient(pb, lam, inner)
+    assert not hg.converged and hg.nstep == 3
     with pytest.raises(ConvergenceError):
-        Exact(rtol=1e-12, max_iter=3, on_fail="raise").hypergradient(pb, lam, inner)
+        ExactHypergradient(tol=1e-12, max_iter=3, on_failure="raise").hypergradient(pb, lam, inner)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        hg = Exact(rtol=1e-12, max_iter=3, on_fail="record").hypergradient(pb, lam, inner)
+        hg = ExactHypergradient(tol=1e-12, max_iter=3, on_failure="ignore").hypergradient(pb, lam, inner)
     assert not hg.converged
 
 
@@ -153,9 +173,9 @@ def test_inner_failures_recorded_or_raised():
     lam = torch.full((30,), -8.0)
     with pytest.warns(ConvergenceWarning, match="max_iter"):
         res = LBFGS(tol=1e-12, max_iter=2).solve(pb, lam)
-    assert not res.converged and res.n_steps == 2
+    assert not res.converged and res.nstep == 2
     with pytest.raises(ConvergenceError):
-        LBFGS(tol=1e-12, max_iter=2, on_fail="raise").solve(pb, lam)
+        LBFGS(tol=1e-12, max_iter=2, on_failure="raise").solve(pb, lam)
     bad = BilevelProblem(lambda x, lam: (x * x).sum() * torch.tensor(float("nan")),
                          lambda x: x.sum(), torch.ones(3))
     with pytest.raises(NonFiniteError):
@@ -163,9 +183,9 @@ def test_inner_failures_recorded_or_raised():
     # non-positive-definite Hessian met by CG
     concave = BilevelProblem(lambda x, lam: -(x * x).sum() * torch.exp(lam),
                              lambda x: x.sum(), torch.ones(3))
-    fake = LBFGS(on_fail="record", max_iter=1).solve(concave, torch.tensor(0.0))
+    fake = LBFGS(on_failure="ignore", max_iter=1).solve(concave, torch.tensor(0.0))
     with pytest.raises(NonFiniteError, match="curvature"):
-        Exact().hypergradient(concave, torch.tensor(0.0), fake)
+        ExactHypergradient().hypergradient(concave, torch.tensor(0.0), fake)
 
 
 def test_shine_refuses_missing_state():
@@ -173,9 +193,9 @@ def test_shine_refuses_missing_state():
     lam = torch.zeros(12)
     plain = LBFGS(tol=1e-8).solve(pb, lam)
     with pytest.raises(ValueError, match="OPA"):
-        SHINE(opa=5).hypergradient(pb, lam, plain)
+        SHINEHypergradient(opa_freq=5).hypergradient(pb, lam, plain)
     with pytest.raises(ValueError, match="LBFGS"):
-        SHINE().hypergradient(pb, lam, object())
+        SHINEHypergradient().hypergradient(pb, lam, object())
 
 
 def test_estimators_agree_on_quadratic_with_full_memory():
@@ -183,18 +203,170 @@ def test_estimators_agree_on_quadratic_with_full_memory():
     pb, A, b, c = _quadratic(n=8, cond=10)
     lam = torch.zeros(8)
     inner = LBFGS(memory=30, tol=1e-12).solve(pb, lam)
-    g_ex = Exact(rtol=1e-13).hypergradient(pb, lam, inner).grad
-    g_ref = SHINE(refine=50).hypergradient(pb, lam, inner).grad
+    g_ex = ExactHypergradient(tol=1e-13).hypergradient(pb, lam, inner).grad
+    g_ref = SHINEHypergradient(refine=50).hypergradient(pb, lam, inner).grad
     torch.testing.assert_close(g_ref, g_ex, rtol=1e-7, atol=1e-9)
-    g_jf = JacobianFree().hypergradient(pb, lam, inner).grad
+    g_jf = JacobianFreeHypergradient().hypergradient(pb, lam, inner).grad
     assert float((g_jf - g_ex).norm()) > 1e-3 * float(g_ex.norm())
 
 
-def test_conjugate_gradient_solves_spd_system_with_warm_start():
+def test_cg_solves_spd_system_with_warm_start():
     _, A, b, _ = _quadratic(n=20, cond=100)
     x_true = torch.linalg.solve(A, b)
-    res = conjugate_gradient(lambda v: A @ v, b, rtol=1e-12, max_iter=200)
-    assert res.converged and res.n_iter <= 40
-    torch.testing.assert_close(res.x, x_true, rtol=1e-9, atol=1e-10)
-    warm = conjugate_gradient(lambda v: A @ v, b, x0=x_true + 1e-6, rtol=1e-12, max_iter=200)
-    assert warm.converged and warm.n_iter < res.n_iter
+    cg = CG(tol=1e-12, max_iter=200)
+    res = cg.solve(lambda v: v @ A, b[None])
+    assert res.all_converged and int(res.nstep[0]) <= 40
+    torch.testing.assert_close(res.z[0], x_true, rtol=1e-9, atol=1e-10)
+    warm = cg.solve(lambda v: v @ A, b[None], x0=(x_true + 1e-6)[None])
+    assert warm.all_converged and int(warm.nstep[0]) < int(res.nstep[0])
+
+
+# --------------------------------------------------------------------------- CG as a LinearSolver
+def _spd_batch(B=4, d=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(B, d, d, generator=g)
+    scales = torch.logspace(0, 3, B)  # one well-, one badly-conditioned system per sample
+    A = M @ M.transpose(1, 2) / d + torch.diag_embed(torch.ones(B, d) / scales[:, None])
+    b = torch.randn(B, d, generator=g)
+    return A, b
+
+
+def test_cg_class_matches_dense_solve_batched_per_sample_stop():
+    A, b = _spd_batch()
+    b[1] = 0.0  # a zero right-hand side converges at step 0 and stays zero
+    calls = []
+
+    def matvec(x):
+        calls.append(1)
+        return torch.einsum("bij,bj->bi", A, x)
+
+    res = CG(tol=1e-12, max_iter=500).solve(matvec, b)
+    x_true = torch.linalg.solve(A, b)
+    torch.testing.assert_close(res.z, x_true, rtol=1e-8, atol=1e-10)
+    assert res.converged.all() and res.z[1].abs().max() == 0 and int(res.nstep[1]) == 0
+    # every sample stops on its own test: step counts differ, the loop ran as long as the slowest
+    assert len(set(res.nstep.tolist())) > 2 and len(calls) == int(res.nstep.max())
+    # the residual reported is the relative one compared to tol
+    true_rel = (b - matvec(res.z)).norm(dim=1) / (b.norm(dim=1) + 1e-300)
+    assert float(true_rel[[0, 2, 3]].max()) < 1e-10
+    # a batch equals its samples solved one by one (a frozen sample does not change)
+    for i in (0, 3):
+        one = CG(tol=1e-12, max_iter=500).solve(lambda x, i=i: x @ A[i].T, b[i:i + 1])
+        assert int(one.nstep[0]) == int(res.nstep[i])
+        torch.testing.assert_close(one.z[0], res.z[i], rtol=1e-10, atol=1e-12)
+    # abs stop mode
+    res_abs = CG(tol=1e-9, max_iter=500, stop_mode="abs").solve(matvec, b)
+    assert float((b - matvec(res_abs.z)).norm(dim=1).max()) < 1e-8
+
+
+def test_cg_solve_adjoint_protocol():
+    # J symmetric with eigenvalues < 1: I − J is SPD; solve w = wJ + v for rows w
+    g = torch.Generator().manual_seed(5)
+    B, d = 3, 9
+    Q, _ = torch.linalg.qr(torch.randn(B, d, d, generator=g))
+    J = Q @ torch.diag_embed(torch.linspace(-0.9, 0.9, d).expand(B, d)) @ Q.transpose(1, 2)
+    v = torch.randn(B, d, generator=g)
+    vjp = lambda w: torch.einsum("bi,bij->bj", w, J)  # noqa: E731
+    res = CG(tol=1e-12, max_iter=100).solve_adjoint(vjp, v)
+    eye = torch.eye(d)
+    w_true = torch.linalg.solve((eye - J).transpose(1, 2), v.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(res.z, w_true, rtol=1e-9, atol=1e-11)
+    assert res.converged.all() and res.solver == "cg"
+    # the shape of v is kept (rows of any shape), and a warm start from the answer needs no step
+    v4 = v.view(B, 3, 3)
+    res4 = CG(tol=1e-12, max_iter=100).solve_adjoint(lambda w: vjp(w.reshape(B, d)).view(B, 3, 3), v4,
+                                                      w0=w_true.view(B, 3, 3))
+    assert res4.z.shape == v4.shape and int(res4.nstep.max()) <= 1
+    assert res.time_s >= 0
+    with pytest.raises(OptionError, match="does not take preconditioner="):
+        CG().solve_adjoint(vjp, v, preconditioner=lambda y: y)
+    # I − J not positive definite: CG refuses instead of returning garbage
+    with pytest.raises(NonFiniteError, match="curvature"):
+        CG().solve_adjoint(lambda w: 2.0 * w, v)
+
+
+def test_cg_cap_reported_per_sample():
+    A, b = _spd_batch(seed=2)
+    res = CG(tol=1e-14, max_iter=3).solve(lambda x: torch.einsum("bij,bj->bi", A, x), b)
+    assert not res.converged.any() and res.nstep.tolist() == [3, 3, 3, 3]
+    assert res.n_failed == 4 and "cg" in res.summary()
+
+
+# --------------------------------------------------------------------------- LBFGSInverse
+def test_lbfgs_inverse_matches_dense_bfgs_inverse():
+    g = torch.Generator().manual_seed(7)
+    n, m = 10, 6
+    M = torch.randn(n, n, generator=g)
+    A = M @ M.T + torch.eye(n)
+    s = [torch.randn(n, generator=g) for _ in range(m)]
+    y = [A @ si for si in s]
+    H = LBFGSInverse(s, y)
+    assert isinstance(H, InverseEstimate) and H.n_pairs == m
+    D = dense_bfgs_inverse(s, y)
+    torch.testing.assert_close(H.dense(), D)
+    V = torch.randn(4, n, generator=g)
+    torch.testing.assert_close(H.apply(V), V @ D.T, rtol=1e-10, atol=1e-12)  # rows: H v each
+    torch.testing.assert_close(H.apply(V[0]), D @ V[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(H.apply_left(V), V @ D, rtol=1e-10, atol=1e-12)  # v H, H symmetric
+    assert H.transpose() is H and H.detach() is H
+    torch.testing.assert_close(H @ V[1], D @ V[1], rtol=1e-10, atol=1e-12)
+    # no pairs: H = I (γ = 1)
+    empty = LBFGSInverse([], [], dim=3)
+    torch.testing.assert_close(empty.dense(), torch.eye(3))
+    torch.testing.assert_close(empty.apply(V[0, :3]), V[0, :3])
+
+
+def test_lbfgs_result_inverse_is_what_shine_uses():
+    pb, A, b, c = _quadratic(n=10, cond=20)
+    lam = torch.zeros(10)
+    inner = LBFGS(memory=5, tol=1e-10).solve(pb, lam)
+    inv = inner.inverse
+    assert isinstance(inv, LBFGSInverse) and inv.n_pairs == len(inner.s) <= 5
+    torch.testing.assert_close(inv.dense(), dense_bfgs_inverse(inner.s, inner.y))
+    _, v = pb.outer_value_and_grad(inner.x)
+    hg = SHINEHypergradient().hypergradient(pb, lam, inner)
+    torch.testing.assert_close(hg.w, inv.apply(v))
+    assert hg.converged and hg.nstep == 0 and hg.n_hvp == 0 and hg.time_s >= 0
+    # the result protocol
+    for r in (inner, hg):
+        assert {"converged", "nstep", "residual", "time_s"} <= set(vars(r))
+        assert r.all_converged and r.n_failed == 0
+
+
+# --------------------------------------------------------------------------- failure policy
+@pytest.mark.parametrize("policy", ["warn", "raise", "ignore"])
+def test_on_failure_policies_on_capped_cg(policy):
+    pb, *_ = _quadratic(n=30, cond=1e4)
+    lam = torch.full((30,), -8.0)
+    inner = LBFGS(tol=1e-10, max_iter=2000).solve(pb, lam)
+    est = ExactHypergradient(tol=1e-12, max_iter=3, on_failure=policy)
+    if policy == "raise":
+        with pytest.raises(ConvergenceError, match="ExactHypergradient: CG missed tol=1.0e-12 after 3"):
+            est.hypergradient(pb, lam, inner)
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hg = est.hypergradient(pb, lam, inner)
+    assert not hg.converged and hg.nstep == 3 and hg.residual > 1e-12
+    assert [w.category for w in caught] == ([ConvergenceWarning] if policy == "warn" else [])
+    if policy == "warn":
+        assert caught[0].filename == __file__  # the warning points at the caller
+
+
+def test_on_failure_policies_on_capped_lbfgs():
+    pb, *_ = _quadratic(n=30, cond=1e4)
+    lam = torch.full((30,), -8.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = LBFGS(tol=1e-12, max_iter=2, on_failure="ignore").solve(pb, lam)
+    assert not res.converged and res.nstep == 2 and res.residual == res.grad_norms[-1] > 1e-12
+    assert res.message == "max_iter reached" and res.time_s > 0
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_cg_refuses_non_finite_products(B):
+    b = torch.ones(B, 4)
+    with pytest.raises(NonFiniteError, match="not finite"):
+        CG().solve(lambda p: p * float("nan"), b)
+    with pytest.raises(NonFiniteError, match="non-positive curvature"):
+        CG().solve(lambda p: -p, b)

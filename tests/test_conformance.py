@@ -186,8 +186,8 @@ def check_forward_solver(factory: Callable[..., Any]) -> None:
 def check_linear_solver(solver: dk.LinearSolver) -> None:
     """An adjoint solver solves ``w = wJ + v`` against ``torch.linalg.solve`` in float64, reports the one
     residual ``‖w − wJ − v‖ / ‖v‖``, and honours the options its capability flags advertise
-    (a solver with ``requires_spd`` gets a symmetric ``J``, so ``I − J`` is positive definite)."""
-    J = contractive_jacobians(symmetric=solver.requires_spd)
+    (a solver with ``requires_symmetric`` gets a symmetric ``J``, so ``I − J`` is positive definite)."""
+    J = contractive_jacobians(symmetric=solver.requires_symmetric)
     v = randn(B, D, seed=6)
     eye = torch.eye(D, dtype=F64)
     w_ref = torch.linalg.solve((eye - J).transpose(1, 2), v.unsqueeze(-1)).squeeze(-1)

@@ -36,15 +36,16 @@ PUBLIC = [
     ("deqkit.bilevel", "ExactHypergradient", "bilevel"),
     ("deqkit.bilevel", "SHINEHypergradient", "bilevel"),
     ("deqkit.bilevel", "JacobianFreeHypergradient", "bilevel"),
-    ("deqkit.bilevel", "make_hypergradient", "bilevel"),
     ("deqkit.bilevel", "load_hpo_dataset", "bilevel"),
     ("deqkit.sim", "ImplicitModel", "sim"),
     ("deqkit.sim", "BatchedADMM", "sim"),
     ("deqkit.sim", "fit_sim", "sim"),
 ]
 #: branches of this refactor not merged here yet: their entries may be missing or not yet validated
-#: on this branch (xfail with the reason); the lead empties this set at merge so that every entry is enforced
-PENDING_MERGE = {"apps", "bilevel", "sim"}
+#: on this branch (xfail with the reason); empty once every branch is merged, so that every entry is enforced
+PENDING_MERGE: set[str] = set()
+#: known gaps in other owners' files, each with its owner (an xfail naming it); delete an entry once fixed
+KNOWN_GAPS = {("deqkit.data", "load_dataset"): "apps: load_dataset is not decorated with @validated_options yet"}
 
 
 def _entries() -> list[tuple[str, object]]:
@@ -60,6 +61,8 @@ def _resolve(target: object) -> object:
     if not isinstance(target, tuple):
         return target
     mod, name, owner = target
+    if (mod, name) in KNOWN_GAPS:
+        pytest.xfail(KNOWN_GAPS[(mod, name)])
     obj = getattr(importlib.import_module(mod), name, None)
     if (obj is None or not hasattr(obj, "valid_options")) and owner in PENDING_MERGE:
         pytest.xfail(f"{mod}.{name}: not yet validated on this branch (the {owner} branch adds it)")
@@ -83,3 +86,21 @@ def test_a_typo_in_any_option_gets_did_you_mean(label, target):
         assert "unknown option" in msg and f"Did you mean {option!r}" in msg, (label, option, msg)
         for v in valid:
             assert v in msg
+
+
+@pytest.mark.parametrize(
+    "make, name, option",
+    [
+        ("deqkit:make_solver", "broyden", "memory"),
+        ("deqkit:make_estimator", "neumann", "damping"),
+        ("deqkit:make_linear_solver", "gmres", "restart"),
+        ("deqkit.bilevel:make_hypergradient", "exact", "tol"),
+    ],
+)
+def test_the_make_functions_pass_a_typo_to_the_constructor_check(make, name, option):
+    mod, fn = make.split(":")
+    factory = getattr(importlib.import_module(mod), fn)
+    with pytest.raises(OptionError, match=f"Did you mean {option!r}"):
+        factory(name, **{_typo(option): 1})
+    with pytest.raises(OptionError, match="Did you mean"):
+        factory(name + "x")  # an unknown name

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from deqkit.errors import ConvergenceError, ConvergenceWarning, NonFiniteError
+from deqkit.errors import ConvergenceError, ConvergenceWarning, NonFiniteError, OptionError
 from deqkit.sim import BatchedADMM, collect_states, fit_sim, make_mlp
 from deqkit.sim.reference import solve_rows_cvxpy
 
@@ -60,7 +60,7 @@ def test_admm_reports_nonconvergence_and_nonfinite():
         res = BatchedADMM(max_iter=3).solve(phi, z, 0.1)
     assert not res.converged.any() and torch.all(res.nstep == 3)
     with pytest.raises(ConvergenceError):
-        BatchedADMM(max_iter=3, on_nonconvergence="raise").solve(phi, z, 0.1)
+        BatchedADMM(max_iter=3, on_failure="raise").solve(phi, z, 0.1)
     z_bad = z.clone()
     z_bad[0, 0] = float("nan")
     with pytest.raises(NonFiniteError):
@@ -69,11 +69,14 @@ def test_admm_reports_nonconvergence_and_nonfinite():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"mode": "exact"}, "relaxed, equality"), ({"rho": 0.0}, "rho"), ({"on_nonconvergence": "log"}, "warn"), ({"max_iter": 0}, "max_iter")],
+    [({"mode": "exact"}, "'relaxed', 'equality'"), ({"rho": 0.0}, "rho"), ({"on_failure": "log"}, "'warn'"),
+     ({"max_iter": 0}, "max_iter"), ({"tol": 0, "tol_abs": 0}, "cannot both be 0"), ({"alpha": 2.0}, "alpha"),
+     ({"tau": 1.0}, "tau"), ({"adaptive_rho": 1}, "adaptive_rho")],
 )
 def test_admm_validates_options(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(OptionError, match=match) as info:
         BatchedADMM(**kwargs)
+    assert str(info.value).startswith("BatchedADMM")
 
 
 def test_fit_sim_admm_matches_cvxpy_on_states():
@@ -88,5 +91,5 @@ def test_fit_sim_admm_matches_cvxpy_on_states():
     assert ours.converged and ref.converged
     assert abs(ours.objective - ref.objective) <= 1e-3 * abs(ref.objective)
     assert ours.model.is_wellposed() and ref.model.is_wellposed()
-    with pytest.raises(ValueError, match="admm, cvxpy"):
+    with pytest.raises(OptionError, match="fit_sim: method='scipy'.*'admm', 'cvxpy'"):
         fit_sim(states, 0.05, method="scipy")

@@ -39,7 +39,7 @@ def test_pgd_reaches_the_worst_case_of_a_binary_linear_model():
     dw = (w[0] - w[1])[None, :] * sgn
     margin = lambda x: ((x @ w.T + b).gather(1, y[:, None]) - (x @ w.T + b).gather(1, 1 - y[:, None])).squeeze(1)
     expect = margin(u) - eps * dw.abs().sum(1)
-    adv = pgd(model, u, y, eps, steps=5, random_start=True, clip=None, generator=torch.Generator().manual_seed(0))
+    adv = pgd(model, u, y, eps, steps=5, random_start=True, clip=None, seed=0)
     assert torch.all((adv - u).abs() <= eps + 1e-12)
     assert torch.allclose(margin(adv), expect, atol=1e-10)
     # FGSM is already optimal here
@@ -55,7 +55,7 @@ def test_pgd_respects_ball_and_clip_and_robust_accuracy_at_zero():
     rob = robust_accuracy(model, u, y, [0.0, 0.5], attack="pgd", steps=3)
     assert rob[0.0] == accuracy(model, u, y) == 1.0
     assert rob[0.5] < 1.0
-    with pytest.raises(ValueError, match="fgsm, pgd"):
+    with pytest.raises(ValueError, match="'fgsm', 'pgd'"):
         robust_accuracy(model, u, y, [0.1], attack="cw")
     with pytest.raises(ValueError, match="eps"):
         fgsm(model, u, y, -0.1)

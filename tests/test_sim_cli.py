@@ -7,14 +7,22 @@ import numpy as np
 import pytest
 import torch
 
-from deqkit.sim import cli
+from deqkit.apps import sim as job
+from deqkit.cli import build_parser
+from deqkit.cli import sim as cli
+
+
+def run_sim(argv):
+    """``deqkit sim ARGV`` without the command's error boundary (errors propagate)."""
+    args = build_parser().parse_args(["sim", *argv])
+    return args.func(args)
 
 
 def test_cli_sim_tiny_run(tmp_path, capsys):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"
-    rc = cli.main([
+    rc = run_sim([
         "--dataset", "digits", "--hidden", "8", "--samples", "150", "--lam", "0.1,1", "--epochs", "2",
         "--n-test", "80", "--n-attack", "16", "--pgd-steps", "2", "--eps", "0,0.05",
         "--max-iter-ab", "300", "--max-iter-cd", "300", "--penalty", "standardized", "--out", str(out),
@@ -34,7 +42,7 @@ def test_cli_sim_tiny_run(tmp_path, capsys):
 def test_cli_sim_feedforward_debias_run(tmp_path, capsys):
     pytest.importorskip("sklearn")
     out = tmp_path / "out"
-    rc = cli.main([
+    rc = run_sim([
         "--dataset", "digits", "--hidden", "8,4", "--samples", "150", "--lam", "0.3", "--epochs", "2",
         "--n-test", "80", "--n-attack", "0", "--structure", "feedforward", "--no-output-skip", "--debias",
         "--finetune-epochs", "2", "--no-plot", "--out", str(out),
@@ -72,27 +80,27 @@ def test_cli_registers_subparser_and_validates():
 def test_dataset_choices_and_defaults():
     from deqkit.data import DATASETS
 
-    assert set(cli.DATASETS) <= set(DATASETS) and "digits" in cli.DATASETS
-    assert "mnist1d" not in cli.DATASETS  # its signals are not in [0, 1], where the attacks clip
+    assert set(job.DATASETS) <= set(DATASETS) and "digits" in job.DATASETS
+    assert "mnist1d" not in job.DATASETS  # its signals are not in [0, 1], where the attacks clip
     parser = cli.add_arguments(argparse.ArgumentParser())
     assert parser.parse_args(["--dataset", "mnist5k"]).dataset == "mnist5k"
     with pytest.raises(SystemExit):
         parser.parse_args(["--dataset", "mnist1d"])
-    for name in cli.DATASETS:
-        assert set(cli.defaults(name)) == {"samples", "epochs", "lr"}
-    assert cli.defaults("digits")["epochs"] == 60 and cli.defaults("fashion-mnist")["samples"] == 2000
+    for name in job.DATASETS:
+        assert set(job.defaults(name)) == {"samples", "epochs", "lr"}
+    assert job.defaults("digits")["epochs"] == 60 and job.defaults("fashion-mnist")["samples"] == 2000
 
 
 def test_load_data_digits_raw_unit_interval_and_fixed_test_split():
     pytest.importorskip("sklearn")
-    xtr, ytr, xte, yte = cli.load_data("digits", seed=0)
+    xtr, ytr, xte, yte = job.load_data("digits", seed=0)
     assert xtr.shape == (1527, 64) and xte.shape == (270, 64)  # validation folded into training
     assert xtr.dtype == torch.float32 and ytr.dtype == torch.int64
     for x in (xtr, xte):
         assert x.min() == 0 and x.max() == 1
         torch.testing.assert_close(x * 16, torch.round(x * 16))  # pixel counts / 16, not standardised
     assert 0.2 < xtr.mean() < 0.4
-    xtr1, ytr1, xte1, yte1 = cli.load_data("digits", seed=1)
+    xtr1, ytr1, xte1, yte1 = job.load_data("digits", seed=1)
     assert torch.equal(xte1, xte) and torch.equal(yte1, yte)  # same test samples for every seed
     assert not torch.equal(ytr1, ytr)  # training order follows the seed ...
     assert torch.equal(torch.bincount(ytr1), torch.bincount(ytr))  # ... over the same samples
@@ -114,7 +122,7 @@ def _write_idx_dir(directory, n_train=60, n_test=20):
 
 def test_load_data_from_data_dir(tmp_path):
     arrays = _write_idx_dir(tmp_path)
-    xtr, ytr, xte, yte = cli.load_data("fashion-mnist", data_dir=tmp_path)
+    xtr, ytr, xte, yte = job.load_data("fashion-mnist", data_dir=tmp_path)
     assert xtr.shape == (60, 784) and xte.shape == (20, 784)  # all training images, no validation
     x_test, y_test = arrays["t10k"]
     # the official test split, in file order, only scaled to [0, 1]
@@ -124,7 +132,7 @@ def test_load_data_from_data_dir(tmp_path):
     from deqkit.data import DatasetNotFoundError
 
     with pytest.raises(DatasetNotFoundError, match="IDX files"):
-        cli.load_data("mnist", data_dir=tmp_path / "empty")
+        job.load_data("mnist", data_dir=tmp_path / "empty")
 
 
 def test_cli_states_see_raw_unit_interval_inputs(tmp_path, monkeypatch):
@@ -138,9 +146,9 @@ def test_cli_states_see_raw_unit_interval_inputs(tmp_path, monkeypatch):
         seen["u"] = u
         raise Stop
 
-    monkeypatch.setattr(cli, "collect_states", spy)
+    monkeypatch.setattr(job, "collect_states", spy)
     with pytest.raises(Stop):
-        cli.main(["--dataset", "digits", "--hidden", "8", "--samples", "50", "--epochs", "0",
+        run_sim(["--dataset", "digits", "--hidden", "8", "--samples", "50", "--epochs", "0",
                   "--n-attack", "0", "--no-plot", "--out", str(tmp_path)])
     u = seen["u"]
     assert u.shape == (50, 64) and u.min() >= 0 and u.max() <= 1 and u.max() > 0.99
@@ -151,11 +159,11 @@ def test_cli_sim_resume_keeps_finished_lambdas(tmp_path, monkeypatch, capsys):
     base = ["--dataset", "digits", "--hidden", "8", "--samples", "150", "--lam", "0.1,1", "--epochs", "2",
             "--n-test", "80", "--n-attack", "12", "--pgd-steps", "2", "--eps", "0,0.05", "--no-plot",
             "--baseline", str(tmp_path / "base.pt")]
-    assert cli.main(base + ["--out", str(tmp_path / "full")]) == 0
+    assert run_sim(base + ["--out", str(tmp_path / "full")]) == 0
     full = json.loads((tmp_path / "full" / "sim_results.json").read_text())
     assert full["complete"] and [r["lam"] for r in full["sim"]] == [0.1, 1.0]
 
-    real = cli.fit_sim
+    real = job.fit_sim
     calls = []
 
     def interrupted_at_the_second_fit(*args, **kwargs):
@@ -165,18 +173,18 @@ def test_cli_sim_resume_keeps_finished_lambdas(tmp_path, monkeypatch, capsys):
         return real(*args, **kwargs)
 
     out = ["--out", str(tmp_path / "part")]
-    monkeypatch.setattr(cli, "fit_sim", interrupted_at_the_second_fit)
+    monkeypatch.setattr(job, "fit_sim", interrupted_at_the_second_fit)
     with pytest.raises(KeyboardInterrupt):
-        cli.main(base + out)
+        run_sim(base + out)
     partial = json.loads((tmp_path / "part" / "sim_results.json").read_text())
     assert not partial["complete"] and [r["lam"] for r in partial["sim"]] == [0.1]
     drop = lambda r: {k: v for k, v in r.items() if k != "solve_time_s"}  # noqa: E731
     assert drop(partial["sim"][0]) == drop(full["sim"][0])  # deterministic, PGD starts included
 
-    monkeypatch.setattr(cli, "fit_sim", real)
+    monkeypatch.setattr(job, "fit_sim", real)
     with pytest.raises(ValueError, match="other settings.*kappa"):
-        cli.main(base + out + ["--resume", "--kappa", "0.9"])
-    assert cli.main(base + out + ["--resume"]) == 0
+        run_sim(base + out + ["--resume", "--kappa", "0.9"])
+    assert run_sim(base + out + ["--resume"]) == 0
     assert "kept from" in capsys.readouterr().err
     resumed = json.loads((tmp_path / "part" / "sim_results.json").read_text())
     assert resumed["complete"] and [r["lam"] for r in resumed["sim"]] == [0.1, 1.0]
@@ -184,7 +192,7 @@ def test_cli_sim_resume_keeps_finished_lambdas(tmp_path, monkeypatch, capsys):
     assert resumed["sim"][1]["wellposed"]
     # extending the sweep keeps the λ not asked for again
     argv = [a if a != "0.1,1" else "0.3" for a in base]
-    assert cli.main(argv + out + ["--resume"]) == 0
+    assert run_sim(argv + out + ["--resume"]) == 0
     extended = json.loads((tmp_path / "part" / "sim_results.json").read_text())
     assert [r["lam"] for r in extended["sim"]] == [0.1, 0.3, 1.0]
     assert extended["sim"][0] == resumed["sim"][0] and extended["sim"][2] == resumed["sim"][1]

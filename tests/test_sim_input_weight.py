@@ -7,7 +7,7 @@ import torch
 
 from deqkit.errors import ConvergenceWarning
 from deqkit.sim import BatchedADMM, collect_states, count_nonzeros, fit_sim, make_mlp
-from deqkit.sim import cli
+from deqkit.cli import sim as cli
 
 
 def _states(seed=0, m=60, p=6):

@@ -116,12 +116,12 @@ def test_sim_with_zero_lambda_reproduces_baseline_states():
     states = collect_states(net, u)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        res = fit_sim(states, 0.0, admm_ab=BatchedADMM(max_iter=20000, eps_abs=1e-10, eps_rel=1e-9),
-                      admm_cd=BatchedADMM(max_iter=20000, eps_abs=1e-10, eps_rel=1e-9))
+        res = fit_sim(states, 0.0, admm_ab=BatchedADMM(max_iter=20000, tol_abs=1e-10, tol=1e-9),
+                      admm_cd=BatchedADMM(max_iter=20000, tol_abs=1e-10, tol=1e-9))
     assert res.model.is_wellposed()
     with torch.no_grad():
         torch.testing.assert_close(res.model(u), net(u), rtol=0, atol=1e-4)
-    with pytest.raises(ValueError, match="uniform, standardized"):
+    with pytest.raises(ValueError, match="'uniform', 'standardized'"):
         fit_sim(states, 0.1, penalty="l2")
 
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from deqkit.errors import ConvergenceWarning
-from deqkit.sim import BatchedADMM, States, cli, collect_states, fit_sim, make_mlp, structure_support
+from deqkit.cli import sim as cli
+from deqkit.sim import BatchedADMM, States, collect_states, fit_sim, make_mlp, structure_support
 from deqkit.sim.reference import solve_rows_cvxpy
 
-TIGHT = dict(max_iter=20000, eps_abs=1e-10, eps_rel=1e-9)
+TIGHT = dict(max_iter=20000, tol_abs=1e-10, tol=1e-9)
 
 
 def _net(seed=0, p=6, hidden=(5, 4), q=3, scale=1.5):
@@ -53,7 +54,7 @@ def test_feedforward_support_is_strictly_earlier_layers():
     _, scd = structure_support(st, "full", output_skip=False)
     assert not bool(scd[:, n : n + p].any()) and bool(scd[:, :n].all()) and bool(scd[:, -1].all())
     assert structure_support(st) == (None, None)
-    with pytest.raises(ValueError, match="full, feedforward"):
+    with pytest.raises(ValueError, match="'full', 'feedforward'"):
         structure_support(st, "dag")
 
 

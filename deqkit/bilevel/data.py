@@ -7,8 +7,11 @@ Outer (validation): mean logistic loss on the validation split; a test split is 
 
 Datasets (all offline): scikit-learn ``breast_cancer`` (569 × 30), ``digits`` as the binary
 task "digit ≥ 5" (1797 × 64), and ``synthetic`` (``make_classification``, 2000 × 500).
-Seeded splits: 90% train, the rest halved into validation and test; features standardised
-with the training statistics.
+Seeded splits: 90% train, 5% validation, 5% test (the held-out 10% halved); features
+standardised with the training statistics.
+
+The names differ from the core's :func:`deqkit.data.load_dataset` (image data sets for DEQs)
+on purpose; the split arguments (``val_fraction``, ``test_fraction``, ``seed``) mean the same.
 """
 
 from __future__ import annotations
@@ -20,15 +23,19 @@ import torch
 from torch import Tensor
 import torch.nn.functional as F
 
+from deqkit._options import check_choice, check_fraction, check_int, validated_options
+from deqkit.errors import OptionError
+
 from .problem import BilevelProblem
 
-__all__ = ["Splits", "DATASETS", "load_dataset", "logistic_hpo_problem"]
+__all__ = ["HPOSplits", "HPO_DATASETS", "load_hpo_dataset", "logistic_hpo_problem"]
 
-DATASETS = ("breast_cancer", "digits", "synthetic")
+#: the reference data sets of the bi-level problems (all offline)
+HPO_DATASETS = ("breast_cancer", "digits", "synthetic")
 
 
 @dataclass
-class Splits:
+class HPOSplits:
     """Train/validation/test arrays as float64 tensors; labels in {−1, +1}."""
 
     X_train: Tensor
@@ -58,37 +65,58 @@ def _raw(name: str, seed: int, n_samples: int, n_features: int):
         return make_classification(n_samples=n_samples, n_features=n_features,
                                    n_informative=n_features // 10, n_redundant=n_features // 10,
                                    flip_y=0.05, class_sep=1.0, random_state=seed)
-    raise ValueError(f"unknown dataset {name!r}; valid: {DATASETS}")
+    check_choice("load_hpo_dataset", "name", name, HPO_DATASETS)
+    raise AssertionError("unreachable")
 
 
-def load_dataset(name: str, seed: int = 0, train_frac: float = 0.9,
-                 n_samples: int = 2000, n_features: int = 500,
-                 dtype: torch.dtype = torch.float64) -> Splits:
-    """Load ``name`` (one of :data:`DATASETS`) with a seeded split.
+def _split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple:
+    """``(n_train, n_val)``: ``round((1 − val_fraction − test_fraction)·n)`` training samples;
+    the rest is shared between validation and test in proportion (validation rounded down)."""
+    held = val_fraction + test_fraction
+    n_tr = int(round((1.0 - held) * n))
+    n_val = int((n - n_tr) * (val_fraction / held))
+    return n_tr, n_val
 
-    ``n_samples`` / ``n_features`` only apply to ``synthetic``.
+
+@validated_options
+def load_hpo_dataset(name: str, *, seed: int = 0, val_fraction: float = 0.05,
+                     test_fraction: float = 0.05, n_samples: int = 2000, n_features: int = 500,
+                     dtype: torch.dtype = torch.float64) -> HPOSplits:
+    """Load ``name`` (one of :data:`HPO_DATASETS`) with a seeded split.
+
+    Args:
+        seed: drives the split (and the ``synthetic`` data).
+        val_fraction, test_fraction: the fractions held out as validation (the outer loss)
+            and test (only reported); the rest is the training set of the inner problem.
+        n_samples, n_features: size of ``synthetic`` (ignored otherwise).
+        dtype: of every tensor (float64 by default: the hypergradient tests need it).
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid: {DATASETS}")
-    if not 0 < train_frac < 1:
-        raise ValueError(f"train_frac must be in (0, 1), got {train_frac!r}")
+    owner = "load_hpo_dataset"
+    check_choice(owner, "name", name, HPO_DATASETS)
+    check_int(owner, "seed", seed, minimum=0)
+    val_fraction = check_fraction(owner, "val_fraction", val_fraction)
+    test_fraction = check_fraction(owner, "test_fraction", test_fraction)
+    if val_fraction + test_fraction >= 1:
+        raise OptionError(f"{owner}: val_fraction + test_fraction must be < 1 (a training set must remain), "
+                          f"got {val_fraction!r} + {test_fraction!r}.")
+    n_samples = check_int(owner, "n_samples", n_samples, minimum=2)
+    n_features = check_int(owner, "n_features", n_features, minimum=10)
     X, y = _raw(name, seed, n_samples, n_features)
     X = np.asarray(X, dtype=np.float64)
     y = np.where(np.asarray(y) > 0, 1.0, -1.0)
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(y))
-    n_tr = int(round(train_frac * len(y)))
-    n_val = (len(y) - n_tr) // 2
+    n_tr, n_val = _split_sizes(len(y), val_fraction, test_fraction)
     tr, va, te = perm[:n_tr], perm[n_tr:n_tr + n_val], perm[n_tr + n_val:]
     mu = X[tr].mean(0)
     sd = X[tr].std(0)
     sd[sd == 0] = 1.0
     X = (X - mu) / sd
     t = lambda a: torch.as_tensor(a, dtype=dtype)  # noqa: E731
-    return Splits(t(X[tr]), t(y[tr]), t(X[va]), t(y[va]), t(X[te]), t(y[te]), name)
+    return HPOSplits(t(X[tr]), t(y[tr]), t(X[va]), t(y[va]), t(X[te]), t(y[te]), name)
 
 
-def logistic_hpo_problem(splits: Splits) -> BilevelProblem:
+def logistic_hpo_problem(splits: HPOSplits) -> BilevelProblem:
     """The HOAG/SHINE reference problem on ``splits``: inner = summed training logistic
     loss + ``½ Σ e^{λ} x²`` (λ scalar or per feature, broadcast), outer = mean validation
     logistic loss, test = mean test logistic loss."""

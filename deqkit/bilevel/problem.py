@@ -19,7 +19,8 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from deqkit.errors import NonFiniteError
+from deqkit._options import validated_options
+from deqkit.errors import NonFiniteError, OptionError
 
 __all__ = ["BilevelProblem"]
 
@@ -33,6 +34,7 @@ def _check_finite(name: str, t: Tensor) -> None:
                              "and the value of λ.")
 
 
+@validated_options
 class BilevelProblem:
     """A bi-level problem defined by torch callables.
 
@@ -44,17 +46,25 @@ class BilevelProblem:
         test: optional ``T(x) -> scalar tensor``, a held-out loss that is only reported.
         name: a label used in logs.
 
+    ``h`` and ``L`` are any torch code; the problem is the reference of Pedregosa (ICML 2016)
+    and Ramzi et al. (ICLR 2022) when ``h`` is a regularised training loss and ``L`` a
+    validation loss (:func:`~deqkit.bilevel.logistic_hpo_problem`).
+
     All methods take and return detached tensors; graphs are built internally.
     """
 
-    def __init__(self, inner: InnerFn, outer: OuterFn, x0: Tensor,
+    def __init__(self, inner: InnerFn, outer: OuterFn, x0: Tensor, *,
                  test: Optional[OuterFn] = None, name: str = "problem") -> None:
         if not callable(inner) or not callable(outer):
-            raise ValueError("inner and outer must be callables: inner(x, lam), outer(x)")
+            raise OptionError("BilevelProblem: inner and outer must be callables inner(x, lam) and outer(x), "
+                              f"got {type(inner).__name__} and {type(outer).__name__}.")
         if test is not None and not callable(test):
-            raise ValueError("test must be a callable test(x) or None")
+            raise OptionError(f"BilevelProblem: test must be a callable test(x) or None, got {test!r}.")
         if not isinstance(x0, Tensor) or x0.dim() != 1:
-            raise ValueError("x0 must be a 1-D tensor (flatten the inner variable)")
+            raise OptionError("BilevelProblem: x0 must be a 1-D tensor (flatten the inner variable), got "
+                              f"{tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__}.")
+        if not isinstance(name, str):
+            raise OptionError(f"BilevelProblem: name must be a string, got {name!r}.")
         self.inner = inner
         self.outer = outer
         self.test = test
@@ -115,6 +125,7 @@ class BilevelProblem:
         return self.outer_value_and_grad(x)[1]
 
     def outer_value(self, x: Tensor) -> float:
+        """``L(x)`` as a float (no graph)."""
         with torch.no_grad():
             return float(self.outer(x))
 

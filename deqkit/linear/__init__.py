@@ -8,13 +8,23 @@ from typing import Any
 
 from ..registry import LINEAR_SOLVERS, register_linear_solver
 from .base import LinearSolver
+from .cg import CG
 from .dense import Dense
 from .fixed_point import FixedPointAdjoint, as_linear_solver
 from .gmres import GMRES
 
-__all__ = ["LinearSolver", "GMRES", "Dense", "FixedPointAdjoint", "as_linear_solver", "make_linear_solver", "register_linear_solver"]
+__all__ = [
+    "LinearSolver",
+    "GMRES",
+    "Dense",
+    "CG",
+    "FixedPointAdjoint",
+    "as_linear_solver",
+    "make_linear_solver",
+    "register_linear_solver",
+]
 
 
 def make_linear_solver(name: str, **options: Any) -> LinearSolver:
-    """Build a registered adjoint linear solver by name (``gmres``, ``dense``, or one you registered)."""
+    """Build a registered adjoint linear solver by name (``gmres``, ``dense``, ``cg``, or one you registered)."""
     return LINEAR_SOLVERS.make(name, **options)

@@ -105,7 +105,7 @@ class LinearSolver:
     accepts_inverse: ClassVar[bool] = False
     #: whether the solver handles only symmetric positive-definite systems ``I − J`` (conjugate
     #: gradients); the conformance tests then give it a symmetric ``J``
-    requires_spd: ClassVar[bool] = False
+    requires_symmetric: ClassVar[bool] = False
 
     def __init__(self, *, tol: float, max_iter: int, stop_mode: str) -> None:
         owner = type(self).__name__

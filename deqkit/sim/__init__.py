@@ -14,33 +14,40 @@ ADMM (or a CVXPY reference); then evaluate sparsity, accuracy and robustness to 
 from .admm import ADMMResult, BatchedADMM
 from .attacks import accuracy, fgsm, pgd, robust_accuracy
 from .baseline import make_mlp, train_mlp
-from .fit import SIMResult, baseline_nonzeros, count_nonzeros, finetune, fit_sim, structure_support
+from .fit import (
+    SIMResult,
+    baseline_nonzeros,
+    count_nonzeros,
+    finetune,
+    fit_sim,
+    structure_support,
+)
 from .model import ImplicitModel
 from .projection import project_l1_ball
 from .reference import CVXPYResult, solve_rows_cvxpy
 from .states import States, collect_states, mlp_to_implicit, register_layer
 
 __all__ = [
-    "ImplicitModel",
-    "BatchedADMM",
     "ADMMResult",
-    "solve_rows_cvxpy",
+    "BatchedADMM",
     "CVXPYResult",
-    "project_l1_ball",
-    "States",
-    "collect_states",
-    "mlp_to_implicit",
-    "register_layer",
-    "fit_sim",
-    "structure_support",
-    "finetune",
+    "ImplicitModel",
     "SIMResult",
-    "count_nonzeros",
-    "baseline_nonzeros",
-    "fgsm",
-    "pgd",
+    "States",
     "accuracy",
-    "robust_accuracy",
+    "baseline_nonzeros",
+    "collect_states",
+    "count_nonzeros",
+    "fgsm",
+    "finetune",
+    "fit_sim",
     "make_mlp",
+    "mlp_to_implicit",
+    "pgd",
+    "project_l1_ball",
+    "register_layer",
+    "robust_accuracy",
+    "solve_rows_cvxpy",
+    "structure_support",
     "train_mlp",
 ]

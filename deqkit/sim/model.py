@@ -12,22 +12,39 @@ componentwise 1-Lipschitz φ (ReLU, tanh), ``‖A‖_∞ ≤ κ < 1`` makes the 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._options import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_positive,
+    validated_options,
+)
+from ..errors import OptionError
 from .projection import project_l1_ball
+
+__all__ = ["ACTIVATIONS", "WELLPOSED_CRITERIA", "ImplicitModel", "check_kappa"]
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "tanh": torch.tanh}
 WELLPOSED_CRITERIA = ("inf", "pf")
+INITS = ("zeros", "random")
 
 
-def _resolve_phi(phi: Union[str, Callable[[Tensor], Tensor]]) -> tuple[str, Callable[[Tensor], Tensor]]:
+def check_kappa(owner: str, kappa) -> float:
+    """The well-posedness margin κ must lie in the open interval (0, 1)."""
+    return check_number(owner, "kappa", kappa, low=0.0, high=1.0, low_open=True, high_open=True)
+
+
+def _resolve_phi(phi: str | Callable[[Tensor], Tensor]) -> tuple[str, Callable[[Tensor], Tensor]]:
     if isinstance(phi, str):
-        if phi not in ACTIVATIONS:
-            raise ValueError(f"phi={phi!r} is invalid; valid names: {', '.join(ACTIVATIONS)} (or a callable)")
+        check_choice("ImplicitModel", "phi", phi, ACTIVATIONS)
         return phi, ACTIVATIONS[phi]
     if phi is F.relu or phi is torch.relu or isinstance(phi, nn.ReLU):
         return "relu", F.relu
@@ -35,13 +52,15 @@ def _resolve_phi(phi: Union[str, Callable[[Tensor], Tensor]]) -> tuple[str, Call
         return "tanh", torch.tanh
     if callable(phi):
         return getattr(phi, "__name__", type(phi).__name__), phi
-    raise ValueError(f"phi must be one of {', '.join(ACTIVATIONS)} or a callable, got {phi!r}")
+    raise OptionError(f"ImplicitModel: phi must be one of {', '.join(map(repr, ACTIVATIONS))} or a callable, got {phi!r}.")
 
 
 class _ImplicitCell(nn.Module):
     """``cell(z, Bu) = φ(A z + Bu)``; ``Bu`` is computed once per forward, outside the solve."""
 
-    def __init__(self, owner: "ImplicitModel") -> None:
+    _owner: ImplicitModel
+
+    def __init__(self, owner: ImplicitModel) -> None:
         super().__init__()
         # keep a plain reference (not a submodule) to avoid a module cycle
         object.__setattr__(self, "_owner", owner)
@@ -66,6 +85,7 @@ def _default_grad():
     return Exact()
 
 
+@validated_options
 class ImplicitModel(nn.Module):
     """Implicit model ``x = φ(Ax + Bu)``, ``ŷ = Cx + Du`` with ``n`` states, ``p`` inputs, ``q`` outputs.
 
@@ -92,33 +112,27 @@ class ImplicitModel(nn.Module):
         n: int,
         p: int,
         q: int,
-        phi: Union[str, Callable[[Tensor], Tensor]] = "relu",
+        phi: str | Callable[[Tensor], Tensor] = "relu",
         kappa: float = 0.99,
         bias: bool = False,
-        solver: Optional[object] = None,
-        grad: Optional[object] = None,
+        solver: Any = None,
+        grad: Any = None,
         init: str = "zeros",
-        dtype: Optional[torch.dtype] = None,
-        device: Optional[Union[str, torch.device]] = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
     ) -> None:
         super().__init__()
-        for name, val in (("n", n), ("p", p), ("q", q)):
-            if not (isinstance(val, int) and val >= 1):
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
-        if not (isinstance(kappa, (int, float)) and 0 < kappa < 1):
-            raise ValueError(f"kappa must be in (0, 1), got {kappa!r}")
-        if init not in ("zeros", "random"):
-            raise ValueError(f"init={init!r} is invalid; valid: zeros, random")
-        self.n, self.p, self.q = n, p, q
-        self.kappa = float(kappa)
-        self.bias = bool(bias)
+        own = "ImplicitModel"
+        self.n, self.p, self.q = (check_int(own, name, val) for name, val in (("n", n), ("p", p), ("q", q)))
+        self.kappa = check_kappa(own, kappa)
+        self.bias = check_bool(own, "bias", bias)
+        check_choice(own, "init", init, INITS)
         self.phi_name, self.phi = _resolve_phi(phi)
         pin = p + 1 if bias else p
-        kw = {"dtype": dtype, "device": device}
-        self.A = nn.Parameter(torch.zeros(n, n, **kw))
-        self.B = nn.Parameter(torch.zeros(n, pin, **kw))
-        self.C = nn.Parameter(torch.zeros(q, n, **kw))
-        self.D = nn.Parameter(torch.zeros(q, pin, **kw))
+        self.A = nn.Parameter(torch.zeros(n, n, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.zeros(n, pin, dtype=dtype, device=device))
+        self.C = nn.Parameter(torch.zeros(q, n, dtype=dtype, device=device))
+        self.D = nn.Parameter(torch.zeros(q, pin, dtype=dtype, device=device))
         if init == "random":
             with torch.no_grad():
                 for prm in (self.A, self.B, self.C, self.D):
@@ -126,10 +140,10 @@ class ImplicitModel(nn.Module):
             self.project_wellposed()
         self.solver = solver if solver is not None else _default_solver()
         self.grad = grad if grad is not None else _default_grad()
-        self._deq = None  # built lazily (DEQ validates solver/grad compatibility)
+        self._deq: Any = None  # built lazily (DEQ validates solver/grad compatibility)
 
     # ------------------------------------------------------------------ forward
-    def _get_deq(self):
+    def _get_deq(self) -> Any:
         # rebuilt when solver or grad were reassigned, so a swap is never silently ignored
         if self._deq is None or self._deq.solver is not self.solver or self._deq.grad is not self.grad:
             try:
@@ -142,12 +156,12 @@ class ImplicitModel(nn.Module):
 
     def _augment(self, u: Tensor) -> Tensor:
         if u.ndim != 2 or u.shape[1] != self.p:
-            raise ValueError(f"input must have shape (batch, {self.p}), got {tuple(u.shape)}")
+            raise OptionError(f"ImplicitModel: input must have shape (batch, {self.p}), got {tuple(u.shape)}.")
         if self.bias:
             u = torch.cat([u, torch.ones(u.shape[0], 1, dtype=u.dtype, device=u.device)], dim=1)
         return u
 
-    def equilibrium(self, u: Tensor, x0: Optional[Tensor] = None) -> tuple[Tensor, object]:
+    def equilibrium(self, u: Tensor, x0: Tensor | None = None) -> tuple[Tensor, object]:
         """Return the state ``x`` (``(batch, n)``, implicit gradient attached) and the DEQ info.
 
         ``x0`` is the solver's starting state (default zeros); for a well-posed model the
@@ -172,6 +186,7 @@ class ImplicitModel(nn.Module):
         """Project each row of ``A`` onto the ℓ1 ball of radius κ (nearest point), in place."""
         self.A.copy_(project_l1_ball(self.A.detach(), self.kappa))
 
+    @validated_options
     def is_wellposed(self, criterion: str = "inf", tol: float = 1e-9) -> bool:
         """Sufficient condition for a unique equilibrium (φ componentwise 1-Lipschitz).
 
@@ -179,8 +194,8 @@ class ImplicitModel(nn.Module):
         Perron-Frobenius eigenvalue of ``|A|`` is ``< 1`` (El Ghaoui et al., Thm. 2.2), weaker,
         and true e.g. for the strictly block-triangular ``A`` of a feed-forward network.
         """
-        if criterion not in WELLPOSED_CRITERIA:
-            raise ValueError(f"criterion={criterion!r} is invalid; valid: {', '.join(WELLPOSED_CRITERIA)}")
+        check_choice("ImplicitModel.is_wellposed", "criterion", criterion, WELLPOSED_CRITERIA)
+        tol = check_positive("ImplicitModel.is_wellposed", "tol", tol, allow_zero=True)
         if criterion == "inf":
             return self.inf_norm() <= self.kappa + tol
         ev = torch.linalg.eigvals(self.A.detach().abs().double()).abs().max()

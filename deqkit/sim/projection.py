@@ -12,18 +12,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._options import validated_options
+from ..errors import OptionError
 
-def _radius_tensor(radius: float | Tensor, rows: int, like: Tensor) -> Tensor:
+__all__ = ["project_l1_ball", "prox_l1_ball", "soft_threshold"]
+
+
+def _radius_tensor(radius: float | Tensor, rows: int, like: Tensor, owner: str = "project_l1_ball") -> Tensor:
     r = torch.as_tensor(radius, dtype=like.dtype, device=like.device)
     if r.ndim == 0:
         r = r.expand(rows)
     if r.shape != (rows,):
-        raise ValueError(f"radius must be a scalar or have shape ({rows},), got {tuple(r.shape)}")
+        raise OptionError(f"{owner}: radius must be a scalar or have shape ({rows},), got shape {tuple(r.shape)}.")
     if bool((r < 0).any()) or bool(torch.isnan(r).any()):
-        raise ValueError("radius must be non-negative (inf means no constraint)")
+        raise OptionError(f"{owner}: radius must be non-negative (inf means no constraint), got {radius!r}.")
     return r
 
 
+@validated_options
 def project_l1_ball(v: Tensor, radius: float | Tensor) -> Tensor:
     """Project each row of ``v`` (shape ``(r, d)``, or ``(d,)``) onto ``{a : ‖a‖₁ ≤ radius}``.
 
@@ -35,7 +41,7 @@ def project_l1_ball(v: Tensor, radius: float | Tensor) -> Tensor:
     if squeeze:
         v = v.unsqueeze(0)
     if v.ndim != 2:
-        raise ValueError(f"v must be 1-D or 2-D, got shape {tuple(v.shape)}")
+        raise OptionError(f"project_l1_ball: v must be 1-D or 2-D, got shape {tuple(v.shape)}.")
     rows, d = v.shape
     r = _radius_tensor(radius, rows, v)
     if d == 0:

@@ -19,15 +19,33 @@ with :func:`register_layer`, e.g. a convolution as its dense (im2col/Toeplitz) m
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .model import ImplicitModel
+from .._options import validated_options
+from ..errors import OptionError
+from .model import ImplicitModel, check_kappa
+
+__all__ = [
+    "LAYER_HANDLERS",
+    "Activation",
+    "Affine",
+    "NoOp",
+    "States",
+    "collect_states",
+    "layer_scales",
+    "mlp_layers",
+    "mlp_to_implicit",
+    "register_layer",
+]
 
 
+@validated_options
 @dataclass
 class Affine:
     """An affine map ``x ↦ W x + b`` on flattened features."""
@@ -44,10 +62,11 @@ class NoOp:
     """Marker for a layer that is the identity on flattened features (in eval mode)."""
 
 
-LayerHandler = Callable[[nn.Module], Union[Affine, Activation, NoOp]]
+LayerHandler = Callable[[nn.Module], Affine | Activation | NoOp]
 
 
 def _linear(mod: nn.Module) -> Affine:
+    assert isinstance(mod, nn.Linear)
     w = mod.weight.detach()
     b = mod.bias.detach() if mod.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
     return Affine(w, b)
@@ -62,69 +81,91 @@ LAYER_HANDLERS: dict[type, LayerHandler] = {
 }
 
 
+@validated_options
 def register_layer(layer_type: type, handler: LayerHandler) -> None:
     """Teach :func:`mlp_layers` a new layer type: ``handler(module)`` returns an
     :class:`Affine` (dense ``W``, ``b`` on flattened features), :class:`Activation` or :class:`NoOp`."""
     if not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
-        raise ValueError(f"layer_type must be an nn.Module subclass, got {layer_type!r}")
+        raise OptionError(f"register_layer: layer_type must be an nn.Module subclass, got {layer_type!r}.")
+    if not callable(handler):
+        raise OptionError(f"register_layer: handler must be callable, got {handler!r}.")
     LAYER_HANDLERS[layer_type] = handler
 
 
-def mlp_layers(net: nn.Module) -> list[Affine]:
-    """The affine layers ``[(W_1, b_1), …, (W_L, b_L)]`` of ``net``, a ReLU between each pair.
+def _handler(mod: nn.Module, owner: str) -> LayerHandler:
+    """The handler of ``mod``'s exact type, else of its nearest registered base type."""
+    if isinstance(mod, nn.Sequential):
+        raise OptionError(f"{owner}: nested nn.Sequential is not supported; flatten it first.")
+    handler = next((h for t, h in LAYER_HANDLERS.items() if type(mod) is t), None)
+    if handler is None:
+        handler = next((h for t, h in LAYER_HANDLERS.items() if isinstance(mod, t)), None)
+    if handler is None:
+        raise OptionError(
+            f"{owner}: unsupported layer {type(mod).__name__}; supported: "
+            + ", ".join(t.__name__ for t in LAYER_HANDLERS)
+            + " (add one with deqkit.sim.register_layer)."
+        )
+    return handler
 
-    Consecutive affine layers are composed. Raises ValueError for an unsupported layer, two
-    activations in a row, an activation first or last, or a network without hidden layer.
-    """
+
+def _affine_groups(net: nn.Module, owner: str) -> list[list[Affine]]:
+    """The affine layers of ``net`` grouped between activations (no-op layers dropped)."""
     modules = list(net) if isinstance(net, nn.Sequential) else [net]
     groups: list[list[Affine]] = [[]]
     last_act = True
     for mod in modules:
-        if isinstance(mod, nn.Sequential):
-            raise ValueError("nested nn.Sequential is not supported; flatten it first")
-        handler = next((h for t, h in LAYER_HANDLERS.items() if type(mod) is t), None)
-        if handler is None:
-            handler = next((h for t, h in LAYER_HANDLERS.items() if isinstance(mod, t)), None)
-        if handler is None:
-            raise ValueError(
-                f"unsupported layer {type(mod).__name__}; supported: "
-                + ", ".join(t.__name__ for t in LAYER_HANDLERS)
-                + " (add one with deqkit.sim.register_layer)"
-            )
-        kind = handler(mod)
+        kind = _handler(mod, owner)(mod)
         if isinstance(kind, NoOp):
             continue
         if isinstance(kind, Activation):
             if last_act:
-                raise ValueError("an activation must follow an affine layer (found two in a row, or one first)")
+                raise OptionError(f"{owner}: an activation must follow an affine layer "
+                                  "(found two in a row, or one first).")
             groups.append([])
             last_act = True
         else:
             groups[-1].append(kind)
             last_act = False
     if last_act:
-        raise ValueError("the network must end with an affine layer (the output layer)")
-    layers = []
-    for g in groups:
-        w, b = g[0].weight, g[0].bias
-        for nxt in g[1:]:
-            if nxt.weight.shape[1] != w.shape[0]:
-                raise ValueError("consecutive affine layers have mismatched shapes")
-            w, b = nxt.weight @ w, nxt.weight @ b + nxt.bias
-        layers.append(Affine(w, b))
+        raise OptionError(f"{owner}: the network must end with an affine layer (the output layer).")
+    return groups
+
+
+def _compose(group: list[Affine], owner: str) -> Affine:
+    """One affine map equal to the consecutive affine layers of ``group``."""
+    w, b = group[0].weight, group[0].bias
+    for nxt in group[1:]:
+        if nxt.weight.shape[1] != w.shape[0]:
+            raise OptionError(f"{owner}: consecutive affine layers have mismatched shapes.")
+        w, b = nxt.weight @ w, nxt.weight @ b + nxt.bias
+    return Affine(w, b)
+
+
+def _mlp_layers(net: nn.Module, owner: str) -> list[Affine]:
+    layers = [_compose(g, owner) for g in _affine_groups(net, owner)]
     if len(layers) < 2:
-        raise ValueError("the network needs at least one hidden layer (affine, ReLU, affine)")
-    for a, b in zip(layers[:-1], layers[1:]):
+        raise OptionError(f"{owner}: the network needs at least one hidden layer (affine, ReLU, affine).")
+    for a, b in itertools.pairwise(layers):
         if b.weight.shape[1] != a.weight.shape[0]:
-            raise ValueError(f"layer shapes do not chain: {tuple(a.weight.shape)} then {tuple(b.weight.shape)}")
+            raise OptionError(f"{owner}: layer shapes do not chain: {tuple(a.weight.shape)} "
+                              f"then {tuple(b.weight.shape)}.")
     return layers
 
 
+def mlp_layers(net: nn.Module) -> list[Affine]:
+    """The affine layers ``[(W_1, b_1), …, (W_L, b_L)]`` of ``net``, a ReLU between each pair.
+
+    Consecutive affine layers are composed. Raises OptionError for an unsupported layer, two
+    activations in a row, an activation first or last, or a network without hidden layer.
+    """
+    return _mlp_layers(net, "mlp_layers")
+
+
+@validated_options
 def layer_scales(layers: list[Affine], kappa: float = 0.99) -> list[float]:
     """Scales ``s_1 … s_{L-1}`` of the hidden layers: ``s_1 = 1``,
     ``s_l = s_{l-1}·min(1, κ/‖W_l‖_∞)`` so each block of ``A`` has ``‖·‖_∞ ≤ κ``."""
-    if not (0 < kappa < 1):
-        raise ValueError(f"kappa must be in (0, 1), got {kappa}")
+    kappa = check_kappa("layer_scales", kappa)
     scales = [1.0]
     for lay in layers[1:-1]:
         norm = float(lay.weight.abs().sum(dim=1).max())
@@ -132,16 +173,22 @@ def layer_scales(layers: list[Affine], kappa: float = 0.99) -> list[float]:
     return scales
 
 
-def mlp_to_implicit(net: nn.Module, kappa: float = 0.99, **model_kwargs) -> ImplicitModel:
+@validated_options
+def mlp_to_implicit(
+    net: nn.Module, kappa: float = 0.99, *, solver: Any = None, grad: Any = None
+) -> ImplicitModel:
     """The ImplicitModel (``bias=True``, ReLU) that reproduces ``net`` exactly, rescaled so
-    ``‖A‖_∞ ≤ κ``. ``model_kwargs`` go to :class:`ImplicitModel` (solver, grad, …)."""
-    layers = mlp_layers(net)
+    ``‖A‖_∞ ≤ κ``. ``solver`` and ``grad`` are the model's fixed-point solver and gradient
+    estimator (defaults: those of :class:`ImplicitModel`)."""
+    kappa = check_kappa("mlp_to_implicit", kappa)
+    layers = _mlp_layers(net, "mlp_to_implicit")
     scales = layer_scales(layers, kappa)
     hidden = [lay.weight.shape[0] for lay in layers[:-1]]
     p, q = layers[0].weight.shape[1], layers[-1].weight.shape[0]
     n = sum(hidden)
     ref = layers[0].weight
-    model = ImplicitModel(n, p, q, phi="relu", kappa=kappa, bias=True, dtype=ref.dtype, device=ref.device, **model_kwargs)
+    model = ImplicitModel(n, p, q, phi="relu", kappa=kappa, bias=True, dtype=ref.dtype, device=ref.device,
+                          solver=solver, grad=grad)
     # offsets of hidden layer l (1-based) in the stacked state (last layer first)
     L1 = len(hidden)
     offsets = {}
@@ -166,6 +213,7 @@ def mlp_to_implicit(net: nn.Module, kappa: float = 0.99, **model_kwargs) -> Impl
     return model
 
 
+@validated_options
 @dataclass
 class States:
     """Stacked states of ``m`` samples (batch-first; the paper's matrices transposed).
@@ -184,13 +232,24 @@ class States:
     kappa: float
     layer_sizes: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        self.kappa = check_kappa("States", self.kappa)
+        for name in "UZXY":
+            t = getattr(self, name)
+            if not isinstance(t, Tensor) or t.ndim != 2 or t.shape[0] != self.U.shape[0]:
+                raise OptionError(f"States: {name} must be a 2-D tensor with one row per sample "
+                                  f"({self.U.shape[0]}), got {getattr(t, 'shape', type(t).__name__)}.")
+        if self.Z.shape != self.X.shape:
+            raise OptionError(f"States: Z and X must have the same shape, got {tuple(self.Z.shape)} and {tuple(self.X.shape)}.")
+        self.layer_sizes = tuple(self.layer_sizes)
+
     def state_layers(self) -> Tensor:
         """The hidden layer (1-based, layer 1 reads the input) of each state, in the stacking
         order of ``X`` (last layer first), shape ``(n,)``. Needs ``layer_sizes``."""
         n = self.X.shape[1]
         if sum(self.layer_sizes) != n:
-            raise ValueError(
-                f"these States do not record their layers (layer_sizes={self.layer_sizes!r} for {n} states); "
+            raise OptionError(
+                f"States.state_layers: these States do not record their layers (layer_sizes={self.layer_sizes!r} for {n} states); "
                 "collect them with collect_states(), or set layer_sizes to the hidden widths, layer 1 first"
             )
         ids = [l for l in range(len(self.layer_sizes), 0, -1) for _ in range(self.layer_sizes[l - 1])]
@@ -203,10 +262,14 @@ class States:
         return torch.cat([self.X, self.U, ones], dim=1)
 
 
+@validated_options
 @torch.no_grad()
-def collect_states(net: nn.Module, u: Tensor, kappa: float = 0.99, dtype: Optional[torch.dtype] = None) -> States:
+def collect_states(net: nn.Module, u: Tensor, kappa: float = 0.99, dtype: torch.dtype | None = None) -> States:
     """Run ``u`` (``(m, …)``, flattened) through ``net``'s layers and stack its rescaled states."""
-    layers = mlp_layers(net)
+    kappa = check_kappa("collect_states", kappa)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise OptionError(f"collect_states: dtype must be a torch.dtype or None, got {dtype!r}.")
+    layers = _mlp_layers(net, "collect_states")
     scales = layer_scales(layers, kappa)
     dtype = dtype or layers[0].weight.dtype
     h = u.reshape(u.shape[0], -1).to(dtype)

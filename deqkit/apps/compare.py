@@ -1,4 +1,4 @@
-"""The main job: train one DEQ with each gradient estimator, side by side, and report.
+"""The ``deqkit compare`` job: train one DEQ with each gradient estimator, side by side, and report.
 
 Every run starts from the same seed and the same initial weights, uses the same Broyden
 forward solve (so SHINE / BroydenReuse can reuse its inverse estimate) and the same data order;
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,13 +19,17 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ._io import atomic_open, atomic_write_text, save_figure
-from ._options import check_choice, check_int, check_positive
-from .diagnostics import format_table, gradient_quality
-from .estimators import Exact, GradientEstimator, JacobianFree, Neumann, Unrolled
-from .linear import GMRES
-from .estimators import SHINE, BroydenReuse, WarmExact
-from .solvers import Broyden, Solver
+from .._io import atomic_open, atomic_write_text, save_figure
+from .._options import check_choice, check_int, check_positive, validated_options
+from ..data import Splits
+from ..diagnostics import format_table, gradient_quality
+from ..errors import OptionError
+from ..estimators import Exact, GradientEstimator, JacobianFree, Neumann, Unrolled
+from ..linear import GMRES
+from ..estimators import SHINE, BroydenReuse, WarmExact
+from ..solvers import Broyden, Solver
+from ..train import TrainConfig, Trainer
+from .common import MODELS, build_classifier, load_splits, set_threads
 
 #: the estimators ``deqkit compare`` knows, by name (each a factory: a fresh object per run)
 ESTIMATOR_PRESETS: dict[str, Callable[[], GradientEstimator]] = {
@@ -53,9 +56,13 @@ def preset_label(name: str, grad: GradientEstimator) -> str:
     return grad.label + (f" + OPA/{OPA_FREQ[name]}" if name in OPA_FREQ else "")
 
 
+@validated_options
 @dataclass
 class CompareConfig:
-    """Settings of :func:`run_compare` (the defaults are the embedded ``digits`` demo)."""
+    """Settings of :func:`run_compare` (the defaults are the embedded ``digits`` demo).
+
+    ``max_iter``, ``tol`` and ``memory`` are the forward Broyden solver's options.
+    """
 
     dataset: str = "digits"
     data_dir: Optional[str] = None
@@ -77,12 +84,12 @@ class CompareConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        owner = "compare"
+        owner = "CompareConfig"
         if not self.estimators:
-            raise ValueError("compare: give at least one estimator.")
+            raise OptionError(f"{owner}: give at least one estimator.")
         for name in self.estimators:
             check_choice(owner, "estimator", name, ESTIMATOR_PRESETS)
-        check_choice(owner, "model", self.model, ("mlp", "conv"))
+        check_choice(owner, "model", self.model, MODELS)
         for name in ("width", "epochs", "batch_size", "max_iter", "memory"):
             check_int(owner, name, getattr(self, name))
         check_positive(owner, "lr", self.lr)
@@ -91,30 +98,6 @@ class CompareConfig:
     def solver(self, estimator: str = "") -> Solver:
         """The forward solver (the same for every estimator; OPA presets add their extra updates)."""
         return Broyden(memory=self.memory, tol=self.tol, max_iter=self.max_iter, opa_freq=OPA_FREQ.get(estimator))
-
-
-def set_threads(threads: Optional[int], device: str) -> None:
-    """``threads`` if given, else 1 on CPU: small models run far faster single-threaded on shared
-    CPUs (measured: ~4 ms vs 40–280 ms a step with torch's default on 2 cores)."""
-    if threads or device == "cpu":
-        torch.set_num_threads(threads or 1)
-
-
-def load_splits(dataset: str, data_dir: Optional[str], subset: Optional[int], seed: int, model: str) -> Any:
-    from .data import load_dataset
-
-    return load_dataset(dataset, data_dir=data_dir, subset=subset, seed=seed, flatten=(model == "mlp"))
-
-
-def build_model(model: str, splits: Any, width: int, solver: Solver, grad: GradientEstimator, seed: int) -> nn.Module:
-    """The DEQ classifier for ``splits`` (seeded, so every estimator starts from the same weights)."""
-    from .models import DEQClassifier
-
-    torch.manual_seed(seed)
-    if model == "mlp":
-        dim = math.prod(splits.input_shape)
-        return DEQClassifier.mlp(dim, width, splits.num_classes, solver=solver, grad=grad, on_failure="ignore")
-    return DEQClassifier.conv(splits.input_shape, width, splits.num_classes, solver=solver, grad=grad, on_failure="ignore")
 
 
 def _residual_curve(model: nn.Module, x: torch.Tensor) -> list[float]:
@@ -126,6 +109,97 @@ def _residual_curve(model: nn.Module, x: torch.Tensor) -> list[float]:
     return [float(v) for v in trace.mean(dim=1)]
 
 
+#: the columns of the printed table: (row key, heading, format)
+TABLE_COLUMNS = (
+    ("label", "estimator", ""),
+    ("test_acc", "test acc", ".4f"),
+    ("train_time_s", "train s", ".1f"),
+    ("fwd_steps", "fwd steps", ".1f"),
+    ("fwd_converged", "fwd conv", ".3f"),
+    ("bwd_ms", "bwd ms", ".2f"),
+    ("bwd_speedup", "bwd speed-up", ".1f"),
+    ("cosine", "cos to exact", ".4f"),
+)
+
+
+def _probe_batch(splits: Splits, cfg: CompareConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out batch (up to 128 validation samples, seeded) where gradients are compared."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    idx = torch.randperm(len(splits.val), generator=gen)[: min(128, len(splits.val))]
+    x, y = splits.val[idx]
+    return x.to(cfg.device), y.to(cfg.device)
+
+
+def _describe(cfg: CompareConfig, splits: Splits) -> str:
+    return (
+        f"deqkit compare: {cfg.dataset} ({len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test), "
+        f"{cfg.model} width {cfg.width}, Broyden(memory={cfg.memory}, tol={cfg.tol:g}, max_iter={cfg.max_iter}), "
+        f"{cfg.epochs} epochs, seed {cfg.seed}"
+    )
+
+
+def _train_config(cfg: CompareConfig, name: str) -> TrainConfig:
+    out = Path(cfg.out)
+    return TrainConfig(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        device=cfg.device,
+        checkpoint_dir=str(out / "checkpoints" / name),
+        log_path=str(out / f"metrics-{name}.jsonl"),
+        progress=cfg.progress,
+    )
+
+
+def _run_one(
+    name: str, cfg: CompareConfig, splits: Splits, probe: tuple[torch.Tensor, torch.Tensor], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Train (or, with ``cfg.resume``, finish) the run of preset ``name``; its table row."""
+    grad = ESTIMATOR_PRESETS[name]()
+    model = build_classifier(
+        cfg.model, splits.input_shape, splits.num_classes, cfg.width, cfg.solver(name), grad, cfg.seed
+    ).to(cfg.device)
+    label = preset_label(name, grad)
+    log(f"\n[{name}] {label}")
+    trainer = Trainer(model, splits.train, splits.val, _train_config(cfg, name))
+    history = trainer.fit(resume=cfg.resume)  # resume: finished runs load their last checkpoint
+    train_time = history[-1]["elapsed_s"]  # training wall-clock, summed across resumes
+    test = trainer.evaluate(splits.test)
+    quality = _gradient_quality(model, grad, *probe)
+    row = {
+        "estimator": name,
+        "label": label,
+        "test_acc": test["acc"],
+        "test_loss": test["loss"],
+        "train_time_s": train_time,
+        "fwd_steps": statistics.fmean(h["fwd_steps"] for h in history),
+        "fwd_converged": statistics.fmean(h["fwd_converged"] for h in history),
+        "bwd_ms": statistics.fmean(h["bwd_ms"] for h in history),
+        "cosine": quality.cosine,
+        "norm_ratio": quality.norm_ratio,
+        "history": history,
+        "residual_curve": _residual_curve(model, probe[0]),
+    }
+    log(f"[{name}] test acc {row['test_acc']:.4f}, {train_time:.1f}s, backward {row['bwd_ms']:.2f} ms/step, cosine {quality.cosine:.4f}")
+    return row
+
+
+def _gradient_quality(model: nn.Module, grad: GradientEstimator, x: torch.Tensor, y: torch.Tensor) -> Any:
+    """``grad``'s gradient against a tight Exact one at the model's final weights, on ``(x, y)``."""
+    loss_fn = lambda z: nn.functional.cross_entropy(model.head(z), y)  # noqa: E731
+    with torch.no_grad():
+        u = model.injection(x)
+    return gradient_quality(model.deq, u, loss_fn, [grad], repeats=3)[0]
+
+
+def _add_speedups(results: list[dict[str, Any]]) -> None:
+    """``bwd_speedup``: Exact's backward time over each run's (``None`` without an Exact run)."""
+    exact_bwd = next((r["bwd_ms"] for r in results if r["estimator"] == "exact"), None)
+    for r in results:
+        r["bwd_speedup"] = (exact_bwd / r["bwd_ms"]) if exact_bwd and r["bwd_ms"] > 0 else None
+
+
 def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train one model per estimator in ``cfg.estimators``; print the table; write JSON, CSV and PNG.
 
@@ -133,78 +207,14 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[
     residual curve. Each estimator's training checkpoints to ``out/checkpoints/<name>``; with
     ``cfg.resume`` an interrupted comparison continues where it stopped.
     """
-    from .train import TrainConfig, Trainer
-
     set_threads(cfg.threads, cfg.device)
     out = Path(cfg.out)
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.subset, cfg.seed, cfg.model)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    probe_idx = torch.randperm(len(splits.val), generator=gen)[: min(128, len(splits.val))]
-    probe_x, probe_y = splits.val[probe_idx]
-    probe_x, probe_y = probe_x.to(cfg.device), probe_y.to(cfg.device)
-    log(
-        f"deqkit compare: {cfg.dataset} ({len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test), "
-        f"{cfg.model} width {cfg.width}, Broyden(memory={cfg.memory}, tol={cfg.tol:g}, max_iter={cfg.max_iter}), "
-        f"{cfg.epochs} epochs, seed {cfg.seed}"
-    )
-    results: list[dict[str, Any]] = []
-    for name in cfg.estimators:
-        grad = ESTIMATOR_PRESETS[name]()
-        model = build_model(cfg.model, splits, cfg.width, cfg.solver(name), grad, cfg.seed).to(cfg.device)
-        tcfg = TrainConfig(
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            seed=cfg.seed,
-            device=cfg.device,
-            checkpoint_dir=str(out / "checkpoints" / name),
-            log_path=str(out / f"metrics-{name}.jsonl"),
-            progress=cfg.progress,
-        )
-        label = preset_label(name, grad)
-        log(f"\n[{name}] {label}")
-        trainer = Trainer(model, splits.train, splits.val, tcfg)
-        history = trainer.fit(resume=cfg.resume)  # resume: finished runs load their last checkpoint
-        train_time = history[-1]["elapsed_s"]  # training wall-clock, summed across resumes
-        test = trainer.evaluate(splits.test)
-        deq = model.deq
-        loss_fn = lambda z: nn.functional.cross_entropy(model.head(z), probe_y)  # noqa: E731
-        with torch.no_grad():
-            u = model.injection(probe_x)
-        quality = gradient_quality(deq, u, loss_fn, [grad], repeats=3)[0]
-        row = {
-            "estimator": name,
-            "label": label,
-            "test_acc": test["acc"],
-            "test_loss": test["loss"],
-            "train_time_s": train_time,
-            "fwd_steps": statistics.fmean(h["fwd_steps"] for h in history),
-            "fwd_converged": statistics.fmean(h["fwd_converged"] for h in history),
-            "bwd_ms": statistics.fmean(h["bwd_ms"] for h in history),
-            "cosine": quality.cosine,
-            "norm_ratio": quality.norm_ratio,
-            "history": history,
-            "residual_curve": _residual_curve(model, probe_x),
-        }
-        results.append(row)
-        log(f"[{name}] test acc {row['test_acc']:.4f}, {train_time:.1f}s, backward {row['bwd_ms']:.2f} ms/step, cosine {quality.cosine:.4f}")
-    exact_bwd = next((r["bwd_ms"] for r in results if r["estimator"] == "exact"), None)
-    for r in results:
-        r["bwd_speedup"] = (exact_bwd / r["bwd_ms"]) if exact_bwd and r["bwd_ms"] > 0 else None  # no exact run
-    table = format_table(
-        results,
-        [
-            ("label", "estimator", ""),
-            ("test_acc", "test acc", ".4f"),
-            ("train_time_s", "train s", ".1f"),
-            ("fwd_steps", "fwd steps", ".1f"),
-            ("fwd_converged", "fwd conv", ".3f"),
-            ("bwd_ms", "bwd ms", ".2f"),
-            ("bwd_speedup", "bwd speed-up", ".1f"),
-            ("cosine", "cos to exact", ".4f"),
-        ],
-    )
-    log("\n" + table)
+    probe = _probe_batch(splits, cfg)
+    log(_describe(cfg, splits))
+    results = [_run_one(name, cfg, splits, probe, log) for name in cfg.estimators]
+    _add_speedups(results)
+    log("\n" + format_table(results, list(TABLE_COLUMNS)))
     write_outputs(results, cfg, out)
     log(f"\nwrote {out / 'results.json'}, {out / 'results.csv'}, {out / 'compare.png'}")
     return results

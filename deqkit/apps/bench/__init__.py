@@ -1,0 +1,28 @@
+"""The benchmark suite (``deqkit bench``): an application over the library, not part of it.
+
+- :mod:`.step`: step cost per gradient estimator (time, solver work, memory, cosine to Exact);
+- :mod:`.memory`: memory against the forward depth, against naive BPTT;
+- :mod:`.torchdeq`: side by side with torchdeq 0.1.0;
+- :mod:`.accuracy`: ``deqkit compare`` over seeds, at equal epochs and equal wall-clock;
+- :mod:`.sim_speed`: the SIM batched ADMM against CVXPY;
+- :mod:`.measure`: how time and memory are measured; :mod:`.report`: BENCHMARKS.md sections;
+- :mod:`.suite`: running sections, the job behind ``deqkit bench``.
+"""
+
+from .accuracy import ACCURACY_SETS, accuracy_targets, bench_accuracy, format_accuracy_tables
+from .config import HARD, REFERENCE, BenchConfig, build_model, digits_batch
+from .measure import peak_allocated_bytes, saved_tensor_bytes
+from .memory import BPTT, bench_memory, format_memory_table, memory_targets
+from .report import md_table, replace_sections, write_sections
+from .sim_speed import SimSpeedConfig, bench_sim_speed
+from .step import STEP_ESTIMATORS, bench_step, format_step_table, step_targets
+from .suite import SECTIONS, SuiteConfig, render_sections, run_suite
+from .torchdeq import INSTALL_HINT, bench_torchdeq, format_torchdeq_tables, torchdeq_available, torchdeq_targets
+
+__all__ = [
+    "ACCURACY_SETS", "BPTT", "BenchConfig", "HARD", "INSTALL_HINT", "REFERENCE", "SECTIONS", "STEP_ESTIMATORS",
+    "SimSpeedConfig", "SuiteConfig", "accuracy_targets", "bench_accuracy", "bench_memory", "bench_sim_speed", "bench_step",
+    "bench_torchdeq", "build_model", "digits_batch", "format_accuracy_tables", "format_memory_table", "format_step_table",
+    "format_torchdeq_tables", "md_table", "memory_targets", "peak_allocated_bytes", "render_sections", "replace_sections",
+    "run_suite", "saved_tensor_bytes", "step_targets", "torchdeq_available", "torchdeq_targets", "write_sections",
+]

@@ -1,0 +1,65 @@
+"""``deqkit bench``: the benchmark suite (step cost, memory, torchdeq side by side, accuracy over
+seeds, SIM solver speed). The job is :func:`deqkit.apps.bench.run_suite`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .._options import check_int, check_number
+from .options import add_parser, ints
+
+DESCRIPTION = """\
+deqkit benchmarks: step cost per gradient estimator, memory against forward depth, torchdeq
+side by side, accuracy over seeds (--section all runs these four) and the SIM solver speed
+(--section sim-speed). --write refreshes this suite's sections of BENCHMARKS.md in place."""
+
+
+def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
+    from ..apps.bench.suite import SECTION_NAMES
+
+    p = add_parser(subparsers, "bench", help="the benchmark suite", description=DESCRIPTION)
+    g = p.add_argument_group("suite")
+    g.add_argument("--section", default="all", choices=SECTION_NAMES, help="what to run")
+    g.add_argument("--quick", action="store_true", help="small sizes and 2 repeats (a smoke run, seconds)")
+    g.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds (None: 15, --quick 2)")
+    g.add_argument("--seeds", type=int, default=10, help="seeds of the accuracy section (0 … N−1)")
+    g.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
+    g.add_argument("--write", default=None, metavar="BENCHMARKS.md", help="refresh this suite's sections of that file in place")
+    g = p.add_argument_group("sim-speed section")
+    g.add_argument("--dataset", default="digits", help="data set of the MLP baseline (as for deqkit sim)")
+    g.add_argument("--data-dir", default=None, help="directory with the four IDX files (fashion-mnist, mnist)")
+    g.add_argument("--hidden", type=ints, default=[64, 32, 16], help="hidden widths of the MLP baseline")
+    g.add_argument("--epochs", type=int, default=10, help="baseline training epochs")
+    g.add_argument("--baseline", default=None, help="baseline state_dict to load, if it exists")
+    g.add_argument("--samples", type=int, default=1000, help="state samples m")
+    g.add_argument("--lam", type=float, default=1.0, help="λ of the SIM program")
+    g.add_argument("--cvxpy-rows", type=int, default=8, help="rows solved by CVXPY (the time is extrapolated to all rows)")
+    g.add_argument("--cvxpy-tol", type=float, default=1e-6, help="Clarabel gap/feasibility tolerance")
+    p.set_defaults(func=run)
+    return p
+
+
+def config(args: argparse.Namespace) -> Any:
+    """The :class:`~deqkit.apps.bench.SuiteConfig` of the parsed flags (values checked)."""
+    from ..apps.bench import SimSpeedConfig, SuiteConfig
+
+    owner = "deqkit bench"
+    for flag, value in (("--threads", args.threads), ("--seeds", args.seeds), ("--samples", args.samples),
+                        ("--cvxpy-rows", args.cvxpy_rows), ("--epochs", args.epochs)):
+        check_int(owner, flag, value, minimum=0 if flag == "--epochs" else 1)
+    if args.repeats is not None:
+        check_int(owner, "--repeats", args.repeats)
+    check_number(owner, "--lam", args.lam, low=0.0)
+    check_number(owner, "--cvxpy-tol", args.cvxpy_tol, low=0.0, low_open=True)
+    sim = SimSpeedConfig(dataset=args.dataset, data_dir=args.data_dir, hidden=args.hidden, samples=args.samples, lam=args.lam,
+                         cvxpy_rows=args.cvxpy_rows, cvxpy_tol=args.cvxpy_tol, baseline=args.baseline, epochs=args.epochs)
+    return SuiteConfig(section=args.section, quick=args.quick, repeats=args.repeats, seeds=args.seeds, threads=args.threads,
+                       write=args.write, sim_speed=sim)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..apps.bench import run_suite
+
+    run_suite(config(args))
+    return 0

@@ -1,0 +1,105 @@
+"""``deqkit sim``: state-driven implicit models (SIM) fitted to an MLP baseline's states.
+
+The flags of the command; the job is :func:`deqkit.apps.sim.run_sim`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .._options import check_int, check_number
+from ..errors import OptionError
+from ..sim.admm import MODES
+from ..sim.attacks import ATTACKS
+from ..sim.fit import LAM_SCALES, PENALTIES, SOLVERS as FIT_SOLVERS, STRUCTURES
+from ..apps.common import set_threads
+from .options import add_data_group, add_output_group, add_runtime_group, comma_list, floats, ints, register
+
+DESCRIPTION = """\
+State-driven implicit modeling (Tsai et al., arXiv 2209.09389): train (or load) an MLP
+baseline, collect its states on --samples training samples, solve the SIM program for each λ,
+and report non-zeros, accuracy, well-posedness and FGSM/PGD robustness; writes
+sim_results.json and sim.png to --out."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of ``deqkit sim``, in groups."""
+    from ..apps.sim import DATASETS
+
+    add_data_group(p, DATASETS, default="digits")
+    g = p.add_argument_group("baseline MLP")
+    g.add_argument("--hidden", type=ints, default=[64, 32, 16], help="hidden widths of the MLP baseline")
+    g.add_argument("--epochs", type=int, default=None, help="baseline training epochs (None: 60 digits, 20 mnist5k, 10 others)")
+    g.add_argument("--lr", type=float, default=None, help="baseline learning rate (None: 3e-3 digits, 1e-3 others)")
+    g.add_argument("--baseline", default=None, help="baseline state_dict: loaded if it exists, else trained and saved")
+    g = p.add_argument_group("SIM program")
+    g.add_argument("--lam", type=floats, default=[0.01, 0.1, 0.3, 1.0], help="λ values, comma-separated")
+    g.add_argument("--samples", type=int, default=None, help="state samples m (None: 1000 digits, 2000 others)")
+    g.add_argument("--kappa", type=float, default=0.99, help="well-posedness margin κ, in (0, 1)")
+    g.add_argument("--mode", choices=MODES, default="relaxed", help="the program's form")
+    g.add_argument("--lam-scale", choices=LAM_SCALES, default="none", help="per-row λ scaling")
+    g.add_argument("--penalty", choices=PENALTIES, default="uniform",
+                   help="ℓ1 weights: uniform (the paper's) or standardized (rescaling-invariant, experimental)")
+    g.add_argument("--input-weight", type=float, default=1.0,
+                   help="per-block λ: ℓ1 weight of the input columns of B, D relative to A, C and the bias")
+    g.add_argument("--structure", choices=STRUCTURES, default="full",
+                   help="full (the paper's): any state may feed any state; feedforward: states read only earlier layers")
+    g.add_argument("--output-skip", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the outputs read the inputs directly (D's input columns)")
+    g.add_argument("--debias", action="store_true", help="refit each row by least squares on its lasso support (relaxed lasso)")
+    g = p.add_argument_group("fit solver")
+    g.add_argument("--fit-solver", choices=FIT_SOLVERS, default="admm", help="solver of the SIM program")
+    g.add_argument("--rho", type=float, default=1.0, help="ADMM penalty ρ")
+    g.add_argument("--max-iter-ab", type=int, default=2000, help="ADMM iterations for (A, B) rows")
+    g.add_argument("--max-iter-cd", type=int, default=1000, help="ADMM iterations for (C, D) rows")
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--finetune-epochs", type=int, default=0,
+                   help="after each fit, also fine-tune a copy on the training labels for this many epochs, "
+                        "sparsity pattern and well-posedness kept (0: SIM alone)")
+    g.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate of the fine-tuning")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eps", type=floats, default=[0.0, 0.02, 0.05, 0.1], help="attack radii ε (ℓ∞, inputs in [0, 1])")
+    g.add_argument("--attacks", type=comma_list(ATTACKS), default=list(ATTACKS), help="comma list of " + ", ".join(ATTACKS))
+    g.add_argument("--pgd-steps", type=int, default=10, help="PGD steps")
+    g.add_argument("--n-test", type=int, default=None, help="test samples for accuracy (None: all)")
+    g.add_argument("--n-attack", type=int, default=300, help="test samples for the attacks (0: skip)")
+    add_runtime_group(p, threads_help="torch CPU threads (None: torch's default)")
+    add_output_group(p, out="runs/sim", plot=True,
+                     resume="keep the λ already in OUT/sim_results.json (same settings and baseline; λ not asked for this "
+                            "time are kept too) and run the rest; a λ after a kept one starts its solve cold, so it can "
+                            "differ from an uninterrupted run within the ADMM tolerance")
+    return p
+
+
+def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``sim`` on an ``argparse`` subparsers object; returns the new parser."""
+    return register(subparsers, "sim", help="state-driven implicit models (SIM) from an MLP baseline", description=DESCRIPTION,
+                    add_arguments=add_arguments, run=run)
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Value checks argparse's types do not make (OptionError, one line naming the flag)."""
+    for flag, minimum in (("--samples", 1), ("--n-attack", 0), ("--pgd-steps", 1), ("--finetune-epochs", 0),
+                          ("--max-iter-ab", 1), ("--max-iter-cd", 1), ("--n-test", 1)):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            check_int("deqkit sim", flag, value, minimum=minimum)
+    check_number("deqkit sim", "--kappa", args.kappa, low=0.0, high=1.0, low_open=True, high_open=True)
+    for flag in ("--input-weight", "--finetune-lr", "--rho"):
+        check_number("deqkit sim", flag, getattr(args, flag[2:].replace("-", "_")), low=0.0, low_open=True)
+    if args.lr is not None:
+        check_number("deqkit sim", "--lr", args.lr, low=0.0, low_open=True)
+    if args.debias and args.mode != "relaxed":
+        raise OptionError("deqkit sim: --debias refits by least squares and needs --mode relaxed.")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the flags, then run :func:`deqkit.apps.sim.run_sim`; returns the exit status."""
+    from ..apps.sim import run_sim
+
+    validate(args)
+    if args.threads is not None:
+        set_threads(args.threads, args.device)
+    run_sim(args)
+    return 0

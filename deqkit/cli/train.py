@@ -1,0 +1,105 @@
+"""``deqkit train``: train one DEQ classifier with a chosen solver and gradient estimator.
+
+Also the flag groups ``train`` and ``compare`` share (data, model, training, runtime, output).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+from .options import add_output_group, add_parser, add_runtime_group, parse_options, pick
+
+DESCRIPTION = """\
+Train a DEQ classifier with a chosen forward solver and gradient estimator; checkpoints after
+every epoch and resumes (--resume) exactly where it stopped."""
+
+SOLVERS = ("fixed-point", "anderson", "broyden")
+#: the forward solver options ``--solver-opts`` is merged over
+SOLVER_OPTS_DEFAULT = "tol=1e-4,max_iter=30"
+ESTIMATORS = ("exact", "unrolled", "neumann", "jacobian-free", "shine", "broyden-reuse", "exact-warm")
+
+
+def add_classifier_groups(
+    subparsers: Any, name: str, *, help: str, description: str, epochs: int, out: str,
+    solver_group: Callable[[argparse._ArgumentGroup], None],
+) -> argparse.ArgumentParser:
+    """A parser with the groups ``train`` and ``compare`` share: data, model, training, the
+    command's own "solver and gradient" group (filled by ``solver_group``), runtime, output."""
+    from ..apps.common import MODELS
+    from ..data import DATASETS
+
+    p = add_parser(subparsers, name, help=help, description=description)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="digits", help="one of " + ", ".join(DATASETS) + " (digits is embedded)")
+    g.add_argument("--data-dir", default=None, help="directory with the four IDX files (fashion-mnist, mnist)")
+    g.add_argument("--subset", type=int, default=None, help="use N training samples (None: all)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="mlp", choices=MODELS, help="the DEQ cell")
+    g.add_argument("--width", type=int, default=64, help="MLP state width / conv channels")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=epochs, help="training epochs")
+    g.add_argument("--batch-size", type=int, default=64, help="samples per step")
+    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (Adam, cosine schedule)")
+    solver_group(p.add_argument_group("solver and gradient"))
+    add_runtime_group(p)
+    add_output_group(p, out=out, resume="continue from the checkpoints in --out")
+    return p
+
+
+def _solver_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--solver", default="broyden", help="forward solver: " + ", ".join(SOLVERS))
+    g.add_argument("--solver-opts", default=SOLVER_OPTS_DEFAULT,
+                   help="its options key=value,..., merged over the default, e.g. memory=20,tol=1e-5")
+    g.add_argument("--grad", default="exact", help="gradient estimator: " + ", ".join(ESTIMATORS))
+    g.add_argument("--grad-opts", default="", help="its options key=value,..., e.g. k=5,damping=0.5")
+
+
+def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
+    p = add_classifier_groups(subparsers, "train", help="train one DEQ classifier", description=DESCRIPTION, epochs=10,
+                              out="runs/train", solver_group=_solver_flags)
+    p.set_defaults(func=run)
+    return p
+
+
+def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The splits, the model and the :class:`~deqkit.train.TrainConfig` of the parsed flags.
+
+    The forward solver and the estimator are built by name; their option strings are checked
+    against the class found for that name (a non-numeric ``tol`` is refused here, in one line).
+    """
+    from ..apps.common import build_classifier, load_splits
+    from ..estimators import make_estimator
+    from ..solvers import make_solver
+    from ..train import TrainConfig
+
+    solver_cls = type(make_solver(args.solver))  # an unknown name: "did you mean" here
+    solver_opts = {
+        **parse_options(SOLVER_OPTS_DEFAULT, "--solver-opts", solver_cls),
+        **parse_options(args.solver_opts, "--solver-opts", solver_cls),
+    }
+    solver = make_solver(args.solver, **solver_opts)
+    grad_cls = type(make_estimator(args.grad))
+    grad = make_estimator(args.grad, **parse_options(args.grad_opts, "--grad-opts", grad_cls))
+    splits = load_splits(args.dataset, args.data_dir, args.subset, args.seed, args.model)
+    model = build_classifier(args.model, splits.input_shape, splits.num_classes, args.width, solver, grad, args.seed)
+    cfg = TrainConfig(
+        **pick(args, "epochs", "batch_size", "lr", "seed", "device"),
+        checkpoint_dir=args.out,
+        log_path=f"{args.out}/metrics.jsonl",
+        progress=not args.no_progress,
+    )
+    return splits, model, cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..apps.common import set_threads
+    from ..train import Trainer
+
+    set_threads(args.threads, args.device)
+    splits, model, cfg = build(args)
+    trainer = Trainer(model, splits.train, splits.val, cfg)
+    trainer.fit(resume=args.resume)
+    test = trainer.evaluate(splits.test)
+    print(f"test accuracy {test['acc']:.4f}  test loss {test['loss']:.4f}")
+    return 0

@@ -1,0 +1,132 @@
+"""The settings of a training run: :class:`TrainConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from .._options import check_bool, check_choice, check_int, check_number, unknown_option_message, validated_options
+from ..errors import OptionError
+
+__all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES"]
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "none")
+_PATHS = ("checkpoint_dir", "log_path", "tensorboard_dir")
+
+
+@validated_options
+@dataclass
+class TrainConfig:
+    """Settings of a training run; every field is checked (a bad value raises
+    :class:`~deqkit.errors.OptionError`, a ``ValueError``).
+
+    Attributes:
+        epochs: number of passes over the training set.
+        batch_size: samples per optimisation step (the last batch of an epoch may be smaller).
+        lr: learning rate (peak learning rate with ``schedule="cosine"``).
+        weight_decay: L2 penalty (decoupled for ``"adamw"``).
+        optimizer: ``"adam"`` (default), ``"adamw"`` or ``"sgd"`` (with ``momentum``).
+        momentum: SGD momentum.
+        schedule: ``"cosine"`` (default: cosine decay to 0 over all steps, updated every step)
+            or ``"none"``.
+        seed: seeds torch / numpy / python at the start of a fresh run, and the data order.
+        device: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"``, ``"mps"`` or ``"auto"``.
+        eval_every: evaluate on the validation set every this many epochs (and after the last).
+        checkpoint_dir: where ``last.pt`` is written after every epoch; ``None``: no checkpoints.
+        log_path: a JSON-lines file; one object per epoch is appended; ``None``: no log.
+        progress: show a tqdm progress bar (only when stderr is a terminal).
+        max_steps: stop after this many optimisation steps in total (``None``: no cap).
+        grad_clip: clip the global gradient norm to this value (``None``: no clipping).
+        tensorboard_dir: also log the epoch metrics to TensorBoard there, if
+            ``torch.utils.tensorboard`` can be imported (a warning otherwise).
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    seed: int = 0
+    device: str = "cpu"
+    eval_every: int = 1
+    checkpoint_dir: Optional[str] = None
+    log_path: Optional[str] = None
+    progress: bool = True
+    max_steps: Optional[int] = None
+    grad_clip: Optional[float] = None
+    tensorboard_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self._check_numbers()
+        self._check_choices()
+        self._check_paths()
+        self._check_device()
+
+    def _check_numbers(self) -> None:
+        owner = type(self).__name__
+        self.epochs = check_int(owner, "epochs", self.epochs)
+        self.batch_size = check_int(owner, "batch_size", self.batch_size)
+        self.seed = check_int(owner, "seed", self.seed, minimum=0)
+        self.eval_every = check_int(owner, "eval_every", self.eval_every)
+        if self.max_steps is not None:
+            self.max_steps = check_int(owner, "max_steps", self.max_steps)
+        self.lr = check_number(owner, "lr", self.lr, low=0.0, low_open=True)
+        self.weight_decay = check_number(owner, "weight_decay", self.weight_decay, low=0.0)
+        self.momentum = check_number(owner, "momentum", self.momentum, low=0.0)
+        if self.grad_clip is not None:
+            self.grad_clip = check_number(owner, "grad_clip", self.grad_clip, low=0.0, low_open=True)
+
+    def _check_choices(self) -> None:
+        owner = type(self).__name__
+        if isinstance(self.optimizer, str):
+            self.optimizer = self.optimizer.lower()
+        if isinstance(self.schedule, str):
+            self.schedule = self.schedule.lower()
+        check_choice(owner, "optimizer", self.optimizer, OPTIMIZERS)
+        check_choice(owner, "schedule", self.schedule, SCHEDULES)
+        check_bool(owner, "progress", self.progress)
+
+    def _check_paths(self) -> None:
+        for name in _PATHS:
+            v = getattr(self, name)
+            if v is not None:
+                if not isinstance(v, (str, os.PathLike)) or not str(v):
+                    raise OptionError(f"{type(self).__name__}: {name} must be a path or None, got {v!r}.")
+                setattr(self, name, os.fspath(v))
+
+    def _check_device(self) -> None:
+        owner = type(self).__name__
+        if not isinstance(self.device, (str, torch.device)):
+            raise OptionError(f"{owner}: device must be a string such as 'cpu', 'cuda', 'cuda:0' or 'auto', got {self.device!r}.")
+        self.device = str(self.device)
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError) as exc:
+                raise OptionError(
+                    f"{owner}: device={self.device!r} is not a valid torch device; use 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'."
+                ) from exc
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> "TrainConfig":
+        """Build from a mapping (e.g. parsed JSON/YAML); an unknown key raises ``OptionError``."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in options:
+            if key not in valid:
+                raise OptionError(unknown_option_message(cls.__name__, str(key), valid))
+        return cls(**options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)

@@ -1,0 +1,496 @@
+"""The training loop: :class:`Trainer`.
+
+:class:`Trainer` trains any ``nn.Module`` classifier (``model(x) -> logits``) with cross-entropy,
+and additionally reports what every :class:`~deqkit.deq.DEQ` inside it did: forward solver
+steps, the fraction of samples whose forward solve converged, the number that did not, the
+backward (adjoint) failures of :class:`~deqkit.estimators.Exact`, and the wall-clock cost of
+forward and backward per step (see :mod:`deqkit.train.metrics`).
+
+Reproducibility and resume:
+
+* the data order is a pure function of ``(seed, epoch)``: each epoch shuffles with a fresh
+  ``torch.Generator`` seeded from both, so a resumed run sees exactly the batches an
+  uninterrupted one would;
+* after each epoch a checkpoint is written atomically to ``<checkpoint_dir>/last.pt`` (see
+  :mod:`deqkit.train.checkpoint`);
+* ``Ctrl-C`` (SIGINT) during :meth:`Trainer.fit` finishes the current optimisation step,
+  writes a checkpoint of that state (mid-epoch position included) and re-raises
+  ``KeyboardInterrupt``; a second ``Ctrl-C`` aborts at once. A ``KeyboardInterrupt`` raised by
+  other means (a callback, a debugger) saves the last completed step likewise, unless it
+  arrived inside the parameter update, in which case the last checkpoint is kept;
+* ``fit(resume=True)`` continues from ``last.pt``; on CPU the result equals an uninterrupted
+  run's bit for bit (same config, same data).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset, TensorDataset, default_collate
+
+from .._options import validated_options
+from .._timing import synced_perf_counter
+from ..deq import DEQInfo
+from ..errors import NonFiniteError, OptionError
+from .checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
+    atomic_torch_save,
+    deq_settings,
+    epoch_generator,
+    read_checkpoint,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    warn_on_changed_settings,
+)
+from .config import TrainConfig
+from .metrics import Callback, Metrics, MetricsLog, collect_infos, evaluation_record, quiet_deqs, solve_stats, step_stats
+
+__all__ = ["Trainer"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _fetch(dataset: Dataset, idx: Tensor) -> Sequence[Tensor]:
+    if isinstance(dataset, TensorDataset):
+        return [t[idx] for t in dataset.tensors]
+    return default_collate([dataset[int(i)] for i in idx])
+
+
+class _InterruptGuard:
+    """Defer SIGINT to the next step boundary (main thread only); a second SIGINT raises at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\ndeqkit: interrupt received; finishing the current step and saving a checkpoint "
+            "(press Ctrl-C again to abort immediately).",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def check(self) -> None:
+        """Raise ``KeyboardInterrupt`` if an interrupt is pending."""
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> "_InterruptGuard":
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self._previous = signal.signal(signal.SIGINT, self._handler)
+                self._installed = True
+            except (ValueError, OSError):
+                self._installed = False
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _progress_bar_class(progress: bool) -> Any:
+    """tqdm's class when a bar is wanted and stderr is a terminal, else ``None``."""
+    if not (progress and sys.stderr.isatty()):
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm
+
+
+def _check_trainer_inputs(model: Any, train_set: Any, config: Any) -> TrainConfig:
+    """The config as a :class:`TrainConfig`, after checking the model and training set."""
+    if not isinstance(model, nn.Module):
+        raise OptionError(f"Trainer: model must be an nn.Module, got {type(model).__name__}.")
+    if config is None:
+        config = TrainConfig()
+    elif isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    elif not isinstance(config, TrainConfig):
+        raise OptionError(f"Trainer: config must be a TrainConfig or a dict, got {type(config).__name__}.")
+    try:
+        n_train = len(train_set)
+    except TypeError as exc:
+        raise OptionError("Trainer: train_set must be a map-style dataset with a length.") from exc
+    if n_train == 0:
+        raise OptionError("Trainer: train_set is empty.")
+    return config
+
+
+@validated_options
+class Trainer:
+    """Cross-entropy training of a classifier, with DEQ metrics, checkpoints and exact resume.
+
+    Args:
+        model: ``model(x) -> logits`` (e.g. :class:`~deqkit.models.DEQClassifier`); it may
+            contain any number of :class:`~deqkit.deq.DEQ` layers, whose calls are all counted.
+            If its ``forward`` takes a ``target`` keyword, the training labels are passed there
+            (outer-problem awareness of the forward solver, see ``DEQClassifier.forward``).
+        train_set: a dataset of ``(x, y)`` pairs (a ``TensorDataset`` takes a fast path).
+        val_set: evaluated every ``config.eval_every`` epochs (``None``: no validation).
+        config: a :class:`TrainConfig` (default ``TrainConfig()``) or a dict of its fields.
+        callbacks: :class:`Callback` objects.
+
+    Attributes:
+        history: one dict per completed epoch (see :meth:`fit`).
+        optimizer, scheduler: built by :meth:`fit`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_set: Dataset,
+        val_set: Optional[Dataset] = None,
+        config: Union[TrainConfig, dict[str, Any], None] = None,
+        *,
+        callbacks: Sequence[Callback] = (),
+    ) -> None:
+        config = _check_trainer_inputs(model, train_set, config)
+        self.model = model
+        self.train_set = train_set
+        self.val_set = val_set
+        self.config = config
+        self.callbacks = list(callbacks)
+        self.device = config.resolved_device()
+        self.history: list[dict[str, Any]] = []
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
+        self._pos = {"epoch": 0, "batch": 0, "global_step": 0}
+        self._metrics = Metrics()
+        self._elapsed_before = 0.0
+        self._t_start = time.perf_counter()
+        self._rng_snapshot: Optional[dict[str, Any]] = None
+        self._consistent = True
+        self._log = MetricsLog(config.log_path, config.tensorboard_dir)
+        try:
+            self._passes_target = "target" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            self._passes_target = False
+
+    # -- paths and sizes ------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Optional[Path]:
+        """``<checkpoint_dir>/last.pt``, or ``None`` without a checkpoint directory."""
+        d = self.config.checkpoint_dir
+        return None if d is None else Path(d) / CHECKPOINT_NAME
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train_set) / self.config.batch_size)  # type: ignore[arg-type]
+
+    @property
+    def total_steps(self) -> int:
+        total = self.config.epochs * self.steps_per_epoch
+        return total if self.config.max_steps is None else min(total, self.config.max_steps)
+
+    def _elapsed(self) -> float:
+        return self._elapsed_before + (time.perf_counter() - self._t_start)
+
+    def _steps_exhausted(self) -> bool:
+        return self.config.max_steps is not None and self._pos["global_step"] >= self.config.max_steps
+
+    # -- building --------------------------------------------------------------------------------
+    def _build_optimizer(self) -> None:
+        cfg = self.config
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise OptionError("Trainer: the model has no trainable parameters.")
+        if cfg.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        if cfg.schedule == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(self.total_steps, 1))
+        else:
+            self.scheduler = None
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _checkpoint(self, rng: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        assert self.optimizer is not None
+        epoch = self._pos["epoch"]
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "rng": rng_state() if rng is None else rng,
+            "data_generator": epoch_generator(self.config.seed, epoch).get_state(),
+            "epoch": epoch,
+            "batch": self._pos["batch"],
+            "global_step": self._pos["global_step"],
+            "accumulator": dict(self._metrics.sums),
+            "history": list(self.history),
+            "elapsed_s": self._elapsed(),
+            "n_train": len(self.train_set),  # type: ignore[arg-type]
+            "config": self.config.to_dict(),
+            "deqs": deq_settings(self.model),
+        }
+
+    def save_checkpoint(self, path: Optional[PathLike] = None, *, rng: Optional[dict[str, Any]] = None) -> Path:
+        """Write the current state atomically to ``path`` (default :attr:`checkpoint_path`)."""
+        target = Path(path) if path is not None else self.checkpoint_path
+        if target is None:
+            raise OptionError("Trainer.save_checkpoint: no path given and config.checkpoint_dir is None.")
+        if self.optimizer is None:
+            self._build_optimizer()
+        atomic_torch_save(self._checkpoint(rng), target)
+        return target
+
+    def load_checkpoint(self, path: Optional[PathLike] = None) -> dict[str, Any]:
+        """Restore model, optimiser, scheduler, RNG states, position and history from ``path``."""
+        source = Path(path) if path is not None else self.checkpoint_path
+        if source is None:
+            raise OptionError("Trainer.load_checkpoint: no path given and config.checkpoint_dir is None.")
+        ckpt = read_checkpoint(source, len(self.train_set))  # type: ignore[arg-type]
+        changed = warn_on_changed_settings(source, ckpt, self.config, self.model)
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            raise ValueError(f"{source} does not match this model's architecture: {exc}") from exc
+        self.model.to(self.device)
+        self._restore_optimizer(ckpt, schedule_changed="epochs" in changed or "max_steps" in changed)
+        set_rng_state(ckpt["rng"])
+        self._pos = {"epoch": int(ckpt["epoch"]), "batch": int(ckpt["batch"]), "global_step": int(ckpt["global_step"])}
+        self._metrics = Metrics(ckpt["accumulator"])
+        self.history = list(ckpt["history"])
+        self._elapsed_before = float(ckpt["elapsed_s"])
+        self._t_start = time.perf_counter()
+        return ckpt
+
+    def _restore_optimizer(self, ckpt: dict[str, Any], schedule_changed: bool) -> None:
+        self._build_optimizer()
+        assert self.optimizer is not None
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None and ckpt["scheduler"] is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if schedule_changed:
+                self.scheduler.T_max = max(self.total_steps, 1)  # type: ignore[attr-defined]
+
+    # -- one step --------------------------------------------------------------------------------
+    def _step(self, x: Tensor, y: Tensor) -> dict[str, Any]:
+        """One optimisation step on ``(x, y)``; its statistics (see :func:`metrics.step_stats`)."""
+        assert self.optimizer is not None
+        infos: list[DEQInfo] = []
+        self.optimizer.zero_grad(set_to_none=True)
+        t0 = synced_perf_counter(self.device)
+        with collect_infos(self.model, infos):
+            logits = self.model(x, target=y) if self._passes_target else self.model(x)
+        loss = F.cross_entropy(logits, y)
+        t1 = synced_perf_counter(self.device)
+        if not torch.isfinite(loss):
+            raise NonFiniteError(
+                f"Trainer: the training loss is {loss.item()} at step {self._pos['global_step'] + 1}. "
+                f"Lower the learning rate, set grad_clip, or use a contractive cell (spectral_norm=True)."
+            )
+        loss.backward()
+        t2 = synced_perf_counter(self.device)
+        self._update_parameters()
+        return {
+            "loss": float(loss.detach()),
+            "correct": int((logits.detach().argmax(dim=1) == y).sum()),
+            "n": y.shape[0],
+            "fwd_ms": 1e3 * (t1 - t0),
+            "bwd_ms": 1e3 * (t2 - t1),
+            **step_stats(infos),
+        }
+
+    def _update_parameters(self) -> None:
+        assert self.optimizer is not None
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self._consistent = False
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> list[dict[str, Any]]:
+        """Train for ``config.epochs`` epochs (or ``config.max_steps`` steps); return the history.
+
+        Args:
+            resume: continue from ``<checkpoint_dir>/last.pt`` (a fresh run when there is none yet).
+
+        Returns:
+            :attr:`history`: one dict per epoch with ``epoch`` (1-based), ``global_step``, ``lr``,
+            ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc`` (``None`` when not evaluated),
+            ``fwd_steps`` (mean forward solver steps per sample), ``fwd_converged`` (fraction of
+            forward solves that converged), ``fwd_unconverged`` (count), ``bwd_unconverged``
+            (adjoint solves of ``Exact`` that missed their tolerance), ``bwd_vjps`` (per step),
+            ``fwd_ms`` / ``bwd_ms`` (wall-clock per step of forward+loss and of
+            ``loss.backward()``), ``adjoint_ms`` (of that, the estimator computing ``w``;
+            ``None`` for :class:`~deqkit.estimators.Unrolled`, whose ``w`` is autograd's own pass),
+            ``val_fwd_*``, ``steps``, ``epoch_s`` and ``elapsed_s`` (total training wall clock,
+            across resumes).
+
+        Raises:
+            KeyboardInterrupt: after saving a checkpoint (see the module docstring).
+        """
+        self.model.to(self.device)
+        self._start(resume)
+        self._log.open()
+        bar_class = _progress_bar_class(self.config.progress)
+        guard = _InterruptGuard()
+        self._consistent = True
+        self._rng_snapshot = None
+        with guard, quiet_deqs(self.model):
+            try:
+                while self._pos["epoch"] < self.config.epochs:
+                    if self._steps_exhausted() and self._pos["batch"] == 0:
+                        break
+                    self._run_epoch(guard, bar_class)
+                    self._end_epoch(guard)
+            except KeyboardInterrupt:
+                self._on_interrupt()
+                raise
+        self._log.flush()
+        return self.history
+
+    def _start(self, resume: bool) -> None:
+        """Load the checkpoint (``resume``) or set up a fresh run."""
+        ckpt_path = self.checkpoint_path
+        if resume and ckpt_path is None:
+            raise OptionError("Trainer.fit(resume=True) needs config.checkpoint_dir.")
+        if resume and ckpt_path is not None and ckpt_path.is_file():
+            self.load_checkpoint(ckpt_path)
+            return
+        if resume:
+            warnings.warn(f"no checkpoint at {ckpt_path}; starting a fresh run.", stacklevel=3)
+        seed_everything(self.config.seed)
+        self._build_optimizer()
+        self.history = []
+        self._pos = {"epoch": 0, "batch": 0, "global_step": 0}
+        self._metrics = Metrics()
+        self._elapsed_before = 0.0
+        self._t_start = time.perf_counter()
+
+    def _run_epoch(self, guard: _InterruptGuard, bar_class: Any) -> None:
+        """The optimisation steps of the current epoch, from the current batch on."""
+        cfg, epoch = self.config, self._pos["epoch"]
+        perm = torch.randperm(len(self.train_set), generator=epoch_generator(cfg.seed, epoch))  # type: ignore[arg-type]
+        self.model.train()
+        bar = None
+        if bar_class is not None:
+            bar = bar_class(total=self.steps_per_epoch, initial=self._pos["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                            leave=False, dynamic_ncols=True)
+        t_epoch = time.perf_counter()
+        try:
+            for b in range(self._pos["batch"], self.steps_per_epoch):
+                if self._steps_exhausted():
+                    break
+                guard.check()
+                self._run_batch(epoch, b, perm[b * cfg.batch_size : (b + 1) * cfg.batch_size], bar)
+        finally:
+            self._metrics.sums["epoch_s"] += time.perf_counter() - t_epoch
+            if bar is not None:
+                bar.close()
+
+    def _run_batch(self, epoch: int, b: int, idx: Tensor, bar: Any) -> None:
+        self._rng_snapshot = rng_state()
+        x, y = (t.to(self.device, non_blocking=True) for t in _fetch(self.train_set, idx))
+        stats = self._step(x, y)
+        self._metrics.add(stats)
+        self._pos["batch"] = b + 1
+        self._pos["global_step"] += 1
+        self._rng_snapshot = None
+        self._consistent = True
+        if bar is not None:
+            bar.set_postfix(self._metrics.postfix(), refresh=False)
+            bar.update(1)
+        step = {"epoch": epoch + 1, "batch": b + 1, "global_step": self._pos["global_step"], **stats}
+        for cb in self.callbacks:
+            cb.on_step_end(self, step)
+
+    def _end_epoch(self, guard: _InterruptGuard) -> None:
+        """Validate (when due), record, checkpoint, log and call the epoch callbacks."""
+        guard.check()
+        cfg, epoch = self.config, self._pos["epoch"]
+        last = epoch + 1 == cfg.epochs or self._steps_exhausted()
+        val = None
+        if self.val_set is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
+            val = self._evaluate(self.val_set, guard=guard)
+        lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else None
+        record = self._metrics.record(epoch, self._pos["global_step"], lr, val, self._elapsed())
+        self.history.append(record)
+        self._pos = {"epoch": epoch + 1, "batch": 0, "global_step": self._pos["global_step"]}
+        self._metrics = Metrics()
+        if self.checkpoint_path is not None:
+            self.save_checkpoint(self.checkpoint_path)
+        self._log.write(record)
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, record)
+
+    def _on_interrupt(self) -> None:
+        path = self.checkpoint_path
+        if path is None:
+            print("deqkit: training interrupted (no checkpoint_dir: nothing saved).", file=sys.stderr, flush=True)
+            return
+        if not self._consistent:
+            print(
+                f"deqkit: training interrupted inside a parameter update; keeping the last checkpoint {path}.",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        self.save_checkpoint(path, rng=self._rng_snapshot)
+        print(
+            f"deqkit: training interrupted at epoch {self._pos['epoch'] + 1}, step {self._pos['batch']} "
+            f"(global step {self._pos['global_step']}); checkpoint saved to {path}. Resume with fit(resume=True).",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def _evaluate(self, dataset: Dataset, batch_size: Optional[int] = None, guard: Optional[_InterruptGuard] = None) -> dict[str, Any]:
+        bs = batch_size or self.config.batch_size
+        n = len(dataset)  # type: ignore[arg-type]
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum, correct, infos = 0.0, 0, []
+        try:
+            with torch.no_grad():
+                for start in range(0, n, bs):
+                    if guard is not None:
+                        guard.check()
+                    x, y = (t.to(self.device) for t in _fetch(dataset, torch.arange(start, min(start + bs, n))))
+                    with collect_infos(self.model, infos):
+                        logits = self.model(x)
+                    loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+                    correct += int((logits.argmax(dim=1) == y).sum())
+        finally:
+            self.model.train(was_training)
+        return evaluation_record(loss_sum, correct, n, solve_stats(infos))
+
+    def evaluate(self, dataset: Dataset, batch_size: Optional[int] = None) -> dict[str, Any]:
+        """Loss and accuracy on ``dataset`` in eval mode, plus forward-solve statistics.
+
+        Returns a dict with ``loss``, ``acc``, ``n``, ``fwd_steps`` (mean solver steps per
+        sample), ``fwd_converged`` (fraction) and ``fwd_unconverged`` (count).
+        """
+        if len(dataset) == 0:  # type: ignore[arg-type]
+            raise OptionError("Trainer.evaluate: the dataset is empty.")
+        self.model.to(self.device)
+        with quiet_deqs(self.model):
+            return self._evaluate(dataset, batch_size)
