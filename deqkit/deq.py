@@ -43,6 +43,11 @@ class DEQInfo:
     def rel_residual(self) -> Tensor:
         return self.forward.rel_residual
 
+    @property
+    def time_s(self) -> Optional[float]:
+        """Wall-clock seconds of the forward solve (no device synchronisation)."""
+        return self.forward.time_s
+
 
 def _requires_grad(x: Any) -> bool:
     if isinstance(x, Tensor):
