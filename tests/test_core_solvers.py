@@ -443,3 +443,10 @@ def test_a_solver_written_with_the_public_hooks():
     assert bool((res.residual <= 1e-7).all())
     assert not res.all_converged or bool((res.residual <= 1e-8).all())  # stopping is not converging
     assert res.inverse is None and res.time_s > 0
+
+
+@pytest.mark.parametrize("make", [GMRES, Dense, lambda: as_linear_solver(Anderson())])
+def test_solve_adjoint_typo_gets_did_you_mean(make):
+    v = torch.ones(2, 3, dtype=F64)
+    with pytest.raises(ValueError, match="Did you mean 'preconditioner'"):
+        make().solve_adjoint(lambda u: 0.5 * u, v, preconditoner=None)

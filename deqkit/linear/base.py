@@ -28,7 +28,7 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from .._options import check_choice, check_int, check_positive, options_repr
+from .._options import check_choice, check_int, check_positive, options_repr, validated_options
 from ..errors import NonFiniteError, OptionError
 from ..inverse import InverseEstimate
 from ..solvers.base import STOP_MODES, SolverResult
@@ -117,6 +117,7 @@ class LinearSolver:
     def __repr__(self) -> str:
         return options_repr(self)
 
+    @validated_options
     def solve_adjoint(
         self,
         vjp: Fn,
