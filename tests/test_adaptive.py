@@ -70,7 +70,7 @@ def test_adaptive_switches_when_the_cell_becomes_ill_conditioned_and_back():
     cell.rho.fill_(0.3)  # easy again: back to the cheap gradient at the next check (cosine >= recover)
     train_steps(deq, 4, seed=2)
     assert [d.switched for d in est.history if d.switched] == ["to-exact", "to-cheap"] and est.mode == "cheap"
-    back = [d for d in est.history if d.switched == "to-cheap"][0]
+    back = next(d for d in est.history if d.switched == "to-cheap")
     assert back.cosine >= est.recover
     m = est.metrics()
     assert m["adaptive_switches"] == 2 and m["adaptive_exact"] == 0 and 0 < m["adaptive_exact_share"] < 1

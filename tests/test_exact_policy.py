@@ -34,7 +34,7 @@ def closed_form(J: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def test_auto_adjoint_picks_by_contraction_and_records_it(radius, policy):
     B, d = 4, 30
     J, v = jacobians(B, d, radius, seed=1), randn(B, d, seed=2)
-    vjp = lambda u: torch.einsum("bi,bij->bj", u, J)  # noqa: E731
+    vjp = lambda u: torch.einsum("bi,bij->bj", u, J)
     res = AutoAdjoint(tol=1e-10, max_iter=400, restart=d).solve_adjoint(vjp, v)  # full GMRES: no stagnation
     assert res.all_converged, res.summary()
     assert res.extra["policy"] == policy and res.solver == f"auto({policy})"
@@ -53,7 +53,7 @@ def test_gmres_stops_each_sample_on_its_own_and_is_deterministic():
     B, d = 5, 40
     J, v = jacobians(B, d, 0.9, seed=3), randn(B, d, seed=4)
     J[0] *= 0.1 / 0.9  # one easy sample among hard ones
-    vjp = lambda u: torch.einsum("bi,bij->bj", u, J)  # noqa: E731
+    vjp = lambda u: torch.einsum("bi,bij->bj", u, J)
     g = GMRES(tol=1e-9, max_iter=200)
     batch = g.solve_adjoint(vjp, v)
     alone = g.solve_adjoint(lambda u: torch.einsum("bi,bij->bj", u, J[:1]), v[:1])

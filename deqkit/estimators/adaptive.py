@@ -133,7 +133,7 @@ class Adaptive(GradientEstimator):
             raise OptionError(f"{owner}: recover must be >= threshold (hysteresis), got recover={recover} < threshold={threshold}.")
         self.signal_drop = check_fraction(owner, "signal_drop", signal_drop)
         #: the DEQ keeps the forward inverse estimate for this estimator when the solver has one
-        self.needs_inverse = cheap is None or bool(getattr(cheap, "needs_inverse", False))
+        self.needs_inverse = cheap is None or bool(getattr(cheap, "needs_inverse", False))  # type: ignore[misc]
         self.mode = "cheap"
         self.step = 0
         #: the decisions of the steps that checked or switched

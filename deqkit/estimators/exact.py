@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Optional, Union
 
 import torch
@@ -94,10 +95,10 @@ class Exact(AdjointEstimator):
         if not self.match_forward or self.adjoint.stop_mode != "rel":
             return self.tol
         reached = float(result.rel_residual.max()) if result.rel_residual.numel() else 0.0
-        if not reached == reached:  # NaN: leave it to the solve to report
+        if math.isnan(reached):  # leave it to the solve to report
             return self.tol
         matched = min(self.forward_factor * reached, self.MATCHED_TOL_CAP)
-        return requested if matched <= requested else matched
+        return max(requested, matched)
 
     def initial_guess(self, v: Tensor, result: SolverResult) -> Optional[Tensor]:
         """The adjoint solve's start (``None``: the linear solver's own)."""
