@@ -4,6 +4,7 @@ from .deq import DEQ, DEQInfo
 from .errors import ConvergenceError, ConvergenceWarning, DEQError, NonFiniteError, OptionError
 from .estimators import (
     SHINE,
+    Adaptive,
     AdjointEstimator,
     BackwardStats,
     BroydenReuse,
@@ -16,7 +17,7 @@ from .estimators import (
     make_estimator,
 )
 from .inverse import InverseEstimate
-from .linear import GMRES, Dense, FixedPointAdjoint, LinearSolver, make_linear_solver
+from .linear import GMRES, AutoAdjoint, Dense, FixedPointAdjoint, LinearSolver, make_linear_solver
 from .models import ConvCell, DEQClassifier, MLPCell
 from .registry import register_estimator, register_linear_solver, register_solver
 from .solvers import Anderson, Broyden, BroydenState, FixedPoint, Solver, SolverResult, make_solver
@@ -35,6 +36,7 @@ __all__ = [
     "InverseEstimate",
     "LinearSolver",
     "GMRES",
+    "AutoAdjoint",
     "Dense",
     "FixedPointAdjoint",
     "GradientEstimator",
@@ -47,6 +49,7 @@ __all__ = [
     "SHINE",
     "BroydenReuse",
     "WarmExact",
+    "Adaptive",
     "MLPCell",
     "ConvCell",
     "DEQClassifier",

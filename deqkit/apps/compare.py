@@ -27,6 +27,7 @@ from ..errors import OptionError
 from ..estimators import Exact, GradientEstimator, JacobianFree, Neumann, Unrolled
 from ..linear import GMRES
 from ..estimators import SHINE, BroydenReuse, WarmExact
+from ..estimators import Adaptive
 from ..solvers import Broyden, Solver
 from ..train import TrainConfig, Trainer
 from .common import MODELS, build_classifier, load_splits, set_threads
@@ -49,6 +50,12 @@ ESTIMATOR_PRESETS: dict[str, Callable[[], GradientEstimator]] = {
 DEFAULT_ESTIMATORS = ("exact", "unrolled", "neumann", "jacobian-free", "shine", "shine-opa", "broyden-reuse")
 #: presets whose forward Broyden adds outer-problem-aware updates every this many steps
 OPA_FREQ = {"shine-opa": 5}
+
+# the library's default exact gradient (AutoAdjoint, tolerance matched to the forward), and the
+# adaptive estimator (SHINE + OPA on the Broyden forward, exact checks every 20 steps)
+ESTIMATOR_PRESETS["exact-default"] = Exact
+ESTIMATOR_PRESETS["adaptive"] = Adaptive
+OPA_FREQ["adaptive"] = 5
 
 
 def preset_label(name: str, grad: GradientEstimator) -> str:

@@ -4,7 +4,8 @@
   :class:`AdjointEstimator`) and :class:`BackwardStats`;
 - :mod:`~deqkit.estimators.exact`: :class:`Exact`;
 - :mod:`~deqkit.estimators.phantom`: :class:`Unrolled`, :class:`Neumann`, :class:`JacobianFree`;
-- :mod:`~deqkit.estimators.shine`: :class:`SHINE`, :class:`BroydenReuse`, :class:`WarmExact`.
+- :mod:`~deqkit.estimators.shine`: :class:`SHINE`, :class:`BroydenReuse`, :class:`WarmExact`;
+- :mod:`~deqkit.estimators.adaptive`: :class:`Adaptive` (a cheap estimator, exact when it must).
 
 :func:`make_estimator` builds a registered one by name.
 """
@@ -16,6 +17,7 @@ from .base import AdjointEstimator, BackwardStats, GradientEstimator, straight_t
 from .exact import Exact
 from .phantom import JacobianFree, Neumann, Unrolled
 from .shine import SHINE, BroydenReuse, WarmExact, shine_direction
+from .adaptive import Adaptive, AdaptiveDecision, AdaptiveStats  # noqa: E402 (after the estimators it combines)
 
 __all__ = [
     "GradientEstimator",
@@ -28,6 +30,9 @@ __all__ = [
     "SHINE",
     "BroydenReuse",
     "WarmExact",
+    "Adaptive",
+    "AdaptiveDecision",
+    "AdaptiveStats",
     "shine_direction",
     "straight_through",
     "make_estimator",
@@ -37,5 +42,5 @@ __all__ = [
 
 def make_estimator(name: str, **options: Any) -> GradientEstimator:
     """Build a registered gradient estimator by name (``exact``, ``unrolled``, ``neumann``,
-    ``jacobian-free``/``jfb``, ``shine``, ``broyden-reuse``, ``exact-warm``, or one you registered)."""
+    ``jacobian-free``/``jfb``, ``shine``, ``broyden-reuse``, ``exact-warm``, ``adaptive``, or one you registered)."""
     return ESTIMATORS.make(name, **options)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Optional, Union
 
 import torch
 from torch import Tensor
 
-from .._options import check_choice, check_failure_policy, check_int, check_positive, validated_options
+from .._options import check_bool, check_choice, check_failure_policy, check_int, check_positive, validated_options
 from ..errors import apply_failure_policy
-from ..linear import GMRES, LinearSolver, as_linear_solver
+from ..linear import AutoAdjoint, LinearSolver, as_linear_solver
 from ..registry import register_estimator
 from ..solvers.base import Solver, SolverResult
 from .base import AdjointEstimator, BackwardStats, Vjp
@@ -24,18 +25,36 @@ class Exact(AdjointEstimator):
 
     Bai, Kolter & Koltun, "Deep Equilibrium Models", NeurIPS 2019. The adjoint equation is
     solved by ``linear_solver``: a :class:`~deqkit.linear.LinearSolver`
-    (:class:`~deqkit.linear.GMRES`, :class:`~deqkit.linear.Dense`) or any forward solver
-    (:class:`~deqkit.solvers.FixedPoint`, :class:`~deqkit.solvers.Anderson`,
-    :class:`~deqkit.solvers.Broyden`), which is wrapped in :class:`~deqkit.linear.FixedPointAdjoint`.
+    (:class:`~deqkit.linear.AutoAdjoint`, :class:`~deqkit.linear.GMRES`,
+    :class:`~deqkit.linear.Dense`) or any forward solver (:class:`~deqkit.solvers.FixedPoint`,
+    :class:`~deqkit.solvers.Anderson`, :class:`~deqkit.solvers.Broyden`), which is wrapped in
+    :class:`~deqkit.linear.FixedPointAdjoint`.
+
+    The default adjoint solver is :class:`~deqkit.linear.AutoAdjoint` (relative tol 1e-6, at
+    most 60 VJPs): Picard steps while they contract fast, GMRES when they do not; which ran, its
+    steps and residual are in ``info.backward.solve`` (``solver``, ``nstep``, ``residual``,
+    ``extra["policy"]``).
+
+    **Tolerance that follows the forward solve** (``match_forward=True``, the default): the
+    right-hand side ``v`` and ``J`` are those of the iterate the forward returned, which is only
+    as accurate as its residual; solving the adjoint far below that accuracy buys nothing. The
+    adjoint's relative tolerance is then ``max(tol, forward_factor · ρ_f)``, with ``ρ_f`` the
+    largest relative residual ``‖f(z) − z‖ / ‖f(z)‖`` over the batch's forward solve, and never
+    looser than ``1e-2`` on this account. The tolerance used is the solve's ``tol``
+    (``info.backward.solve.tol``; ``extra["tol_requested"]`` holds the one asked for), and a solve
+    that misses it is reported as always. ``match_forward=False`` solves to ``tol`` whatever the
+    forward reached. Only adjoint solvers measuring the relative residual are matched.
 
     Args:
-        linear_solver: the adjoint solver (default ``GMRES(restart=20)``).
+        linear_solver: the adjoint solver (default ``AutoAdjoint()``).
         tol, max_iter: override the linear solver's own tolerance and cap when given. Every
             adjoint solver measures the relative residual ``‖w − wJ − v‖ / ‖v‖``.
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when the solve misses its
             tolerance; the result is always in ``info.backward.solve``. NaN/Inf always raises.
         warm_start: ``"default"`` (the linear solver's own start: zero for GMRES, ``w = v`` for the
-            fixed-point-type solvers) or ``"jfb"`` (start at ``w = v`` whatever the solver).
+            fixed-point-type solvers and AutoAdjoint) or ``"jfb"`` (start at ``w = v`` whatever the solver).
+        match_forward: let the adjoint tolerance follow the forward solve's accuracy (above).
+        forward_factor: the factor ``c`` of that rule.
     """
 
     name = "exact"
@@ -49,10 +68,12 @@ class Exact(AdjointEstimator):
         max_iter: Optional[int] = None,
         on_failure: str = "warn",
         warm_start: str = "default",
+        match_forward: bool = True,
+        forward_factor: float = 1.0,
     ) -> None:
         owner = type(self).__name__
         if linear_solver is None:
-            linear_solver = GMRES(tol=1e-6, max_iter=60)
+            linear_solver = AutoAdjoint(tol=1e-6, max_iter=60)
         #: the adjoint solver as a :class:`~deqkit.linear.LinearSolver` (a forward solver, wrapped)
         self.adjoint = as_linear_solver(linear_solver)
         self.linear_solver = linear_solver
@@ -61,13 +82,33 @@ class Exact(AdjointEstimator):
         self.on_failure = check_failure_policy(owner, on_failure)
         check_choice(owner, "warm_start", warm_start, self.warm_starts)
         self.warm_start = warm_start
+        self.match_forward = check_bool(owner, "match_forward", match_forward)
+        self.forward_factor = check_positive(owner, "forward_factor", forward_factor)
+
+    #: ``match_forward`` never loosens the adjoint tolerance beyond this
+    MATCHED_TOL_CAP: ClassVar[float] = 1e-2
+
+    def adjoint_tol(self, result: SolverResult) -> Optional[float]:
+        """This call's adjoint tolerance (``None``: the linear solver's own): ``tol``, loosened to the
+        forward's accuracy when ``match_forward`` (see the class docstring)."""
+        requested = self.tol if self.tol is not None else self.adjoint.tol
+        if not self.match_forward or self.adjoint.stop_mode != "rel":
+            return self.tol
+        reached = float(result.rel_residual.max()) if result.rel_residual.numel() else 0.0
+        if math.isnan(reached):  # leave it to the solve to report
+            return self.tol
+        matched = min(self.forward_factor * reached, self.MATCHED_TOL_CAP)
+        return max(requested, matched)
 
     def initial_guess(self, v: Tensor, result: SolverResult) -> Optional[Tensor]:
         """The adjoint solve's start (``None``: the linear solver's own)."""
         return v.clone() if self.warm_start == "jfb" else None
 
     def compute_w(self, v: Tensor, vjp: Vjp, result: SolverResult, stats: BackwardStats) -> Tensor:
-        sol = self.adjoint.solve_adjoint(vjp, v, w0=self.initial_guess(v, result), tol=self.tol, max_iter=self.max_iter)
+        requested = self.tol if self.tol is not None else self.adjoint.tol
+        tol = self.adjoint_tol(result)
+        sol = self.adjoint.solve_adjoint(vjp, v, w0=self.initial_guess(v, result), tol=tol, max_iter=self.max_iter)
+        sol.extra.setdefault("tol_requested", requested)
         return self.finish(sol, stats)
 
     def finish(self, sol: SolverResult, stats: BackwardStats) -> Tensor:

@@ -7,6 +7,7 @@ See :mod:`deqkit.linear.base` for the protocol every linear solver implements;
 from typing import Any
 
 from ..registry import LINEAR_SOLVERS, register_linear_solver
+from .auto import AutoAdjoint
 from .base import LinearSolver
 from .cg import CG
 from .dense import Dense
@@ -16,6 +17,7 @@ from .gmres import GMRES
 __all__ = [
     "LinearSolver",
     "GMRES",
+    "AutoAdjoint",
     "Dense",
     "CG",
     "FixedPointAdjoint",
@@ -26,5 +28,5 @@ __all__ = [
 
 
 def make_linear_solver(name: str, **options: Any) -> LinearSolver:
-    """Build a registered adjoint linear solver by name (``gmres``, ``dense``, ``cg``, or one you registered)."""
+    """Build a registered adjoint linear solver by name (``gmres``, ``auto``, ``dense``, ``cg``, or one you registered)."""
     return LINEAR_SOLVERS.make(name, **options)

@@ -21,7 +21,7 @@ __all__ = ["TITLE", "STEP_ESTIMATORS", "bench_step", "format_step_table", "step_
 TITLE = "## DEQ gradient estimators: step cost"
 
 #: estimators of the step-cost table, keys of :data:`deqkit.apps.compare.ESTIMATOR_PRESETS`
-STEP_ESTIMATORS = ("exact", "exact-broyden", "exact-warm", "exact-precond", "unrolled", "neumann", "jacobian-free", "shine",
+STEP_ESTIMATORS = ("exact", "exact-default", "exact-broyden", "exact-warm", "exact-precond", "unrolled", "neumann", "jacobian-free", "shine",
                    "shine-opa", "broyden-reuse", "shine-refine")
 
 _PER_ROUND = ("fwd_ms", "bwd_ms", "total_ms", "fwd_steps", "fwd_converged", "bwd_vjps", "bwd_iters", "n_fallback")
@@ -177,8 +177,11 @@ Reading the numbers. The forward solve is the same for every estimator (it domin
 on these small cells); Unrolled's forward is larger because its k graph evaluations run at attach
 time. The reuse estimators' backward is one low-rank product plus the single VJP to the
 parameters that every estimator pays: that VJP and autograd's fixed overhead (~0.3–0.5 ms here)
-are their floor. Exact's backward is GMRES: each Krylov step is one VJP plus a batched
-`torch.linalg.lstsq` on the small Hessenberg matrix and a modified Gram–Schmidt loop in Python.
+are their floor. The `exact` preset's backward is GMRES: each Krylov step is one VJP plus two
+block Gram–Schmidt products against the stacked basis and one Givens rotation (see the GMRES
+per-step table in the torchdeq section); `exact-default` is `Exact()`: Picard steps on the
+adjoint while they contract fast, GMRES when they do not, to a tolerance matched to the
+forward's residual.
 `peak KB` is dominated by the Broyden buffers `U, V` (batch × width × memory × 2 floats:
 960 KB at width 64, 3.75 MB at width 256). The DEQ keeps them until backward only for the
 estimators that reuse them (SHINE, BroydenReuse, WarmExact); WarmExact's Broyden adjoint adds

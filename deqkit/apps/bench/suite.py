@@ -17,6 +17,7 @@ import torch
 from . import accuracy, memory, step, torchdeq
 from .accuracy import ACCURACY_NOTES, ACCURACY_SETS, accuracy_targets, bench_accuracy, format_accuracy_tables
 from .config import HARD, REFERENCE, BenchConfig
+from .krylov import KRYLOV_NOTES, bench_krylov, format_krylov_table, krylov_targets
 from .memory import MEMORY_NOTES, bench_memory, format_memory_table, memory_targets
 from .report import header, write_sections
 from .sim_speed import SimSpeedConfig, bench_sim_speed
@@ -86,12 +87,25 @@ def _run_memory(cfg: SuiteConfig) -> tuple:
     return bcfg, rows
 
 
+_HARD_QUICK = BenchConfig("hard-quick", width=128, init_scale=0.7, tol=1e-6, max_iter=40, batch=16)
+
+
 def _run_torchdeq(cfg: SuiteConfig) -> Optional[dict]:
-    print("\n== against torchdeq ==")
-    res = bench_torchdeq(_QUICK if cfg.quick else REFERENCE, repeats=cfg.rounds)
-    if res is not None:
+    """Both configurations side by side with torchdeq, and GMRES's cost per Krylov step on each."""
+    configs = [_QUICK, _HARD_QUICK] if cfg.quick else [REFERENCE, HARD]
+    runs = []
+    for bcfg in configs:
+        print(f"\n== against torchdeq: {bcfg.name} ==")
+        res = bench_torchdeq(bcfg, repeats=cfg.rounds)
+        if res is None:
+            return None
         _print_targets(torchdeq_targets(res))
-    return res
+        runs.append(res)
+    print("\n== GMRES cost per Krylov step ==")
+    krylov = [bench_krylov(bcfg, repeats=cfg.rounds) for bcfg in configs]
+    print(format_krylov_table(krylov))
+    _print_targets(krylov_targets(krylov))
+    return {"runs": runs, "krylov": krylov}
 
 
 def _run_accuracy(cfg: SuiteConfig) -> list:
@@ -150,7 +164,10 @@ def _render_torchdeq(res: Optional[dict], head: str) -> str:
     parts = [SECTIONS["torchdeq"], "", head]
     if res is None:
         return "\n".join(parts + [INSTALL_HINT, ""])
-    return "\n".join(parts + [format_torchdeq_tables(res), "", "Targets:", ""] + _targets(torchdeq_targets(res)) + ["", TORCHDEQ_NOTES])
+    for run in res["runs"]:
+        parts += [format_torchdeq_tables(run), "", "Targets:", ""] + _targets(torchdeq_targets(run)) + [""]
+    parts += ["GMRES cost per Krylov step against one VJP:", "", format_krylov_table(res["krylov"]), "", "Targets:", ""]
+    return "\n".join(parts + _targets(krylov_targets(res["krylov"])) + ["", TORCHDEQ_NOTES, KRYLOV_NOTES])
 
 
 def _render_accuracy(res: list, head: str) -> str:

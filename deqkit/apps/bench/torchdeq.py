@@ -24,6 +24,11 @@ __all__ = ["TITLE", "INSTALL_HINT", "torchdeq_available", "bench_torchdeq", "for
 #: this section's heading in BENCHMARKS.md
 TITLE = "## Against torchdeq"
 
+#: the row of each library's default exact gradient (deqkit: ``Exact()``; torchdeq: ``ift=True`` with its backward defaults)
+DEFAULT_PAIR = "Exact() default / IFT default"
+#: the deqkit-only row every gradient's cosine is taken against (GMRES to relative 1e-6, not matched to the forward)
+GMRES_ROW = "Exact, GMRES backward (tol 1e-6)"
+
 INSTALL_HINT = "torchdeq is not installed: `pip install 'deqkit[bench]'` (or `pip install torchdeq==0.1.0`) to run this section."
 
 
@@ -125,12 +130,15 @@ def _step_layers(cell: nn.Module, s: TorchDEQSettings) -> tuple[dict[str, tuple[
 
     fixed_point = FixedPoint(tol=s.b_tol, max_iter=s.b_max_iter, stop_mode="abs")
     anderson = Anderson(memory=6, regularization=1e-4, tol=s.b_tol, max_iter=s.b_max_iter, stop_mode="abs")
+    default_theirs = get_deq(core="sliced", f_solver="counted_anderson", f_max_iter=s.f_max_iter, f_tol=s.f_tol, f_stop_mode="rel",
+                             ift=True, b_solver="counted_fixed_point_iter")  # its backward defaults: fixed point, abs 1e-6, cap 40
     pairs = {
+        DEFAULT_PAIR: (ours(Exact(on_failure="ignore")), default_theirs),
         "Exact, fixed-point backward": (ours(Exact(fixed_point, on_failure="ignore")), theirs(ift=True, b_solver="counted_fixed_point_iter")),
         "Exact, Anderson backward": (ours(Exact(anderson, on_failure="ignore")), theirs(ift=True, b_solver="counted_anderson")),
         "Unrolled(5, 0.5) / phantom grad=5, tau=0.5": (ours(Unrolled(5, 0.5)), theirs(grad=5, tau=0.5)),
     }
-    extra = {"Exact, GMRES backward (deqkit default)": ours(Exact(GMRES(tol=1e-6, max_iter=60), on_failure="ignore"))}
+    extra = {GMRES_ROW: ours(Exact(GMRES(tol=1e-6, max_iter=60), on_failure="ignore", match_forward=False))}
     return pairs, extra
 
 
@@ -179,7 +187,25 @@ def _cos(a: Tensor, b: Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()))
 
 
-def _step_rows(stats: dict[str, dict[str, Any]], pairs: list[str]) -> list[dict[str, Any]]:
+def reference_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """The parameter gradient of the step's loss on a float64 copy of ``model``: forward Anderson to
+    relative 1e-12, adjoint GMRES to relative 1e-10 (not matched to the forward)."""
+    import copy
+
+    m64 = copy.deepcopy(model).double()
+    deq = DEQ(m64.cell, Anderson(memory=6, tol=1e-12, max_iter=500, stop_mode="rel"),
+              Exact(GMRES(tol=1e-10, max_iter=1000), match_forward=False, on_failure="warn"), on_failure="warn")
+    u = m64.injection(x.double())
+    z, _ = deq(u)
+    nn.functional.cross_entropy(m64.head(z), y).backward()
+    return torch.cat([p.grad.reshape(-1) for p in m64.parameters()])
+
+
+def _rel_err(a: Tensor, ref: Tensor) -> float:
+    return float((a - ref).norm() / ref.norm())
+
+
+def _step_rows(stats: dict[str, dict[str, Any]], pairs: list[str], reference: Optional[Tensor] = None) -> list[dict[str, Any]]:
     """One row per pair: time ratios, gradient agreement, and every gradient against ours with GMRES."""
     rows = []
     for pair in pairs:
@@ -191,10 +217,13 @@ def _step_rows(stats: dict[str, dict[str, Any]], pairs: list[str]) -> list[dict[
             "bwd_ratio": ratio(med(ours_s["bwd_ms"]), med(th["bwd_ms"])) if th else float("nan"),
             "grad_cos": _cos(ours_s["grad"], th["grad"]) if th else float("nan"),
         })
-    ref = stats["Exact, GMRES backward (deqkit default)|deqkit"]["grad"]  # the tightest of the lot
+    ref = stats[f"{GMRES_ROW}|deqkit"]["grad"]  # the tightest of the lot
     for r in rows:
         r["ours_cos_gmres"] = _cos(r["ours"]["grad"], ref)
         r["theirs_cos_gmres"] = _cos(r["theirs"]["grad"], ref) if r["theirs"] else float("nan")
+        if reference is not None:
+            r["ours_err"] = _rel_err(r["ours"]["grad"], reference)
+            r["theirs_err"] = _rel_err(r["theirs"]["grad"], reference) if r["theirs"] else float("nan")
     return rows
 
 
@@ -234,7 +263,9 @@ def bench_torchdeq(
     with quiet():
         interleaved(keys, repeats, timer)
     zero_grads(model)
-    result = {"forward": fwd, "step": _step_rows(timer.stats, list(pairs) + list(extra)),
+    reference = reference_gradient(model, x, y)
+    zero_grads(model)
+    result = {"forward": fwd, "step": _step_rows(timer.stats, list(pairs) + list(extra), reference),
               "version": getattr(torchdeq, "__version__", "0.1.0"), "cfg": cfg, "settings": asdict(settings)}
     log(format_torchdeq_tables(result))
     return result
@@ -251,7 +282,8 @@ def format_torchdeq_tables(res: dict[str, Any]) -> str:
                      f"{o['fevals']} / {t['fevals']}", f"{o['ms_per_eval']:.3f} / {t['ms_per_eval']:.3f}", f"{o['rel']:.1e} / {t['rel']:.1e}"])
     t1 = md_table(head, body)
     head2 = ["training step", "deqkit fwd / bwd / total ms", "torchdeq fwd / bwd / total ms", "total ÷", "bwd ÷",
-             "fwd evals (ours / theirs)", "bwd iters (ours / theirs)", "cos(ours, theirs)", "cos to GMRES (ours / theirs)"]
+             "fwd evals (ours / theirs)", "bwd iters (ours / theirs)", "cos(ours, theirs)", "cos to GMRES (ours / theirs)",
+             "grad rel err to ref (ours / theirs)"]
     body2 = []
     for r in res["step"]:
         o, t = r["ours"], r["theirs"]
@@ -263,9 +295,10 @@ def format_torchdeq_tables(res: dict[str, Any]) -> str:
             r["pair"], trip(o), trip(t) if t else "-", f"{r['total_ratio']:.2f}" if t else "-", f"{r['bwd_ratio']:.2f}" if t else "-",
             f"{o['fwd_evals']} / {t['fwd_evals']}" if t else f"{o['fwd_evals']}", f"{o['bwd_iters']} / {t['bwd_iters']}" if t else f"{o['bwd_iters']}",
             f"{r['grad_cos']:.6f}" if t else "-", f"{r['ours_cos_gmres']:.6f} / {r['theirs_cos_gmres']:.6f}" if t else f"{r['ours_cos_gmres']:.6f}",
+            (f"{r['ours_err']:.1e} / {r['theirs_err']:.1e}" if t else f"{r['ours_err']:.1e}") if "ours_err" in r else "-",
         ])
     t2 = md_table(head2, body2)
-    return (f"torchdeq {res['version']}, {res['cfg'].describe().split(', `Broyden')[0]}, batch {res['cfg'].batch}; both libraries: Anderson "
+    return (f"{res['cfg'].name}: torchdeq {res['version']}, {res['cfg'].describe().split(', `Broyden')[0]}, batch {res['cfg'].batch}; both libraries: Anderson "
             f"forward to rel tol {s['f_tol']:g} (cap {s['f_max_iter']}), backward abs tol {s['b_tol']:g} (cap {s['b_max_iter']})\n\n{t1}\n\n{t2}")
 
 
@@ -279,6 +312,14 @@ def torchdeq_targets(res: dict[str, Any]) -> list[str]:
     for pair in ("Exact, fixed-point backward", "Exact, Anderson backward"):
         r = by[pair]
         out.append(f"{pair}: our step ≤ 0.9 × its IFT step: {r['total_ratio']:.2f}× — {mark(r['total_ratio'] <= 0.9)}")
+    if DEFAULT_PAIR in by:
+        r = by[DEFAULT_PAIR]
+        acc = r.get("ours_err", float("nan")) <= r.get("theirs_err", float("nan"))
+        out.append(
+            f"{res['cfg'].name}: default Exact() step ≤ 0.8 × torchdeq's default IFT step at equal or better accuracy: "
+            f"{r['total_ratio']:.2f}× (backward {r['bwd_ratio']:.2f}×), gradient rel. error {r.get('ours_err', float('nan')):.1e} vs "
+            f"{r.get('theirs_err', float('nan')):.1e} — {mark(r['total_ratio'] <= 0.8 and acc)}"
+        )
     r = by["Unrolled(5, 0.5) / phantom grad=5, tau=0.5"]
     out.append(f"Unrolled step ≤ 1.0 × phantom step: {r['total_ratio']:.2f}× — {mark(r['total_ratio'] <= 1.0)}")
     for pair in ("Exact, fixed-point backward", "Exact, Anderson backward"):

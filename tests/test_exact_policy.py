@@ -1,0 +1,119 @@
+"""The default exact gradient: the adjoint policy (AutoAdjoint), the tolerance that follows the
+forward solve, and GMRES's per-sample stopping and determinism."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import deqkit as dk
+from deqkit.linear import GMRES, AutoAdjoint
+
+F64 = torch.float64
+
+
+def randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def jacobians(B: int, d: int, radius: float, seed: int) -> torch.Tensor:
+    """Per-sample ``J`` with spectral radius ``radius`` (non-normal, random)."""
+    Ms = randn(B, d, d, seed=seed)
+    return torch.stack([radius * M / torch.linalg.eigvals(M).abs().max() for M in Ms])
+
+
+def closed_form(J: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    eye = torch.eye(J.shape[-1], dtype=J.dtype)
+    return torch.linalg.solve((eye - J).transpose(1, 2), v.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("radius, policy", [(0.3, "fixed-point"), (0.97, "fixed-point→gmres"), (1.2, "fixed-point→gmres")])
+def test_auto_adjoint_picks_by_contraction_and_records_it(radius, policy):
+    B, d = 4, 30
+    J, v = jacobians(B, d, radius, seed=1), randn(B, d, seed=2)
+    vjp = lambda u: torch.einsum("bi,bij->bj", u, J)
+    res = AutoAdjoint(tol=1e-10, max_iter=400, restart=d).solve_adjoint(vjp, v)  # full GMRES: no stagnation
+    assert res.all_converged, res.summary()
+    assert res.extra["policy"] == policy and res.solver == f"auto({policy})"
+    assert float((res.z - closed_form(J, v)).norm() / closed_form(J, v).norm()) < 1e-8
+    true = (res.z - vjp(res.z) - v).norm(dim=1) / v.norm(dim=1)
+    torch.testing.assert_close(res.rel_residual, true, rtol=1e-6, atol=1e-14)
+    if policy == "fixed-point":
+        assert res.extra["gmres_steps"] == 0 and res.extra["rate"] < 0.9
+    else:
+        assert res.extra["switched_at"] == res.extra["fixed_point_steps"] <= 5 and res.extra["gmres_steps"] > 0
+        # both phases counted per sample: the Picard probe plus the Krylov steps
+        assert bool((res.nstep >= res.extra["fixed_point_steps"]).all())
+
+
+def test_gmres_stops_each_sample_on_its_own_and_is_deterministic():
+    B, d = 5, 40
+    J, v = jacobians(B, d, 0.9, seed=3), randn(B, d, seed=4)
+    J[0] *= 0.1 / 0.9  # one easy sample among hard ones
+    vjp = lambda u: torch.einsum("bi,bij->bj", u, J)
+    g = GMRES(tol=1e-9, max_iter=200)
+    batch = g.solve_adjoint(vjp, v)
+    alone = g.solve_adjoint(lambda u: torch.einsum("bi,bij->bj", u, J[:1]), v[:1])
+    assert int(batch.nstep[0]) == int(alone.nstep[0]) < int(batch.nstep[1:].min())
+    torch.testing.assert_close(batch.z[0], alone.z[0], rtol=1e-12, atol=1e-14)  # independent of its batch mates
+    again = g.solve_adjoint(vjp, v)
+    assert torch.equal(again.z, batch.z) and torch.equal(again.nstep, batch.nstep)
+
+
+def test_gmres_float32_matches_float64():
+    B, d = 4, 64
+    J, v = jacobians(B, d, 0.8, seed=5), randn(B, d, seed=6)
+    w64 = GMRES(tol=1e-10, max_iter=200).solve_adjoint(lambda u: torch.einsum("bi,bij->bj", u, J), v).z
+    J32 = J.float()
+    res = GMRES(tol=1e-5, max_iter=200).solve_adjoint(lambda u: torch.einsum("bi,bij->bj", u, J32), v.float())
+    assert res.all_converged
+    assert float((res.z.double() - w64).norm() / w64.norm()) < 1e-4
+
+
+class Cell(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        W = randn(12, 12, seed=7)
+        self.W = nn.Parameter(0.8 * W / torch.linalg.matrix_norm(W, ord=2))
+        self.U = nn.Parameter(randn(12, 3, seed=8))
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(z @ self.W.T + x @ self.U.T)
+
+
+def _backward(grad: dk.GradientEstimator, fwd_tol: float) -> dk.DEQInfo:
+    deq = dk.DEQ(Cell(), dk.Anderson(tol=fwd_tol, max_iter=100), grad, state_shape=(12,))
+    z, info = deq(randn(6, 3, seed=9))
+    z.square().sum().backward()
+    return info
+
+
+def test_exact_default_tolerance_follows_the_forward_unless_told_not_to():
+    info = _backward(dk.Exact(), fwd_tol=1e-3)
+    reached = float(info.forward.rel_residual.max())
+    assert 1e-6 < reached <= 1e-3
+    solve = info.backward.solve
+    assert solve.tol == pytest.approx(reached) and solve.extra["tol_requested"] == 1e-6
+    assert solve.solver.startswith("auto(") and solve.all_converged
+    full = _backward(dk.Exact(match_forward=False), fwd_tol=1e-3).backward.solve
+    assert full.tol == 1e-6 and full.all_converged and int(full.nstep.max()) > int(solve.nstep.max())
+    # a tight forward keeps the requested tolerance; the factor scales the matched one
+    assert _backward(dk.Exact(), fwd_tol=1e-9).backward.solve.tol == 1e-6
+    assert _backward(dk.Exact(forward_factor=0.1), fwd_tol=1e-3).backward.solve.tol == pytest.approx(0.1 * reached)
+    # never looser than the cap, and a missed (matched) tolerance is still reported
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loose = _backward(dk.Exact(), fwd_tol=0.5)
+    assert loose.backward.solve.tol <= dk.Exact.MATCHED_TOL_CAP
+    with pytest.warns(dk.ConvergenceWarning, match="Exact backward"):
+        _backward(dk.Exact(max_iter=1, match_forward=True), fwd_tol=1e-3)
+
+
+def test_exact_options_are_validated():
+    with pytest.raises(dk.OptionError, match="match_forward"):
+        dk.Exact(match_forward="yes")
+    with pytest.raises(dk.OptionError, match="forward_factor"):
+        dk.Exact(forward_factor=0.0)
