@@ -1,0 +1,193 @@
+"""Data-parallel training with 2 gloo processes on CPU (``torch.multiprocessing`` spawn).
+
+Each test launches fresh processes with :func:`deqkit.train.distributed.launch` (free port,
+a wall-clock limit and a collective timeout, so a hang fails the test instead of blocking it);
+the workers write what they computed to files, which the test compares with a one-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from deqkit import Broyden, Exact, SHINE, Unrolled
+from deqkit.models import DEQClassifier
+from deqkit.train import Callback, TrainConfig, Trainer
+from deqkit.train.distributed import DistributedTrainer, launch, step_generator, world_info
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+
+LAUNCH = {"timeout_s": 240.0, "collective_timeout_s": 60.0, "threads": 1}
+N_TRAIN, IN_DIM, WIDTH, CLASSES = 32, 6, 8, 3
+
+
+def _data(dtype: torch.dtype) -> TensorDataset:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(N_TRAIN, IN_DIM, generator=g, dtype=torch.float64)
+    y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    return TensorDataset(x.to(dtype), y)
+
+
+def _model(dtype: torch.dtype, grad: str, tol: float) -> DEQClassifier:
+    """A contractive MLP DEQ (no layer norm: every sample's solve converges to ``tol``)."""
+    estimator = {"exact": lambda: Exact(tol=1e-10 if dtype == torch.float64 else 1e-6, max_iter=100),
+                 "shine": SHINE, "unrolled": lambda: Unrolled(k=5)}[grad]()
+    torch.manual_seed(0)
+    model = DEQClassifier.mlp(IN_DIM, WIDTH, CLASSES, solver=Broyden(memory=30, tol=tol, max_iter=60),
+                              grad=estimator, on_failure="ignore", norm=None)
+    return model.to(dtype)
+
+
+def _config(**kw) -> TrainConfig:
+    base = dict(epochs=2, batch_size=16, lr=0.1, optimizer="sgd", momentum=0.5, schedule="none", seed=3, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+CASES = [(grad, name) for grad in ("exact", "shine", "unrolled") for name in ("float64", "float32")]
+
+
+def _tol(dtype: torch.dtype) -> float:
+    return 1e-11 if dtype == torch.float64 else 1e-4
+
+
+def _train(out: str, grad: str, dtype_name: str, steps: int) -> None:
+    dtype = getattr(torch, dtype_name)
+    rank, world = world_info()
+    model = _model(dtype, grad, _tol(dtype))
+    cls = DistributedTrainer if world > 1 else Trainer
+    cls(model, _data(dtype), None, _config(max_steps=steps)).fit()
+    if rank == 0:
+        torch.save(model.state_dict(), out)
+
+
+def _equivalence_worker(out_dir: str, steps: int) -> None:
+    for grad, name in CASES:
+        _train(os.path.join(out_dir, f"{grad}-{name}.pt"), grad, name, steps)
+
+
+def test_ddp_steps_equal_one_process_on_the_concatenated_batch(tmp_path: Path) -> None:
+    """K=3 DDP steps (2 ranks x 8 samples) give the parameters of one process on the 16-sample batch."""
+    steps = 3
+    launch(_equivalence_worker, 2, str(tmp_path), steps, **LAUNCH)
+    for grad, name in CASES:
+        dtype = getattr(torch, name)
+        ref_model = _model(dtype, grad, _tol(dtype))
+        init = {k: v.clone() for k, v in ref_model.state_dict().items()}
+        Trainer(ref_model, _data(dtype), None, _config(max_steps=steps)).fit()
+        ddp = torch.load(tmp_path / f"{grad}-{name}.pt")
+        tol = 1e-5 if dtype == torch.float64 else 1e-4
+        moved = max(float((ref_model.state_dict()[k] - init[k]).abs().max()) for k in init)
+        assert moved > 1e-2, "the reference did not train"
+        for k, v in ref_model.state_dict().items():
+            err = float((ddp[k] - v).abs().max() / v.abs().max().clamp_min(1e-12))
+            assert err < tol, f"{grad} {name} {k}: relative difference {err:.2e}"
+
+
+def _straggler_worker(out_dir: str) -> None:
+    """Rank 1 solves to a far tighter tolerance than rank 0: the ranks run different iteration counts."""
+    rank, _ = world_info()
+    tol = 1e-2 if rank == 0 else 1e-12
+    out: dict[str, list] = {}
+    for sync in (False, True):
+        model = _model(torch.float64, "exact", tol)
+        steps: list[int] = []
+        agreed: list[int] = []
+
+        class Record(Callback):
+            def on_step_end(self, trainer, step):  # noqa: ANN001
+                info = model.last_info
+                steps.append(int(info.nstep.max()))
+                agreed.append(int(info.forward.extra.get("agreed_nstep", -1)))
+
+        DistributedTrainer(model, _data(torch.float64), None, _config(max_steps=2), callbacks=[Record()], sync_stop=sync).fit()
+        out[f"sync={sync}"] = [steps, agreed]
+    # a step with a quorum: all ranks stop together once half of the global batch has stopped
+    model = _model(torch.float64, "exact", tol)
+    model.train()
+    model.deq.sync_stop, model.deq.sync_quorum = True, 0.5
+    x = _data(torch.float64).tensors[0][rank * 8 : rank * 8 + 8]
+    model(x)
+    out["quorum"] = [int(model.last_info.nstep.max()), int(model.last_info.forward.extra["agreed_nstep"])]
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
+
+
+def test_ranks_with_different_iteration_counts_do_not_hang(tmp_path: Path) -> None:
+    launch(_straggler_worker, 2, str(tmp_path), **LAUNCH)
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    # without agreement: each rank stops on its own, at very different counts
+    steps0, steps1 = r0["sync=False"][0], r1["sync=False"][0]
+    assert all(a + 3 < b for a, b in zip(steps0, steps1)), (steps0, steps1)
+    # with agreement: both ranks report the same agreed count, the slowest rank's
+    agreed0, agreed1 = r0["sync=True"][1], r1["sync=True"][1]
+    assert agreed0 == agreed1, (agreed0, agreed1)
+    assert agreed1 == r1["sync=True"][0], "the agreed count must be the slowest rank's own count"
+    # the per-sample results are the unsynchronised ones: the fast rank still stops its samples early
+    assert r0["sync=True"][0] == steps0
+    # a quorum of one half: rank 0's samples (half the batch) stop early, so both ranks stop then
+    assert r0["quorum"][1] == r1["quorum"][1] < r1["sync=False"][0][0]
+
+
+class _Kill(Callback):
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, trainer, step):  # noqa: ANN001
+        if step["global_step"] == self.at:
+            os._exit(3)  # like SIGKILL: no checkpoint, no clean-up
+
+
+def _resume_worker(run_dir: str, kill_at: int, resume: bool) -> None:
+    rank, _ = world_info()
+    model = _model(torch.float64, "exact", 1e-11)
+    cfg = _config(epochs=3, batch_size=8, checkpoint_dir=run_dir, lr=0.05)
+    callbacks = [_Kill(kill_at)] if kill_at > 0 else []
+    DistributedTrainer(model, _data(torch.float64), None, cfg, callbacks=callbacks).fit(resume=resume)
+    if rank == 0:
+        torch.save(model.state_dict(), os.path.join(run_dir, "final.pt"))
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    launch(_resume_worker, 2, str(full), 0, False, **LAUNCH)
+    with pytest.raises(Exception):
+        launch(_resume_worker, 2, str(killed), 6, False, **LAUNCH)  # 4 steps per epoch: dies mid-epoch 2
+    ckpt = torch.load(killed / "last.pt", weights_only=True)
+    assert ckpt["global_step"] == 4 and ckpt["world_size"] == 2
+    assert not (killed / "final.pt").exists()
+    one_proc = tmp_path / "one"
+    shutil.copytree(killed, one_proc)
+    launch(_resume_worker, 2, str(killed), 0, True, **LAUNCH)
+    want = torch.load(full / "final.pt")
+    got = torch.load(killed / "final.pt")
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=0, atol=1e-12), k
+    # the same checkpoint resumed by a single process (another world size) reaches the same parameters
+    model = _model(torch.float64, "exact", 1e-11)
+    trainer = Trainer(model, _data(torch.float64), None, _config(epochs=3, batch_size=8, checkpoint_dir=str(one_proc), lr=0.05))
+    history = trainer.fit(resume=True)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, want[k], rtol=0, atol=1e-10), k
+    full_hist = torch.load(full / "last.pt", weights_only=True)["history"]
+    assert abs(full_hist[-1]["train_loss"] - history[-1]["train_loss"]) < 1e-10
+
+
+def test_step_generator_is_the_same_on_every_rank_and_differs_by_step() -> None:
+    a = torch.rand(4, generator=step_generator(3, 10))
+    b = torch.rand(4, generator=step_generator(3, 10))
+    c = torch.rand(4, generator=step_generator(3, 11))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_distributed_trainer_needs_a_process_group() -> None:
+    from deqkit.errors import OptionError
+
+    with pytest.raises(OptionError, match="not initialised"):
+        DistributedTrainer(_model(torch.float32, "exact", 1e-4), _data(torch.float32), None, _config())
