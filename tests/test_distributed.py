@@ -207,3 +207,63 @@ def test_distributed_trainer_needs_a_process_group() -> None:
 
     with pytest.raises(OptionError, match="not initialised"):
         DistributedTrainer(_model(torch.float32, "exact", 1e-4), _data(torch.float32), None, _config())
+
+
+# -- the SIM program's rows sharded over 2 ranks ----------------------------------------------------
+def _sim_states():
+    from deqkit.sim import collect_states, make_mlp
+
+    torch.manual_seed(0)
+    net = make_mlp(6, [5, 4], 3).double()
+    return collect_states(net, torch.rand(30, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+
+
+def _sim_fit(admm_cls, **fit_options):
+    from deqkit.sim import fit_sim
+
+    return fit_sim(_sim_states(), 0.05, admm_ab=admm_cls(max_iter=5000), admm_cd=admm_cls(max_iter=5000),
+                   on_failure="ignore", **fit_options)
+
+
+def _sharded_admm_worker(out_dir: str) -> None:
+    from deqkit.sim.distributed import ShardedADMM
+
+    rank, _ = world_info()
+    out = {}
+    for debias in (False, True):
+        fit = _sim_fit(ShardedADMM, debias=debias)
+        out[f"debias={debias}"] = {
+            "params": {k: v.clone() for k, v in fit.model.state_dict().items()},
+            "nstep": [fit.ab.nstep.clone(), fit.cd.nstep.clone()],
+            "converged": [fit.ab.converged.clone(), fit.cd.converged.clone()],
+            "objective": fit.objective,
+        }
+    torch.save(out, os.path.join(out_dir, f"sim-rank{rank}.pt"))
+
+
+def test_sharded_admm_on_two_processes_equals_the_one_process_fit(tmp_path: Path) -> None:
+    """9 + 3 rows (an odd number of (A, B) rows: uneven shards), with and without the debiasing refit."""
+    from deqkit.sim import BatchedADMM
+
+    launch(_sharded_admm_worker, 2, str(tmp_path), **LAUNCH)
+    ranks = [torch.load(tmp_path / f"sim-rank{r}.pt") for r in (0, 1)]
+    for debias in (False, True):
+        ref = _sim_fit(BatchedADMM, debias=debias)
+        assert ref.ab.nstep.numel() % 2 == 1
+        for got in (r[f"debias={debias}"] for r in ranks):  # every rank holds the whole result
+            assert torch.equal(got["nstep"][0], ref.ab.nstep) and torch.equal(got["nstep"][1], ref.cd.nstep)
+            assert torch.equal(got["converged"][0], ref.ab.converged)
+            assert abs(got["objective"] - ref.objective) <= 1e-10 * abs(ref.objective)
+            for k, v in ref.model.state_dict().items():
+                assert torch.allclose(got["params"][k], v, rtol=0, atol=1e-10), k
+
+
+def test_sharded_admm_in_one_process_is_the_batched_admm() -> None:
+    from deqkit.sim import BatchedADMM
+    from deqkit.sim.distributed import ShardedADMM, row_shard
+
+    ref, got = _sim_fit(BatchedADMM), _sim_fit(ShardedADMM)
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(got.model.state_dict()[k], v)
+    assert [row_shard(9, r, 2) for r in (0, 1)] == [slice(0, 5), slice(5, 9)]
+    assert [row_shard(2, r, 3) for r in range(3)] == [slice(0, 1), slice(1, 2), slice(2, 2)]
