@@ -85,7 +85,10 @@ def _trainer(amp, device: str = "cpu", **kw) -> Trainer:
 def test_trainer_bf16_trains_close_to_float32(test_device: torch.device, tmp_path) -> None:
     ref = _trainer(None, str(test_device)).fit()
     trainer = _trainer("bf16", str(test_device), checkpoint_dir=str(tmp_path))
+    seen: list[torch.dtype] = []
+    trainer.model.head.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype) if mod.training else None)
     hist = trainer.fit()
+    assert seen and all(d == torch.bfloat16 for d in seen), "the training forward must run under bf16 autocast"
     assert hist[0]["fwd_converged"] == 1.0
     assert abs(hist[0]["train_loss"] - ref[0]["train_loss"]) < 0.05 * ref[0]["train_loss"]
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters()), "autocast must not change parameter dtypes"
@@ -111,3 +114,11 @@ def test_fp16_gradscaler_trains_on_cuda(tmp_path) -> None:
     assert hist[0]["train_loss"] is not None and hist[0]["train_loss"] == hist[0]["train_loss"]
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["scaler"] is not None and ckpt["scaler"]["scale"] > 0
+
+
+def test_cli_refuses_fp16_on_cpu_in_one_line(capsys) -> None:
+    from deqkit.cli import main
+
+    rc = main(["train", "--amp", "fp16", "--device", "cpu", "--subset", "32", "--epochs", "1", "--no-progress", "--nproc", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "amp='fp16' needs a CUDA device" in err and "Traceback" not in err

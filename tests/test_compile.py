@@ -32,6 +32,7 @@ def test_compiled_cell_gives_eager_z_and_gradients(grad: str, test_device: torch
     eager = DEQ(cell, Broyden(memory=20, tol=1e-12, max_iter=100), ESTIMATORS[grad](), state_shape=(6,))
     compiled = copy.deepcopy(eager)
     assert compile_cells(compiled, BACKEND) == 1
+    assert compiled.cell._compiled_call_impl is not None and eager.cell._compiled_call_impl is None
     x = randn(5, 4, seed=4).to(test_device)
     c = randn(5, 6, seed=5).to(test_device)
     out = []

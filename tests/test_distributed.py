@@ -23,7 +23,7 @@ from deqkit.train.distributed import DistributedTrainer, launch, step_generator,
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 
-LAUNCH = {"timeout_s": 240.0, "collective_timeout_s": 60.0, "threads": 1}
+LAUNCH = {"timeout_s": 240.0, "collective_timeout_s": 60.0, "threads": 1, "backend": "gloo"}
 N_TRAIN, IN_DIM, WIDTH, CLASSES = 32, 6, 8, 3
 
 

@@ -128,12 +128,12 @@ def run(args: argparse.Namespace) -> int:
     if nproc > 1:
         import torch
 
-        from ..train.distributed import launch
+        from ..train.distributed import default_backend, launch
         from ..train.precision import amp_dtype
 
         amp_dtype(getattr(args, "amp", None), torch.device("cuda" if args.device == "auto" else args.device))  # fp16 on CPU: refused here
 
-        launch(_run_distributed, nproc, args, timeout_s=7 * 24 * 3600.0)
+        launch(_run_distributed, nproc, args, backend=default_backend(args.device), timeout_s=7 * 24 * 3600.0)
         return 0
     set_threads(args.threads, args.device)
     splits, model, cfg = build(args)

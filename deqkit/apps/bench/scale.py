@@ -99,6 +99,7 @@ def bench_scaling(nprocs: Sequence[int], batch: int, steps: int, warmup: int, de
                 continue
             out = os.path.join(tmp, f"{n}-{case}.json")
             launch(_scaling_worker, n, out, batch, steps, warmup, device, case, threads=1 if device == "cpu" else None,
+                   backend="gloo" if device == "cpu" else "nccl",
                    timeout_s=1800.0)
             r = json.loads(Path(out).read_text())
             rows.append({"nproc": n, "case": case, "step_ms": r["step_ms"], "samples_per_s": batch / (r["step_ms"] / 1e3),
