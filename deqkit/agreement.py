@@ -32,7 +32,7 @@ VLDB 2020 (DDP's gradient all-reduce, where the stragglers wait).
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -81,7 +81,7 @@ class AgreedStop(Solver):
         self._calls = 0
         self._agreed = False
         self._threshold = 0
-        self._active: Optional[Tensor] = None
+        self._active: Tensor | None = None
 
     def __repr__(self) -> str:
         return f"AgreedStop({self.solver!r}, quorum={self.quorum})"
@@ -110,7 +110,7 @@ class AgreedStop(Solver):
     def init(self, problem: Problem, z: Tensor, fz: Tensor) -> Any:
         self._calls, self._agreed, self._active = 0, False, None
         global_b = self._all_reduce_sum(z.shape[0], z.device)
-        self._threshold = int(math.floor((1.0 - self.quorum) * global_b + 1e-9))
+        self._threshold = math.floor((1.0 - self.quorum) * global_b + 1e-9)
         return self.solver.init(problem, z, fz)
 
     def observe(self, state: Any, z: Tensor, fz: Tensor, fresh: Tensor) -> None:
@@ -127,14 +127,14 @@ class AgreedStop(Solver):
             return torch.ones_like(stop)
         return stop
 
-    def inverse(self, state: Any) -> Optional[InverseEstimate]:
+    def inverse(self, state: Any) -> InverseEstimate | None:
         return self.solver.inverse(state)
 
     def extras(self, state: Any) -> dict:
         return self.solver.extras(state)
 
     def __call__(
-        self, fn: Fn, z0: Tensor, *, max_iter: Optional[int] = None, tol: Optional[float] = None, **call_options: Any
+        self, fn: Fn, z0: Tensor, *, max_iter: int | None = None, tol: float | None = None, **call_options: Any
     ) -> SolverResult:
         result = self._solve(fn, z0, max_iter=max_iter, tol=tol, options=call_options)
         # this rank's samples have all stopped: take part in the agreement until it is reached

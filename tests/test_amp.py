@@ -58,7 +58,7 @@ def test_bf16_autocast_converges_and_keeps_the_gradient_direction(grad: str, tes
 
 @pytest.mark.xfail(strict=False, reason="needs the solver dtype policy (rellib): solver state and z* kept in float32")
 def test_bf16_autocast_keeps_the_solver_state_in_float32() -> None:
-    x, y = _digits(torch.device("cpu"))
+    x, _ = _digits(torch.device("cpu"))
     model = _reference("shine", 1e-2, torch.device("cpu"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x)

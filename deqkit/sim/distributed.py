@@ -22,7 +22,7 @@ the Alternating Direction Method of Multipliers", Found. Trends Mach. Learn. 201
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -78,8 +78,8 @@ class ShardedADMM(BatchedADMM):
         return dist.get_rank(self.group), dist.get_world_size(self.group)
 
     def _solve(self, phi: Tensor, targets: Tensor, lam: Any, radius: Any = None, n_constrained: int = 0,
-               beta0: Optional[Tensor] = None, factor: Optional[Factorization] = None, weights: Optional[Tensor] = None,
-               support: Optional[Tensor] = None) -> ADMMResult:
+               beta0: Tensor | None = None, factor: Factorization | None = None, weights: Tensor | None = None,
+               support: Tensor | None = None) -> ADMMResult:
         rank, world = self._world()
         rows = targets.shape[0] if isinstance(targets, Tensor) and targets.ndim == 2 else 0
         if world == 1 or rows < world:

@@ -60,8 +60,9 @@ import math
 import os
 import socket
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -93,7 +94,7 @@ SUMMED_OVER_RANKS = ("loss_sum", "correct", "n", "fwd_steps_sum", "fwd_samples",
                      "bwd_samples")
 
 
-def default_backend(device: Union[str, torch.device, None] = None) -> str:
+def default_backend(device: str | torch.device | None = None) -> str:
     """``"nccl"`` for a CUDA device (when NCCL is built in), else ``"gloo"``."""
     dev = torch.device("cuda" if device in (None, "auto") and torch.cuda.is_available() else (device or "cpu"))
     if dev.type == "cuda" and dist.is_nccl_available():
@@ -115,7 +116,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def init_distributed(backend: Optional[str] = None, device: Union[str, torch.device, None] = None,
+def init_distributed(backend: str | None = None, device: str | torch.device | None = None,
                      timeout_s: float = 600.0) -> tuple[int, int]:
     """Initialise the default process group from the environment torchrun sets
     (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``); returns ``(rank, world_size)``.
@@ -139,7 +140,7 @@ def init_distributed(backend: Optional[str] = None, device: Union[str, torch.dev
 
 
 def _worker(rank: int, fn: Callable[..., Any], world: int, port: int, backend: str, args: Sequence[Any],
-            timeout_s: float, threads: Optional[int]) -> None:
+            timeout_s: float, threads: int | None) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
     if threads is not None:
@@ -152,8 +153,8 @@ def _worker(rank: int, fn: Callable[..., Any], world: int, port: int, backend: s
             dist.destroy_process_group()
 
 
-def launch(fn: Callable[..., Any], nproc: int, *args: Any, backend: Optional[str] = None, timeout_s: float = 600.0,
-           collective_timeout_s: Optional[float] = None, threads: Optional[int] = None) -> None:
+def launch(fn: Callable[..., Any], nproc: int, *args: Any, backend: str | None = None, timeout_s: float = 600.0,
+           collective_timeout_s: float | None = None, threads: int | None = None) -> None:
     """Run ``fn(*args)`` in ``nproc`` fresh processes (``torch.multiprocessing``, spawn) with the
     default process group initialised (``backend`` default: :func:`default_backend`).
 
@@ -182,7 +183,7 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any, backend: Optional[str
                     p.kill()
 
 
-def step_generator(seed: int, global_step: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:
+def step_generator(seed: int, global_step: int, device: str | torch.device = "cpu") -> torch.Generator:
     """A generator every rank builds identically for step ``global_step`` of a run seeded ``seed``.
 
     Draw from it every random decision that must agree across ranks (whether this step adds a
@@ -252,11 +253,11 @@ class DistributedTrainer(Trainer):
         self,
         model: nn.Module,
         train_set: Dataset,
-        val_set: Optional[Dataset] = None,
-        config: Union[TrainConfig, dict[str, Any], None] = None,
+        val_set: Dataset | None = None,
+        config: TrainConfig | dict[str, Any] | None = None,
         *,
         callbacks: Sequence[Callback] = (),
-        sync_stop: Optional[bool] = None,
+        sync_stop: bool | None = None,
         sync_quorum: float = 1.0,
         find_unused_parameters: bool = False,
         static_graph: bool = False,
@@ -285,7 +286,7 @@ class DistributedTrainer(Trainer):
         if self.rank != 0:
             self.config = dataclasses.replace(self.config, progress=False)
             self._log = MetricsLog(None, None)
-        self._ddp: Optional[nn.Module] = None
+        self._ddp: nn.Module | None = None
         self._n_batch = 0
         self._n_local = 0
 
@@ -344,13 +345,13 @@ class DistributedTrainer(Trainer):
         super()._end_epoch(guard)
 
     # -- checkpoints: built on every rank (a collective), written by rank 0 ----------------------
-    def _checkpoint(self, rng: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    def _checkpoint(self, rng: dict[str, Any] | None = None) -> dict[str, Any]:
         ckpt = super()._checkpoint(rng)
         ckpt["accumulator"] = self._reduced_sums()
         ckpt["world_size"] = self.world_size
         return ckpt
 
-    def save_checkpoint(self, path: Optional[PathLike] = None, *, rng: Optional[dict[str, Any]] = None) -> Path:
+    def save_checkpoint(self, path: PathLike | None = None, *, rng: dict[str, Any] | None = None) -> Path:
         """Build the checkpoint on every rank (the epoch sums are reduced), write it atomically on
         rank 0, then wait for rank 0 (a barrier). Must be called by every rank."""
         target = Path(path) if path is not None else self.checkpoint_path
@@ -364,7 +365,7 @@ class DistributedTrainer(Trainer):
         dist.barrier(group=self.group)
         return target
 
-    def load_checkpoint(self, path: Optional[PathLike] = None) -> dict[str, Any]:
+    def load_checkpoint(self, path: PathLike | None = None) -> dict[str, Any]:
         """Restore on every rank; the partial epoch sums stay on rank 0 only (they are global)."""
         ckpt = super().load_checkpoint(path)
         if self.rank != 0:

@@ -23,21 +23,22 @@ and Graph Compilation", ASPLOS 2024.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager, Optional
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import OptionError
 
-__all__ = ["AMP_MODES", "amp_dtype", "autocast", "make_grad_scaler", "compile_cells"]
+__all__ = ["AMP_MODES", "amp_dtype", "autocast", "compile_cells", "make_grad_scaler"]
 
 #: the values of ``TrainConfig.amp`` besides ``None``
 AMP_MODES = ("bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def amp_dtype(amp: Optional[str], device: torch.device) -> Optional[torch.dtype]:
+def amp_dtype(amp: str | None, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``amp`` on ``device`` (``None``: full precision); refuses unsafe pairs."""
     if amp is None:
         return None
@@ -51,14 +52,14 @@ def amp_dtype(amp: Optional[str], device: torch.device) -> Optional[torch.dtype]
     return _DTYPES[amp]
 
 
-def autocast(dtype: Optional[torch.dtype], device: torch.device) -> ContextManager[Any]:
+def autocast(dtype: torch.dtype | None, device: torch.device) -> AbstractContextManager[Any]:
     """``torch.autocast`` for ``device`` in ``dtype``, or a no-op context when ``dtype`` is ``None``."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def make_grad_scaler(amp: Optional[str], device: torch.device) -> Optional[Any]:
+def make_grad_scaler(amp: str | None, device: torch.device) -> Any | None:
     """A ``GradScaler`` for ``amp="fp16"`` (CUDA), else ``None``."""
     if amp != "fp16":
         return None

@@ -25,8 +25,9 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from ...estimators import Exact
 from .config import REFERENCE, build_model, digits_batch
 
-__all__ = ["main", "bench_scaling", "bench_compile", "bench_amp"]
+__all__ = ["bench_amp", "bench_compile", "bench_scaling", "main"]
 
 
 def _sync(device: torch.device) -> None:
@@ -42,7 +43,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _model(device: torch.device, tol: Optional[float] = None) -> torch.nn.Module:
+def _model(device: torch.device, tol: float | None = None) -> torch.nn.Module:
     model = build_model(REFERENCE, Exact(on_failure="ignore"), REFERENCE.solver(tol=tol)).to(device)
     return model.train()
 
@@ -120,7 +121,7 @@ def _scaling_table(rows: list[dict[str, Any]], batch: int) -> str:
 
 # -- compile ---------------------------------------------------------------------------------------
 def _step_ms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int,
-             amp: Optional[torch.dtype] = None) -> float:
+             amp: torch.dtype | None = None) -> float:
     times = []
     for i in range(warmup + steps):
         model.zero_grad()
@@ -168,10 +169,11 @@ def bench_compile(backend: str, device: str, steps: int, warmup: int) -> dict[st
 
 
 def _compile_table(r: dict[str, Any]) -> str:
-    lines = ["| backend | device | cell: graphs / breaks | DEQ forward: graphs / breaks | eager step ms | compiled step ms "
-             "| compiled/eager | first compile s |", "|---|---|---|---|---|---|---|---|",
-             f"| {r['backend']} | {r['device']} | {r['cell_graphs']} / {r['cell_graph_breaks']} | {r['deq_graphs']} / "
-             f"{r['deq_graph_breaks']} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | {r['ratio']:.2f} | {r['compile_s']:.0f} |"]
+    head = ("| backend | device | cell: graphs / breaks | DEQ forward: graphs / breaks | eager step ms | compiled step ms "
+            "| compiled/eager | first compile s |")
+    lines = [head, "|---|---|---|---|---|---|---|---|",
+             (f"| {r['backend']} | {r['device']} | {r['cell_graphs']} / {r['cell_graph_breaks']} | {r['deq_graphs']} / "
+              f"{r['deq_graph_breaks']} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | {r['ratio']:.2f} | {r['compile_s']:.0f} |")]
     if r["break_reasons"]:
         lines += ["", "graph breaks of the DEQ forward (first reasons): " + "; ".join(r["break_reasons"])]
     return "\n".join(lines)
@@ -207,7 +209,7 @@ def _amp_table(rows: list[dict[str, Any]], device: str) -> str:
 
 
 # -- command ---------------------------------------------------------------------------------------
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deqkit.apps.bench.scale", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=("scaling", "compile", "amp", "all"))
