@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ._options import check_failure_policy, check_int, validated_options
+from ._options import check_bool, check_failure_policy, check_fraction, check_int, validated_options
 from .errors import OptionError, apply_failure_policy
 from .estimators import BackwardStats, Exact, GradientEstimator
 from .solvers import Anderson, Solver, SolverResult
@@ -106,6 +106,11 @@ class DEQ(nn.Module):
         eval_max_iter: iteration cap in eval mode (default: the solver's).
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when a forward solve
             misses its tolerance; ``info.converged`` always says which samples did.
+        sync_stop: in training mode under ``torch.distributed`` (world size > 1), all ranks
+            agree on when the forward solve stops (:class:`~deqkit.agreement.AgreedStop`: one
+            all-reduce of the active-sample count per iteration); no effect otherwise.
+        sync_quorum: with ``sync_stop``, every rank stops once this fraction of the global
+            batch has stopped (``1.0``: when all samples on all ranks have).
 
     ``forward(x, z0=None, loss_fn=None)`` returns ``(z, info)`` (:class:`DEQInfo`). The forward
     solver's inverse estimate (Broyden's ``H``) is kept in ``info.forward.inverse`` only when the
@@ -122,6 +127,8 @@ class DEQ(nn.Module):
         init: InitPolicy = "zeros",
         eval_max_iter: Optional[int] = None,
         on_failure: str = "warn",
+        sync_stop: bool = False,
+        sync_quorum: float = 1.0,
     ) -> None:
         super().__init__()
         if not isinstance(cell, nn.Module):
@@ -152,6 +159,8 @@ class DEQ(nn.Module):
         self.eval_max_iter = eval_max_iter
         self.on_failure = on_failure
         self._warned_no_opa = False
+        self.sync_stop = check_bool("DEQ", "sync_stop", sync_stop)
+        self.sync_quorum = check_fraction("DEQ", "sync_quorum", sync_quorum)
 
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, grad={self.grad!r}, state_shape={self.state_shape}"
@@ -193,8 +202,18 @@ class DEQ(nn.Module):
         with parametrize.cached():
             _compute_parametrizations(self.cell)  # cached with their graph, before the no-grad solve
             with torch.no_grad():
-                result = self.solver(lambda z: self.cell(z, x), z0, max_iter=max_iter, **call_options)
+                result = self._forward_solver()(lambda z: self.cell(z, x), z0, max_iter=max_iter, **call_options)
             return self._finish(x, result)
+
+    def _forward_solver(self) -> Solver:
+        """The solver of this call: wrapped in a cross-rank stop agreement when ``sync_stop`` applies."""
+        if not (self.sync_stop and self.training):
+            return self.solver
+        from .agreement import AgreedStop, distributed_world
+
+        if distributed_world() <= 1:
+            return self.solver
+        return AgreedStop(self.solver, quorum=self.sync_quorum)
 
     def _finish(self, x: Any, result: SolverResult) -> tuple[Tensor, DEQInfo]:
         if not self.grad.needs_inverse:

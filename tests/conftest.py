@@ -5,6 +5,8 @@ Every tensor is created with an explicit dtype: other test modules change the gl
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -126,3 +128,23 @@ def _no_global_state_leaks():
     assert torch.get_default_dtype() == torch.float32, "a previous test changed the default dtype"
     yield
     assert torch.get_default_dtype() == torch.float32, "this test changed torch's default dtype without restoring it"
+
+
+# -- the device of the tests that have a CUDA path ------------------------------------------------
+#: ``DEQKIT_TEST_DEVICE=cuda`` runs every test that takes the ``test_device`` fixture on CUDA
+#: (and the CUDA-only tests, e.g. fp16 with a GradScaler); default ``cpu``.
+TEST_DEVICE = os.environ.get("DEQKIT_TEST_DEVICE", "cpu").strip().lower() or "cpu"
+
+
+@pytest.fixture
+def test_device() -> torch.device:
+    """``torch.device(DEQKIT_TEST_DEVICE)``; asking for CUDA where there is none is an error, not a skip."""
+    dev = torch.device(TEST_DEVICE)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("DEQKIT_TEST_DEVICE=cuda but torch.cuda.is_available() is False on this machine.")
+    return dev
+
+
+requires_cuda_run = pytest.mark.skipif(
+    TEST_DEVICE != "cuda", reason="CUDA-only test: run with DEQKIT_TEST_DEVICE=cuda on a machine with a GPU"
+)

@@ -58,8 +58,29 @@ def _solver_flags(g: argparse._ArgumentGroup) -> None:
 def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     p = add_classifier_groups(subparsers, "train", help="train one DEQ classifier", description=DESCRIPTION, epochs=10,
                               out="runs/train", solver_group=_solver_flags)
+    _scale_flags(p.add_argument_group("scale (processes, precision, compilation)"))
     p.set_defaults(func=run)
     return p
+
+
+def _scale_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--nproc", type=int, default=1,
+                   help="train data-parallel on N processes (spawned here; gloo on CPU, NCCL on CUDA); "
+                        "under torchrun leave it at 1")
+    g.add_argument("--amp", default=None, choices=("bf16", "fp16"),
+                   help="mixed precision: bf16 autocast (CPU, CUDA) or fp16 with a GradScaler (CUDA)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the DEQ cell (the solver loop stays eager)")
+    g.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
+    g.add_argument("--sync-stop", action="store_true",
+                   help="distributed: all ranks agree on when the forward solve stops (one all-reduce per iteration)")
+    g.add_argument("--sync-quorum", type=float, default=1.0,
+                   help="with --sync-stop: stop every rank once this fraction of the global batch has stopped")
+
+
+def _scale_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields of the scale flags (absent on parsers without them)."""
+    return {"amp": getattr(args, "amp", None), "compile_cell": bool(getattr(args, "compile", False)),
+            "compile_backend": getattr(args, "compile_backend", "inductor")}
 
 
 def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -88,18 +109,53 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         checkpoint_dir=args.out,
         log_path=f"{args.out}/metrics.jsonl",
         progress=not args.no_progress,
+        **_scale_config(args),
     )
     return splits, model, cfg
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
+    from .._options import check_fraction, check_int
     from ..apps.common import set_threads
     from ..train import Trainer
 
+    nproc = check_int("deqkit train", "--nproc", getattr(args, "nproc", 1))
+    check_fraction("deqkit train", "--sync-quorum", getattr(args, "sync_quorum", 1.0))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun (or by --nproc below)
+        return _run_distributed(args)
+    if nproc > 1:
+        import torch
+
+        from ..train.distributed import default_backend, launch
+        from ..train.precision import amp_dtype
+
+        amp_dtype(getattr(args, "amp", None), torch.device("cuda" if args.device == "auto" else args.device))  # fp16 on CPU: refused here
+
+        launch(_run_distributed, nproc, args, backend=default_backend(args.device), timeout_s=7 * 24 * 3600.0)
+        return 0
     set_threads(args.threads, args.device)
     splits, model, cfg = build(args)
     trainer = Trainer(model, splits.train, splits.val, cfg)
     trainer.fit(resume=args.resume)
     test = trainer.evaluate(splits.test)
     print(f"test accuracy {test['acc']:.4f}  test loss {test['loss']:.4f}")
+    return 0
+
+
+def _run_distributed(args: argparse.Namespace) -> int:
+    """One rank of ``deqkit train`` under torch.distributed (torchrun, or --nproc's processes)."""
+    from ..apps.common import set_threads
+    from ..train.distributed import DistributedTrainer, init_distributed
+
+    rank, _ = init_distributed(device=args.device)
+    set_threads(args.threads, args.device)
+    splits, model, cfg = build(args)
+    trainer = DistributedTrainer(model, splits.train, splits.val, cfg, sync_stop=bool(getattr(args, "sync_stop", False)),
+                                 sync_quorum=getattr(args, "sync_quorum", 1.0))
+    trainer.fit(resume=args.resume)
+    test = trainer.evaluate(splits.test)
+    if rank == 0:
+        print(f"test accuracy {test['acc']:.4f}  test loss {test['loss']:.4f}")
     return 0

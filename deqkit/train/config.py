@@ -44,6 +44,11 @@ class TrainConfig:
         grad_clip: clip the global gradient norm to this value (``None``: no clipping).
         tensorboard_dir: also log the epoch metrics to TensorBoard there, if
             ``torch.utils.tensorboard`` can be imported (a warning otherwise).
+        amp: mixed precision: ``None`` (default, full precision), ``"bf16"`` (autocast to
+            bfloat16, CPU or CUDA) or ``"fp16"`` (float16 with a GradScaler, CUDA only); see
+            :mod:`deqkit.train.precision`.
+        compile_cell: compile every DEQ cell with ``torch.compile`` (the solver loop stays eager).
+        compile_backend: ``torch.compile``'s backend for the cells (``"inductor"``, ``"aot_eager"``, ...).
     """
 
     epochs: int = 10
@@ -62,12 +67,26 @@ class TrainConfig:
     max_steps: Optional[int] = None
     grad_clip: Optional[float] = None
     tensorboard_dir: Optional[str] = None
+    amp: Optional[str] = None
+    compile_cell: bool = False
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         self._check_numbers()
         self._check_choices()
         self._check_paths()
         self._check_device()
+        self._check_scale_options()
+
+    def _check_scale_options(self) -> None:
+        owner = type(self).__name__
+        if self.amp is not None:
+            if isinstance(self.amp, str):
+                self.amp = self.amp.lower()
+            check_choice(owner, "amp", self.amp, ("bf16", "fp16"))
+        check_bool(owner, "compile_cell", self.compile_cell)
+        if not isinstance(self.compile_backend, str) or not self.compile_backend:
+            raise OptionError(f"{owner}: compile_backend must be a torch.compile backend name such as 'inductor', got {self.compile_backend!r}.")
 
     def _check_numbers(self) -> None:
         owner = type(self).__name__

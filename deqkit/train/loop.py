@@ -58,6 +58,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .metrics import Callback, Metrics, MetricsLog, collect_infos, evaluation_record, quiet_deqs, solve_stats, step_stats
+from .precision import amp_dtype, autocast, compile_cells, make_grad_scaler
 
 __all__ = ["Trainer"]
 
@@ -173,6 +174,8 @@ class Trainer:
         self.config = config
         self.callbacks = list(callbacks)
         self.device = config.resolved_device()
+        self._amp_dtype = amp_dtype(config.amp, self.device)  # refuses fp16 off CUDA
+        self._scaler = make_grad_scaler(config.amp, self.device)
         self.history: list[dict[str, Any]] = []
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
@@ -247,6 +250,7 @@ class Trainer:
             "n_train": len(self.train_set),  # type: ignore[arg-type]
             "config": self.config.to_dict(),
             "deqs": deq_settings(self.model),
+            "scaler": None if self._scaler is None else self._scaler.state_dict(),
         }
 
     def save_checkpoint(self, path: Optional[PathLike] = None, *, rng: Optional[dict[str, Any]] = None) -> Path:
@@ -273,6 +277,8 @@ class Trainer:
         self.model.to(self.device)
         self._restore_optimizer(ckpt, schedule_changed="epochs" in changed or "max_steps" in changed)
         set_rng_state(ckpt["rng"])
+        if self._scaler is not None and ckpt.get("scaler") is not None:
+            self._scaler.load_state_dict(ckpt["scaler"])
         self._pos = {"epoch": int(ckpt["epoch"]), "batch": int(ckpt["batch"]), "global_step": int(ckpt["global_step"])}
         self._metrics = Metrics(ckpt["accumulator"])
         self.history = list(ckpt["history"])
@@ -296,16 +302,17 @@ class Trainer:
         infos: list[DEQInfo] = []
         self.optimizer.zero_grad(set_to_none=True)
         t0 = synced_perf_counter(self.device)
-        with collect_infos(self.model, infos):
-            logits = self.model(x, target=y) if self._passes_target else self.model(x)
-        loss = F.cross_entropy(logits, y)
+        module = self._train_module()
+        with collect_infos(self.model, infos), autocast(self._amp_dtype, self.device):
+            logits = module(x, target=y) if self._passes_target else module(x)
+            loss = self._loss(logits, y)
         t1 = synced_perf_counter(self.device)
         if not torch.isfinite(loss):
             raise NonFiniteError(
                 f"Trainer: the training loss is {loss.item()} at step {self._pos['global_step'] + 1}. "
                 f"Lower the learning rate, set grad_clip, or use a contractive cell (spectral_norm=True)."
             )
-        loss.backward()
+        self._backward(loss)
         t2 = synced_perf_counter(self.device)
         self._update_parameters()
         return {
@@ -317,12 +324,43 @@ class Trainer:
             **step_stats(infos),
         }
 
+    # -- hooks of the step (DistributedTrainer overrides them; mixed precision lives here) -------
+    def _train_module(self) -> nn.Module:
+        """The module the training forward calls (the model; its DDP wrapper when distributed)."""
+        return self.model
+
+    def _loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        """The training loss of one step (mean cross-entropy)."""
+        return F.cross_entropy(logits, y)
+
+    def _backward(self, loss: Tensor) -> None:
+        """``loss.backward()``, scaled by the GradScaler under ``amp="fp16"``."""
+        (loss if self._scaler is None else self._scaler.scale(loss)).backward()
+
+    def _prepare_model(self) -> None:
+        """Once the model is on its device: compile its DEQ cells (``config.compile_cell``)."""
+        if self.config.compile_cell:
+            compile_cells(self.model, self.config.compile_backend)
+
+    def _make_guard(self) -> "_InterruptGuard":
+        return _InterruptGuard()
+
+    def _shard(self, idx: Tensor) -> Tensor:
+        """The indices of the step's batch this process trains on (all of them in one process)."""
+        return idx
+
     def _update_parameters(self) -> None:
         assert self.optimizer is not None
+        if self._scaler is not None:
+            self._scaler.unscale_(self.optimizer)
         if self.config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self._consistent = False
-        self.optimizer.step()
+        if self._scaler is not None:
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
+        else:
+            self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
 
@@ -349,10 +387,11 @@ class Trainer:
             KeyboardInterrupt: after saving a checkpoint (see the module docstring).
         """
         self.model.to(self.device)
+        self._prepare_model()
         self._start(resume)
         self._log.open()
         bar_class = _progress_bar_class(self.config.progress)
-        guard = _InterruptGuard()
+        guard = self._make_guard()
         self._consistent = True
         self._rng_snapshot = None
         with guard, quiet_deqs(self.model):
@@ -409,7 +448,7 @@ class Trainer:
 
     def _run_batch(self, epoch: int, b: int, idx: Tensor, bar: Any) -> None:
         self._rng_snapshot = rng_state()
-        x, y = (t.to(self.device, non_blocking=True) for t in _fetch(self.train_set, idx))
+        x, y = (t.to(self.device, non_blocking=True) for t in _fetch(self.train_set, self._shard(idx)))
         stats = self._step(x, y)
         self._metrics.add(stats)
         self._pos["batch"] = b + 1
