@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from .options import add_output_group, add_parser, add_runtime_group, parse_options, pick
+from .options import add_output_group, add_parser, add_runtime_group, parse_options, pick, positive_float, positive_int
 
 DESCRIPTION = """\
 Train a DEQ classifier with a chosen forward solver and gradient estimator; checkpoints after
@@ -33,14 +33,14 @@ def add_classifier_groups(
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="digits", help="one of " + ", ".join(DATASETS) + " (digits is embedded)")
     g.add_argument("--data-dir", default=None, help="directory with the four IDX files (fashion-mnist, mnist)")
-    g.add_argument("--subset", type=int, default=None, help="use N training samples (None: all)")
+    g.add_argument("--subset", type=positive_int, default=None, help="use N training samples (None: all)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="mlp", choices=MODELS, help="the DEQ cell")
-    g.add_argument("--width", type=int, default=64, help="MLP state width / conv channels")
+    g.add_argument("--width", type=positive_int, default=64, help="MLP state width / conv channels")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=epochs, help="training epochs")
-    g.add_argument("--batch-size", type=int, default=64, help="samples per step")
-    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (Adam, cosine schedule)")
+    g.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="samples per step")
+    g.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (Adam, cosine schedule)")
     solver_group(p.add_argument_group("solver and gradient"))
     add_runtime_group(p)
     add_output_group(p, out=out, resume="continue from the checkpoints in --out")
@@ -92,14 +92,36 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return splits, model, cfg
 
 
+def _epoch_lines() -> Any:
+    """A callback printing one line per epoch to stderr (the progress when stderr is not a
+    terminal and so shows no bar)."""
+    import sys
+
+    from ..train import Callback
+
+    class EpochLines(Callback):
+        def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
+            val = "" if record.get("val_acc") is None else f", val acc {record['val_acc']:.4f}"
+            print(f"epoch {record['epoch']}/{trainer.config.epochs}: train loss {record['train_loss']:.4f}{val}, "
+                  f"{record['elapsed_s']:.1f}s", file=sys.stderr, flush=True)
+
+    return EpochLines()
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..apps.common import set_threads
+    import sys
+
+    from ..apps.common import prepare_out, resolve_device, set_threads
     from ..train import Trainer
 
+    args.device = resolve_device(args.device)
+    prepare_out(args.out, resume=args.resume, overwrite=args.overwrite)
     set_threads(args.threads, args.device)
     splits, model, cfg = build(args)
-    trainer = Trainer(model, splits.train, splits.val, cfg)
+    lines = [_epoch_lines()] if not args.no_progress and not sys.stderr.isatty() else []
+    trainer = Trainer(model, splits.train, splits.val, cfg, callbacks=lines)
     trainer.fit(resume=args.resume)
     test = trainer.evaluate(splits.test)
     print(f"test accuracy {test['acc']:.4f}  test loss {test['loss']:.4f}")
+    print(f"wrote {trainer.checkpoint_path} and {cfg.log_path}")
     return 0

@@ -350,7 +350,7 @@ class Trainer:
         """
         self.model.to(self.device)
         self._start(resume)
-        self._log.open()
+        self._log.open(self.history)
         bar_class = _progress_bar_class(self.config.progress)
         guard = _InterruptGuard()
         self._consistent = True
