@@ -9,6 +9,7 @@ previous checkpoint intact.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import warnings
@@ -46,7 +47,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "batch", "global_step", "accumulator", "history",
                    "elapsed_s", "n_train", "config")
 #: what to do about a checkpoint that cannot be resumed from
-RESTART_ADVICE = "delete it (or start over without resume, e.g. deqkit's --overwrite) to train from scratch"
+RESTART_ADVICE = "delete it, or start the run over (deqkit: --overwrite; Trainer: fit(resume=False))"
 
 
 class CheckpointError(ValueError):
@@ -112,8 +113,10 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
 
     On any failure the temp file is removed and an existing ``path`` is left untouched.
     """
+    buf = io.BytesIO()  # serialised first: a failed write (disk full) is then a plain OSError, not torch's RuntimeError
+    torch.save(obj, buf)
     with atomic_open(path, "wb") as fh:
-        torch.save(obj, fh)
+        fh.write(buf.getbuffer())
 
 
 def read_checkpoint(source: Path, n_train: int) -> dict[str, Any]:
