@@ -1,4 +1,4 @@
-"""Helpers of the fault-injection suite: run ``deqkit`` in-process (fast: no interpreter start)
+"""Helpers and the ``in_tmp`` fixture of the fault-injection suite: run ``deqkit`` in-process (fast: no interpreter start)
 or as a child process (to kill it), and read what a run left in its output directory.
 
 Cases that need many child processes are marked ``faults_full``: the default suite runs one
@@ -14,8 +14,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def cli(argv: Sequence[str], capsys: Any) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def assert_one_error_line(rc: int, err: str, status: int = 2, contains: Optional[str] = None, only: bool = True) -> str:
+def assert_one_error_line(rc: int, err: str, status: int = 2, contains: str | None = None, only: bool = True) -> str:
     """The command failed with ``status`` and one stderr line ``deqkit: error: ...``, the last
     (no traceback); with ``only`` it is the only line (otherwise earlier progress or warning
     lines of the work done before the failure are allowed). Returns that line."""
@@ -109,3 +110,12 @@ def fault_seeds() -> list[int]:
 
 SIGNALS = {"kill-9": signal.SIGKILL, "sigterm": signal.SIGTERM}
 
+
+
+@pytest.fixture(autouse=True)
+def run_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every case runs in its own ``tmp_path`` (commands default to ``runs/...`` relative paths).
+    Test modules import this autouse fixture (a ``conftest.py`` here would shadow
+    ``tests/conftest.py`` for the ``from conftest import`` of other test modules)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from faultkit import assert_one_error_line, cli, run_in_tmp  # noqa: F401 (an autouse fixture)
 
 from deqkit.cli import build_parser
 from deqkit.cli.options import Number
-
-from faultkit import assert_one_error_line, child_env, cli
 
 
 def _numeric_flags() -> list[tuple[str, str, Number]]:
@@ -84,7 +81,7 @@ def test_bad_number_is_one_line(command, flag, value, capsys):
 
 
 @pytest.mark.parametrize("command", ["train", "compare", "sim", "hpo", "bench"])
-def test_bad_number_through_main(command, capsys, in_tmp):
+def test_bad_number_through_main(command, capsys, tmp_path):
     for c, flag, value in [case for case in CASES if case[0] == command][:5]:
         rc, _, err = cli([c, f"{flag}={value}"], capsys)
         assert_one_error_line(rc, err, contains=flag)
@@ -103,13 +100,13 @@ KEY_VALUE_CASES = [
 
 
 @pytest.mark.parametrize("command,flag,text", KEY_VALUE_CASES, ids=[f"{c}{f}={t}" for c, f, t in KEY_VALUE_CASES])
-def test_bad_key_value_option_is_one_line(command, flag, text, capsys, in_tmp):
+def test_bad_key_value_option_is_one_line(command, flag, text, capsys, tmp_path):
     extra = ["--grad", "neumann"] if "damping" in text or "k=" in text else []
     if command == "hpo":
         extra = ["--grad", "shine-refine,shine-opa", "--outer-steps", "1"]
     rc, _, err = cli([command, flag, text, *extra, "--epochs", "1"] if command != "hpo" else [command, flag, text, *extra], capsys)
     assert_one_error_line(rc, err)
-    assert not (in_tmp / "runs").exists() or not any((in_tmp / "runs").rglob("*.pt"))  # refused before any work
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))  # refused before any work
 
 
 OTHER_CASES = {
@@ -135,24 +132,24 @@ OTHER_CASES = {
 
 
 @pytest.mark.parametrize("name", list(OTHER_CASES))
-def test_other_bad_input_is_one_line(name, capsys, in_tmp):
+def test_other_bad_input_is_one_line(name, capsys, tmp_path):
     argv, needle = OTHER_CASES[name]
     if name.startswith(("cuda", "sim cuda")) and torch.cuda.is_available() and name != "cuda:7":
         argv = [a if a != "cuda" else "cuda:99" for a in argv]  # a device this machine lacks, wherever it runs
     rc, _, err = cli(argv, capsys)
     assert_one_error_line(rc, err, contains=needle)
-    assert not any(in_tmp.rglob("*.pt"))
+    assert not any(tmp_path.rglob("*.pt"))
 
 
-def test_device_auto_works_in_every_command(capsys, in_tmp):
+def test_device_auto_works_in_every_command(capsys, tmp_path):
     """``--device auto`` is accepted by train, compare and sim (hpo and bench have no device)."""
     from deqkit.apps.common import resolve_device
 
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    rc, out, err = cli(["compare", "--device", "auto", "--grad", "jacobian-free", "--epochs", "1", "--subset", "64",
+    rc, _, err = cli(["compare", "--device", "auto", "--grad", "jacobian-free", "--epochs", "1", "--subset", "64",
                         "--width", "8", "--out", "c", "--no-progress"], capsys)
     assert rc == 0, err
-    rc, out, err = cli(["train", "--device", "auto", "--epochs", "1", "--subset", "64", "--width", "8", "--out", "t"], capsys)
+    rc, _out, err = cli(["train", "--device", "auto", "--epochs", "1", "--subset", "64", "--width", "8", "--out", "t"], capsys)
     assert rc == 0, err
     parser = build_parser()
     for command in ("train", "compare", "sim"):
@@ -171,13 +168,3 @@ def test_library_numbers():
     assert dk.Anderson(max_iter=np.int64(10)).max_iter == 10
     assert dk.Broyden(memory=np.int32(5)).memory == 5
     assert math.isfinite(dk.Anderson(tol=np.float32(1e-4)).tol)
-
-
-def test_no_traceback_in_a_real_process(tmp_path):
-    """The same boundary in a child process (what a user sees): one line, status 2."""
-    procs = [subprocess.Popen([sys.executable, "-m", "deqkit", *argv], cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-             for argv in (["train", "--lr", "nan"], ["compare", "--solver-opts", "tol=abc"], ["hpo", "--lam0", "inf"])]
-    for proc in procs:  # started together: their interpreter start-up overlaps
-        _, err = proc.communicate(timeout=240)
-        assert_one_error_line(proc.returncode, err)

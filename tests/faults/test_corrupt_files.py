@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faultkit import assert_one_error_line, cli, run_in_tmp  # noqa: F401 (an autouse fixture)
 
 from deqkit._idx import write_idx
-from faultkit import assert_one_error_line, cli
 
 TRAIN = ["--epochs", "1", "--subset", "64", "--width", "8", "--no-progress"]
 
@@ -47,14 +47,14 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize("kind", list(CORRUPTIONS))
 @pytest.mark.parametrize("command", ["train", "compare"])
-def test_corrupt_checkpoint(command, kind, capsys, in_tmp):
+def test_corrupt_checkpoint(command, kind, capsys, tmp_path):
     extra = ["--grad", "jacobian-free"] if command == "compare" else []
-    ckpt = in_tmp / "r" / ("checkpoints/jacobian-free/last.pt" if command == "compare" else "last.pt")
+    ckpt = tmp_path / "r" / ("checkpoints/jacobian-free/last.pt" if command == "compare" else "last.pt")
     ckpt.parent.mkdir(parents=True)
     data = CORRUPTIONS[kind]()
     ckpt.write_bytes(data)
     rc, _, err = cli([command, *TRAIN, *extra, "--out", "r", "--resume"], capsys)
-    line = assert_one_error_line(rc, err, contains=str(ckpt.relative_to(in_tmp)))
+    line = assert_one_error_line(rc, err, contains=str(ckpt.relative_to(tmp_path)))
     assert "delete it" in line
     assert ckpt.read_bytes() == data
 
@@ -69,8 +69,8 @@ JSON_CORRUPTIONS = {
 
 
 @pytest.mark.parametrize("kind", list(JSON_CORRUPTIONS))
-def test_corrupt_sim_results(kind, capsys, in_tmp):
-    path = in_tmp / "s" / "sim_results.json"
+def test_corrupt_sim_results(kind, capsys, tmp_path):
+    path = tmp_path / "s" / "sim_results.json"
     path.parent.mkdir()
     data = JSON_CORRUPTIONS[kind]()
     path.write_bytes(data)
@@ -80,8 +80,8 @@ def test_corrupt_sim_results(kind, capsys, in_tmp):
 
 
 @pytest.mark.parametrize("kind", list(JSON_CORRUPTIONS))
-def test_corrupt_hpo_results(kind, capsys, in_tmp):
-    path = in_tmp / "h" / "hpo_breast_cancer.json"
+def test_corrupt_hpo_results(kind, capsys, tmp_path):
+    path = tmp_path / "h" / "hpo_breast_cancer.json"
     path.parent.mkdir()
     data = JSON_CORRUPTIONS[kind]()
     path.write_bytes(data)
@@ -112,13 +112,13 @@ def _mlp_bytes(hidden) -> bytes:
 
 
 @pytest.mark.parametrize("kind", list(BASELINES))
-def test_bad_sim_baseline(kind, capsys, in_tmp):
-    path = in_tmp / "base.pt"
+def test_bad_sim_baseline(kind, capsys, tmp_path):
+    path = tmp_path / "base.pt"
     data = BASELINES[kind]()
     path.write_bytes(data)
     rc, _, err = cli(["sim", "--baseline", "base.pt", "--hidden", "8,4", "--lam", "1", "--out", "s"], capsys)
     assert_one_error_line(rc, err, contains="base.pt")
-    assert path.read_bytes() == data and not (in_tmp / "s").exists()
+    assert path.read_bytes() == data and not (tmp_path / "s").exists()
 
 
 def _idx_dir(root: Path) -> Path:
@@ -142,8 +142,8 @@ IDX_CORRUPTIONS = {
 
 
 @pytest.mark.parametrize("kind", list(IDX_CORRUPTIONS))
-def test_corrupt_idx_file(kind, capsys, in_tmp):
-    d = _idx_dir(in_tmp)
+def test_corrupt_idx_file(kind, capsys, tmp_path):
+    d = _idx_dir(tmp_path)
     target = d / "train-images-idx3-ubyte"
     target.write_bytes(IDX_CORRUPTIONS[kind](target.read_bytes()))
     rc, _, err = cli(["train", "--dataset", "mnist", "--data-dir", str(d), *TRAIN, "--out", "r"], capsys)

@@ -13,9 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from faultkit import (  # noqa: F401 (an autouse fixture)
+    assert_one_error_line,
+    cli,
+    history_without_times,
+    model_state,
+    run_in_tmp,
+)
 
 import deqkit._io as dio
-from faultkit import assert_one_error_line, cli, history_without_times, model_state
 
 
 class _Full:
@@ -83,7 +89,7 @@ def _no_tmp(root: Path) -> bool:
     return not [p for p in root.rglob("*.tmp")]
 
 
-def test_checkpoint_write_fails_then_resume(disk_full, capsys, in_tmp):
+def test_checkpoint_write_fails_then_resume(disk_full, capsys, tmp_path):
     rc, _, err = cli([*TRAIN, "--out", "ref"], capsys)
     assert rc == 0, err
     state = disk_full("last.pt", budget=2000, after=1)  # the second epoch's checkpoint
@@ -91,55 +97,55 @@ def test_checkpoint_write_fails_then_resume(disk_full, capsys, in_tmp):
     assert state["fired"] == 1
     assert_one_error_line(rc, err, status=1, contains="could not write")
     assert "No space left on device" in err and "previous file is unchanged" in err
-    ckpt = torch.load(in_tmp / "o" / "last.pt", weights_only=True)
-    assert ckpt["epoch"] == 1 and _no_tmp(in_tmp)  # the epoch-1 checkpoint, whole
+    ckpt = torch.load(tmp_path / "o" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and _no_tmp(tmp_path)  # the epoch-1 checkpoint, whole
     disk_full("nothing")
     rc, _, err = cli([*TRAIN, "--out", "o", "--resume"], capsys)
     assert rc == 0, err
-    a, b = model_state(in_tmp / "ref" / "last.pt"), model_state(in_tmp / "o" / "last.pt")
+    a, b = model_state(tmp_path / "ref" / "last.pt"), model_state(tmp_path / "o" / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    logs = [[json.loads(x) for x in (in_tmp / d / "metrics.jsonl").read_text().splitlines()] for d in ("ref", "o")]
+    logs = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("ref", "o")]
     assert history_without_times(logs[0]) == history_without_times(logs[1])
 
 
-def test_metrics_log_write_fails(disk_full, capsys, in_tmp):
+def test_metrics_log_write_fails(disk_full, capsys, tmp_path):
     rc, _, err = cli([*TRAIN, "--epochs", "1", "--out", "o"], capsys)
     assert rc == 0
-    log = (in_tmp / "o" / "metrics.jsonl").read_bytes()
+    log = (tmp_path / "o" / "metrics.jsonl").read_bytes()
     disk_full("metrics.jsonl", budget=10)
     rc, _, err = cli([*TRAIN, "--epochs", "1", "--out", "o", "--resume"], capsys)
     assert_one_error_line(rc, err, status=1, contains="metrics.jsonl")
-    assert (in_tmp / "o" / "metrics.jsonl").read_bytes() == log and _no_tmp(in_tmp)
+    assert (tmp_path / "o" / "metrics.jsonl").read_bytes() == log and _no_tmp(tmp_path)
 
 
-def test_compare_results_write_fails(disk_full, capsys, in_tmp):
+def test_compare_results_write_fails(disk_full, capsys, tmp_path):
     argv = ["compare", "--epochs", "1", "--subset", "64", "--width", "8", "--grad", "jacobian-free", "--no-progress",
             "--out", "o"]
     rc, _, err = cli(argv, capsys)
     assert rc == 0
-    old = (in_tmp / "o" / "results.json").read_bytes()
+    old = (tmp_path / "o" / "results.json").read_bytes()
     disk_full("results.json", budget=500)
     rc, _, err = cli([*argv, "--resume"], capsys)
     assert_one_error_line(rc, err, status=1, contains="results.json")
-    assert (in_tmp / "o" / "results.json").read_bytes() == old and _no_tmp(in_tmp)
+    assert (tmp_path / "o" / "results.json").read_bytes() == old and _no_tmp(tmp_path)
 
 
-def test_hpo_results_write_fails(disk_full, capsys, in_tmp):
+def test_hpo_results_write_fails(disk_full, capsys, tmp_path):
     argv = ["hpo", "--grad", "exact,shine", "--outer-steps", "2", "--no-progress", "--out", "o"]
     state = disk_full("hpo_breast_cancer.json", budget=300, after=1)  # after the first estimator's write
     rc, _, err = cli(argv, capsys)
     assert state["fired"] == 1
     assert_one_error_line(rc, err, status=1, contains="hpo_breast_cancer.json")
-    kept = json.loads((in_tmp / "o" / "hpo_breast_cancer.json").read_text())
-    assert list(kept["estimators"]) == ["exact"] and kept["complete"] is False and _no_tmp(in_tmp)
+    kept = json.loads((tmp_path / "o" / "hpo_breast_cancer.json").read_text())
+    assert list(kept["estimators"]) == ["exact"] and kept["complete"] is False and _no_tmp(tmp_path)
 
 
-def test_sim_results_write_fails(disk_full, capsys, in_tmp):
+def test_sim_results_write_fails(disk_full, capsys, tmp_path):
     argv = ["sim", "--hidden", "8", "--samples", "100", "--lam", "0.3,1", "--epochs", "1", "--n-test", "50",
             "--n-attack", "0", "--no-plot", "--max-iter-ab", "50", "--max-iter-cd", "50", "--out", "o"]
     state = disk_full("sim_results.json", budget=300, after=1)  # the second λ's write
     rc, _, err = cli(argv, capsys)
     assert state["fired"] == 1
     assert_one_error_line(rc, err, status=1, contains="sim_results.json", only=False)  # after ADMM warnings
-    kept = json.loads((in_tmp / "o" / "sim_results.json").read_text())
-    assert [r["lam"] for r in kept["sim"]] == [0.3] and _no_tmp(in_tmp)
+    kept = json.loads((tmp_path / "o" / "sim_results.json").read_text())
+    assert [r["lam"] for r in kept["sim"]] == [0.3] and _no_tmp(tmp_path)

@@ -25,8 +25,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from faultkit import SIGNALS, cli, fault_seeds, finish, history_without_times, kill_at, model_state, start
+from faultkit import (
+    SIGNALS,
+    assert_one_error_line,
+    cli,
+    fault_seeds,
+    finish,
+    history_without_times,
+    kill_at,
+    model_state,
+    start,
+)
 
 JOBS = {
     "train": (["train", "--epochs", "10", "--subset", "256", "--width", "16", "--batch-size", "32", "--no-progress"],
@@ -73,9 +82,12 @@ def children(workdir):
         thread = threading.Thread(target=watch, daemon=True)
         thread.start()
         runs[(job, sig, seed)] = (thread, result)
+    for argv in BAD_INPUT_CHILDREN:  # started with the others: their interpreter start-up overlaps
+        runs[tuple(argv)] = start(argv, workdir)
     yield runs
-    for thread, _ in runs.values():
-        thread.join(timeout=300)
+    for value in runs.values():
+        if isinstance(value, tuple):
+            value[0].join(timeout=300)
 
 
 _REFERENCE: dict = {}
@@ -127,7 +139,7 @@ def same_hpo(ref: Path, out: Path) -> None:
 
 def same_sim(ref: Path, out: Path, kept: set) -> None:
     ra, rb = (json.loads((d / "sim_results.json").read_text()) for d in (ref, out))
-    untimed = lambda b: {k: v for k, v in b.items() if k != "how"}  # noqa: E731  ("trained in 0.1s")
+    untimed = lambda b: {k: v for k, v in b.items() if k != "how"}
     assert rb["complete"] and untimed(ra["baseline"]) == untimed(rb["baseline"])
     assert [r["lam"] for r in ra["sim"]] == [r["lam"] for r in rb["sim"]]
     for x, y in zip(ra["sim"], rb["sim"]):
@@ -159,3 +171,15 @@ def test_kill_then_resume(job, sig, seed, children, workdir, capsys):
     rc, _, err = cli([*JOBS[job][0], "--out", str(out), "--resume"], capsys)
     assert rc == 0, err
     {"train": same_train, "compare": same_compare, "hpo": same_hpo}.get(job, lambda a, b: same_sim(a, b, kept))(ref, out)
+
+
+#: bad input given to a real child process (what a user sees), alongside the killed runs
+BAD_INPUT_CHILDREN = (["compare", "--solver-opts", "tol=abc"],)  # the other cases run in-process (test_bad_inputs.py)
+
+
+@pytest.mark.parametrize("argv", BAD_INPUT_CHILDREN, ids=[" ".join(a) for a in BAD_INPUT_CHILDREN])
+def test_bad_input_in_a_real_process(argv, children):
+    """Expected: one line ``deqkit: error: ...``, status 2, no traceback (the boundary of
+    test_bad_inputs.py, in a child process)."""
+    rc, _, err = finish(children[tuple(argv)])
+    assert_one_error_line(rc, err)

@@ -13,11 +13,11 @@ import warnings
 from pathlib import Path
 
 import pytest
+from faultkit import cli, run_in_tmp  # noqa: F401 (an autouse fixture)
 
 from deqkit._io import atomic_write_text
 from deqkit.cli import build_parser
 from deqkit.cli.dispatch import interrupt_message
-from faultkit import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ["train", "--epochs", "2", "--subset", "64", "--width", "8"]
@@ -34,7 +34,7 @@ def test_outputs_get_the_umask_mode(umask, tmp_path):
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-def test_train_says_where_it_wrote_without_a_terminal(capsys, in_tmp):
+def test_train_says_where_it_wrote_without_a_terminal(capsys, tmp_path):
     """Expected: with stderr not a terminal, one line per epoch on stderr and the paths written on stdout."""
     rc, out, err = cli([*TRAIN, "--out", "o"], capsys)
     assert rc == 0
@@ -62,7 +62,7 @@ def test_help_shows_every_default():
 
 
 @pytest.mark.parametrize("grad", ["exact", "exact-warm"])
-def test_resume_of_exact_family_does_not_warn(grad, capsys, in_tmp):
+def test_resume_of_exact_family_does_not_warn(grad, capsys, tmp_path):
     """Expected: resuming with unchanged settings raises no "changed settings" warning."""
     rc, _, err = cli([*TRAIN, "--grad", grad, "--out", "o", "--epochs", "1"], capsys)
     assert rc == 0, err
@@ -73,17 +73,17 @@ def test_resume_of_exact_family_does_not_warn(grad, capsys, in_tmp):
     assert not [w for w in caught if "changed settings" in str(w.message)], [str(w.message) for w in caught]
 
 
-def test_resume_still_warns_on_a_real_change(capsys, in_tmp):
-    rc, _, _ = cli([*TRAIN, "--grad", "exact", "--out", "o", "--epochs", "1"], capsys)
+def test_resume_still_warns_on_a_real_change(capsys, tmp_path):
+    _rc, _, _ = cli([*TRAIN, "--grad", "exact", "--out", "o", "--epochs", "1"], capsys)
     with pytest.warns(UserWarning, match="changed settings"):
         cli([*TRAIN, "--grad", "jacobian-free", "--out", "o", "--epochs", "1", "--resume"], capsys)
 
 
-def test_metrics_log_mirrors_the_checkpoint_after_a_crash(capsys, in_tmp):
+def test_metrics_log_mirrors_the_checkpoint_after_a_crash(capsys, tmp_path):
     """Expected: a line half-written by a crash (or an extra one) is gone after --resume; the log
     holds each epoch once."""
     rc, _, _ = cli([*TRAIN, "--out", "o"], capsys)
-    log = in_tmp / "o" / "metrics.jsonl"
+    log = tmp_path / "o" / "metrics.jsonl"
     clean = log.read_text()
     with open(log, "a") as fh:
         fh.write('{"epoch": 3, "train_lo')
@@ -97,9 +97,10 @@ def test_makefile_torch_install_routes(tmp_path):
     """Expected: the plain install is pip's default index; TORCH_INDEX_URL goes to --index-url
     (for the CPU-only build); no host name is hard-coded."""
     def dry(*extra):
-        res = subprocess.run(["make", "-n", "-C", str(ROOT), "install", f"VENV={tmp_path}/v", *extra], capture_output=True,
+        res = subprocess.run(["make", "-n", "-C", str(ROOT), "install", f"VENV={tmp_path}/v", *extra], check=False,
+                             capture_output=True,
                              text=True, timeout=60)
-        return [ln for ln in res.stdout.splitlines() if "torch==" in ln][0]
+        return next(ln for ln in res.stdout.splitlines() if "torch==" in ln)
 
     assert "--index-url" not in dry()
     assert dry("TORCH_INDEX_URL=file:///wheels/cpu").endswith("--index-url file:///wheels/cpu")
