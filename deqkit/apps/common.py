@@ -1,10 +1,16 @@
-"""What the DEQ-classifier applications (``compare``, ``train``, the benchmarks) share: threads,
-data and the seeded model. The library calls of those jobs are made here, in one place."""
+"""What the applications (``compare``, ``train``, ``sim``, ``hpo``, the benchmarks) share: the
+output-directory policy, devices, threads, data and the seeded model. The library calls of
+those jobs are made here, in one place."""
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from typing import Any, Optional
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -17,12 +23,107 @@ from ..solvers import Solver
 
 MODELS = ("mlp", "conv")
 
+#: what the commands write into their output directory (what ``--overwrite`` deletes; nothing else is touched)
+OUTPUT_PATTERNS = (
+    "last.pt", "metrics.jsonl", "metrics-*.jsonl", "checkpoints", "results.json", "results.csv", "compare.png",
+    "sim_results.json", "sim.png", "hpo_*.json", "hpo_*.png", ".*.tmp",
+)
+
+
+def prepare_out(
+    out: Union[str, "os.PathLike[str]"], *, resume: bool = False, overwrite: bool = False, inputs: tuple[Any, ...] = ()
+) -> Path:
+    """The output-directory policy of every command, applied before any work.
+
+    * ``out`` must be a directory (it is created) in which a file can be written: checked by
+      writing and deleting a probe file, so an unwritable ``--out`` fails now, not after an epoch;
+    * a directory that already holds files is refused unless ``resume`` (continue the run it
+      holds) or ``overwrite`` (delete the deqkit outputs it holds — :data:`OUTPUT_PATTERNS` —
+      and start over; other files are left alone). Files in ``inputs`` (the job's own input
+      files, e.g. a baseline kept in ``out``) do not count as an earlier run.
+
+    Raises:
+        OptionError: one line saying what is wrong with ``--out`` and what to do.
+    """
+    path = Path(out)
+    if resume and overwrite:
+        raise OptionError("--resume continues the run in --out and --overwrite deletes it: pass one of them.")
+    if path.exists() and not path.is_dir():
+        raise OptionError(f"--out {out} is an existing file, not a directory; choose another --out.")
+    if path.is_dir() and not resume:
+        own = {Path(p).resolve() for p in inputs if p}
+        entries = sorted(e.name for e in path.iterdir() if e.resolve() not in own)
+        if entries and not overwrite:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise OptionError(
+                f"--out {out} already holds files ({shown}); pass --resume to continue that run, --overwrite to start over "
+                f"(its deqkit outputs are deleted), or choose another --out."
+            )
+        for name in entries:
+            if any(fnmatch.fnmatch(name, pat) for pat in OUTPUT_PATTERNS):
+                _remove(path / name, out)
+    _probe_writable(path, out)
+    return path
+
+
+def _remove(target: Path, out: Any) -> None:
+    try:
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+    except OSError as exc:
+        raise OptionError(f"--overwrite: cannot delete {target} ({exc.strerror or exc}); remove it by hand or choose another --out.") from exc
+
+
+def _probe_writable(path: Path, out: Any) -> None:
+    probe = path / f".deqkit-probe-{uuid.uuid4().hex}.tmp"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as fh:
+            fh.write(b"deqkit")
+    except OSError as exc:
+        raise OptionError(
+            f"--out {out} is not a writable directory ({exc.strerror or exc}); choose another --out or fix its permissions."
+        ) from exc
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+
+
+def resolve_device(device: Any, flag: str = "--device") -> str:
+    """``device`` checked against this machine: ``"auto"`` becomes ``"cuda"`` when CUDA is
+    available, else ``"cpu"``; a CUDA or MPS device this torch build or machine lacks is refused
+    in one line (instead of an assertion deep inside torch)."""
+    name = str(device).strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise OptionError(f"{flag} {device!r} is not a torch device; use cpu, cuda, cuda:N, mps or auto.") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(f"{flag} {device}: no CUDA device is available to this torch build; use --device cpu, or auto "
+                              f"(cuda when available, else cpu).")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise OptionError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0.")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise OptionError(f"{flag} {device}: MPS is not available on this machine; use --device cpu or auto.")
+    elif dev.type != "cpu":
+        raise OptionError(f"{flag} {device!r}: deqkit's commands run on cpu, cuda, cuda:N, mps or auto.")
+    return str(dev)
+
 
 def set_threads(threads: Optional[int], device: str = "cpu") -> None:
     """``threads`` if given, else 1 on CPU: small models run far faster single-threaded on a
     shared CPU than with torch's default thread count."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise OptionError(f"threads must be an integer >= 1, got {threads!r}.")
+        raise OptionError(f"--threads must be an integer >= 1, got {threads!r}.")
     if threads or device == "cpu":
         torch.set_num_threads(threads or 1)
 

@@ -30,7 +30,7 @@ from ..estimators import SHINE, BroydenReuse, WarmExact
 from ..estimators import Adaptive
 from ..solvers import Broyden, Solver
 from ..train import TrainConfig, Trainer
-from .common import MODELS, build_classifier, load_splits, set_threads
+from .common import MODELS, build_classifier, load_splits, prepare_out, resolve_device, set_threads
 
 #: the estimators ``deqkit compare`` knows, by name (each a factory: a fresh object per run)
 ESTIMATOR_PRESETS: dict[str, Callable[[], GradientEstimator]] = {
@@ -89,6 +89,7 @@ class CompareConfig:
     out: str = "runs/compare"
     progress: bool = True
     resume: bool = False
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         owner = "CompareConfig"
@@ -212,10 +213,13 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[
 
     Returns one dict per estimator with the table's numbers, the per-epoch history and the
     residual curve. Each estimator's training checkpoints to ``out/checkpoints/<name>``; with
-    ``cfg.resume`` an interrupted comparison continues where it stopped.
+    ``cfg.resume`` an interrupted comparison continues where it stopped. The output directory
+    follows :func:`~deqkit.apps.common.prepare_out` (an earlier run there is refused unless
+    ``cfg.resume`` or ``cfg.overwrite``), checked before any work.
     """
+    cfg.device = resolve_device(cfg.device)
+    out = prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
     set_threads(cfg.threads, cfg.device)
-    out = Path(cfg.out)
     splits = load_splits(cfg.dataset, cfg.data_dir, cfg.subset, cfg.seed, cfg.model)
     probe = _probe_batch(splits, cfg)
     log(_describe(cfg, splits))

@@ -23,12 +23,14 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from .._io import atomic_write_text, save_figure
-from .._options import check_choice, check_int, unknown_option_message, validated_options
+from .._io import read_json_file
+from .._options import check_choice, check_int, check_number, unknown_option_message, validated_options
 from ..bilevel.data import HPO_DATASETS as DATASETS
 from ..bilevel.data import load_hpo_dataset, logistic_hpo_problem
 from ..bilevel.hoag import HOAG, hypergradient_cosine
 from ..bilevel.hypergrad import HYPERGRADIENT_NAMES, HypergradientEstimator, make_hypergradient
 from ..errors import ConvergenceWarning, OptionError
+from .common import prepare_out
 
 __all__ = ["DATASETS", "HYPERGRADIENTS", "HPOConfig", "run_hpo", "make_preset"]
 
@@ -69,10 +71,15 @@ class HPOConfig:
     lam0: float = 0.0
     threads: int = 1
     progress: bool = True
+    resume: bool = False
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         check_int("HPOConfig", "outer_steps", self.outer_steps)
         check_int("HPOConfig", "threads", self.threads)
+        check_number("HPOConfig", "lam0", self.lam0)
+        if self.resume and not self.out:
+            raise OptionError("HPOConfig: resume continues the run saved in out; give out (--out).")
         for name in self.grad:
             check_choice("HPOConfig", "grad", name, HYPERGRADIENTS)
         valid = list(PRESET_OPTIONS)
@@ -190,19 +197,58 @@ def _plot(path: str, runs: Dict[str, dict], title: str) -> None:
         plt.close(fig)
 
 
-def _write(cfg: HPOConfig, runs: Dict[str, dict], d: int) -> str:
+#: the settings that shape an estimator's run: a resumed search must have the same
+RESULT_SETTINGS = ("dataset", "seed", "per_feature", "outer_steps", "lam0")
+
+
+def _settings(cfg: HPOConfig, d: int) -> dict:
+    return {**{k: getattr(cfg, k) for k in RESULT_SETTINGS}, "n_features": d}
+
+
+def _write(cfg: HPOConfig, runs: Dict[str, dict], d: int, complete: bool = True) -> str:
+    """``hpo_<dataset>.json`` (atomically) with the finished runs; with ``complete`` also the PNG.
+    Called after every estimator, so an interrupted search keeps its finished runs."""
     os.makedirs(cfg.out, exist_ok=True)  # type: ignore[arg-type]
     base = os.path.join(cfg.out, f"hpo_{cfg.dataset}")  # type: ignore[arg-type]
-    payload = {"dataset": cfg.dataset, "seed": cfg.seed, "per_feature": cfg.per_feature,
-               "outer_steps": cfg.outer_steps, "n_features": d,
-               "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "estimators": runs}
+    payload = {**_settings(cfg, d), "grad_opts": {n: cfg.grad_opts for n in runs},
+               "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "complete": complete, "estimators": runs}
     atomic_write_text(base + ".json", json.dumps(payload, indent=1))
-    _plot(base + ".png", runs, f"HOAG on {cfg.dataset} ({'per-feature' if cfg.per_feature else 'scalar'} λ)")
+    if complete:
+        _plot(base + ".png", runs, f"HOAG on {cfg.dataset} ({'per-feature' if cfg.per_feature else 'scalar'} λ)")
     return base
 
 
+def _resumed_runs(cfg: HPOConfig, d: int) -> Dict[str, dict]:
+    """The finished runs of an earlier search in ``cfg.out`` (``--resume``), after checking that
+    it was made with the same settings (OptionError otherwise)."""
+    path = os.path.join(cfg.out, f"hpo_{cfg.dataset}.json")  # type: ignore[arg-type]
+    if not os.path.exists(path):
+        return {}
+    advice = "delete it (or use --overwrite) to start over"
+    old = read_json_file(path, what="deqkit hpo results file", advice=advice)
+    if not isinstance(old, dict) or not isinstance(old.get("estimators"), dict):
+        raise OptionError(f"{path} is not a deqkit hpo results file; {advice}")
+    now = _settings(cfg, d)
+    changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in now.items() if old.get(k) != v]
+    if changed:
+        raise OptionError(f"--resume: {path} was written with other settings ({'; '.join(changed)}); "
+                          f"use another --out, or --overwrite to start over.")
+    kept = {}
+    for name, run in old["estimators"].items():
+        if name in cfg.grad and old.get("grad_opts", {}).get(name) == cfg.grad_opts:
+            run = {k: v for k, v in run.items() if k not in ("time_to_exact_final_1pct", "time_ratio_vs_exact_total")}
+            kept[name] = run
+    return kept
+
+
 def run_hpo(cfg: HPOConfig, log: Callable[[str], None] = print) -> Dict[str, dict]:
-    """Run HOAG once per estimator of ``cfg.grad``; print the curves and the table; write the files."""
+    """Run HOAG once per estimator of ``cfg.grad``; print the curves and the table; write the files.
+
+    With ``cfg.out`` the JSON is rewritten (atomically) after every estimator; ``cfg.resume``
+    keeps the estimators an interrupted search finished (same settings) and runs the rest.
+    """
+    if cfg.out:
+        prepare_out(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite)
     torch.set_num_threads(cfg.threads)
     splits = load_hpo_dataset(cfg.dataset, seed=cfg.seed)
     problem = logistic_hpo_problem(splits)
@@ -212,12 +258,22 @@ def run_hpo(cfg: HPOConfig, log: Callable[[str], None] = print) -> Dict[str, dic
         f"{len(splits.y_val)}, test {len(splits.y_test)}, d={d}), λ "
         f"{'per feature' if cfg.per_feature else 'scalar'}, outer steps {cfg.outer_steps}, "
         f"seed {cfg.seed}, threads {cfg.threads}")
+    done = _resumed_runs(cfg, d) if cfg.resume else {}
+    todo = [name for name in cfg.grad if name not in done]
     # warm-up (torch/autograd first-call overheads) so that the first timed run is not penalised
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        for name in cfg.grad:
+        for name in todo:
             HOAG(make_preset(name, cfg.grad_opts), outer_steps=1).run(problem, lam0)
-    runs = {name: _run_one(cfg, name, problem, lam0, d) for name in cfg.grad}
+    runs: Dict[str, dict] = {}
+    for name in cfg.grad:
+        if name in done:
+            log(f"  [{name:>13}] kept from the earlier run (--resume)")
+            runs[name] = done[name]
+            continue
+        runs[name] = _run_one(cfg, name, problem, lam0, d)
+        if cfg.out:  # every finished estimator is on disk: an interrupted search keeps it for --resume
+            _write(cfg, {n: runs[n] for n in cfg.grad if n in runs}, d, complete=False)
     log(format_curves(runs))
     log(format_summary(runs, _time_to_exact(runs)))
     if cfg.out:

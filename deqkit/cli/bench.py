@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 from .._options import check_int, check_number
-from .options import add_parser, ints
+from .options import Number, add_parser, ints, nonneg_int, positive_float, positive_int
 
 DESCRIPTION = """\
 deqkit benchmarks: step cost per gradient estimator, memory against forward depth, torchdeq
@@ -22,20 +22,20 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     g = p.add_argument_group("suite")
     g.add_argument("--section", default="all", choices=SECTION_NAMES, help="what to run")
     g.add_argument("--quick", action="store_true", help="small sizes and 2 repeats (a smoke run, seconds)")
-    g.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds (None: 15, --quick 2)")
-    g.add_argument("--seeds", type=int, default=10, help="seeds of the accuracy section (0 … N−1)")
-    g.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
+    g.add_argument("--repeats", type=positive_int, default=None, help="interleaved timing rounds (None: 15, --quick 2)")
+    g.add_argument("--seeds", type=positive_int, default=10, help="seeds of the accuracy section (0 … N−1)")
+    g.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
     g.add_argument("--write", default=None, metavar="BENCHMARKS.md", help="refresh this suite's sections of that file in place")
     g = p.add_argument_group("sim-speed section")
     g.add_argument("--dataset", default="digits", help="data set of the MLP baseline (as for deqkit sim)")
     g.add_argument("--data-dir", default=None, help="directory with the four IDX files (fashion-mnist, mnist)")
     g.add_argument("--hidden", type=ints, default=[64, 32, 16], help="hidden widths of the MLP baseline")
-    g.add_argument("--epochs", type=int, default=10, help="baseline training epochs")
+    g.add_argument("--epochs", type=nonneg_int, default=10, help="baseline training epochs")
     g.add_argument("--baseline", default=None, help="baseline state_dict to load, if it exists")
-    g.add_argument("--samples", type=int, default=1000, help="state samples m")
-    g.add_argument("--lam", type=float, default=1.0, help="λ of the SIM program")
-    g.add_argument("--cvxpy-rows", type=int, default=8, help="rows solved by CVXPY (the time is extrapolated to all rows)")
-    g.add_argument("--cvxpy-tol", type=float, default=1e-6, help="Clarabel gap/feasibility tolerance")
+    g.add_argument("--samples", type=positive_int, default=1000, help="state samples m")
+    g.add_argument("--lam", type=Number(float, low=0.0), default=1.0, help="λ of the SIM program")
+    g.add_argument("--cvxpy-rows", type=positive_int, default=8, help="rows solved by CVXPY (the time is extrapolated to all rows)")
+    g.add_argument("--cvxpy-tol", type=positive_float, default=1e-6, help="Clarabel gap/feasibility tolerance")
     p.set_defaults(func=run)
     return p
 

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = CompareConfig(
         **pick(args, "dataset", "data_dir", "subset", "model", "width", "epochs", "batch_size", "lr", "seed", "device",
-               "threads", "out", "resume"),
+               "threads", "out", "resume", "overwrite"),
         estimators=args.grad,
         progress=not args.no_progress,
         **solver_options(args.solver_opts),

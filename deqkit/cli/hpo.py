@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .options import add_data_group, add_output_group, add_runtime_group, comma_list, parse_options, pick, register
+from .options import (
+    add_data_group, add_output_group, add_runtime_group, comma_list, finite_float, parse_options, pick, positive_int, register,
+)
 
 DESCRIPTION = """\
 HOAG hyperparameter search of l2-regularised logistic regression with SHINE-family
@@ -28,11 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--grad-opts", default="refine=5,opa_freq=5",
                    help="estimator options key=value,...: refine (CG steps of shine-refine), opa_freq (OPA every this many inner steps)")
     g = p.add_argument_group("outer problem")
-    g.add_argument("--outer-steps", type=int, default=30, help="HOAG outer iterations")
-    g.add_argument("--lam0", type=float, default=0.0, help="initial λ")
+    g.add_argument("--outer-steps", type=positive_int, default=30, help="HOAG outer iterations")
+    g.add_argument("--lam0", type=finite_float, default=0.0, help="initial λ")
     g.add_argument("--per-feature", action="store_true", help="one λ per feature (vector hyperparameter) instead of a scalar")
     add_runtime_group(p, device=False, threads_default=1, threads_help="torch CPU threads (1: comparable timings)")
-    add_output_group(p, out=None)
+    add_output_group(p, out=None, resume="keep the estimators already in OUT/hpo_<dataset>.json (same settings) and run the rest")
     return p
 
 
@@ -47,7 +49,7 @@ def config(args: argparse.Namespace) -> Any:
     from ..apps.hpo import HPOConfig, make_hypergradient
 
     return HPOConfig(
-        **pick(args, "dataset", "grad", "outer_steps", "seed", "out", "per_feature", "lam0", "threads"),
+        **pick(args, "dataset", "grad", "outer_steps", "seed", "out", "per_feature", "lam0", "threads", "resume", "overwrite"),
         grad_opts=parse_options(args.grad_opts, "--grad-opts", make_hypergradient), progress=not args.no_progress,
     )
 

@@ -36,13 +36,15 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from .._options import check_int, check_number
 from ..errors import OptionError
 
 __all__ = [
     "HelpFormatter",
+    "Number",
+    "Parser",
     "NUMERIC_OPTIONS",
     "add_parser",
     "register",
@@ -51,8 +53,12 @@ __all__ = [
     "add_runtime_group",
     "add_output_group",
     "comma_list",
+    "finite_float",
     "floats",
     "ints",
+    "nonneg_int",
+    "positive_float",
+    "positive_int",
     "option_kinds",
     "parse_options",
 ]
@@ -83,6 +89,58 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if shown is not action.default:
             action = argparse.Action(action.option_strings, action.dest, default=shown, help=action.help)
         return super()._expand_help(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line, ``deqkit: error: ...``, exit status 2
+    (the same form as the errors raised after parsing), naming the command's ``--help``."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        self.exit(2, f"deqkit: error: {' '.join(message.split())} (see: {self.prog} --help)\n")
+
+
+class Number:
+    """An argparse ``type=``: an integer (``kind=int``) or a finite float within bounds; anything
+    else (a word, ``nan``, ``inf``, out of range) is argparse's one-line usage error.
+
+    The bounds are attributes, so tests can walk every numeric flag of every command and try
+    values outside them.
+    """
+
+    def __init__(self, kind: type, *, low: Optional[float] = None, high: Optional[float] = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+        self.kind, self.low, self.high, self.low_open, self.high_open = kind, low, high, low_open, high_open
+        self.__name__ = "integer" if kind is int else "number"
+
+    def describe(self) -> str:
+        lo = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+        hi = "" if self.high is None else f"{'<' if self.high_open else '<='} {self.high:g}"
+        want = " and ".join(s for s in (lo, hi) if s)
+        return ("an integer" if self.kind is int else "a finite number") + (f" {want}" if want else "")
+
+    def __call__(self, text: str) -> Any:
+        try:
+            value = self.kind(text.strip())
+        except (TypeError, ValueError):
+            value = None
+        bad = value is None or (self.kind is float and not math.isfinite(value))
+        if not bad and self.low is not None:
+            bad = value < self.low or (self.low_open and value == self.low)
+        if not bad and self.high is not None:
+            bad = value > self.high or (self.high_open and value == self.high)
+        if bad:
+            raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {text!r}")
+        return value
+
+    def __repr__(self) -> str:
+        return f"Number({self.describe()})"
+
+
+#: the numeric argparse types of the commands
+positive_int = Number(int, low=1)
+nonneg_int = Number(int, low=0)
+positive_float = Number(float, low=0.0, low_open=True)
+finite_float = Number(float)
 
 
 def add_parser(subparsers: Any, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
@@ -245,10 +303,10 @@ def add_runtime_group(
 ) -> argparse._ArgumentGroup:
     """``--seed``, ``--threads`` (and ``--device``)."""
     g = p.add_argument_group("runtime")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--seed", type=nonneg_int, default=0, help="random seed")
     if device:
-        g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps")
-    g.add_argument("--threads", type=int, default=threads_default, help=threads_help)
+        g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps, or auto (cuda when available, else cpu)")
+    g.add_argument("--threads", type=positive_int, default=threads_default, help=threads_help)
     return g
 
 
@@ -257,9 +315,11 @@ def add_output_group(
 ) -> argparse._ArgumentGroup:
     """``--out``, ``--no-progress`` (and ``--resume``, ``--no-plot``)."""
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=out, help="output directory")
+    g.add_argument("--out", default=out, help="output directory (refused when it holds an earlier run, unless --resume or --overwrite)")
     if resume:
         g.add_argument("--resume", action="store_true", help=resume)
+        g.add_argument("--overwrite", action="store_true",
+                       help="start over in an --out that holds an earlier run (its deqkit outputs are deleted first)")
     if plot:
         g.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     g.add_argument("--no-progress", action="store_true", help="no per-step progress output")

@@ -14,7 +14,10 @@ from ..sim.admm import MODES
 from ..sim.attacks import ATTACKS
 from ..sim.fit import LAM_SCALES, PENALTIES, SOLVERS as FIT_SOLVERS, STRUCTURES
 from ..apps.common import set_threads
-from .options import add_data_group, add_output_group, add_runtime_group, comma_list, floats, ints, register
+from .options import (
+    Number, add_data_group, add_output_group, add_runtime_group, comma_list, floats, ints, nonneg_int, positive_float, positive_int,
+    register,
+)
 
 DESCRIPTION = """\
 State-driven implicit modeling (Tsai et al., arXiv 2209.09389): train (or load) an MLP
@@ -30,18 +33,18 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_data_group(p, DATASETS, default="digits")
     g = p.add_argument_group("baseline MLP")
     g.add_argument("--hidden", type=ints, default=[64, 32, 16], help="hidden widths of the MLP baseline")
-    g.add_argument("--epochs", type=int, default=None, help="baseline training epochs (None: 60 digits, 20 mnist5k, 10 others)")
-    g.add_argument("--lr", type=float, default=None, help="baseline learning rate (None: 3e-3 digits, 1e-3 others)")
+    g.add_argument("--epochs", type=nonneg_int, default=None, help="baseline training epochs (None: 60 digits, 20 mnist5k, 10 others)")
+    g.add_argument("--lr", type=positive_float, default=None, help="baseline learning rate (None: 3e-3 digits, 1e-3 others)")
     g.add_argument("--baseline", default=None, help="baseline state_dict: loaded if it exists, else trained and saved")
     g = p.add_argument_group("SIM program")
     g.add_argument("--lam", type=floats, default=[0.01, 0.1, 0.3, 1.0], help="λ values, comma-separated")
-    g.add_argument("--samples", type=int, default=None, help="state samples m (None: 1000 digits, 2000 others)")
-    g.add_argument("--kappa", type=float, default=0.99, help="well-posedness margin κ, in (0, 1)")
+    g.add_argument("--samples", type=positive_int, default=None, help="state samples m (None: 1000 digits, 2000 others)")
+    g.add_argument("--kappa", type=Number(float, low=0.0, high=1.0, low_open=True, high_open=True), default=0.99, help="well-posedness margin κ, in (0, 1)")
     g.add_argument("--mode", choices=MODES, default="relaxed", help="the program's form")
     g.add_argument("--lam-scale", choices=LAM_SCALES, default="none", help="per-row λ scaling")
     g.add_argument("--penalty", choices=PENALTIES, default="uniform",
                    help="ℓ1 weights: uniform (the paper's) or standardized (rescaling-invariant, experimental)")
-    g.add_argument("--input-weight", type=float, default=1.0,
+    g.add_argument("--input-weight", type=positive_float, default=1.0,
                    help="per-block λ: ℓ1 weight of the input columns of B, D relative to A, C and the bias")
     g.add_argument("--structure", choices=STRUCTURES, default="full",
                    help="full (the paper's): any state may feed any state; feedforward: states read only earlier layers")
@@ -50,20 +53,20 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--debias", action="store_true", help="refit each row by least squares on its lasso support (relaxed lasso)")
     g = p.add_argument_group("fit solver")
     g.add_argument("--fit-solver", choices=FIT_SOLVERS, default="admm", help="solver of the SIM program")
-    g.add_argument("--rho", type=float, default=1.0, help="ADMM penalty ρ")
-    g.add_argument("--max-iter-ab", type=int, default=2000, help="ADMM iterations for (A, B) rows")
-    g.add_argument("--max-iter-cd", type=int, default=1000, help="ADMM iterations for (C, D) rows")
+    g.add_argument("--rho", type=positive_float, default=1.0, help="ADMM penalty ρ")
+    g.add_argument("--max-iter-ab", type=positive_int, default=2000, help="ADMM iterations for (A, B) rows")
+    g.add_argument("--max-iter-cd", type=positive_int, default=1000, help="ADMM iterations for (C, D) rows")
     g = p.add_argument_group("fine-tuning")
-    g.add_argument("--finetune-epochs", type=int, default=0,
+    g.add_argument("--finetune-epochs", type=nonneg_int, default=0,
                    help="after each fit, also fine-tune a copy on the training labels for this many epochs, "
                         "sparsity pattern and well-posedness kept (0: SIM alone)")
-    g.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate of the fine-tuning")
+    g.add_argument("--finetune-lr", type=positive_float, default=1e-3, help="Adam learning rate of the fine-tuning")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eps", type=floats, default=[0.0, 0.02, 0.05, 0.1], help="attack radii ε (ℓ∞, inputs in [0, 1])")
     g.add_argument("--attacks", type=comma_list(ATTACKS), default=list(ATTACKS), help="comma list of " + ", ".join(ATTACKS))
-    g.add_argument("--pgd-steps", type=int, default=10, help="PGD steps")
-    g.add_argument("--n-test", type=int, default=None, help="test samples for accuracy (None: all)")
-    g.add_argument("--n-attack", type=int, default=300, help="test samples for the attacks (0: skip)")
+    g.add_argument("--pgd-steps", type=positive_int, default=10, help="PGD steps")
+    g.add_argument("--n-test", type=positive_int, default=None, help="test samples for accuracy (None: all)")
+    g.add_argument("--n-attack", type=nonneg_int, default=300, help="test samples for the attacks (0: skip)")
     add_runtime_group(p, threads_help="torch CPU threads (None: torch's default)")
     add_output_group(p, out="runs/sim", plot=True,
                      resume="keep the λ already in OUT/sim_results.json (same settings and baseline; λ not asked for this "
@@ -94,11 +97,46 @@ def validate(args: argparse.Namespace) -> None:
         raise OptionError("deqkit sim: --debias refits by least squares and needs --mode relaxed.")
 
 
+def check_files(args: argparse.Namespace) -> None:
+    """The files the job will read, checked before any work: the ``--baseline`` state_dict
+    (readable, an MLP with the ``--hidden`` widths) and, with ``--resume``, the earlier
+    ``sim_results.json`` (readable JSON of a sim run). Each problem is one line naming the file."""
+    import os
+    from pathlib import Path
+
+    from .._io import UnreadableFileError, load_torch_file, read_json_file
+    from ..apps.sim import RESULTS_FILE
+
+    if args.baseline and os.path.exists(args.baseline):
+        advice = "delete it (it is retrained and saved there) or pass another --baseline"
+        state = load_torch_file(args.baseline, what="baseline MLP state_dict", advice=advice)
+        weights = [v for k, v in state.items() if str(k).endswith("weight") and getattr(v, "dim", lambda: 0)() == 2] \
+            if isinstance(state, dict) else []
+        if not weights:
+            raise UnreadableFileError(f"{args.baseline} is not a baseline MLP state_dict (no weight matrices); {advice}")
+        widths = [int(w.shape[0]) for w in weights[:-1]]
+        if widths != list(args.hidden):
+            raise OptionError(f"--baseline {args.baseline} holds an MLP with hidden widths {','.join(map(str, widths))}, "
+                              f"--hidden asks for {','.join(map(str, args.hidden))}; pass --hidden "
+                              f"{','.join(map(str, widths))} or another --baseline.")
+    results = Path(args.out) / RESULTS_FILE
+    if args.resume and results.exists():
+        advice = "delete it (or use --overwrite) to start over"
+        old = read_json_file(results, what="deqkit sim results file", advice=advice)
+        if not isinstance(old, dict) or not isinstance(old.get("sim"), list):
+            raise UnreadableFileError(f"{results} is not a deqkit sim results file; {advice}")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Check the flags, then run :func:`deqkit.apps.sim.run_sim`; returns the exit status."""
+    """Check the flags, the files and ``--out``, then run :func:`deqkit.apps.sim.run_sim`;
+    returns the exit status."""
+    from ..apps.common import prepare_out, resolve_device
     from ..apps.sim import run_sim
 
     validate(args)
+    args.device = resolve_device(args.device)
+    check_files(args)
+    prepare_out(args.out, resume=args.resume, overwrite=args.overwrite, inputs=(args.baseline,))
     if args.threads is not None:
         set_threads(args.threads, args.device)
     run_sim(args)

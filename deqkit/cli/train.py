@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from .options import add_output_group, add_parser, add_runtime_group, parse_options, pick
+from .options import add_output_group, add_parser, add_runtime_group, parse_options, pick, positive_float, positive_int
 
 DESCRIPTION = """\
 Train a DEQ classifier with a chosen forward solver and gradient estimator; checkpoints after
@@ -33,14 +33,14 @@ def add_classifier_groups(
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="digits", help="one of " + ", ".join(DATASETS) + " (digits is embedded)")
     g.add_argument("--data-dir", default=None, help="directory with the four IDX files (fashion-mnist, mnist)")
-    g.add_argument("--subset", type=int, default=None, help="use N training samples (None: all)")
+    g.add_argument("--subset", type=positive_int, default=None, help="use N training samples (None: all)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="mlp", choices=MODELS, help="the DEQ cell")
-    g.add_argument("--width", type=int, default=64, help="MLP state width / conv channels")
+    g.add_argument("--width", type=positive_int, default=64, help="MLP state width / conv channels")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=epochs, help="training epochs")
-    g.add_argument("--batch-size", type=int, default=64, help="samples per step")
-    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (Adam, cosine schedule)")
+    g.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="samples per step")
+    g.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (Adam, cosine schedule)")
     solver_group(p.add_argument_group("solver and gradient"))
     add_runtime_group(p)
     add_output_group(p, out=out, resume="continue from the checkpoints in --out")
@@ -114,33 +114,56 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     return splits, model, cfg
 
 
+def _epoch_lines() -> Any:
+    """A callback printing one line per epoch to stderr (the progress when stderr is not a
+    terminal and so shows no bar)."""
+    import sys
+
+    from ..train import Callback
+
+    class EpochLines(Callback):
+        def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
+            val = "" if record.get("val_acc") is None else f", val acc {record['val_acc']:.4f}"
+            print(f"epoch {record['epoch']}/{trainer.config.epochs}: train loss {record['train_loss']:.4f}{val}, "
+                  f"{record['elapsed_s']:.1f}s", file=sys.stderr, flush=True)
+
+    return EpochLines()
+
+
 def run(args: argparse.Namespace) -> int:
     import os
+    import sys
 
     from .._options import check_fraction, check_int
-    from ..apps.common import set_threads
+    from ..apps.common import prepare_out, resolve_device, set_threads
     from ..train import Trainer
 
     nproc = check_int("deqkit train", "--nproc", getattr(args, "nproc", 1))
     check_fraction("deqkit train", "--sync-quorum", getattr(args, "sync_quorum", 1.0))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun (or by --nproc below)
+    args.device = resolve_device(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: rank 0 owns the output directory
+        if os.environ.get("RANK", "0") == "0":
+            prepare_out(args.out, resume=args.resume, overwrite=args.overwrite)
         return _run_distributed(args)
+    prepare_out(args.out, resume=args.resume, overwrite=args.overwrite)
     if nproc > 1:
         import torch
 
         from ..train.distributed import default_backend, launch
         from ..train.precision import amp_dtype
 
-        amp_dtype(getattr(args, "amp", None), torch.device("cuda" if args.device == "auto" else args.device))  # fp16 on CPU: refused here
+        amp_dtype(getattr(args, "amp", None), torch.device(args.device))  # fp16 on CPU: refused here
 
         launch(_run_distributed, nproc, args, backend=default_backend(args.device), timeout_s=7 * 24 * 3600.0)
         return 0
     set_threads(args.threads, args.device)
     splits, model, cfg = build(args)
-    trainer = Trainer(model, splits.train, splits.val, cfg)
+    lines = [_epoch_lines()] if not args.no_progress and not sys.stderr.isatty() else []
+    trainer = Trainer(model, splits.train, splits.val, cfg, callbacks=lines)
     trainer.fit(resume=args.resume)
     test = trainer.evaluate(splits.test)
     print(f"test accuracy {test['acc']:.4f}  test loss {test['loss']:.4f}")
+    print(f"wrote {trainer.checkpoint_path} and {cfg.log_path}")
     return 0
 
 

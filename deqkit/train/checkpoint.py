@@ -9,6 +9,7 @@ previous checkpoint intact.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import warnings
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import atomic_open
+from .._io import atomic_open, load_torch_file
 from ..deq import DEQ
 
 __all__ = [
@@ -42,6 +43,11 @@ CHECKPOINT_FORMAT = 1
 RESUME_KEYS = ("batch_size", "lr", "weight_decay", "optimizer", "momentum", "schedule", "seed", "grad_clip", "max_steps")
 
 PathLike = Union[str, "os.PathLike[str]"]
+#: what every checkpoint holds (a file without one of them is refused, not half-restored)
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "batch", "global_step", "accumulator", "history",
+                   "elapsed_s", "n_train", "config")
+#: what to do about a checkpoint that cannot be resumed from
+RESTART_ADVICE = "delete it, or start the run over (deqkit: --overwrite; Trainer: fit(resume=False))"
 
 
 class CheckpointError(ValueError):
@@ -97,7 +103,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def deq_settings(model: nn.Module) -> list[str]:
     """The solver and gradient estimator of every DEQ in ``model`` (their reprs), so a resumed
     run can tell that they were swapped (e.g. a preset that changed meaning)."""
-    return [f"solver={m.solver!r}, grad={m.grad!r}" for m in model.modules() if isinstance(m, DEQ)]
+    from .metrics import configured_repr  # the policies as configured, not as silenced during training
+
+    return [f"solver={configured_repr(m.solver)}, grad={configured_repr(m.grad)}" for m in model.modules() if isinstance(m, DEQ)]
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
@@ -105,15 +113,17 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
 
     On any failure the temp file is removed and an existing ``path`` is left untouched.
     """
+    buf = io.BytesIO()  # serialised first: a failed write (disk full) is then a plain OSError, not torch's RuntimeError
+    torch.save(obj, buf)
     with atomic_open(path, "wb") as fh:
-        torch.save(obj, fh)
+        fh.write(buf.getbuffer())
 
 
 def read_checkpoint(source: Path, n_train: int) -> dict[str, Any]:
     """Load ``source`` and check that it is a training checkpoint for ``n_train`` samples."""
-    ckpt = torch.load(source, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{source} is not a deqkit training checkpoint (format {CHECKPOINT_FORMAT}).")
+    ckpt = load_torch_file(source, what="deqkit training checkpoint", advice=RESTART_ADVICE)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or not all(k in ckpt for k in CHECKPOINT_KEYS):
+        raise CheckpointError(f"{source} is not a deqkit training checkpoint (format {CHECKPOINT_FORMAT}); {RESTART_ADVICE}")
     if ckpt["n_train"] != n_train:
         raise CheckpointError(
             f"{source} was written for a training set of {ckpt['n_train']} samples, this one has {n_train}; "

@@ -389,7 +389,7 @@ class Trainer:
         self.model.to(self.device)
         self._prepare_model()
         self._start(resume)
-        self._log.open()
+        self._log.open(self.history)
         bar_class = _progress_bar_class(self.config.progress)
         guard = self._make_guard()
         self._consistent = True

@@ -10,6 +10,7 @@ in the model runs with its failure policy set to ``"ignore"`` (and an estimator'
 from __future__ import annotations
 
 import contextlib
+import weakref
 import json
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from torch import nn
 
+from .._io import atomic_write_text
 from ..deq import DEQ, DEQInfo
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,9 +73,33 @@ def quiet_deqs(model: nn.Module) -> Iterator[None]:
             if isinstance(getattr(deq.grad, "on_failure", None), str):
                 saved.append((deq.grad, "on_failure", deq.grad.on_failure))
                 deq.grad.on_failure = "ignore"
+        for obj, attr, value in saved:
+            _CONFIGURED.setdefault(obj, {}).setdefault(attr, value)
         yield
     finally:
         for obj, attr, value in reversed(saved):
+            setattr(obj, attr, value)
+            _CONFIGURED.get(obj, {}).pop(attr, None)
+
+
+#: while :func:`quiet_deqs` is active: the failure policies it replaced, per object
+_CONFIGURED: "weakref.WeakKeyDictionary[object, dict[str, str]]" = weakref.WeakKeyDictionary()
+
+
+def configured_repr(obj: object) -> str:
+    """``repr(obj)`` with the settings its owner configured, even inside :func:`quiet_deqs`
+    (which silences the failure policies for the duration of training): what a checkpoint
+    records and a resumed run compares."""
+    original = dict(_CONFIGURED.get(obj, {}))
+    if not original:
+        return repr(obj)
+    current = {attr: getattr(obj, attr) for attr in original}
+    try:
+        for attr, value in original.items():
+            setattr(obj, attr, value)
+        return repr(obj)
+    finally:
+        for attr, value in current.items():
             setattr(obj, attr, value)
 
 
@@ -202,8 +228,14 @@ class MetricsLog:
         self.log_path, self.tensorboard_dir = log_path, tensorboard_dir
         self._tb: Any = None
 
-    def open(self) -> None:
-        """Open the TensorBoard writer (a warning, no writer, when it cannot be imported)."""
+    def open(self, history: Optional[list[dict[str, Any]]] = None) -> None:
+        """Start the log of a run whose completed epochs are ``history``: the JSON-lines file is
+        rewritten (atomically) to hold exactly those records, so it mirrors the checkpoint —
+        a fresh run does not append to an older run's lines, and a resumed run drops a line
+        half-written by a crash and restores one the crash kept from being written. Then open
+        the TensorBoard writer (a warning, no writer, when it cannot be imported)."""
+        if history is not None and self.log_path is not None:
+            atomic_write_text(self.log_path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in history))
         if self.tensorboard_dir is None or self._tb is not None:
             return
         try:
