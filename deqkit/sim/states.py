@@ -222,7 +222,8 @@ class States:
     ``X = φ(Z)`` ``(m, n)`` states, ``Y`` ``(m, q)`` outputs, all in the rescaled coordinates
     of :func:`mlp_to_implicit`, so ``Z = X Aᵀ + [U 1] Bᵀ`` and ``Y = X Cᵀ + [U 1] Dᵀ``.
     ``layer_sizes`` are the baseline's hidden widths, layer 1 first (needed only by
-    ``fit_sim(structure="feedforward")``).
+    ``fit_sim(structure="feedforward")``). ``reference_nnz`` is the number of non-zero weights
+    and biases of the baseline (the denominator of ``fit_sim(density=...)``; ``None``: unknown).
     """
 
     U: Tensor
@@ -231,6 +232,7 @@ class States:
     Y: Tensor
     kappa: float
     layer_sizes: tuple[int, ...] = ()
+    reference_nnz: int | None = None
 
     def __post_init__(self) -> None:
         self.kappa = check_kappa("States", self.kappa)
@@ -242,6 +244,9 @@ class States:
         if self.Z.shape != self.X.shape:
             raise OptionError(f"States: Z and X must have the same shape, got {tuple(self.Z.shape)} and {tuple(self.X.shape)}.")
         self.layer_sizes = tuple(self.layer_sizes)
+        if self.reference_nnz is not None and (isinstance(self.reference_nnz, bool) or not isinstance(self.reference_nnz, int)
+                                               or self.reference_nnz < 1):
+            raise OptionError(f"States: reference_nnz must be a positive int or None, got {self.reference_nnz!r}.")
 
     def state_layers(self) -> Tensor:
         """The hidden layer (1-based, layer 1 reads the input) of each state, in the stacking
@@ -284,4 +289,5 @@ def collect_states(net: nn.Module, u: Tensor, kappa: float = 0.99, dtype: torch.
     Z = torch.cat(zs[::-1], dim=1)
     X = torch.cat(xs[::-1], dim=1)
     sizes = tuple(int(lay.weight.shape[0]) for lay in layers[:-1])
-    return States(U=uu, Z=Z, X=X, Y=y, kappa=kappa, layer_sizes=sizes)
+    nnz = sum(int((lay.weight.abs() >= 1e-6).sum()) + int((lay.bias.abs() >= 1e-6).sum()) for lay in layers)
+    return States(U=uu, Z=Z, X=X, Y=y, kappa=kappa, layer_sizes=sizes, reference_nnz=max(nnz, 1))
