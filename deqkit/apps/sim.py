@@ -31,6 +31,7 @@ from ..sim.admm import BatchedADMM
 from ..sim.attacks import accuracy, robust_accuracy
 from ..sim.baseline import make_mlp, train_mlp
 from ..sim.fit import baseline_nonzeros, count_nonzeros, finetune, fit_sim
+from ..sim.cnn import cnn_layers, cnn_support, collect_cnn_states, make_cnn
 from ..sim.robust import certified_linf_gain
 from ..sim.states import collect_states
 
@@ -51,6 +52,7 @@ RESULT_SETTINGS = (
     "dataset", "hidden", "samples", "kappa", "mode", "fit_solver", "rho", "max_iter_ab", "max_iter_cd", "lam_scale",
     "penalty", "input_weight", "structure", "output_skip", "debias", "finetune_epochs", "finetune_lr", "seed",
     "attacks", "eps", "pgd_steps", "n_test", "n_attack", "density", "density_tol", "input_radius", "output_radius",
+    "model", "channels",
 )
 RESULTS_FILE = "sim_results.json"
 
@@ -80,7 +82,13 @@ def baseline_mlp(opts: Any, xtr: Tensor, ytr: Tensor) -> tuple[nn.Module, str]:
     """The MLP baseline: loaded from ``opts.baseline`` if that file exists, else trained (and
     saved there atomically when a path is given); returns it and how it was obtained."""
     d = defaults(opts.dataset)
-    net = make_mlp(xtr.shape[1], list(opts.hidden), int(ytr.max()) + 1)
+    if getattr(opts, "model", "mlp") == "cnn":
+        shape = image_shape(xtr.shape[1])
+        net = nn.Sequential(nn.Unflatten(1, shape), *make_cnn(shape, list(opts.channels), int(ytr.max()) + 1,
+                                                             kernel_size=opts.kernel_size, stride=opts.stride,
+                                                             padding=opts.padding))
+    else:
+        net = make_mlp(xtr.shape[1], list(opts.hidden), int(ytr.max()) + 1)
     if opts.baseline and os.path.exists(opts.baseline):
         net.load_state_dict(torch.load(opts.baseline, map_location="cpu"))
         net.eval()
@@ -94,6 +102,22 @@ def baseline_mlp(opts: Any, xtr: Tensor, ytr: Tensor) -> tuple[nn.Module, str]:
         torch.save(net.state_dict(), buf)
         atomic_write_bytes(Path(opts.baseline), buf.getvalue())
     return net, how
+
+
+def image_shape(p: int) -> tuple[int, int, int]:
+    """``(1, H, W)`` of a square grey-scale image with ``p`` pixels (the data sets of ``deqkit sim``)."""
+    side = int(round(p**0.5))
+    if side * side != p:
+        raise ValueError(f"--model cnn needs square grey-scale images; these inputs have {p} features")
+    return (1, side, side)
+
+
+def baseline_nnz(net: nn.Module, model: str, p: int) -> int:
+    """Non-zero weights and biases of the baseline; for a CNN, of its unrolled (implicit) form."""
+    if model == "cnn":
+        return sum(int((lay.weight.abs() >= 1e-6).sum()) + int((lay.bias.abs() >= 1e-6).sum())
+                   for lay in cnn_layers(net, (p,)).layers)
+    return baseline_nonzeros(net)
 
 
 class Robustness:
@@ -202,13 +226,16 @@ class SimJob:
 
     def _results_header(self) -> dict:
         o = self.opts
-        base_acc, base_nnz = accuracy(self.net, *self.test), baseline_nonzeros(self.net)
+        model = getattr(o, "model", "mlp")
+        base_acc, base_nnz = accuracy(self.net, *self.test), baseline_nnz(self.net, model, self.xtr.shape[1])
         results: dict[str, Any] = {"command": " ".join(sys.argv)}
         results.update({k: getattr(o, k) for k in RESULT_SETTINGS})
-        results.update({"hidden": list(o.hidden), "samples": self.m, "attacks": list(o.attacks), "eps": list(o.eps)})
+        results.update({"hidden": list(o.hidden), "channels": list(getattr(o, "channels", [])), "samples": self.m, "attacks": list(o.attacks), "eps": list(o.eps)})
         results.update({"baseline": {"accuracy": base_acc, "nnz": base_nnz, "how": self.how, "robust": self.robust(self.net)},
                         "sim": [], "complete": False})
-        self.log(f"baseline MLP {self.xtr.shape[1]}-{'-'.join(map(str, o.hidden))}-{int(self.ytr.max()) + 1} ({self.how}): "
+        arch = (f"CNN channels {','.join(map(str, o.channels))}" if model == "cnn"
+                else f"MLP {self.xtr.shape[1]}-{'-'.join(map(str, o.hidden))}-{int(self.ytr.max()) + 1}")
+        self.log(f"baseline {arch} ({self.how}): "
                  f"test accuracy {100 * base_acc:.2f}%, non-zeros {base_nnz}")
         return results
 
@@ -274,8 +301,13 @@ class SimJob:
         self._load()
         results = self._results_header()
         done = resumed_rows(self.out / RESULTS_FILE, results) if o.resume else {}
-        self.states = collect_states(self.net, self.xtr[: self.m], kappa=o.kappa, dtype=self.dtype)
         self.fit_extra: dict[str, Any] = {}
+        if getattr(o, "model", "mlp") == "cnn":
+            p = self.xtr.shape[1]
+            self.states = collect_cnn_states(self.net, self.xtr[: self.m], in_shape=(p,), kappa=o.kappa, dtype=self.dtype)
+            self.fit_extra["support"] = cnn_support(self.net, (p,), output_skip=o.output_skip)
+        else:
+            self.states = collect_states(self.net, self.xtr[: self.m], kappa=o.kappa, dtype=self.dtype)
         self.admm_ab = BatchedADMM(rho=o.rho, max_iter=o.max_iter_ab, mode=o.mode)
         self.admm_cd = BatchedADMM(rho=o.rho, max_iter=o.max_iter_cd, mode=o.mode)
         self._sweep(results, done)

@@ -29,7 +29,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     add_data_group(p, DATASETS, default="digits")
     g = p.add_argument_group("baseline MLP")
+    g.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
+                   help="baseline: mlp (Linear+ReLU) or cnn (Conv2d+ReLU layers, then Linear; the implicit model's state "
+                        "is the stacked feature maps and each row of the program is restricted to its receptive field)")
     g.add_argument("--hidden", type=ints, default=[64, 32, 16], help="hidden widths of the MLP baseline")
+    g.add_argument("--channels", type=ints, default=[8, 16], help="channels of the CNN baseline's convolutions")
+    g.add_argument("--kernel-size", type=int, default=3, help="CNN kernel size")
+    g.add_argument("--stride", type=int, default=2, help="CNN stride")
+    g.add_argument("--padding", type=int, default=1, help="CNN zero padding")
     g.add_argument("--epochs", type=int, default=None, help="baseline training epochs (None: 60 digits, 20 mnist5k, 10 others)")
     g.add_argument("--lr", type=float, default=None, help="baseline learning rate (None: 3e-3 digits, 1e-3 others)")
     g.add_argument("--baseline", default=None, help="baseline state_dict: loaded if it exists, else trained and saved")
@@ -93,7 +100,7 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
 
 def validate(args: argparse.Namespace) -> None:
     """Value checks argparse's types do not make (OptionError, one line naming the flag)."""
-    for flag, minimum in (("--samples", 1), ("--n-attack", 0), ("--pgd-steps", 1), ("--finetune-epochs", 0),
+    for flag, minimum in (("--kernel-size", 1), ("--stride", 1), ("--padding", 0), ("--samples", 1), ("--n-attack", 0), ("--pgd-steps", 1), ("--finetune-epochs", 0),
                           ("--max-iter-ab", 1), ("--max-iter-cd", 1), ("--n-test", 1)):
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
@@ -103,10 +110,15 @@ def validate(args: argparse.Namespace) -> None:
         check_number("deqkit sim", flag, getattr(args, flag[2:].replace("-", "_")), low=0.0, low_open=True)
     if args.lr is not None:
         check_number("deqkit sim", "--lr", args.lr, low=0.0, low_open=True)
+    if args.debias and args.mode != "relaxed":
+        raise OptionError("deqkit sim: --debias refits by least squares and needs --mode relaxed.")
     if args.lam is not None and args.density is not None:
         raise OptionError("deqkit sim: give --lam or --density, not both.")
-    if args.lam is None and args.density is None:
-        args.density = [0.7, 0.5, 0.3]
+    if args.lam is None and args.density is None:  # equality mode: the solution does not depend on λ
+        if args.mode == "relaxed":
+            args.density = [0.7, 0.5, 0.3]
+        else:
+            args.lam = [1.0]
     for lam in args.lam or []:
         check_number("deqkit sim", "--lam", lam, low=0.0)
     for d in args.density or []:
@@ -118,8 +130,6 @@ def validate(args: argparse.Namespace) -> None:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             check_number("deqkit sim", flag, value, low=0.0)
-    if args.debias and args.mode != "relaxed":
-        raise OptionError("deqkit sim: --debias refits by least squares and needs --mode relaxed.")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ ADMM (or a CVXPY reference); then evaluate sparsity, accuracy and robustness to 
 from .admm import ADMMResult, BatchedADMM
 from .attacks import accuracy, fgsm, pgd, robust_accuracy
 from .baseline import make_mlp, train_mlp
+from .cnn import cnn_layers, cnn_support, cnn_to_implicit, collect_cnn_states, make_cnn
 from .density import DensitySearch, search_lam
 from .fit import (
     SIMResult,
@@ -44,12 +45,17 @@ __all__ = [
     "baseline_nonzeros",
     "certified_accuracy",
     "certified_linf_gain",
+    "cnn_layers",
+    "cnn_support",
+    "cnn_to_implicit",
+    "collect_cnn_states",
     "collect_states",
     "count_nonzeros",
     "fgsm",
     "finetune",
     "fit_sim",
     "lam_factors",
+    "make_cnn",
     "make_mlp",
     "mlp_to_implicit",
     "pgd",

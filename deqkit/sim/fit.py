@@ -203,6 +203,9 @@ def _solve_block(method: str, mode: str, block: _Block, phi: Tensor, lam, *, wei
                  zero_tol: float) -> tuple[BlockResult, Tensor]:
     """One block of rows by the batched ADMM or by CVXPY, without a failure policy (the fit
     applies its own); returns (result, beta tensor). ``lam`` is in the paper's units (scalar or per row)."""
+    if method == "admm" and block.support is not None and float(block.support.double().mean()) < 0.5:
+        res = _solve_grouped(block, phi, lam, weights=weights, support=support, beta0=beta0)
+        return res, res.beta
     if method == "admm":
         res = block.admm._solve(phi, block.targets, lam, radius=block.radius, n_constrained=block.n_constrained,
                                 beta0=beta0, factor=factor, weights=weights, support=support,
@@ -214,6 +217,45 @@ def _solve_block(method: str, mode: str, block: _Block, phi: Tensor, lam, *, wei
                            on_failure="ignore")
     beta = torch.as_tensor(ref.beta, dtype=phi.dtype, device=phi.device)
     return ref, torch.where(beta.abs() < zero_tol, torch.zeros_like(beta), beta)
+
+
+def _solve_grouped(block: _Block, phi: Tensor, lam, *, weights, support, beta0) -> ADMMResult:
+    """The rows of ``block`` grouped by their structural support (e.g. a CNN unit's receptive
+    field): the rows of a group share their columns ``S`` and are solved together by the batched
+    ADMM on ``Φ[:, S]`` (``|S|`` columns, not ``d``); ``support`` (finer, e.g. a lasso support to
+    refit) is applied inside each group. The same program as the masked solve over all columns."""
+    assert block.support is not None
+    t0 = time.perf_counter()
+    structural = block.support.to(phi.device)
+    r, d = structural.shape
+    dt, dev = phi.dtype, phi.device
+    lam_t = torch.as_tensor(lam, dtype=dt, device=dev)
+    lam_t = lam_t.expand(r) if lam_t.ndim == 0 else lam_t
+    groups, inverse = torch.unique(structural, dim=0, return_inverse=True)
+    beta = torch.zeros(r, d, dtype=dt, device=dev)
+    fields = {k: torch.zeros(r, dtype=dt, device=dev) for k in ("objective", "residual", "primal_residual",
+                                                                "dual_residual", "rho", "constraint_residual")}
+    converged = torch.zeros(r, dtype=torch.bool, device=dev)
+    nstep = torch.zeros(r, dtype=torch.long, device=dev)
+    for g in range(groups.shape[0]):
+        rows = (inverse == g).nonzero().squeeze(1)
+        cols = groups[g].nonzero().squeeze(1)
+        k_con = int((cols < block.n_constrained).sum()) if block.radius is not None else 0
+        ball = None
+        if block.block_ball is not None:
+            start, stop, rad = block.block_ball
+            ball = (int((cols < start).sum()), int((cols < stop).sum()), rad)
+        res = block.admm._solve(phi[:, cols], block.targets[rows], lam_t[rows], radius=block.radius,
+                                n_constrained=k_con, beta0=None if beta0 is None else beta0[rows][:, cols],
+                                weights=None if weights is None else weights[cols],
+                                support=None if support is None else support[rows][:, cols].to(dev), block_ball=ball)
+        beta[rows[:, None], cols[None, :]] = res.beta
+        for k, v in fields.items():
+            v[rows] = getattr(res, k).to(dt)
+        converged[rows] = res.converged
+        nstep[rows] = res.nstep.to(torch.long)
+    return ADMMResult(beta=beta, converged=converged, nstep=nstep, time_s=time.perf_counter() - t0,
+                      mode=block.admm.mode, **fields)
 
 
 def _check_fit_options(states: States, lam, density, method, mode, kappa, admm_ab, admm_cd, zero_tol, lam_scale,
