@@ -10,7 +10,13 @@ from torch import nn
 
 from deqkit.errors import ConvergenceWarning, OptionError
 from deqkit.sim import BatchedADMM, fit_sim
-from deqkit.sim.cnn import cnn_layers, cnn_support, cnn_to_implicit, collect_cnn_states, make_cnn
+from deqkit.sim.cnn import (
+    cnn_layers,
+    cnn_support,
+    cnn_to_implicit,
+    collect_cnn_states,
+    make_cnn,
+)
 from deqkit.solvers import Anderson
 
 
@@ -59,9 +65,9 @@ def test_receptive_field_support_matches_a_brute_force_dependency_check():
     s1, s2 = cl.shapes[0], cl.shapes[1]
     n1, n2, p = int(torch.tensor(s1).prod()), int(torch.tensor(s2).prod()), int(torch.tensor(in_shape).prod())
     n = n1 + n2
-    f1 = lambda x: conv1(x.reshape(-1, *in_shape)).reshape(x.shape[0], -1)  # noqa: E731
-    f2 = lambda h: conv2(h.reshape(-1, *s1)).reshape(h.shape[0], -1)  # noqa: E731
-    f21 = lambda x: f2(f1(x))  # noqa: E731  (no ReLU: the composed field)
+    f1 = lambda x: conv1(x.reshape(-1, *in_shape)).reshape(x.shape[0], -1)
+    f2 = lambda h: conv2(h.reshape(-1, *s1)).reshape(h.shape[0], -1)
+    f21 = lambda x: f2(f1(x))
     dep1 = _changed(f1, torch.zeros(1, p, dtype=torch.float64), p)
     dep2 = _changed(f2, torch.zeros(1, n1, dtype=torch.float64), n1)
     dep21 = _changed(f21, torch.zeros(1, p, dtype=torch.float64), p)
@@ -143,3 +149,11 @@ def test_cli_model_cnn_run(tmp_path):
     assert res["model"] == "cnn" and res["channels"] == [2, 3]
     assert abs(row["nnz_fraction"] - 0.5) <= 0.02 and row["wellposed"] and row["certified_gain"] is not None
     assert row["lam"] > 0 and row["density_target"] == 0.5
+
+
+def test_support_and_structure_are_exclusive():
+    in_shape = (1, 6, 6)
+    net = _cnn(in_shape, channels=(2, 2))
+    st = collect_cnn_states(net, torch.rand(30, *in_shape, dtype=torch.float64))
+    with pytest.raises(OptionError, match="support"):
+        fit_sim(st, 0.1, support=cnn_support(net, in_shape), structure="feedforward")

@@ -153,7 +153,7 @@ def test_density_needs_a_reference_count():
 def test_normalized_lam_is_invariant_to_sample_count_and_target_scale():
     # every sample twice and every target ×3: the normalized program is the same, the paper's is not
     st, _ = _orthogonal_states(seed=3)
-    two = lambda t: torch.cat([t, t], 0)  # noqa: E731
+    two = lambda t: torch.cat([t, t], 0)
     big = States(U=two(st.U), Z=3 * two(st.Z), X=two(st.X), Y=3 * two(st.Y), kappa=0.99, reference_nnz=200)
     kw = dict(admm_ab=BatchedADMM(**TIGHT), admm_cd=BatchedADMM(**TIGHT), output_skip=True)
     with warnings.catch_warnings():

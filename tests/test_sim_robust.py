@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import pytest
@@ -9,7 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from deqkit.errors import ConvergenceWarning
-from deqkit.sim import BatchedADMM, ImplicitModel, collect_states, fgsm, fit_sim, make_mlp, mlp_to_implicit, pgd
+from deqkit.sim import (
+    BatchedADMM,
+    ImplicitModel,
+    collect_states,
+    fgsm,
+    fit_sim,
+    make_mlp,
+    mlp_to_implicit,
+    pgd,
+)
 from deqkit.sim.robust import certified_accuracy, certified_linf_gain
 from deqkit.solvers import Anderson
 
@@ -106,7 +116,7 @@ def test_robust_program_keeps_its_balls_and_lowers_the_gain():
         warnings.simplefilter("ignore", ConvergenceWarning)
         free = fit_sim(st, 0.001, **kw).model
         rob = fit_sim(st, 0.001, input_radius=0.3, output_radius=0.8, **kw).model
-    n, p = rob.n, rob.p
+    p = rob.p
     assert float(rob.B.detach()[:, :p].abs().sum(1).max()) <= 0.3 + 1e-9
     cd = torch.cat([rob.C.detach(), rob.D.detach()[:, :p]], 1)
     assert float(cd.abs().sum(1).max()) <= 0.8 + 1e-9
@@ -138,7 +148,7 @@ def test_certified_accuracy_is_below_clean_and_falls_with_eps():
     model = _tight(mlp_to_implicit(net))
     accs = [certified_accuracy(model, u, y, e) for e in (0.0, 0.001, 0.01, 0.1)]
     assert accs[0] == pytest.approx(1.0)  # y are the model's own predictions
-    assert all(a >= b for a, b in zip(accs, accs[1:])) and accs[-1] < accs[0]
+    assert all(a >= b for a, b in itertools.pairwise(accs)) and accs[-1] < accs[0]
     # a certified point really survives the attack
     eps = 0.01
     gain = certified_linf_gain(model)

@@ -246,10 +246,11 @@ class SimJob:
         log = None if o.no_progress else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
+            shape = {} if "support" in self.fit_extra else {"structure": o.structure, "output_skip": o.output_skip}
             res = fit_sim(self.states, None if by_density else target, density=target if by_density else None,
                           density_tol=o.density_tol, method=o.fit_solver, mode=o.mode, admm_ab=self.admm_ab,
                           admm_cd=self.admm_cd, warm_start=warm, lam_scale=o.lam_scale, penalty=o.penalty,
-                          input_weight=o.input_weight, structure=o.structure, output_skip=o.output_skip,
+                          input_weight=o.input_weight, **shape,
                           debias=o.debias, input_radius=o.input_radius, output_radius=o.output_radius,
                           log=log if by_density else None, **self.fit_extra)
         for w in caught:

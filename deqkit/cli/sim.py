@@ -112,6 +112,9 @@ def validate(args: argparse.Namespace) -> None:
         check_number("deqkit sim", "--lr", args.lr, low=0.0, low_open=True)
     if args.debias and args.mode != "relaxed":
         raise OptionError("deqkit sim: --debias refits by least squares and needs --mode relaxed.")
+    if args.model == "cnn" and args.structure != "full":
+        raise OptionError("deqkit sim: --structure does not apply to --model cnn (each row is restricted to its "
+                          "receptive field, which is feedforward already).")
     if args.lam is not None and args.density is not None:
         raise OptionError("deqkit sim: give --lam or --density, not both.")
     if args.lam is None and args.density is None:  # equality mode: the solution does not depend on λ

@@ -566,6 +566,9 @@ def fit_sim(
                                                   lam_scale, penalty, input_weight, output_skip, debias, on_failure,
                                                   input_radius, output_radius, density_tol, max_evals, density_of)
     check_choice("fit_sim", "structure", structure, STRUCTURES)
+    if support is not None and (structure != "full" or not output_skip):
+        raise OptionError("fit_sim: support= replaces structure/output_skip; pass one or the other "
+                          f"(got structure={structure!r}, output_skip={output_skip!r} with support).")
     blocks = _blocks(states, lam_scale, kappa, admm_ab, admm_cd, structure, output_skip, warm_start, input_radius,
                      output_radius, support)
     phi = states.phi

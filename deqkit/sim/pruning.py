@@ -55,7 +55,7 @@ def magnitude_prune(net: nn.Module, density: float, count: Callable[[nn.Module],
         return out
 
     if count is None:
-        k = int(round(density * int((mags > 0).sum())))
+        k = round(density * int((mags > 0).sum()))
         if k <= 0:
             return pruned_at(float(mags.max()))
         thr = float(torch.topk(mags, k).values[-1])

@@ -120,7 +120,7 @@ def run_one(args: Any, name: str, model: str, seed: int, log=print) -> dict:
         states = collect_states(net, xtr[:m])
         fit_kw = {"structure": "feedforward"}
     states.reference_nnz = ref
-    count = lambda n_: _nnz(n_, model, p)  # noqa: E731  (weights and biases, as SIM's density)
+    count = lambda n_: _nnz(n_, model, p)
     for d in args.densities:
         key = f"{d:g}"
         with warnings.catch_warnings():
@@ -181,7 +181,7 @@ def format_table(name: str, model: str, runs: list[dict], args: Any) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m deqkit.apps.bench.sim_pruning", description=__doc__.split("\n")[0])
-    lst = lambda t: (lambda s: [t(v) for v in s.split(",") if v])  # noqa: E731
+    lst = lambda t: (lambda s: [t(v) for v in s.split(",") if v])
     p.add_argument("--datasets", type=lst(str), default=["digits", "synthetic"], help="digits, synthetic, fashion-mnist, …")
     p.add_argument("--models", type=lst(str), default=["mlp"], help="mlp and/or cnn (cnn: image data sets only)")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0 … N−1")
