@@ -86,10 +86,10 @@ def test_fit_sim_admm_matches_cvxpy_on_states():
     states = collect_states(net, torch.rand(30, 6, dtype=torch.float64))
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        ours = fit_sim(states, 0.05, admm_ab=BatchedADMM(max_iter=5000), admm_cd=BatchedADMM(max_iter=5000))
-    ref = fit_sim(states, 0.05, method="cvxpy")
+        ours = fit_sim(states, 0.05, lam_scale="paper", admm_ab=BatchedADMM(max_iter=5000), admm_cd=BatchedADMM(max_iter=5000))
+    ref = fit_sim(states, 0.05, lam_scale="paper", method="cvxpy")
     assert ours.converged and ref.converged
     assert abs(ours.objective - ref.objective) <= 1e-3 * abs(ref.objective)
     assert ours.model.is_wellposed() and ref.model.is_wellposed()
     with pytest.raises(OptionError, match="fit_sim: method='scipy'.*'admm', 'cvxpy'"):
-        fit_sim(states, 0.05, method="scipy")
+        fit_sim(states, 0.05, lam_scale="paper", method="scipy")

@@ -25,9 +25,9 @@ def test_input_weight_admm_matches_cvxpy():
     states = _states()
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        ours = fit_sim(states, 0.05, input_weight=3.0,
+        ours = fit_sim(states, 0.05, lam_scale="paper", input_weight=3.0,
                        admm_ab=BatchedADMM(max_iter=5000), admm_cd=BatchedADMM(max_iter=5000))
-    ref = fit_sim(states, 0.05, method="cvxpy", input_weight=3.0)
+    ref = fit_sim(states, 0.05, lam_scale="paper", method="cvxpy", input_weight=3.0)
     assert ours.converged and ref.converged
     assert abs(ours.objective - ref.objective) <= 1e-3 * abs(ref.objective)
     assert ours.model.is_wellposed() and ref.model.is_wellposed()
@@ -38,9 +38,9 @@ def test_input_weight_one_is_the_uniform_program_and_larger_sparsifies_inputs():
     kw = dict(admm_ab=BatchedADMM(max_iter=5000), admm_cd=BatchedADMM(max_iter=5000))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        base = fit_sim(states, 0.05, **kw)
-        same = fit_sim(states, 0.05, input_weight=1.0, **kw)
-        heavy = fit_sim(states, 0.05, input_weight=20.0, **kw)
+        base = fit_sim(states, 0.05, lam_scale="paper", **kw)
+        same = fit_sim(states, 0.05, lam_scale="paper", input_weight=1.0, **kw)
+        heavy = fit_sim(states, 0.05, lam_scale="paper", input_weight=20.0, **kw)
     for k in "ABCD":
         torch.testing.assert_close(getattr(base.model, k), getattr(same.model, k))
     p = states.U.shape[1]
@@ -53,7 +53,7 @@ def test_input_weight_one_is_the_uniform_program_and_larger_sparsifies_inputs():
 def test_input_weight_is_validated(bad):
     states = _states()
     with pytest.raises(ValueError, match="input_weight"):
-        fit_sim(states, 0.1, input_weight=bad)
+        fit_sim(states, 0.1, lam_scale="paper", input_weight=bad)
 
 
 def test_cli_input_weight_option_is_validated():

@@ -116,13 +116,13 @@ def test_sim_with_zero_lambda_reproduces_baseline_states():
     states = collect_states(net, u)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        res = fit_sim(states, 0.0, admm_ab=BatchedADMM(max_iter=20000, tol_abs=1e-10, tol=1e-9),
+        res = fit_sim(states, 0.0, lam_scale="paper", admm_ab=BatchedADMM(max_iter=20000, tol_abs=1e-10, tol=1e-9),
                       admm_cd=BatchedADMM(max_iter=20000, tol_abs=1e-10, tol=1e-9))
     assert res.model.is_wellposed()
     with torch.no_grad():
         torch.testing.assert_close(res.model(u), net(u), rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="'uniform', 'standardized'"):
-        fit_sim(states, 0.1, penalty="l2")
+        fit_sim(states, 0.1, lam_scale="paper", penalty="l2")
 
 
 def test_finetune_keeps_sparsity_pattern_and_wellposedness():
@@ -131,7 +131,7 @@ def test_finetune_keeps_sparsity_pattern_and_wellposedness():
     y = net(u).argmax(1).detach()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        model = fit_sim(collect_states(net, u), 1.0).model
+        model = fit_sim(collect_states(net, u), 1.0, lam_scale="paper").model
         pattern = [(p.detach() != 0) for p in (model.A, model.B, model.C, model.D)]
         with torch.no_grad():
             before = float(nn.functional.cross_entropy(model(u), y))

@@ -65,8 +65,8 @@ TYPOS = [
     ("BatchedADMM", lambda **kw: BatchedADMM(**kw), "max_iters", "max_iter"),
     ("BatchedADMM", lambda **kw: BatchedADMM(**kw), "on_nonconvergence", None),
     ("ImplicitModel", lambda **kw: ImplicitModel(4, 3, 2, **kw), "kapa", "kappa"),
-    ("fit_sim", lambda **kw: fit_sim(_states(), 0.1, **kw), "on_failur", "on_failure"),
-    ("fit_sim", lambda **kw: fit_sim(_states(), 0.1, **kw), "structur", "structure"),
+    ("fit_sim", lambda **kw: fit_sim(_states(), 0.1, lam_scale="paper", **kw), "on_failur", "on_failure"),
+    ("fit_sim", lambda **kw: fit_sim(_states(), 0.1, lam_scale="paper", **kw), "structur", "structure"),
     ("collect_states", lambda **kw: collect_states(*_data()[:2], **kw), "kapa", "kappa"),
     ("mlp_to_implicit", lambda **kw: mlp_to_implicit(_net(), **kw), "solvr", "solver"),
     ("structure_support", lambda **kw: structure_support(_states(), **kw), "output_skp", "output_skip"),
@@ -117,13 +117,20 @@ BAD_VALUES = [
     ("ImplicitModel.is_wellposed", lambda: ImplicitModel(4, 3, 2).is_wellposed("spectral"), "criterion"),
     ("fit_sim", lambda: fit_sim(_states(), -1.0), "lam"),
     ("fit_sim", lambda: fit_sim(_states(), _BAD), "lam"),
-    ("fit_sim", lambda: fit_sim(_states(), 0.1, zero_tol=float("nan")), "zero_tol"),
-    ("fit_sim", lambda: fit_sim(_states(), 0.1, on_failure="log"), "on_failure"),
-    ("fit_sim", lambda: fit_sim(_states(), 0.1, kappa=1.5), "kappa"),
-    ("fit_sim", lambda: fit_sim(_states(), 0.1, input_weight=0.0), "input_weight"),
-    ("fit_sim", lambda: fit_sim(_states(), 0.1, debias="yes"), "debias"),
-    ("fit_sim", lambda: fit_sim(_states(), 0.1, admm_ab=BatchedADMM(mode="equality")), "mode"),
-    ("fit_sim", lambda: fit_sim(_states(), 0.1, method="cvxpy", lam_scale="rms"), "lam_scale"),
+    ("fit_sim", lambda: fit_sim(_states(), 0.1, lam_scale="paper", zero_tol=float("nan")), "zero_tol"),
+    ("fit_sim", lambda: fit_sim(_states(), 0.1, lam_scale="paper", on_failure="log"), "on_failure"),
+    ("fit_sim", lambda: fit_sim(_states(), 0.1, lam_scale="paper", kappa=1.5), "kappa"),
+    ("fit_sim", lambda: fit_sim(_states(), 0.1, lam_scale="paper", input_weight=0.0), "input_weight"),
+    ("fit_sim", lambda: fit_sim(_states(), 0.1, lam_scale="paper", debias="yes"), "debias"),
+    ("fit_sim", lambda: fit_sim(_states(), 0.1, lam_scale="paper", admm_ab=BatchedADMM(mode="equality")), "mode"),
+    ("fit_sim", lambda: fit_sim(_states(), 0.1, lam_scale="none"), "lam_scale"),
+    ("fit_sim", lambda: fit_sim(_states(), 0.1, lam_scale="sample"), "lam_scale"),
+    ("fit_sim", lambda: fit_sim(_states()), "lam"),
+    ("fit_sim", lambda: fit_sim(_states(), 0.1, density=0.5), "density"),
+    ("fit_sim", lambda: fit_sim(_states(), density=0.0), "density"),
+    ("fit_sim", lambda: fit_sim(_states(), density=0.5, mode="equality"), "density"),
+    ("fit_sim", lambda: fit_sim(_states(), density=0.5, max_evals=1), "max_evals"),
+    ("fit_sim", lambda: fit_sim(_states(), 0.1, input_radius=-1.0), "input_radius"),
     ("collect_states", lambda: collect_states(*_data()[:2], kappa=0.0), "kappa"),
     ("mlp_to_implicit", lambda: mlp_to_implicit(_net(), kappa=_BAD), "kappa"),
     ("structure_support", lambda: structure_support(_states(), "dag"), "structure"),
@@ -184,13 +191,13 @@ def test_fit_sim_on_failure_governs_the_whole_fit():
     st = _states()
     capped = {"admm_ab": BatchedADMM(max_iter=3, on_failure="raise"), "admm_cd": BatchedADMM(max_iter=3)}
     with pytest.raises(ConvergenceError, match=r"fit_sim\(lam=0.1\): rows of \(A, B\): ADMM: .* did not reach.*; rows of \(C, D\)"):
-        fit_sim(st, 0.1, on_failure="raise", **capped)
+        fit_sim(st, 0.1, lam_scale="paper", on_failure="raise", **capped)
     with pytest.warns(ConvergenceWarning, match=r"fit_sim\(lam=0.1\)") as rec:
-        res = fit_sim(st, 0.1, **capped)  # the ADMMs' own on_failure is not consulted
+        res = fit_sim(st, 0.1, lam_scale="paper", **capped)  # the ADMMs' own on_failure is not consulted
     assert len(rec) == 1 and rec[0].filename == __file__
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        quiet = fit_sim(st, 0.1, on_failure="ignore", **capped)
+        quiet = fit_sim(st, 0.1, lam_scale="paper", on_failure="ignore", **capped)
     for out in (res, quiet):
         assert out.converged is False and not out.all_converged and out.nstep == 3 and out.residual > 1
 
@@ -218,7 +225,7 @@ def test_admm_result_has_the_core_fields_and_residual_at_most_one_means_converge
 
 def test_sim_result_summarises_its_solves():
     st = _states()
-    res = fit_sim(st, 0.05, debias=True, admm_ab=BatchedADMM(max_iter=5000), admm_cd=BatchedADMM(max_iter=5000))
+    res = fit_sim(st, 0.05, lam_scale="paper", debias=True, admm_ab=BatchedADMM(max_iter=5000), admm_cd=BatchedADMM(max_iter=5000))
     assert isinstance(res, SIMResult)
     _check_core_fields(res)
     assert set(res.solves) == {"ab", "cd", "refit_ab", "refit_cd"}

@@ -39,7 +39,7 @@ def test_state_layers_follow_the_stacking_order():
     with pytest.raises(ValueError, match="layer_sizes"):
         bare.state_layers()
     with pytest.raises(ValueError, match="layer_sizes"):
-        fit_sim(bare, 0.1, structure="feedforward")
+        fit_sim(bare, 0.1, lam_scale="paper", structure="feedforward")
 
 
 def test_feedforward_support_is_strictly_earlier_layers():
@@ -91,7 +91,7 @@ def test_feedforward_fit_is_nilpotent_and_reproduces_the_baseline_at_lam_zero():
     kw = dict(admm_ab=BatchedADMM(**TIGHT), admm_cd=BatchedADMM(**TIGHT))
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        res = fit_sim(st, 0.0, structure="feedforward", output_skip=False, **kw)
+        res = fit_sim(st, 0.0, lam_scale="paper", structure="feedforward", output_skip=False, **kw)
     A = res.model.A.detach()
     sab, _ = structure_support(st, "feedforward")
     assert not bool(A[~sab[:, : A.shape[0]]].any())
@@ -110,8 +110,8 @@ def test_full_structure_buys_lateral_edges_that_feedforward_forbids():
     same = layer[:, None] == layer[None, :]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        full = fit_sim(st, 0.05).model.A.detach()
-        ff = fit_sim(st, 0.05, structure="feedforward").model.A.detach()
+        full = fit_sim(st, 0.05, lam_scale="paper").model.A.detach()
+        ff = fit_sim(st, 0.05, lam_scale="paper", structure="feedforward").model.A.detach()
     assert int((full[same] != 0).sum()) > 0
     assert int((ff[same] != 0).sum()) == 0
 
@@ -122,8 +122,8 @@ def test_debias_refits_least_squares_on_the_lasso_support(structure):
     kw = dict(admm_ab=BatchedADMM(**TIGHT), admm_cd=BatchedADMM(**TIGHT), structure=structure)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        lasso = fit_sim(st, 0.2, **kw)
-        refit = fit_sim(st, 0.2, debias=True, **kw)
+        lasso = fit_sim(st, 0.2, lam_scale="paper", **kw)
+        refit = fit_sim(st, 0.2, lam_scale="paper", debias=True, **kw)
     assert lasso.refit_ab is None and refit.refit_ab is not None and refit.converged
     phi = st.phi
     for rows, targets, cols in (("AB", st.Z, slice(None)), ("CD", st.Y, slice(None))):
@@ -143,7 +143,7 @@ def test_debias_matches_cvxpy_least_squares_on_the_same_support():
     n = st.X.shape[1]
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        ours = fit_sim(st, 0.1, debias=True, structure="feedforward",
+        ours = fit_sim(st, 0.1, lam_scale="paper", debias=True, structure="feedforward",
                        admm_ab=BatchedADMM(**TIGHT), admm_cd=BatchedADMM(**TIGHT))
     for lasso, refit, targets, radius in ((ours.ab, ours.refit_ab, st.Z, 0.99), (ours.cd, ours.refit_cd, st.Y, None)):
         ref = solve_rows_cvxpy(st.phi, targets.T, 0.0, radius=radius, n_constrained=n if radius else 0,
@@ -155,7 +155,7 @@ def test_debias_matches_cvxpy_least_squares_on_the_same_support():
 def test_debias_needs_the_relaxed_program():
     _, _, st = _states()
     with pytest.raises(ValueError, match="mode='relaxed'"):
-        fit_sim(st, 0.1, mode="equality", debias=True,
+        fit_sim(st, 0.1, lam_scale="paper", mode="equality", debias=True,
                 admm_ab=BatchedADMM(mode="equality"), admm_cd=BatchedADMM(mode="equality"))
     args = cli.add_arguments(argparse.ArgumentParser()).parse_args(["--debias", "--mode", "equality"])
     with pytest.raises(ValueError, match="--debias"):

@@ -31,6 +31,8 @@ from ..sim.admm import BatchedADMM
 from ..sim.attacks import accuracy, robust_accuracy
 from ..sim.baseline import make_mlp, train_mlp
 from ..sim.fit import baseline_nonzeros, count_nonzeros, finetune, fit_sim
+from ..sim.cnn import cnn_layers, cnn_support, collect_cnn_states, make_cnn
+from ..sim.robust import certified_linf_gain
 from ..sim.states import collect_states
 
 #: Data sets of :mod:`deqkit.data` the command offers: those whose raw inputs lie in [0, 1], the
@@ -49,7 +51,8 @@ _FALLBACK = {"samples": 2000, "epochs": 10, "lr": 1e-3}
 RESULT_SETTINGS = (
     "dataset", "hidden", "samples", "kappa", "mode", "fit_solver", "rho", "max_iter_ab", "max_iter_cd", "lam_scale",
     "penalty", "input_weight", "structure", "output_skip", "debias", "finetune_epochs", "finetune_lr", "seed",
-    "attacks", "eps", "pgd_steps", "n_test", "n_attack",
+    "attacks", "eps", "pgd_steps", "n_test", "n_attack", "density", "density_tol", "input_radius", "output_radius",
+    "model", "channels",
 )
 RESULTS_FILE = "sim_results.json"
 
@@ -79,7 +82,13 @@ def baseline_mlp(opts: Any, xtr: Tensor, ytr: Tensor) -> tuple[nn.Module, str]:
     """The MLP baseline: loaded from ``opts.baseline`` if that file exists, else trained (and
     saved there atomically when a path is given); returns it and how it was obtained."""
     d = defaults(opts.dataset)
-    net = make_mlp(xtr.shape[1], list(opts.hidden), int(ytr.max()) + 1)
+    if getattr(opts, "model", "mlp") == "cnn":
+        shape = image_shape(xtr.shape[1])
+        net = nn.Sequential(nn.Unflatten(1, shape), *make_cnn(shape, list(opts.channels), int(ytr.max()) + 1,
+                                                             kernel_size=opts.kernel_size, stride=opts.stride,
+                                                             padding=opts.padding))
+    else:
+        net = make_mlp(xtr.shape[1], list(opts.hidden), int(ytr.max()) + 1)
     if opts.baseline and os.path.exists(opts.baseline):
         net.load_state_dict(torch.load(opts.baseline, map_location="cpu"))
         net.eval()
@@ -93,6 +102,22 @@ def baseline_mlp(opts: Any, xtr: Tensor, ytr: Tensor) -> tuple[nn.Module, str]:
         torch.save(net.state_dict(), buf)
         atomic_write_bytes(Path(opts.baseline), buf.getvalue())
     return net, how
+
+
+def image_shape(p: int) -> tuple[int, int, int]:
+    """``(1, H, W)`` of a square grey-scale image with ``p`` pixels (the data sets of ``deqkit sim``)."""
+    side = int(round(p**0.5))
+    if side * side != p:
+        raise ValueError(f"--model cnn needs square grey-scale images; these inputs have {p} features")
+    return (1, side, side)
+
+
+def baseline_nnz(net: nn.Module, model: str, p: int) -> int:
+    """Non-zero weights and biases of the baseline; for a CNN, of its unrolled (implicit) form."""
+    if model == "cnn":
+        return sum(int((lay.weight.abs() >= 1e-6).sum()) + int((lay.bias.abs() >= 1e-6).sum())
+                   for lay in cnn_layers(net, (p,)).layers)
+    return baseline_nonzeros(net)
 
 
 class Robustness:
@@ -121,8 +146,15 @@ class Robustness:
         return [(a, str(float(e))) for a in self.attacks for e in self.eps if self.n]
 
 
+def row_key(row: dict) -> tuple[float, int]:
+    """A results row's key: ``(density target, fine-tuning epochs)`` for a run with ``--density``,
+    else ``(λ, fine-tuning epochs)``."""
+    target = row.get("density_target")
+    return (row["lam"] if target is None else target, row["finetune_epochs"])
+
+
 def resumed_rows(path: Path, results: dict) -> dict:
-    """Rows of a previous run at ``path`` by ``(λ, fine-tuning epochs)``, after checking that
+    """Rows of a previous run at ``path`` by ``(λ or density target, fine-tuning epochs)``, after checking that
     it was made with the same settings and baseline as ``results`` (ValueError otherwise)."""
     if not path.exists():
         return {}
@@ -135,7 +167,13 @@ def resumed_rows(path: Path, results: dict) -> dict:
     if (ob.get("accuracy"), ob.get("nnz")) != (nb["accuracy"], nb["nnz"]):
         raise ValueError(f"--resume: {path} was written for another baseline (test accuracy {ob.get('accuracy')} vs "
                          f"{nb['accuracy']}); pass the same --baseline file")
-    return {(r["lam"], r["finetune_epochs"]): r for r in old.get("sim", [])}
+    return {row_key(r): r for r in old.get("sim", [])}
+
+
+def _gain(model: nn.Module) -> float | None:
+    """The model's certified ℓ∞ gain (:func:`deqkit.sim.robust.certified_linf_gain`); ``None`` if not certified."""
+    g = certified_linf_gain(model)
+    return g.gain if g.certified else None
 
 
 def _evaluate(model: nn.Module, lam: float, res: Any, finetune_epochs: int, test: tuple[Tensor, Tensor],
@@ -147,6 +185,9 @@ def _evaluate(model: nn.Module, lam: float, res: Any, finetune_epochs: int, test
     nnz = count_nonzeros(model)
     return {
         "lam": lam,
+        "lam_scale": getattr(res, "lam_scale", None),
+        "density_target": getattr(res, "density_target", None),
+        "lam_path": [list(p) for p in res.search.path] if getattr(res, "search", None) is not None else None,
         "finetune_epochs": finetune_epochs,
         "accuracy": acc,
         "nnz": nnz,
@@ -157,6 +198,7 @@ def _evaluate(model: nn.Module, lam: float, res: Any, finetune_epochs: int, test
         "solver_converged": res.converged,
         "forward_warnings": len(fwd_warn),
         "robust": robust(model),
+        "certified_gain": _gain(model),
     }
 
 
@@ -184,24 +226,33 @@ class SimJob:
 
     def _results_header(self) -> dict:
         o = self.opts
-        base_acc, base_nnz = accuracy(self.net, *self.test), baseline_nonzeros(self.net)
+        model = getattr(o, "model", "mlp")
+        base_acc, base_nnz = accuracy(self.net, *self.test), baseline_nnz(self.net, model, self.xtr.shape[1])
         results: dict[str, Any] = {"command": " ".join(sys.argv)}
         results.update({k: getattr(o, k) for k in RESULT_SETTINGS})
-        results.update({"hidden": list(o.hidden), "samples": self.m, "attacks": list(o.attacks), "eps": list(o.eps)})
+        results.update({"hidden": list(o.hidden), "channels": list(getattr(o, "channels", [])), "samples": self.m, "attacks": list(o.attacks), "eps": list(o.eps)})
         results.update({"baseline": {"accuracy": base_acc, "nnz": base_nnz, "how": self.how, "robust": self.robust(self.net)},
                         "sim": [], "complete": False})
-        self.log(f"baseline MLP {self.xtr.shape[1]}-{'-'.join(map(str, o.hidden))}-{int(self.ytr.max()) + 1} ({self.how}): "
+        arch = (f"CNN channels {','.join(map(str, o.channels))}" if model == "cnn"
+                else f"MLP {self.xtr.shape[1]}-{'-'.join(map(str, o.hidden))}-{int(self.ytr.max()) + 1}")
+        self.log(f"baseline {arch} ({self.how}): "
                  f"test accuracy {100 * base_acc:.2f}%, non-zeros {base_nnz}")
         return results
 
-    def _fit(self, lam: float, warm: Optional[nn.Module]) -> Any:
+    def _fit(self, target: float, warm: Optional[nn.Module]) -> Any:
+        """One fit: at λ = ``target``, or (``--density``) at the λ the search finds for density ``target``."""
         o = self.opts
+        by_density = bool(o.density)
+        log = None if o.no_progress else (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            res = fit_sim(self.states, lam, method=o.fit_solver, mode=o.mode, admm_ab=self.admm_ab, admm_cd=self.admm_cd,
-                          warm_start=warm, lam_scale=o.lam_scale if o.fit_solver == "admm" else "none",
-                          penalty=o.penalty, input_weight=o.input_weight, structure=o.structure,
-                          output_skip=o.output_skip, debias=o.debias)
+            shape = {} if "support" in self.fit_extra else {"structure": o.structure, "output_skip": o.output_skip}
+            res = fit_sim(self.states, None if by_density else target, density=target if by_density else None,
+                          density_tol=o.density_tol, method=o.fit_solver, mode=o.mode, admm_ab=self.admm_ab,
+                          admm_cd=self.admm_cd, warm_start=warm, lam_scale=o.lam_scale, penalty=o.penalty,
+                          input_weight=o.input_weight, **shape,
+                          debias=o.debias, input_radius=o.input_radius, output_radius=o.output_radius,
+                          log=log if by_density else None, **self.fit_extra)
         for w in caught:
             print(f"  warning: {w.message}", file=sys.stderr)
         return res
@@ -224,23 +275,25 @@ class SimJob:
         o = self.opts
         base_nnz = results["baseline"]["nnz"]
         prev = None
-        for lam in o.lam:
-            wanted = [(lam, 0)] + ([(lam, o.finetune_epochs)] if o.finetune_epochs else [])
+        for target in (o.density or o.lam):
+            wanted = [(target, 0)] + ([(target, o.finetune_epochs)] if o.finetune_epochs else [])
+            what = f"density {100 * target:g}%" if o.density else f"λ={target:g}"
             if all(key in done for key in wanted):
-                print(f"  λ={lam:g}: kept from {self.out / RESULTS_FILE} (--resume)", file=sys.stderr)
+                print(f"  {what}: kept from {self.out / RESULTS_FILE} (--resume)", file=sys.stderr)
                 results["sim"] += [done[key] for key in wanted]
                 prev = None  # the next λ's solve starts cold: same program, same solution within tolerance
                 continue
-            res = self._fit(lam, prev)
+            res = self._fit(target, prev)
+            lam = res.lam
             model = prev = res.model.eval()
             results["sim"].append(_evaluate(model, lam, res, 0, self.test, base_nnz, self.robust))
             if o.finetune_epochs:
                 results["sim"].append(self._finetuned_row(model, lam, res, base_nnz))
             # every finished λ is on disk (atomically): an interrupted run keeps it for --resume
             atomic_write_bytes(self.out / RESULTS_FILE, json.dumps(results, indent=2).encode())
-        asked = {(r["lam"], r["finetune_epochs"]) for r in results["sim"]}
+        asked = {row_key(r) for r in results["sim"]}
         kept = [r for key, r in done.items() if key not in asked]  # λ of the earlier run not asked for now
-        results["sim"] = sorted(results["sim"] + kept, key=lambda r: (r["lam"], r["finetune_epochs"]))
+        results["sim"] = sorted(results["sim"] + kept, key=row_key)
 
     def run(self) -> dict:
         """The whole job; returns the results written to ``sim_results.json``."""
@@ -249,7 +302,13 @@ class SimJob:
         self._load()
         results = self._results_header()
         done = resumed_rows(self.out / RESULTS_FILE, results) if o.resume else {}
-        self.states = collect_states(self.net, self.xtr[: self.m], kappa=o.kappa, dtype=self.dtype)
+        self.fit_extra: dict[str, Any] = {}
+        if getattr(o, "model", "mlp") == "cnn":
+            p = self.xtr.shape[1]
+            self.states = collect_cnn_states(self.net, self.xtr[: self.m], in_shape=(p,), kappa=o.kappa, dtype=self.dtype)
+            self.fit_extra["support"] = cnn_support(self.net, (p,), output_skip=o.output_skip)
+        else:
+            self.states = collect_states(self.net, self.xtr[: self.m], kappa=o.kappa, dtype=self.dtype)
         self.admm_ab = BatchedADMM(rho=o.rho, max_iter=o.max_iter_ab, mode=o.mode)
         self.admm_cd = BatchedADMM(rho=o.rho, max_iter=o.max_iter_cd, mode=o.mode)
         self._sweep(results, done)
@@ -279,7 +338,7 @@ def format_table(results: dict, eps_cols: list[tuple[str, str]]) -> str:
     b = results["baseline"]
     lines = [head, fmt("baseline", b["accuracy"], b["nnz"], 1.0, "-", "-", "-", b["robust"])]
     for r in results["sim"]:
-        name = f"SIM λ={r['lam']:g}" + (f" +ft{r['finetune_epochs']}" if r["finetune_epochs"] else "")
+        name = f"SIM λ={r['lam']:.3g}" + (f" +ft{r['finetune_epochs']}" if r["finetune_epochs"] else "")
         lines.append(fmt(name, r["accuracy"], r["nnz"]["total"], r["nnz_fraction"], f"{r['A_inf_norm']:.3f}",
                          "yes" if r["wellposed"] else "NO", f"{r['solve_time_s']:.1f}", r["robust"]))
     return "\n".join(lines)
@@ -302,7 +361,8 @@ def _plot_accuracy(ax: Any, results: dict) -> None:
     ax2.plot(lams, [r["nnz"]["total"] for r in plain], "s-", color="C1", label="SIM non-zeros")
     ax2.axhline(results["baseline"]["nnz"], color="C1", ls="--", label="baseline non-zeros")
     ax2.set_ylabel("non-zeros of (A, B, C, D)", color="C1")
-    ax.set_title("accuracy and non-zeros against λ")
+    ax.set_title(f"accuracy and non-zeros against λ ({plain[0].get('lam_scale') or 'paper'} units)" if plain
+                 else "accuracy and non-zeros against λ")
 
 
 def _plot_robustness(ax: Any, results: dict) -> None:
@@ -317,7 +377,8 @@ def _plot_robustness(ax: Any, results: dict) -> None:
             if rob:
                 eps = sorted(float(e) for e in rob)
                 ax.plot(eps, [100 * rob[str(e)] for e in eps], ls, color=f"C{i % 10}", marker=".",
-                        label=f"SIM λ={r['lam']:g}{' +ft' if r.get('finetune_epochs') else ''} {attack}")
+                        label=f"SIM λ={r['lam']:.3g} ({100 * r['nnz_fraction']:.0f}% nnz)"
+                              f"{' +ft' if r.get('finetune_epochs') else ''} {attack}")
     ax.set_xlabel("ε (ℓ∞)")
     ax.set_ylabel("accuracy under attack (%)")
     ax.set_title("robustness")

@@ -32,16 +32,32 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     add_data_group(p, DATASETS, default="digits")
     g = p.add_argument_group("baseline MLP")
+    g.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
+                   help="baseline: mlp (Linear+ReLU) or cnn (Conv2d+ReLU layers, then Linear; the implicit model's state "
+                        "is the stacked feature maps and each row of the program is restricted to its receptive field)")
     g.add_argument("--hidden", type=ints, default=[64, 32, 16], help="hidden widths of the MLP baseline")
+    g.add_argument("--channels", type=ints, default=[8, 16], help="channels of the CNN baseline's convolutions")
+    g.add_argument("--kernel-size", type=positive_int, default=3, help="CNN kernel size")
+    g.add_argument("--stride", type=positive_int, default=2, help="CNN stride")
+    g.add_argument("--padding", type=nonneg_int, default=1, help="CNN zero padding")
     g.add_argument("--epochs", type=nonneg_int, default=None, help="baseline training epochs (None: 60 digits, 20 mnist5k, 10 others)")
     g.add_argument("--lr", type=positive_float, default=None, help="baseline learning rate (None: 3e-3 digits, 1e-3 others)")
     g.add_argument("--baseline", default=None, help="baseline state_dict: loaded if it exists, else trained and saved")
     g = p.add_argument_group("SIM program")
-    g.add_argument("--lam", type=floats, default=[0.01, 0.1, 0.3, 1.0], help="λ values, comma-separated")
+    g.add_argument("--lam", type=floats, default=None,
+                   help="λ values, comma-separated, in --lam-scale units (normalized: useful values in (0, 1)); "
+                        "give --lam or --density (neither: --density 0.7,0.5,0.3)")
+    g.add_argument("--density", type=floats, default=None,
+                   help="target fractions of the baseline's non-zeros, comma-separated (e.g. 0.5,0.3): λ is searched "
+                        "for each (warm-started path search); the results carry the λ chosen")
+    g.add_argument("--density-tol", type=positive_float, default=0.005, help="accepted distance to a --density target (0.005 = ±0.5 points)")
     g.add_argument("--samples", type=positive_int, default=None, help="state samples m (None: 1000 digits, 2000 others)")
     g.add_argument("--kappa", type=Number(float, low=0.0, high=1.0, low_open=True, high_open=True), default=0.99, help="well-posedness margin κ, in (0, 1)")
     g.add_argument("--mode", choices=MODES, default="relaxed", help="the program's form")
-    g.add_argument("--lam-scale", choices=LAM_SCALES, default="none", help="per-row λ scaling")
+    g.add_argument("--lam-scale", choices=LAM_SCALES, default="normalized",
+                   help="units of λ: normalized (per-sample mean loss, unit-rms targets and regressors: a λ carries over "
+                        "between data sets), paper (the SIM paper's program; the default before, then named 'none': "
+                        "pass it to reproduce earlier runs), rms (λ·rms(z_i) per row)")
     g.add_argument("--penalty", choices=PENALTIES, default="uniform",
                    help="ℓ1 weights: uniform (the paper's) or standardized (rescaling-invariant, experimental)")
     g.add_argument("--input-weight", type=positive_float, default=1.0,
@@ -51,6 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--output-skip", action=argparse.BooleanOptionalAction, default=True,
                    help="let the outputs read the inputs directly (D's input columns)")
     g.add_argument("--debias", action="store_true", help="refit each row by least squares on its lasso support (relaxed lasso)")
+    g.add_argument("--input-radius", type=positive_float, default=None,
+                   help="robustness: ℓ1 bound on each row of B's input columns (with --output-radius it bounds the ℓ∞ gain)")
+    g.add_argument("--output-radius", type=positive_float, default=None,
+                   help="robustness: ℓ1 bound on each row of [C D] (bias excluded)")
     g = p.add_argument_group("fit solver")
     g.add_argument("--fit-solver", choices=FIT_SOLVERS, default="admm", help="solver of the SIM program")
     g.add_argument("--rho", type=positive_float, default=1.0, help="ADMM penalty ρ")
@@ -83,7 +103,7 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
 
 def validate(args: argparse.Namespace) -> None:
     """Value checks argparse's types do not make (OptionError, one line naming the flag)."""
-    for flag, minimum in (("--samples", 1), ("--n-attack", 0), ("--pgd-steps", 1), ("--finetune-epochs", 0),
+    for flag, minimum in (("--kernel-size", 1), ("--stride", 1), ("--padding", 0), ("--samples", 1), ("--n-attack", 0), ("--pgd-steps", 1), ("--finetune-epochs", 0),
                           ("--max-iter-ab", 1), ("--max-iter-cd", 1), ("--n-test", 1)):
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
@@ -95,6 +115,27 @@ def validate(args: argparse.Namespace) -> None:
         check_number("deqkit sim", "--lr", args.lr, low=0.0, low_open=True)
     if args.debias and args.mode != "relaxed":
         raise OptionError("deqkit sim: --debias refits by least squares and needs --mode relaxed.")
+    if args.model == "cnn" and args.structure != "full":
+        raise OptionError("deqkit sim: --structure does not apply to --model cnn (each row is restricted to its "
+                          "receptive field, which is feedforward already).")
+    if args.lam is not None and args.density is not None:
+        raise OptionError("deqkit sim: give --lam or --density, not both.")
+    if args.lam is None and args.density is None:  # equality mode: the solution does not depend on λ
+        if args.mode == "relaxed":
+            args.density = [0.7, 0.5, 0.3]
+        else:
+            args.lam = [1.0]
+    for lam in args.lam or []:
+        check_number("deqkit sim", "--lam", lam, low=0.0)
+    for d in args.density or []:
+        check_number("deqkit sim", "--density", d, low=0.0, low_open=True)
+    check_number("deqkit sim", "--density-tol", args.density_tol, low=0.0, low_open=True)
+    if args.density and args.mode != "relaxed":
+        raise OptionError("deqkit sim: --density searches λ along the lasso path and needs --mode relaxed.")
+    for flag in ("--input-radius", "--output-radius"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            check_number("deqkit sim", flag, value, low=0.0)
 
 
 def check_files(args: argparse.Namespace) -> None:

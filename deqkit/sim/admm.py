@@ -117,6 +117,7 @@ class _Problem:
     support: Tensor | None  # (d, r) in phi's dtype
     c: Tensor  # Φᵀz in the eigenbasis, (d, r)
     c_ls: Tensor | None = None  # equality: least-squares solution in the eigenbasis
+    block_ball: tuple[int, int, Tensor] | None = None  # a second ball (start, stop, (r,) radius)
     null: Tensor | None = None  # equality: (d, 1) indicator of the null space of Φ
 
     @property
@@ -255,7 +256,8 @@ class BatchedADMM:
         rank_mask = lam > self.rank_tol * max(top, 1e-300)
         return Factorization(phi=phi, q=q.to(phi.dtype), lam=lam.to(phi.dtype), rank_mask=rank_mask)
 
-    def _problem(self, phi, targets, lam, radius, n_constrained, factor, weights, support) -> _Problem:
+    def _problem(self, phi, targets, lam, radius, n_constrained, factor, weights, support,
+                 block_ball=None) -> _Problem:
         """Check the inputs of :meth:`solve` and precompute what every iteration reuses."""
         own = "BatchedADMM.solve"
         if factor is None:
@@ -291,8 +293,15 @@ class BatchedADMM:
             rad = _radius_tensor(radius, r, phi, owner=own).clone()
         q, ev = factor.q, factor.lam
         c = q.T @ (phi.T @ targets.T)  # Φᵀz for every row, expressed in the eigenbasis: (d, r)
+        ball2 = None
+        if block_ball is not None:
+            if not (isinstance(block_ball, tuple) and len(block_ball) == 3):
+                raise OptionError(f"{own}: block_ball must be a tuple (start, stop, radius), got {block_ball!r}.")
+            start = check_int(own, "block_ball start", block_ball[0], minimum=n_constrained, maximum=d)
+            stop = check_int(own, "block_ball stop", block_ball[1], minimum=start, maximum=d)
+            ball2 = (start, stop, _radius_tensor(block_ball[2], r, phi, owner=own).clone())
         prob = _Problem(phi=phi, targets=targets, factor=factor, lam=lam_t, radius=rad, n_constrained=n_constrained,
-                        weights=weights, support=support_t, c=c)
+                        weights=weights, support=support_t, c=c, block_ball=ball2)
         if self.mode == "equality":
             mask = factor.rank_mask
             inv = torch.where(mask, 1.0 / torch.where(mask, ev, torch.ones_like(ev)), torch.zeros_like(ev))
@@ -316,7 +325,10 @@ class BatchedADMM:
             t = t[:, None] * prob.weights[None, :]
         if prob.support is not None:  # prox of g + ι{β = 0 off the support}: zero those first
             x = x * prob.support[:, active]
-        return prox_l1_ball(x.T, t, prob.radius[active], prob.n_constrained).T
+        ball2 = None
+        if prob.block_ball is not None:
+            ball2 = (prob.block_ball[0], prob.block_ball[1], prob.block_ball[2][active])
+        return prox_l1_ball(x.T, t, prob.radius[active], prob.n_constrained, ball2).T
 
     def _residuals(self, beta: Tensor, v: Tensor, v_old: Tensor, w: Tensor, rho: Tensor, sqrt_d: float) -> _Residuals:
         """Boyd's primal and dual residuals and their tolerances (§3.3.1)."""
@@ -408,6 +420,7 @@ class BatchedADMM:
         factor: Factorization | None = None,
         weights: Tensor | None = None,
         support: Tensor | None = None,
+        block_ball: tuple[int, int, float | Tensor] | None = None,
     ) -> ADMMResult:
         """Solve the program for every row of ``targets``; apply ``on_failure`` to rows that miss the tolerance.
 
@@ -422,18 +435,21 @@ class BatchedADMM:
             weights: ``(d,)`` positive weights of a weighted ℓ1 penalty (default all ones).
             support: ``(r, d)`` boolean mask; coefficients outside it are held at zero (the
                 program restricted to a fixed sparsity pattern, e.g. to debias a lasso fit).
+            block_ball: ``(start, stop, radius2)``: a second ℓ1 ball ``‖β[start:stop]‖₁ ≤ radius2``
+                (scalar or ``(r,)``) on coordinates after the first ``n_constrained`` (e.g. the input
+                columns of ``B``, to bound the model's sensitivity to its input).
         """
-        result = self._solve(phi, targets, lam, radius, n_constrained, beta0, factor, weights, support)
+        result = self._solve(phi, targets, lam, radius, n_constrained, beta0, factor, weights, support, block_ball)
         msg = self.failure_message(result)
         if msg is not None:
             apply_failure_policy(self.on_failure, msg, stacklevel=3)  # past the options wrapper
         return result
 
     def _solve(self, phi, targets, lam, radius=None, n_constrained=0, beta0=None, factor=None, weights=None,
-               support=None) -> ADMMResult:
+               support=None, block_ball=None) -> ADMMResult:
         """:meth:`solve` without the failure policy (the caller applies its own)."""
         t0 = time.perf_counter()
-        prob = self._problem(phi, targets, lam, radius, n_constrained, factor, weights, support)
+        prob = self._problem(phi, targets, lam, radius, n_constrained, factor, weights, support, block_ball)
         r, d = prob.rows, prob.dim
         if beta0 is not None:
             if beta0.shape != (r, d):

@@ -25,12 +25,24 @@ Two options restrict or refine that program; both keep it convex and row-separab
   constraints undoes the ℓ1 shrinkage, which otherwise compounds through the layers. The
   non-zeros cannot grow.
 
+λ's units (``lam_scale``): the paper's program above grows with the number of samples and
+with the states' scale, so a λ that sparsifies one network does nothing on another. The
+default ``"normalized"`` divides the loss by ``m`` and each target and ``Φ`` by its root mean
+square (:func:`lam_factors`); ``lam_scale="paper"`` is the program exactly as written above
+(the default before this option was renamed: pass it to reproduce earlier results).
+``density=`` chooses λ for a target fraction of non-zeros instead (:mod:`deqkit.sim.density`).
+
+Robustness: ``input_radius``/``output_radius`` bound the ℓ1 norm of each row of ``B``'s
+input columns and of ``[C D_u]``; with ``‖A‖_∞ ≤ κ`` that bounds the model's ℓ∞ gain (the
+certificate is :func:`deqkit.sim.robust.certified_linf_gain`).
+
 Solved by :class:`~deqkit.sim.admm.BatchedADMM` (all rows at once; ADMM as in Boyd et al.,
 Found. Trends Mach. Learn. 2011) or by the CVXPY reference.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +55,8 @@ from .._options import (
     check_bool,
     check_choice,
     check_failure_policy,
+    check_int,
+    check_number,
     check_positive,
     validated_options,
 )
@@ -50,6 +64,7 @@ from ..errors import OptionError, apply_failure_policy
 from ..results import ResultMixin
 from .admm import MODES, ADMMResult, BatchedADMM
 from .baseline import _check_training_options
+from .density import DensitySearch, search_lam
 from .model import ImplicitModel, check_kappa
 from .reference import CVXPYResult, solve_rows_cvxpy
 from .states import States, _mlp_layers
@@ -64,13 +79,14 @@ __all__ = [
     "count_nonzeros",
     "finetune",
     "fit_sim",
+    "lam_factors",
     "structure_support",
 ]
 
 #: the ``method`` values of :func:`fit_sim`
 SOLVERS = ("admm", "cvxpy")
 STRUCTURES = ("full", "feedforward")
-LAM_SCALES = ("none", "rms")
+LAM_SCALES = ("normalized", "paper", "rms")
 PENALTIES = ("uniform", "standardized")
 
 BlockResult = ADMMResult | CVXPYResult
@@ -92,7 +108,12 @@ class SIMResult(ResultMixin):
     - ``residual``: the largest ``residual`` of any row of any solve (ADMM: residual over
       tolerance, ``≤ 1`` when converged; CVXPY: primal infeasibility), a ``float``;
     - ``time_s``: wall-clock seconds of the solves (factorisation included, building the model
-      excluded).
+      excluded; with ``density``, every solve of the search).
+
+    ``lam`` is the λ of the fit (given, or chosen by the density search) in ``lam_scale``
+    units; ``density`` the non-zeros of the model over the baseline's (``None`` when unknown),
+    ``density_target`` the target asked for (``None`` without one) and ``search`` the density
+    search (its ``path`` of ``(λ, density)``).
     """
 
     model: ImplicitModel
@@ -102,6 +123,10 @@ class SIMResult(ResultMixin):
     time_s: float
     refit_ab: BlockResult | None = None
     refit_cd: BlockResult | None = None
+    lam_scale: str = "normalized"
+    density: float | None = None
+    density_target: float | None = None
+    search: DensitySearch | None = None
 
     @property
     def solves(self) -> dict[str, BlockResult]:
@@ -160,47 +185,116 @@ def structure_support(
 
 @dataclass
 class _Block:
-    """One row block of the program: its ADMM solver, targets, λ, ball, support and warm start."""
+    """One row block of the program: its ADMM solver, targets, λ factor, balls, support and warm start.
+
+    Row ``i`` of the block uses ``λ·scale_i`` in the paper's units (see ``lam_scale``)."""
 
     admm: BatchedADMM
     targets: Tensor
-    lam: float | Tensor
+    scale: float | Tensor
     radius: float | None
     n_constrained: int
     support: Tensor | None
     beta0: Tensor | None
+    block_ball: tuple[int, int, float] | None = None
 
 
 def _solve_block(method: str, mode: str, block: _Block, phi: Tensor, lam, *, weights, support, beta0, factor,
                  zero_tol: float) -> tuple[BlockResult, Tensor]:
     """One block of rows by the batched ADMM or by CVXPY, without a failure policy (the fit
-    applies its own); returns (result, beta tensor)."""
+    applies its own); returns (result, beta tensor). ``lam`` is in the paper's units (scalar or per row)."""
+    if method == "admm" and block.support is not None and float(block.support.double().mean()) < 0.5:
+        res = _solve_grouped(block, phi, lam, weights=weights, support=support, beta0=beta0)
+        return res, res.beta
     if method == "admm":
         res = block.admm._solve(phi, block.targets, lam, radius=block.radius, n_constrained=block.n_constrained,
-                                beta0=beta0, factor=factor, weights=weights, support=support)
+                                beta0=beta0, factor=factor, weights=weights, support=support,
+                                block_ball=block.block_ball)
         return res, res.beta
-    ref = solve_rows_cvxpy(phi, block.targets, float(lam), radius=block.radius, n_constrained=block.n_constrained,
-                           mode=mode, weights=weights, support=support, on_failure="ignore")
+    lam_c = lam.detach().cpu().numpy() if isinstance(lam, Tensor) else float(lam)
+    ref = solve_rows_cvxpy(phi, block.targets, lam_c, radius=block.radius, n_constrained=block.n_constrained,
+                           mode=mode, weights=weights, support=support, block_ball=block.block_ball,
+                           on_failure="ignore")
     beta = torch.as_tensor(ref.beta, dtype=phi.dtype, device=phi.device)
     return ref, torch.where(beta.abs() < zero_tol, torch.zeros_like(beta), beta)
 
 
-def _check_fit_options(states: States, lam, method, mode, kappa, admm_ab, admm_cd, zero_tol, lam_scale, penalty,
-                       input_weight, output_skip, debias, on_failure) -> tuple[float, BatchedADMM, BatchedADMM]:
+def _solve_grouped(block: _Block, phi: Tensor, lam, *, weights, support, beta0) -> ADMMResult:
+    """The rows of ``block`` grouped by their structural support (e.g. a CNN unit's receptive
+    field): the rows of a group share their columns ``S`` and are solved together by the batched
+    ADMM on ``Φ[:, S]`` (``|S|`` columns, not ``d``); ``support`` (finer, e.g. a lasso support to
+    refit) is applied inside each group. The same program as the masked solve over all columns."""
+    assert block.support is not None
+    t0 = time.perf_counter()
+    structural = block.support.to(phi.device)
+    r, d = structural.shape
+    dt, dev = phi.dtype, phi.device
+    lam_t = torch.as_tensor(lam, dtype=dt, device=dev)
+    lam_t = lam_t.expand(r) if lam_t.ndim == 0 else lam_t
+    groups, inverse = torch.unique(structural, dim=0, return_inverse=True)
+    beta = torch.zeros(r, d, dtype=dt, device=dev)
+    fields = {k: torch.zeros(r, dtype=dt, device=dev) for k in ("objective", "residual", "primal_residual",
+                                                                "dual_residual", "rho", "constraint_residual")}
+    converged = torch.zeros(r, dtype=torch.bool, device=dev)
+    nstep = torch.zeros(r, dtype=torch.long, device=dev)
+    for g in range(groups.shape[0]):
+        rows = (inverse == g).nonzero().squeeze(1)
+        cols = groups[g].nonzero().squeeze(1)
+        k_con = int((cols < block.n_constrained).sum()) if block.radius is not None else 0
+        ball = None
+        if block.block_ball is not None:
+            start, stop, rad = block.block_ball
+            ball = (int((cols < start).sum()), int((cols < stop).sum()), rad)
+        res = block.admm._solve(phi[:, cols], block.targets[rows], lam_t[rows], radius=block.radius,
+                                n_constrained=k_con, beta0=None if beta0 is None else beta0[rows][:, cols],
+                                weights=None if weights is None else weights[cols],
+                                support=None if support is None else support[rows][:, cols].to(dev), block_ball=ball)
+        beta[rows[:, None], cols[None, :]] = res.beta
+        for k, v in fields.items():
+            v[rows] = getattr(res, k).to(dt)
+        converged[rows] = res.converged
+        nstep[rows] = res.nstep.to(torch.long)
+    return ADMMResult(beta=beta, converged=converged, nstep=nstep, time_s=time.perf_counter() - t0,
+                      mode=block.admm.mode, **fields)
+
+
+def _check_fit_options(states: States, lam, density, method, mode, kappa, admm_ab, admm_cd, zero_tol, lam_scale,
+                       penalty, input_weight, output_skip, debias, on_failure, input_radius, output_radius,
+                       density_tol, max_evals, density_of) -> tuple[float, BatchedADMM, BatchedADMM]:
     """Validate :func:`fit_sim`'s options; returns ``kappa`` and the two ADMM solvers."""
     own = "fit_sim"
     check_choice(own, "method", method, SOLVERS)
     check_choice(own, "mode", mode, MODES)
-    check_positive(own, "lam", lam, allow_zero=True)
+    if (lam is None) == (density is None):
+        raise OptionError(f"{own}: give exactly one of lam (the ℓ1 weight) and density (a target fraction of "
+                          f"non-zeros, λ then searched), got lam={lam!r}, density={density!r}.")
+    if lam is not None:
+        check_positive(own, "lam", lam, allow_zero=True)
+    else:
+        check_positive(own, "density", density)
+        check_number(own, "density_tol", density_tol, low=0.0, low_open=True)
+        check_int(own, "max_evals", max_evals, minimum=2)
+        if density_of is not None:
+            check_int(own, "density_of", density_of)
+        elif states.reference_nnz is None:
+            raise OptionError(f"{own}: density needs the baseline's non-zero count: collect the states with "
+                              "collect_states()/collect_cnn_states(), or pass density_of=<non-zeros of the baseline>.")
+        if mode != "relaxed":
+            raise OptionError(f"{own}: density searches λ along the lasso path and needs mode='relaxed' "
+                              f"(in mode={mode!r} the solution does not depend on λ).")
+    if lam_scale == "none":
+        raise OptionError(f"{own}: lam_scale='none' was renamed 'paper' (λ in the units of the SIM paper); the "
+                          "default is now 'normalized' (per-sample mean loss, targets and regressors of unit rms).")
     check_choice(own, "lam_scale", lam_scale, LAM_SCALES)
-    if lam_scale != "none" and method != "admm":
-        raise OptionError(f"{own}: lam_scale={lam_scale!r} is only implemented for method='admm', got method={method!r}.")
     check_choice(own, "penalty", penalty, PENALTIES)
     check_positive(own, "input_weight", input_weight)
     zero_tol = check_positive(own, "zero_tol", zero_tol, allow_zero=True)
     check_bool(own, "output_skip", output_skip)
     check_bool(own, "debias", debias)
     check_failure_policy(own, on_failure)
+    for name, val in (("input_radius", input_radius), ("output_radius", output_radius)):
+        if val is not None:
+            check_positive(own, name, val, allow_zero=True)
     if debias and mode != "relaxed":
         raise OptionError(f"{own}: debias=True refits by least squares and needs mode='relaxed' "
                           f"(mode={mode!r} already matches the states exactly).")
@@ -229,42 +323,92 @@ def _penalty_weights(phi: Tensor, n: int, p: int, penalty: str, input_weight: fl
     return weights
 
 
-def _blocks(states: States, lam: float, lam_scale: str, kappa: float, admm_ab: BatchedADMM, admm_cd: BatchedADMM,
-            structure: str, output_skip: bool, warm_start: ImplicitModel | None) -> dict[str, _Block]:
-    """The two row blocks of the program: ``(A, B)`` under the ℓ1 ball, ``(C, D)`` without."""
-    support_ab, support_cd = structure_support(states, structure, output_skip)
-    phi = states.phi
-    lam_ab: float | Tensor = lam
-    lam_cd: float | Tensor = lam
+def lam_factors(states: States, lam_scale: str = "normalized") -> tuple[float | Tensor, float | Tensor]:
+    """The per-row factors ``(s_ab, s_cd)`` that turn a λ in ``lam_scale`` units into the paper's:
+    row ``i`` of the program ``min λ_i‖β‖₁ + ½‖z_i − Φβ‖²`` gets ``λ_i = λ·s_i``.
+
+    ``"paper"``: ``s_i = 1``; ``"rms"``: ``s_i = rms(z_i)``; ``"normalized"``:
+    ``s_i = m·rms(z_i)·rms(Φ)``, i.e. the program ``min λ‖β̃‖₁ + (1/2m)‖z̃_i − Φ̃β̃‖²`` on the
+    target and regressors each divided by its root mean square (``z̃ = z/rms(z)``,
+    ``Φ̃ = Φ/rms(Φ)``, ``β̃ = β·rms(Φ)/rms(z)``): the same λ then means the same thing for any
+    number of samples ``m``, any scale of a layer's states and any scale of the inputs.
+    """
+    check_choice("lam_factors", "lam_scale", lam_scale, LAM_SCALES)
+    if lam_scale == "paper":
+        return 1.0, 1.0
+    rms_ab = states.Z.pow(2).mean(dim=0).sqrt()
+    rms_cd = states.Y.pow(2).mean(dim=0).sqrt()
     if lam_scale == "rms":
-        lam_ab = lam * states.Z.pow(2).mean(dim=0).sqrt()
-        lam_cd = lam * states.Y.pow(2).mean(dim=0).sqrt()
+        return rms_ab, rms_cd
+    phi = states.phi
+    c = phi.shape[0] * float(phi.pow(2).mean().sqrt())
+    return c * rms_ab, c * rms_cd
+
+
+def _blocks(states: States, lam_scale: str, kappa: float, admm_ab: BatchedADMM, admm_cd: BatchedADMM,
+            structure: str, output_skip: bool, warm_start: ImplicitModel | None, input_radius: float | None,
+            output_radius: float | None, support: tuple[Tensor | None, Tensor | None] | None = None
+            ) -> dict[str, _Block]:
+    """The two row blocks of the program: ``(A, B)`` under the ℓ1 ball, ``(C, D)`` without (or
+    under ``output_radius`` on ``[C D_u]``); ``input_radius`` bounds each row of ``B_u``."""
+    support_ab, support_cd = support if support is not None else structure_support(states, structure, output_skip)
+    phi = states.phi
+    s_ab, s_cd = lam_factors(states, lam_scale)
     b0_ab = b0_cd = None
     if warm_start is not None:
         b0_ab = torch.cat([warm_start.A.detach(), warm_start.B.detach()], 1).to(phi)
         b0_cd = torch.cat([warm_start.C.detach(), warm_start.D.detach()], 1).to(phi)
-    n = states.X.shape[1]
+    n, p = states.X.shape[1], states.U.shape[1]
+    ball_b = None if input_radius is None else (n, n + p, float(input_radius))
+    cd_radius, cd_k = (None, 0) if output_radius is None else (float(output_radius), n + p)
     return {
-        "ab": _Block(admm_ab, states.Z.T, lam_ab, kappa, n, support_ab, b0_ab),
-        "cd": _Block(admm_cd, states.Y.T, lam_cd, None, 0, support_cd, b0_cd),
+        "ab": _Block(admm_ab, states.Z.T, s_ab, kappa, n, support_ab, b0_ab, ball_b),
+        "cd": _Block(admm_cd, states.Y.T, s_cd, cd_radius, cd_k, support_cd, b0_cd),
     }
 
 
-def _solve_blocks(method: str, mode: str, blocks: dict[str, _Block], phi: Tensor, weights: Tensor | None,
-                  debias: bool, zero_tol: float) -> tuple[dict[str, BlockResult], dict[str, Tensor]]:
-    """The lasso solve of each block, then (``debias``) least squares on each row's lasso support."""
-    factor = blocks["ab"].admm.factorize(phi) if method == "admm" else None
+def _lasso(method: str, mode: str, blocks: dict[str, _Block], phi: Tensor, lam: float, weights: Tensor | None,
+           zero_tol: float, factor, beta0: dict[str, Tensor | None]) -> tuple[dict[str, BlockResult], dict[str, Tensor]]:
+    """The lasso solve of each block at ``lam`` (in ``lam_scale`` units)."""
     results: dict[str, BlockResult] = {}
     betas: dict[str, Tensor] = {}
     for name, b in blocks.items():
-        results[name], betas[name] = _solve_block(method, mode, b, phi, b.lam, weights=weights, support=b.support,
-                                                  beta0=b.beta0, factor=factor, zero_tol=zero_tol)
-    if debias:  # the structure is inside the lasso support
-        for name, b in blocks.items():
-            results["refit_" + name], betas[name] = _solve_block(
-                method, mode, b, phi, 0.0, weights=None, support=betas[name] != 0, beta0=betas[name],
-                factor=factor, zero_tol=zero_tol)
+        results[name], betas[name] = _solve_block(method, mode, b, phi, lam * b.scale, weights=weights,
+                                                  support=b.support, beta0=beta0.get(name), factor=factor,
+                                                  zero_tol=zero_tol)
     return results, betas
+
+
+def _refit(method: str, mode: str, blocks: dict[str, _Block], phi: Tensor, zero_tol: float, factor,
+           results: dict[str, BlockResult], betas: dict[str, Tensor]) -> None:
+    """Least squares on each row's lasso support under the same constraints (in place)."""
+    for name, b in blocks.items():  # the structure is inside the lasso support
+        results["refit_" + name], betas[name] = _solve_block(
+            method, mode, b, phi, 0.0, weights=None, support=betas[name] != 0, beta0=betas[name],
+            factor=factor, zero_tol=zero_tol)
+
+
+def _lam_max(blocks: dict[str, _Block], phi: Tensor, weights: Tensor | None) -> float:
+    """The smallest λ (in ``lam_scale`` units) at which every row's lasso solution is 0:
+    ``max_i max_j |Φ_jᵀ z_i| / (w_j·s_i)`` over each row's support (KKT of ``β = 0``)."""
+    top = 0.0
+    for b in blocks.values():
+        corr = (b.targets @ phi).abs()  # (r, d)
+        if weights is not None:
+            corr = corr / weights[None, :]
+        if b.support is not None:
+            corr = corr * b.support.to(corr.dtype)
+        scale = torch.as_tensor(b.scale, dtype=corr.dtype, device=corr.device)
+        scale = scale.expand(corr.shape[0]) if scale.ndim == 0 else scale
+        row = corr.max(dim=1).values if corr.shape[1] else torch.zeros(corr.shape[0], dtype=corr.dtype)
+        ok = scale > 0
+        if bool(ok.any()):
+            top = max(top, float((row[ok] / scale[ok]).max()))
+    return top
+
+
+def _nnz(betas: dict[str, Tensor]) -> int:
+    return int(sum(int((b != 0).sum()) for b in betas.values()))
 
 
 def _failure_message(lam: float, results: dict[str, BlockResult], blocks: dict[str, _Block]) -> str | None:
@@ -298,11 +442,50 @@ def _build_model(states: States, betas: dict[str, Tensor], kappa: float, method:
     return model
 
 
+def _density_search(method: str, mode: str, blocks: dict[str, _Block], phi: Tensor, weights: Tensor | None,
+                    zero_tol: float, factor, target: float, reference: int, tol: float, max_evals: int,
+                    log: Callable[[str], None] | None) -> tuple[DensitySearch, dict[str, BlockResult], dict[str, Tensor]]:
+    """λ for ``target`` non-zeros / ``reference`` by :func:`~deqkit.sim.density.search_lam`; each
+    solve warm-started from the nearest λ solved so far. Returns the search and the lasso
+    solution at the λ chosen."""
+    kept: dict[float, tuple[dict[str, BlockResult], dict[str, Tensor]]] = {}
+    first = {name: b.beta0 for name, b in blocks.items()}
+
+    def evaluate(lam: float) -> float:
+        near = min(kept, key=lambda k: abs(math.log(k) - math.log(lam)), default=None)
+        beta0 = first if near is None else kept[near][1]
+        res, betas = _lasso(method, mode, blocks, phi, lam, weights, zero_tol, factor, beta0)
+        kept[lam] = (res, betas)
+        dens = _nnz(betas) / reference
+        if log is not None:
+            log(f"density search: λ={lam:.4g} -> {100 * dens:.2f}% non-zeros (target {100 * target:g}%)")
+        # keep memory bounded: the three solutions nearest this λ (warm starts for the next ones)
+        for k in sorted(kept, key=lambda k: abs(math.log(k) - math.log(lam)))[3:]:
+            del kept[k]
+        return dens
+
+    lam_max = _lam_max(blocks, phi, weights)
+    if lam_max <= 0:
+        raise OptionError("fit_sim: every target is zero (λ_max = 0); there is no λ to search.")
+    search = search_lam(evaluate, target, lam_max, tol=tol, max_evals=max_evals)
+    if search.lam in kept:
+        res, betas = kept[search.lam]
+    else:  # the chosen point was evicted (or is λ_max): solve it again, warm
+        near = min(kept, key=lambda k: abs(math.log(k) - math.log(search.lam)), default=None)
+        res, betas = _lasso(method, mode, blocks, phi, search.lam, weights, zero_tol, factor,
+                            first if near is None else kept[near][1])
+    return search, res, betas
+
+
 @validated_options
 def fit_sim(
     states: States,
-    lam: float,
+    lam: float | None = None,
     *,
+    density: float | None = None,
+    density_tol: float = 0.005,
+    max_evals: int = 20,
+    density_of: int | None = None,
     method: str = "admm",
     mode: str = "relaxed",
     kappa: float | None = None,
@@ -310,20 +493,31 @@ def fit_sim(
     admm_cd: BatchedADMM | None = None,
     warm_start: ImplicitModel | None = None,
     zero_tol: float = 1e-6,
-    lam_scale: str = "none",
+    lam_scale: str = "normalized",
     penalty: str = "uniform",
     input_weight: float = 1.0,
     structure: str = "full",
     output_skip: bool = True,
     debias: bool = False,
+    input_radius: float | None = None,
+    output_radius: float | None = None,
+    support: tuple[Tensor | None, Tensor | None] | None = None,
     on_failure: str = "warn",
     solver: Any = None,
     grad: Any = None,
+    log: Callable[[str], None] | None = None,
 ) -> SIMResult:
     """Fit ``(A, B, C, D)`` to ``states`` (from :func:`~deqkit.sim.states.collect_states`).
 
     Args:
-        lam: ℓ1 weight λ ≥ 0 (same for every row).
+        lam: ℓ1 weight λ ≥ 0 (same for every row, in ``lam_scale`` units). Give ``lam`` or
+            ``density``, not both.
+        density: a target fraction of non-zeros of ``(A, B, C, D)``, relative to the baseline's
+            non-zero weights and biases (``states.reference_nnz``, or ``density_of``): λ is then
+            found by a warm-started search along the lasso path
+            (:func:`~deqkit.sim.density.search_lam`) to within ``density_tol`` with at most
+            ``max_evals`` solves; the result reports the λ chosen, the density reached and the
+            path. ``mode="relaxed"`` only.
         method: ``"admm"`` (default: batched, any device) or ``"cvxpy"`` (reference, row by row).
         mode: ``"relaxed"`` or ``"equality"`` (see the module docstring).
         kappa: well-posedness margin (default: the one the states were rescaled for).
@@ -332,9 +526,13 @@ def fit_sim(
             own ``on_failure`` is not consulted: this function's applies to the whole fit.
         warm_start: a model of the same shape whose ``(A, B, C, D)`` start the ADMM.
         zero_tol: entries below this magnitude are zeroed (also for CVXPY).
-        lam_scale: ``"none"`` (λ for every row, the paper's program) or ``"rms"``: row ``i``
-            uses ``λ·rms(z_i)``, which makes λ invariant to the per-layer rescaling of the
-            states (deeper layers are scaled down to make ``A`` well-posed). ADMM only.
+        lam_scale: the units of λ (see :func:`lam_factors`). ``"normalized"`` (default):
+            per-sample mean loss on a target and regressors of unit root mean square, so a λ
+            carries over between sample counts, layers and data sets (useful values lie in
+            ``(0, 1)``); ``"paper"``: λ exactly as in the SIM paper's program
+            ``λ‖β‖₁ + ½‖z_i − Φβ‖²`` (the default of earlier deqkit versions, there called
+            ``"none"``; it grows with the number of samples and the states' scale);
+            ``"rms"``: ``λ·rms(z_i)`` per row.
         penalty: ``"uniform"`` (the paper's ℓ1 norm) or ``"standardized"`` (each column of
             ``Φ`` weighted by its root mean square, invariant to the rescaling).
         input_weight: per-block λ: the ℓ1 weight of the input columns (``U``, i.e. of ``B`` and
@@ -348,27 +546,63 @@ def fit_sim(
         output_skip: whether the outputs may read the inputs directly (``D``'s input columns).
         debias: refit each row by least squares on the lasso's support under the same
             constraints (relaxed lasso); ``mode="relaxed"`` only.
+        input_radius: robustness: each row of ``B``'s input columns kept in the ℓ1 ball of this
+            radius (``None``: no bound). With ``output_radius`` it bounds the model's ℓ∞ gain
+            (see :mod:`deqkit.sim.robust`): convex and row-separable like the κ ball.
+        output_radius: robustness: each row of ``[C D_u]`` (the outputs' weights on states and
+            inputs, bias excluded) kept in the ℓ1 ball of this radius.
+        support: explicit ``(support_ab, support_cd)`` boolean masks over ``Φ``'s columns
+            (replacing ``structure``/``output_skip``; e.g. the receptive fields of a CNN).
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when some row of some
-            solve missed its tolerance (one message for the whole fit); the result records it.
+            solve missed its tolerance, or the density search missed its target (one message
+            for the whole fit); the result records it.
         solver, grad: the fitted :class:`ImplicitModel`'s fixed-point solver and gradient
             estimator (defaults: those of :class:`ImplicitModel`).
+        log: called with one line per solve of the density search (progress).
     Returns:
         a :class:`SIMResult`; its model is well-posed (``‖A‖_∞ ≤ κ``) in every mode.
     """
-    kappa, admm_ab, admm_cd = _check_fit_options(states, lam, method, mode, kappa, admm_ab, admm_cd, zero_tol,
-                                                  lam_scale, penalty, input_weight, output_skip, debias, on_failure)
-    blocks = _blocks(states, lam, lam_scale, kappa, admm_ab, admm_cd, structure, output_skip, warm_start)
+    kappa, admm_ab, admm_cd = _check_fit_options(states, lam, density, method, mode, kappa, admm_ab, admm_cd, zero_tol,
+                                                  lam_scale, penalty, input_weight, output_skip, debias, on_failure,
+                                                  input_radius, output_radius, density_tol, max_evals, density_of)
+    check_choice("fit_sim", "structure", structure, STRUCTURES)
+    if support is not None and (structure != "full" or not output_skip):
+        raise OptionError("fit_sim: support= replaces structure/output_skip; pass one or the other "
+                          f"(got structure={structure!r}, output_skip={output_skip!r} with support).")
+    blocks = _blocks(states, lam_scale, kappa, admm_ab, admm_cd, structure, output_skip, warm_start, input_radius,
+                     output_radius, support)
     phi = states.phi
     weights = _penalty_weights(phi, states.X.shape[1], states.U.shape[1], penalty, input_weight)
+    reference = density_of if density_of is not None else states.reference_nnz
     t0 = time.perf_counter()
-    results, betas = _solve_blocks(method, mode, blocks, phi, weights, debias, zero_tol)
+    factor = admm_ab.factorize(phi) if method == "admm" else None
+    search = None
+    if density is not None:
+        assert reference is not None  # checked above
+        search, results, betas = _density_search(method, mode, blocks, phi, weights, zero_tol, factor, float(density),
+                                                 int(reference), float(density_tol), int(max_evals), log)
+        lam = search.lam
+    else:
+        assert lam is not None
+        results, betas = _lasso(method, mode, blocks, phi, float(lam), weights, zero_tol, factor,
+                                {name: b.beta0 for name, b in blocks.items()})
+    if debias:
+        _refit(method, mode, blocks, phi, zero_tol, factor, results, betas)
     elapsed = time.perf_counter() - t0
-    msg = _failure_message(lam, results, blocks)
+    msg = _failure_message(float(lam), results, blocks)
+    if search is not None and not search.converged:
+        miss = (f"fit_sim(density={density:g}): the λ search reached {100 * search.density:.2f}% non-zeros "
+                f"(target {100 * density:g}% ± {100 * density_tol:g}) after {search.nstep} solves; raise max_evals, "
+                "loosen density_tol, or check that the target lies between 0 and the density of the dense fit")
+        msg = miss if msg is None else f"{miss}; {msg}"
     if msg is not None:
         apply_failure_policy(on_failure, msg, stacklevel=3)
     model = _build_model(states, betas, kappa, method, solver, grad)
+    reached = _nnz(betas) / reference if reference is not None else None
     return SIMResult(model=model, ab=results["ab"], cd=results["cd"], lam=float(lam), time_s=elapsed,
-                     refit_ab=results.get("refit_ab"), refit_cd=results.get("refit_cd"))
+                     refit_ab=results.get("refit_ab"), refit_cd=results.get("refit_cd"), lam_scale=lam_scale,
+                     density=reached, density_target=None if density is None else float(density),
+                     search=search)
 
 
 @validated_options

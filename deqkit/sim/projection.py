@@ -64,8 +64,13 @@ def soft_threshold(v: Tensor, t: float | Tensor) -> Tensor:
     return torch.sign(v) * (v.abs() - t).clamp(min=0)
 
 
-def prox_l1_ball(v: Tensor, t: Tensor, radius: Tensor, n_constrained: int) -> Tensor:
+def prox_l1_ball(v: Tensor, t: Tensor, radius: Tensor, n_constrained: int,
+                 block_ball: tuple[int, int, Tensor] | None = None) -> Tensor:
     """Prox of ``t‖β‖₁ + ι{‖β[:k]‖₁ ≤ radius}`` row by row (``k = n_constrained``).
+
+    ``block_ball = (start, stop, radius2)`` adds a second, disjoint ball
+    ``‖β[start:stop]‖₁ ≤ radius2`` (``start ≥ k``); the constraints act on disjoint coordinates,
+    so the prox separates and each block is projected on its own.
 
     ``v`` is ``(r, d)``; ``t`` is ``(r,)`` or ``(r, d)`` (a weighted ℓ1 norm), ``radius`` is
     ``(r,)``. Soft-thresholding at ``t`` followed by
@@ -76,4 +81,9 @@ def prox_l1_ball(v: Tensor, t: Tensor, radius: Tensor, n_constrained: int) -> Te
     if n_constrained > 0:
         head = project_l1_ball(out[:, :n_constrained], radius)
         out = torch.cat([head, out[:, n_constrained:]], dim=1)
+    if block_ball is not None:
+        start, stop, rad2 = block_ball
+        if stop > start:
+            mid = project_l1_ball(out[:, start:stop], rad2)
+            out = torch.cat([out[:, :start], mid, out[:, stop:]], dim=1)
     return out

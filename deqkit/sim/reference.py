@@ -102,10 +102,11 @@ class _RowProgram:
     beta: Any
     z: Any
     off: Any = None
+    lam: Any = None
 
 
 def _build_program(cp, phi_np: np.ndarray, lam: float, mode: str, radius: float | None, n_constrained: int,
-                   weights, with_support: bool) -> _RowProgram:
+                   weights, with_support: bool, block_ball=None) -> _RowProgram:
     """Build the row problem once; each row then only sets ``z`` (and ``off``)."""
     m, d = phi_np.shape
     beta = cp.Variable(d)
@@ -120,15 +121,18 @@ def _build_program(cp, phi_np: np.ndarray, lam: float, mode: str, radius: float 
         cons = [phi_np @ beta == z]
     if radius is not None and n_constrained > 0 and math.isfinite(radius):
         cons.append(cp.norm1(beta[:n_constrained]) <= float(radius))
+    if block_ball is not None and block_ball[1] > block_ball[0] and math.isfinite(block_ball[2]):
+        cons.append(cp.norm1(beta[block_ball[0]:block_ball[1]]) <= float(block_ball[2]))
     off = None
     if with_support:
         off = cp.Parameter(d, nonneg=True)
         cons.append(cp.multiply(off, beta) == 0)
-    return _RowProgram(cp.Problem(cp.Minimize(obj), cons), beta, z, off)
+    return _RowProgram(cp.Problem(cp.Minimize(obj), cons), beta, z, off, lam_p)
 
 
 def _solve_each(prog: _RowProgram, phi_np: np.ndarray, z_np: np.ndarray, supp_np: np.ndarray | None, mode: str,
-                radius: float | None, n_constrained: int, solver: str, solver_opts: dict | None) -> CVXPYResult:
+                radius: float | None, n_constrained: int, solver: str, solver_opts: dict | None,
+                lams: np.ndarray | None = None) -> CVXPYResult:
     """Solve the program row by row and collect the per-row results."""
     r, d = z_np.shape[0], phi_np.shape[1]
     out_beta, out_obj = np.zeros((r, d)), np.zeros(r)
@@ -137,6 +141,8 @@ def _solve_each(prog: _RowProgram, phi_np: np.ndarray, z_np: np.ndarray, supp_np
     t0 = time.perf_counter()
     for i, zi in enumerate(z_np):
         prog.z.value = zi
+        if lams is not None:
+            prog.lam.value = float(lams[i])
         if supp_np is not None:
             prog.off.value = (~supp_np[i]).astype(np.float64)
         prog.problem.solve(solver=solver, **(solver_opts or {}))
@@ -160,7 +166,7 @@ def _solve_each(prog: _RowProgram, phi_np: np.ndarray, z_np: np.ndarray, supp_np
 def solve_rows_cvxpy(
     phi: Tensor | np.ndarray,
     targets: Tensor | np.ndarray,
-    lam: float,
+    lam: float | np.ndarray | Tensor,
     *,
     radius: float | None = None,
     n_constrained: int = 0,
@@ -169,6 +175,7 @@ def solve_rows_cvxpy(
     solver_opts: dict | None = None,
     weights: np.ndarray | Tensor | None = None,
     support: np.ndarray | Tensor | None = None,
+    block_ball: tuple[int, int, float] | None = None,
     on_failure: str = "warn",
 ) -> CVXPYResult:
     """Solve the SIM program for each row of ``targets`` (``(r, m)``) with CVXPY.
@@ -178,11 +185,20 @@ def solve_rows_cvxpy(
     ``weights`` (``(d,)``) makes the penalty ``λ Σ_j w_j |β_j|``; ``support`` (``(r, d)``
     boolean) holds each row's coefficients outside its mask at zero. ``solver`` is the CVXPY
     conic solver's name, ``solver_opts`` its options. ``on_failure`` (``"warn"``, ``"raise"``,
-    ``"ignore"``) applies when some row's status is not ``"optimal"``.
+    ``"ignore"``) applies when some row's status is not ``"optimal"``. ``lam`` is a scalar or
+    one value per row (``(r,)``); ``block_ball = (start, stop, radius2)`` adds the constraint
+    ``‖β[start:stop]‖₁ ≤ radius2`` (as :class:`~deqkit.sim.admm.BatchedADMM`'s).
     """
     own = "solve_rows_cvxpy"
     check_choice(own, "mode", mode, MODES)
-    lam = check_positive(own, "lam", lam, allow_zero=True)
+    lams = None
+    if isinstance(lam, (np.ndarray, Tensor)) and _as_numpy(lam).ndim == 1:
+        lams = _as_numpy(lam)
+        if not (np.all(np.isfinite(lams)) and np.all(lams >= 0)):
+            raise OptionError(f"{own}: lam must be finite and non-negative, got {lams!r}.")
+        lam = float(lams[0]) if len(lams) else 0.0
+    else:
+        lam = check_positive(own, "lam", float(lam) if isinstance(lam, (np.ndarray, Tensor)) else lam, allow_zero=True)
     on_failure = check_failure_policy(own, on_failure)
     if radius is not None and radius != math.inf:
         radius = check_positive(own, "radius", radius, allow_zero=True)
@@ -198,8 +214,10 @@ def solve_rows_cvxpy(
         supp_np = _as_numpy(support, dtype=bool)
         if supp_np.shape != (r, d):
             raise OptionError(f"{own}: support must have shape ({r}, {d}), got {supp_np.shape}.")
-    prog = _build_program(cp, phi_np, lam, mode, radius, n_constrained, weights, supp_np is not None)
-    result = _solve_each(prog, phi_np, z_np, supp_np, mode, radius, n_constrained, solver, solver_opts)
+    if lams is not None and lams.shape != (r,):
+        raise OptionError(f"{own}: lam must be a scalar or have shape ({r},), got shape {lams.shape}.")
+    prog = _build_program(cp, phi_np, lam, mode, radius, n_constrained, weights, supp_np is not None, block_ball)
+    result = _solve_each(prog, phi_np, z_np, supp_np, mode, radius, n_constrained, solver, solver_opts, lams)
     if result.n_failed:
         bad = ", ".join(sorted(set(result.status) - {"optimal"}))
         apply_failure_policy(on_failure, f"{own}: {result.n_failed} of {r} rows not solved to optimality "

@@ -38,10 +38,12 @@ __all__ = [
     "NoOp",
     "States",
     "collect_states",
+    "implicit_from_layers",
     "layer_scales",
     "mlp_layers",
     "mlp_to_implicit",
     "register_layer",
+    "states_from_layers",
 ]
 
 
@@ -181,7 +183,13 @@ def mlp_to_implicit(
     ``‖A‖_∞ ≤ κ``. ``solver`` and ``grad`` are the model's fixed-point solver and gradient
     estimator (defaults: those of :class:`ImplicitModel`)."""
     kappa = check_kappa("mlp_to_implicit", kappa)
-    layers = _mlp_layers(net, "mlp_to_implicit")
+    return implicit_from_layers(_mlp_layers(net, "mlp_to_implicit"), kappa, solver=solver, grad=grad)
+
+
+def implicit_from_layers(layers: list[Affine], kappa: float = 0.99, *, solver: Any = None,
+                         grad: Any = None) -> ImplicitModel:
+    """The ImplicitModel of the affine layers ``layers`` (a ReLU between each pair), rescaled
+    so ``‖A‖_∞ ≤ κ`` (see :func:`mlp_to_implicit`)."""
     scales = layer_scales(layers, kappa)
     hidden = [lay.weight.shape[0] for lay in layers[:-1]]
     p, q = layers[0].weight.shape[1], layers[-1].weight.shape[0]
@@ -222,7 +230,8 @@ class States:
     ``X = φ(Z)`` ``(m, n)`` states, ``Y`` ``(m, q)`` outputs, all in the rescaled coordinates
     of :func:`mlp_to_implicit`, so ``Z = X Aᵀ + [U 1] Bᵀ`` and ``Y = X Cᵀ + [U 1] Dᵀ``.
     ``layer_sizes`` are the baseline's hidden widths, layer 1 first (needed only by
-    ``fit_sim(structure="feedforward")``).
+    ``fit_sim(structure="feedforward")``). ``reference_nnz`` is the number of non-zero weights
+    and biases of the baseline (the denominator of ``fit_sim(density=...)``; ``None``: unknown).
     """
 
     U: Tensor
@@ -231,6 +240,7 @@ class States:
     Y: Tensor
     kappa: float
     layer_sizes: tuple[int, ...] = ()
+    reference_nnz: int | None = None
 
     def __post_init__(self) -> None:
         self.kappa = check_kappa("States", self.kappa)
@@ -242,6 +252,9 @@ class States:
         if self.Z.shape != self.X.shape:
             raise OptionError(f"States: Z and X must have the same shape, got {tuple(self.Z.shape)} and {tuple(self.X.shape)}.")
         self.layer_sizes = tuple(self.layer_sizes)
+        if self.reference_nnz is not None and (isinstance(self.reference_nnz, bool) or not isinstance(self.reference_nnz, int)
+                                               or self.reference_nnz < 1):
+            raise OptionError(f"States: reference_nnz must be a positive int or None, got {self.reference_nnz!r}.")
 
     def state_layers(self) -> Tensor:
         """The hidden layer (1-based, layer 1 reads the input) of each state, in the stacking
@@ -269,19 +282,30 @@ def collect_states(net: nn.Module, u: Tensor, kappa: float = 0.99, dtype: torch.
     kappa = check_kappa("collect_states", kappa)
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise OptionError(f"collect_states: dtype must be a torch.dtype or None, got {dtype!r}.")
-    layers = _mlp_layers(net, "collect_states")
+    return states_from_layers(_mlp_layers(net, "collect_states"), u, kappa, dtype)
+
+
+@torch.no_grad()
+def states_from_layers(layers: list[Affine], u: Tensor, kappa: float = 0.99, dtype: torch.dtype | None = None,
+                       batch_size: int = 2048) -> States:
+    """:func:`collect_states` for a network given as its affine layers (a ReLU between each pair)."""
     scales = layer_scales(layers, kappa)
     dtype = dtype or layers[0].weight.dtype
-    h = u.reshape(u.shape[0], -1).to(dtype)
-    uu = h
-    zs, xs = [], []
-    for l, lay in enumerate(layers[:-1]):
-        z = h @ lay.weight.to(dtype).T + lay.bias.to(dtype)
-        h = torch.relu(z)
-        zs.append(scales[l] * z)
-        xs.append(scales[l] * h)
-    y = h @ layers[-1].weight.to(dtype).T + layers[-1].bias.to(dtype)
-    Z = torch.cat(zs[::-1], dim=1)
-    X = torch.cat(xs[::-1], dim=1)
+    uu = u.reshape(u.shape[0], -1).to(dtype)
+    parts: list[tuple[Tensor, Tensor, Tensor]] = []
+    for i in range(0, uu.shape[0], batch_size):  # a batch at a time: conv layers have large dense matrices
+        h = uu[i : i + batch_size]
+        zs, xs = [], []
+        for l, lay in enumerate(layers[:-1]):
+            z = h @ lay.weight.to(dtype).T + lay.bias.to(dtype)
+            h = torch.relu(z)
+            zs.append(scales[l] * z)
+            xs.append(scales[l] * h)
+        y_b = h @ layers[-1].weight.to(dtype).T + layers[-1].bias.to(dtype)
+        parts.append((torch.cat(zs[::-1], dim=1), torch.cat(xs[::-1], dim=1), y_b))
+    Z = torch.cat([p[0] for p in parts], 0)
+    X = torch.cat([p[1] for p in parts], 0)
+    y = torch.cat([p[2] for p in parts], 0)
     sizes = tuple(int(lay.weight.shape[0]) for lay in layers[:-1])
-    return States(U=uu, Z=Z, X=X, Y=y, kappa=kappa, layer_sizes=sizes)
+    nnz = sum(int((lay.weight.abs() >= 1e-6).sum()) + int((lay.bias.abs() >= 1e-6).sum()) for lay in layers)
+    return States(U=uu, Z=Z, X=X, Y=y, kappa=kappa, layer_sizes=sizes, reference_nnz=max(nnz, 1))

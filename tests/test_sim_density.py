@@ -1,0 +1,209 @@
+"""λ in scale-free units and the density target of fit_sim (deqkit.sim.density)."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+
+from deqkit.errors import ConvergenceWarning, OptionError
+from deqkit.sim import BatchedADMM, collect_states, fit_sim, make_mlp, train_mlp
+from deqkit.sim.density import search_lam
+from deqkit.sim.fit import lam_factors
+from deqkit.sim.states import States
+
+TIGHT = dict(tol=1e-10, tol_abs=1e-12, max_iter=5000)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small dense solves: one thread avoids oversubscription on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cli_density_run_carries_the_chosen_lam(tmp_path):
+    pytest.importorskip("sklearn")
+    import json
+
+    from deqkit.cli import sim as cli
+
+    out = tmp_path / "out"
+    args = cli.add_arguments(__import__("argparse").ArgumentParser()).parse_args([
+        "--dataset", "digits", "--hidden", "8", "--samples", "150", "--density", "0.5", "--epochs", "2",
+        "--n-test", "60", "--n-attack", "0", "--no-plot", "--out", str(out), "--no-progress"])
+    assert cli.run(args) == 0
+    res = json.loads((out / "sim_results.json").read_text())
+    (row,) = res["sim"]
+    assert res["density"] == [0.5] and res["lam_scale"] == "normalized"
+    assert row["density_target"] == 0.5 and abs(row["nnz_fraction"] - 0.5) <= 0.005 + 1e-9
+    assert row["lam"] == row["lam_path"][-1][0] or any(p[0] == row["lam"] for p in row["lam_path"])
+    with pytest.raises(OptionError, match="--lam or --density"):
+        cli.run(cli.add_arguments(__import__("argparse").ArgumentParser()).parse_args(["--lam", "0.1", "--density", "0.5"]))
+
+
+def _hadamard(m: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < m:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def _orthogonal_states(seed=0, m=64, n=6, p=20, q=4, ref=200):
+    """States whose Φ = [X U 1] has orthogonal columns (ΦᵀΦ = m·I): the lasso solution of
+    every row is the soft-threshold of Φᵀz/m, so its non-zeros at λ are known in closed form."""
+    g = torch.Generator().manual_seed(seed)
+    h = _hadamard(m)
+    ones, x, u = h[:, :1], h[:, 1 : 1 + n], h[:, 1 + n : 1 + n + p]
+    phi = torch.cat([x, u, ones], 1)
+    d = phi.shape[1]
+
+    def targets(r, small_head):
+        beta = torch.randn(r, d, generator=g, dtype=torch.float64)
+        if small_head:  # keeps ‖a‖₁ ≤ κ inactive, so the ball does not move the solution
+            beta[:, :n] *= 0.01
+        return beta @ phi.T + 0.1 * torch.randn(r, m, generator=g, dtype=torch.float64)
+
+    z, y = targets(n, True).T, targets(q, False).T
+    return States(U=u, Z=z, X=x, Y=y, kappa=0.99, reference_nnz=ref), phi
+
+
+def _closed_form_nnz(states, phi, lam, lam_scale):
+    s_ab, s_cd = lam_factors(states, lam_scale)
+    count = 0
+    for t, s in ((states.Z.T, s_ab), (states.Y.T, s_cd)):
+        corr = (t @ phi).abs()
+        s = torch.as_tensor(s, dtype=corr.dtype).expand(corr.shape[0])
+        count += int((corr > lam * s[:, None]).sum())
+    return count
+
+
+@pytest.mark.parametrize("lam_scale", ["normalized", "paper"])
+def test_orthogonal_design_fit_is_soft_thresholding(lam_scale):
+    st, phi = _orthogonal_states()
+    m = phi.shape[0]
+    lam = 0.3 if lam_scale == "normalized" else 40.0
+    res = fit_sim(st, lam, lam_scale=lam_scale, admm_ab=BatchedADMM(**TIGHT), admm_cd=BatchedADMM(**TIGHT),
+                  on_failure="raise")
+    s_ab, s_cd = lam_factors(st, lam_scale)
+    for rows, t, s in (("AB", st.Z.T, s_ab), ("CD", st.Y.T, s_cd)):
+        corr = t @ phi
+        s = torch.as_tensor(s, dtype=corr.dtype).expand(corr.shape[0])[:, None]
+        expect = torch.sign(corr) * (corr.abs() - lam * s).clamp(min=0) / m
+        got = torch.cat([getattr(res.model, rows[0]), getattr(res.model, rows[1])], 1).detach()
+        torch.testing.assert_close(got, expect, atol=1e-7, rtol=0)
+    assert res.density == pytest.approx(_closed_form_nnz(st, phi, lam, lam_scale) / 200)
+
+
+@pytest.mark.parametrize("target", [0.2, 0.5, 0.9])
+def test_density_search_on_known_lasso_path(target):
+    st, phi = _orthogonal_states(seed=1)
+    res = fit_sim(st, density=target, density_tol=0.005, admm_ab=BatchedADMM(**TIGHT), admm_cd=BatchedADMM(**TIGHT),
+                  on_failure="raise")
+    # the λ it reports gives, in closed form, the density it reports, within the target's tolerance
+    exact = _closed_form_nnz(st, phi, res.lam, "normalized") / 200
+    assert exact == pytest.approx(res.density, abs=1 / 200)
+    assert abs(res.density - target) <= 0.005 + 1e-12 and res.search.converged
+    assert res.density_target == target and res.search.nstep <= 20
+    # the path's densities are the closed form's at every λ it visited
+    for lam, dens in res.search.path[1:]:
+        assert _closed_form_nnz(st, phi, lam, "normalized") / 200 == pytest.approx(dens, abs=1 / 200)
+    assert res.search.path[0][1] == 0.0 and _closed_form_nnz(st, phi, res.search.path[0][0], "normalized") == 0
+
+
+def test_search_lam_brackets_and_reports_a_miss():
+    # a step function of λ: density 0.8 below λ=1e-3, 0 above; 0.5 cannot be reached
+    calls = []
+
+    def evaluate(lam):
+        calls.append(lam)
+        return 0.8 if lam < 1e-3 else 0.0
+
+    out = search_lam(evaluate, 0.5, 1.0, tol=0.01, max_evals=12)
+    assert not out.converged and out.nstep == 12 and len(calls) == 12
+    assert out.density in (0.8, 0.0)
+    # a linear path in log λ: the secant finds it in few solves
+    import math
+    lin = search_lam(lambda lam: max(0.0, min(1.0, -math.log10(lam) / 6)), 0.5, 1.0, tol=1e-3)
+    assert lin.converged and lin.nstep <= 6 and abs(lin.density - 0.5) <= 1e-3
+
+
+def test_density_miss_follows_on_failure():
+    st, _ = _orthogonal_states(seed=2, ref=100)  # the dense fit has 270 non-zeros: density 5 is out of reach
+    with pytest.raises(Exception, match="density"):
+        fit_sim(st, density=5.0, max_evals=6, on_failure="raise")
+    with pytest.warns(ConvergenceWarning, match="density"):
+        res = fit_sim(st, density=5.0, max_evals=6)
+    assert not res.search.converged and res.density < 5.0
+
+
+def test_density_needs_a_reference_count():
+    st, _ = _orthogonal_states()
+    bare = States(U=st.U, Z=st.Z, X=st.X, Y=st.Y, kappa=0.99)
+    with pytest.raises(OptionError, match="density_of"):
+        fit_sim(bare, density=0.5)
+    res = fit_sim(bare, density=0.5, density_of=200, admm_ab=BatchedADMM(**TIGHT), admm_cd=BatchedADMM(**TIGHT))
+    assert abs(res.density - 0.5) <= 0.005
+
+
+def test_normalized_lam_is_invariant_to_sample_count_and_target_scale():
+    # every sample twice and every target ×3: the normalized program is the same, the paper's is not
+    st, _ = _orthogonal_states(seed=3)
+    two = lambda t: torch.cat([t, t], 0)
+    big = States(U=two(st.U), Z=3 * two(st.Z), X=two(st.X), Y=3 * two(st.Y), kappa=0.99, reference_nnz=200)
+    kw = dict(admm_ab=BatchedADMM(**TIGHT), admm_cd=BatchedADMM(**TIGHT), output_skip=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        a, b = fit_sim(st, 0.2, **kw), fit_sim(big, 0.2, **kw)
+        pa, pb = fit_sim(st, 20.0, lam_scale="paper", **kw), fit_sim(big, 20.0, lam_scale="paper", **kw)
+    assert a.density == b.density > 0
+    assert pa.density != pb.density  # the paper's λ depends on the scale
+
+
+# ------------------------------------------------------------------------------------------
+# a problem deqkit has not seen: sklearn make_classification, an MLP trained with Adam
+# ------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _classification_net():
+    sk = pytest.importorskip("sklearn.datasets")
+    x, y = sk.make_classification(n_samples=1000, n_features=30, n_informative=12, n_classes=5, random_state=0)
+    x = torch.tensor(x, dtype=torch.float64)
+    x = (x - x.min(0).values) / (x.max(0).values - x.min(0).values)
+    y = torch.tensor(y)
+    torch.manual_seed(0)
+    net = make_mlp(30, [24, 12], 5).double()
+    train_mlp(net, x, y, epochs=10, lr=3e-3, seed=0)
+    return net, x
+
+
+def _classification_states(m):
+    net, x = _classification_net()
+    return collect_states(net, x[:m]), net
+
+
+def test_density_target_lands_on_an_unseen_problem_without_choosing_lam():
+    st, _ = _classification_states(m=250)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for target in (0.5, 0.3):
+            res = fit_sim(st, density=target, structure="feedforward", debias=True)
+            assert abs(res.density - target) <= 0.02, (target, res.density, res.search.path)
+            total = sum(int((getattr(res.model, k).detach() != 0).sum()) for k in "ABCD")
+            assert total / st.reference_nnz == pytest.approx(res.density)
+
+
+def test_normalized_lam_transfers_across_sample_counts():
+    small, _ = _classification_states(m=200)
+    large, _ = _classification_states(m=800)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        d_small, d_large = (fit_sim(s, 0.02, structure="feedforward").density for s in (small, large))
+        p_small, p_large = (fit_sim(s, 3.0, lam_scale="paper", structure="feedforward").density for s in (small, large))
+    assert abs(d_small - d_large) < 0.1, (d_small, d_large)
+    assert abs(p_small - p_large) > abs(d_small - d_large), (p_small, p_large, d_small, d_large)
