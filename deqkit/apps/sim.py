@@ -23,10 +23,10 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .._io import atomic_write_bytes
+from .._io import atomic_write_bytes, load_torch_file, read_json_file
 from ..data import DATASETS as _ALL_DATASETS
 from ..data import load_dataset
-from ..errors import ConvergenceWarning
+from ..errors import ConvergenceWarning, OptionError
 from ..sim.admm import BatchedADMM
 from ..sim.attacks import accuracy, robust_accuracy
 from ..sim.baseline import make_mlp, train_mlp
@@ -90,7 +90,14 @@ def baseline_mlp(opts: Any, xtr: Tensor, ytr: Tensor) -> tuple[nn.Module, str]:
     else:
         net = make_mlp(xtr.shape[1], list(opts.hidden), int(ytr.max()) + 1)
     if opts.baseline and os.path.exists(opts.baseline):
-        net.load_state_dict(torch.load(opts.baseline, map_location="cpu"))
+        state = load_torch_file(opts.baseline, what="a baseline state_dict",
+                                advice="pass the file deqkit sim wrote with --baseline, or another path to train a new one")
+        try:
+            net.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            raise OptionError(f"--baseline {opts.baseline}: its weights do not fit this network ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0]}); check --dataset, --model, --hidden/--channels, or pass "
+                              f"another --baseline path to train a new one") from exc
         net.eval()
         return net, f"loaded {opts.baseline}"
     t0 = time.perf_counter()
@@ -158,7 +165,7 @@ def resumed_rows(path: Path, results: dict) -> dict:
     it was made with the same settings and baseline as ``results`` (ValueError otherwise)."""
     if not path.exists():
         return {}
-    old = json.loads(path.read_text())
+    old = read_json_file(path, what="SIM results", advice="delete it or use another --out, or drop --resume to start over")
     changed = [f"{k}: {old.get(k)!r} -> {results[k]!r}" for k in RESULT_SETTINGS if old.get(k) != results[k]]
     if changed:
         raise ValueError(f"--resume: {path} was written with other settings ({'; '.join(changed)}); "
@@ -223,6 +230,9 @@ class SimJob:
         self.test = (xte.to(dev, dt), yte.to(dev))
         self.robust = Robustness(o, *self.test)
         self.m = o.samples or defaults(o.dataset)["samples"]
+        if self.m > len(self.xtr):
+            raise OptionError(f"--samples {self.m}: the {o.dataset} training split has only {len(self.xtr)} images; "
+                              f"pass --samples {len(self.xtr)} or fewer")
 
     def _results_header(self) -> dict:
         o = self.opts
