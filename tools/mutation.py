@@ -29,6 +29,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -222,15 +223,20 @@ def mutated_source(m: Mutant) -> str:
     return ast.unparse(ast.fix_missing_locations(tree))
 
 
-def _pytest(tests: list[str], pythonpath: Path, timeout: float) -> tuple[str, float]:
+def _pytest(tests: list[str], pythonpath: Path, timeout: float, show_failure: bool = False) -> tuple[str, float]:
     env = dict(os.environ, PYTHONPATH=str(pythonpath), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", "-W", "ignore", *tests]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=pythonpath, env=env, capture_output=True, text=True, timeout=timeout)
+        # a background launch (nohup, `&`) ignores SIGINT, and Python then installs no KeyboardInterrupt
+        # handler: give the tests the default disposition (the trainer's Ctrl-C tests rely on it)
+        proc = subprocess.run(cmd, cwd=pythonpath, env=env, capture_output=True, text=True, timeout=timeout,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     except subprocess.TimeoutExpired:
         return "timeout", time.perf_counter() - t0
     status = "survived" if proc.returncode == 0 else "killed"
+    if show_failure and proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-2000:], file=sys.stderr)
     if proc.returncode not in (0, 1):  # collection error, internal error: the mutant broke an import
         status = "killed"
     return status, time.perf_counter() - t0
@@ -254,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--only", nargs="*", default=None, help="restrict to these module paths")
     ap.add_argument("--list", action="store_true", help="list the sampled mutants and exit")
-    ap.add_argument("--report", default=None, help="write the results as JSON here")
+    ap.add_argument("--report", default="runs/mutation-report.json", help="write the results as JSON here")
+    ap.add_argument("--from-report", default=None, help="rerun only the survivors of this JSON report")
+    ap.add_argument("--budget-min", type=float, default=45.0,
+                    help="start no new mutant after this many minutes (the rest are reported as not run)")
     args = ap.parse_args(argv)
 
     targets = {m: s for m, s in TARGETS.items() if args.only is None or m in args.only}
@@ -272,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
         for mod, muts in per_module.items():  # stratified: proportional share, at least one
             k = max(1, round(args.mutants * len(muts) / total))
             sample += rng.sample(muts, min(k, len(muts)))
+    if args.from_report:
+        old = json.loads(Path(args.from_report).read_text())
+        keep = {(m["module"], m["index"], m["line"]) for m in old["mutants"] if m["status"] == "survived"}
+        sample = [m for v in per_module.values() for m in v if (m.module, m.index, m.line) in keep]
+        if len(sample) != len(keep):
+            print(f"mutation: {len(keep) - len(sample)} survivors of {args.from_report} no longer match the source",
+                  file=sys.stderr)
     print(f"mutation: {total} mutants in {len(targets)} modules; running {len(sample)} (seed {args.seed})", flush=True)
     if args.list:
         for m in sample:
@@ -286,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             key = tuple(spec["tests"])
             if key in base:
                 continue
-            status, secs = _pytest(list(key), workers[0], timeout=1800)
+            status, secs = _pytest(list(key), workers[0], timeout=1800, show_failure=True)
             if status != "survived":
                 print(f"mutation: the unmutated tests fail: {' '.join(key)}", file=sys.stderr)
                 return 2
@@ -295,7 +311,12 @@ def main(argv: list[str] | None = None) -> int:
 
         free = list(workers)
 
+        deadline = time.perf_counter() + 60 * args.budget_min
+
         def run_one(m: Mutant) -> Mutant:
+            if time.perf_counter() > deadline:
+                m.status = "not run"
+                return m
             w = free.pop()
             target = w / m.module
             try:
@@ -312,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             done = list(pool.map(run_one, sample))
         elapsed = time.perf_counter() - t0
+    not_run = [m for m in done if m.status == "not run"]
+    done = [m for m in done if m.status != "not run"]
+    if not_run:
+        print(f"mutation: time budget of {args.budget_min:g} min spent; {len(not_run)} sampled mutants not run")
 
     killed = [m for m in done if m.status in ("killed", "timeout")]
     survived = [m for m in done if m.status == "survived"]
@@ -330,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in survived:
             print(f"  {m.module}:{m.line} [{m.kind}] {m.mutated}: {m.original}")
     if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(json.dumps({
             "seed": args.seed, "sampled": len(done), "total": total, "killed": len(killed),
             "killed_fraction": frac, "wall_s": elapsed, "mutants": [asdict(m) for m in done]}, indent=1))
