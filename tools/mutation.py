@@ -40,10 +40,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CORE_TESTS = ["tests/test_audit_core.py", "tests/test_core_gradients.py", "tests/test_core_solvers.py",
-              "tests/test_core_line_search.py", "tests/test_core_errors.py", "tests/properties/test_prop_solvers.py"]
-BILEVEL_TESTS = ["tests/test_audit_bilevel.py", "tests/test_bilevel_linalg.py", "tests/test_bilevel_pipeline.py"]
-SIM_TESTS = ["tests/test_sim_admm.py", "tests/test_sim_structure.py", "tests/test_sim_input_weight.py",
+CORE_TESTS = ["tests/test_audit_defaults.py", "tests/test_audit_core.py", "tests/test_core_gradients.py",
+              "tests/test_core_solvers.py", "tests/test_core_line_search.py", "tests/test_core_errors.py",
+              "tests/test_shine.py", "tests/properties/test_prop_solvers.py"]
+BILEVEL_TESTS = ["tests/test_audit_defaults.py", "tests/test_audit_bilevel.py", "tests/test_bilevel_linalg.py",
+                 "tests/test_bilevel_pipeline.py"]
+SIM_TESTS = ["tests/test_audit_defaults.py", "tests/test_sim_admm.py", "tests/test_sim_structure.py", "tests/test_sim_input_weight.py",
              "tests/test_sim_projection.py", "tests/test_sim_model.py"]
 TRAIN_TESTS = ["tests/test_audit_train.py", "tests/test_train.py"]
 
@@ -55,7 +57,7 @@ TARGETS: dict[str, dict] = {
     "deqkit/linear/dense.py": {"tests": CORE_TESTS},
     "deqkit/linear/base.py": {"tests": CORE_TESTS},
     "deqkit/estimators.py": {"tests": CORE_TESTS},
-    "deqkit/shine.py": {"tests": ["tests/test_audit_core.py", "tests/test_shine.py"]},
+    "deqkit/shine.py": {"tests": ["tests/test_audit_defaults.py", "tests/test_audit_core.py", "tests/test_shine.py"]},
     "deqkit/deq.py": {"tests": CORE_TESTS},
     "deqkit/diagnostics.py": {"tests": ["tests/test_audit_core.py"], "functions": ["_cos", "_run", "gradient_quality"]},
     "deqkit/bilevel/hypergrad.py": {"tests": BILEVEL_TESTS},
