@@ -46,8 +46,8 @@ def problem():
     return bilevel.BilevelProblem(inner, outer, torch.zeros(4, dtype=DT), name="quadratic")
 
 
-def run_hoag(estimator, lam0, steps):
-    return bilevel.HOAG(estimator, outer_steps=steps, tol_init=1e-11).run(problem(), lam0)
+def run_hoag(estimator, lam0, steps, pb=None, **kw):
+    return bilevel.HOAG(estimator, outer_steps=steps, tol_init=1e-11, **kw).run(pb or problem(), lam0)
 
 
 # -- closed forms -----------------------------------------------------------------------------------
@@ -107,6 +107,8 @@ def test_hoag_reaches_the_known_optimum(make):
     assert res.best_val_loss < 1e-6 * start, [h["val_loss"] for h in res.history]
     torch.testing.assert_close(res.best_lam, LAM_STAR, rtol=0, atol=1e-2)
     assert res.best_val_loss == pytest.approx(val_loss(res.best_lam), rel=1e-4, abs=1e-14)
+    assert res.n_linear_not_converged == 0 and res.n_inner_not_converged == 0
+    assert all(h["linear_converged"] for h in res.history)
 
 
 def test_hoag_accepted_losses_decrease():
@@ -116,3 +118,66 @@ def test_hoag_accepted_losses_decrease():
     assert len(losses) >= 8
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < 1e-2 * losses[0]
+
+
+# == the inner L-BFGS's line searches (mutation survivors: interpolation and expansion) ==============
+def lbfgs(line_search):
+    return bilevel.LBFGS(tol=1e-10, line_search=line_search)
+
+
+def quadratic(a, xhat):
+    a, xhat = torch.tensor(a, dtype=DT), torch.tensor(xhat, dtype=DT)
+    return bilevel.BilevelProblem(lambda x, lam: 0.5 * (a * (x - xhat) ** 2).sum(), lambda x: (x**2).sum(),
+                                  torch.zeros(a.numel(), dtype=DT)), xhat
+
+
+@pytest.mark.parametrize("a,xhat,line_search,steps,evals", [
+    ([10.0], [0.1], "wolfe", 1, 4),     # first trial overshoots: zoom's quadratic interpolation is exact
+    ([4.0], [-0.3], "wolfe", 1, 3),
+    ([1.0], [100.0], "wolfe", 2, 7),    # first trial undershoots: the step doubles, then zooms
+    ([10.0], [0.1], "armijo", 2, 6),    # halving from one unit
+    ([1.0], [100.0], "armijo", 2, 3),
+])
+def test_lbfgs_line_search_evaluation_counts_on_a_1d_quadratic(a, xhat, line_search, steps, evals):
+    """Measured counts on ``½a(x − x̂)²`` from 0 (first trial: one unit along −∇h): a line search
+    that interpolates, expands or backtracks differently needs other counts (or misses x̂)."""
+    pb, xh = quadratic(a, xhat)
+    res = lbfgs(line_search).solve(pb, torch.tensor(0.0, dtype=DT))
+    assert res.converged
+    torch.testing.assert_close(res.x, xh, rtol=1e-12, atol=1e-12)
+    assert (res.n_steps, res.n_evals) == (steps, evals)
+    assert all(float(s @ y) > 0 for s, y in zip(res.s, res.y))
+
+
+def test_hoag_reject_tolerance_accepts_small_increases_and_best_is_the_minimum():
+    """With ``reject_rtol`` large, the increases that plain HOAG rejects (2 here) are accepted,
+    and ``best_val_loss`` stays the minimum over the accepted steps (not the last one)."""
+    plain = run_hoag(exact_estimator(), LAM0, steps=30)
+    assert plain.n_rejected >= 1
+    res = run_hoag(exact_estimator(), LAM0, steps=30, reject_rtol=1e3)
+    assert res.n_rejected == 0 and all(h["accepted"] for h in res.history)
+    losses = [h["val_loss"] for h in res.history]
+    assert any(b > a for a, b in zip(losses, losses[1:]))  # an increase was accepted
+    assert res.best_val_loss == min(losses)
+    k = losses.index(min(losses))
+    assert res.history[k]["lam_mean"] == pytest.approx(float(res.best_lam.mean()), abs=1e-15)
+
+
+def test_hoag_clock_includes_the_setup():
+    """The cumulative time of step 0 includes the initial gradient evaluation (slowed to 0.2 s)."""
+    import time as _time
+
+    pb = problem()
+    real = pb.inner_value_and_grad
+    calls = []
+
+    def slow_first(x, lam):
+        if not calls:
+            _time.sleep(0.2)
+        calls.append(1)
+        return real(x, lam)
+
+    pb.inner_value_and_grad = slow_first
+    res = run_hoag(exact_estimator(), LAM0, steps=2, pb=pb)
+    assert res.history[0]["time"] >= 0.2
+    assert 0 < res.history[0]["time"] < res.history[1]["time"]
