@@ -181,3 +181,16 @@ def test_hoag_clock_includes_the_setup():
     res = run_hoag(exact_estimator(), LAM0, steps=2, pb=pb)
     assert res.history[0]["time"] >= 0.2
     assert 0 < res.history[0]["time"] < res.history[1]["time"]
+
+
+def test_two_loop_with_one_pair_and_with_none_against_closed_forms():
+    """Nocedal & Wright (7.20): ``H₀ = γI`` with ``γ = sᵀy/yᵀy``, one BFGS update; no pairs: ``H = I``."""
+    g = torch.Generator().manual_seed(3)
+    s, y, v = (torch.randn(5, generator=g, dtype=DT) for _ in range(3))
+    y = y + 2 * s  # sᵀy > 0
+    gamma = float(s @ y) / float(y @ y)
+    rho = 1.0 / float(s @ y)
+    eye = torch.eye(5, dtype=DT)
+    H = (eye - rho * torch.outer(s, y)) @ (gamma * eye) @ (eye - rho * torch.outer(y, s)) + rho * torch.outer(s, s)
+    torch.testing.assert_close(bilevel.two_loop([s], [y], v), H @ v, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bilevel.two_loop([], [], v), v, rtol=0, atol=0)
