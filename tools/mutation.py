@@ -45,7 +45,7 @@ CORE_TESTS = ["tests/test_audit_defaults.py", "tests/test_audit_core.py", "tests
               "tests/test_shine.py", "tests/properties/test_prop_solvers.py"]
 BILEVEL_TESTS = ["tests/test_audit_defaults.py", "tests/test_audit_bilevel.py", "tests/test_bilevel_linalg.py",
                  "tests/test_bilevel_pipeline.py"]
-SIM_TESTS = ["tests/test_audit_defaults.py", "tests/test_sim_admm.py", "tests/test_sim_structure.py", "tests/test_sim_input_weight.py",
+SIM_TESTS = ["tests/test_audit_defaults.py", "tests/test_audit_sim.py", "tests/test_sim_admm.py", "tests/test_sim_structure.py", "tests/test_sim_input_weight.py",
              "tests/test_sim_projection.py", "tests/test_sim_model.py"]
 TRAIN_TESTS = ["tests/test_audit_train.py", "tests/test_train.py"]
 
