@@ -258,12 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mutants", type=int, default=120, help="mutants to sample over all modules (0: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--timeout-factor", type=float, default=4.0)
+    ap.add_argument("--timeout-factor", type=float, default=6.0)
+    ap.add_argument("--min-timeout", type=float, default=180.0,
+                    help="per-mutant timeout floor in seconds (a loaded machine slows the tests several-fold)")
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--only", nargs="*", default=None, help="restrict to these module paths")
     ap.add_argument("--list", action="store_true", help="list the sampled mutants and exit")
     ap.add_argument("--report", default="runs/mutation-report.json", help="write the results as JSON here")
-    ap.add_argument("--from-report", default=None, help="rerun only the survivors of this JSON report")
+    ap.add_argument("--from-report", default=None, help="rerun only the survivors (and timeouts) of this JSON report")
     ap.add_argument("--budget-min", type=float, default=45.0,
                     help="start no new mutant after this many minutes (the rest are reported as not run)")
     args = ap.parse_args(argv)
@@ -285,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             sample += rng.sample(muts, min(k, len(muts)))
     if args.from_report:
         old = json.loads(Path(args.from_report).read_text())
-        keep = {(m["module"], m["index"], m["line"]) for m in old["mutants"] if m["status"] == "survived"}
+        keep = {(m["module"], m["index"], m["line"]) for m in old["mutants"] if m["status"] in ("survived", "timeout")}
         sample = [m for v in per_module.values() for m in v if (m.module, m.index, m.line) in keep]
         if len(sample) != len(keep):
             print(f"mutation: {len(keep) - len(sample)} survivors of {args.from_report} no longer match the source",
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 target.write_text(mutated_source(m))
                 tests = TARGETS[m.module]["tests"]
-                m.status, m.seconds = _pytest(tests, w, timeout=max(60.0, args.timeout_factor * base[tuple(tests)]))
+                m.status, m.seconds = _pytest(tests, w, timeout=max(args.min_timeout, args.timeout_factor * base[tuple(tests)]))
             finally:
                 shutil.copyfile(ROOT / m.module, target)
                 free.append(w)
