@@ -194,3 +194,26 @@ def test_two_loop_with_one_pair_and_with_none_against_closed_forms():
     H = (eye - rho * torch.outer(s, y)) @ (gamma * eye) @ (eye - rho * torch.outer(y, s)) + rho * torch.outer(s, s)
     torch.testing.assert_close(bilevel.two_loop([s], [y], v), H @ v, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(bilevel.two_loop([], [], v), v, rtol=0, atol=0)
+
+
+def test_dense_bfgs_inverse_with_one_pair_and_a_memory_of_one():
+    g = torch.Generator().manual_seed(4)
+    s, y, v = (torch.randn(4, generator=g, dtype=DT) for _ in range(3))
+    y = y + 2 * s
+    torch.testing.assert_close(bilevel.dense_bfgs_inverse([s], [y]) @ v, bilevel.two_loop([s], [y], v),
+                               rtol=1e-12, atol=1e-12)
+    mem = bilevel.SecantMemory(1)  # a memory of one pair is valid and keeps the newest
+    mem.push(s, y)
+    mem.push(2 * s, 2 * y)
+    assert len(mem) == 1
+    res = bilevel.LBFGS(memory=1, tol=1e-9).solve(quadratic([1.0, 10.0], [1.0, -1.0])[0], torch.tensor(0.0, dtype=DT))
+    assert res.converged and len(res.s) == 1
+
+
+def test_lbfgs_counts_the_opa_evaluations():
+    """Each accepted step costs at least one line-search evaluation and each OPA pair one more:
+    ``n_evals ≥ 1 + n_steps + n_opa``."""
+    pb = problem()
+    res = bilevel.LBFGS(tol=1e-10).solve(pb, LAM0, opa_freq=1)
+    assert res.n_opa >= 2
+    assert res.n_evals >= 1 + res.n_steps + res.n_opa
