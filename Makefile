@@ -34,3 +34,12 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+# Sampled mutation testing of the modules that produce reported numbers (issue 17; see TESTING.md).
+# Bounded: MUTANTS sampled with a fixed seed, 2 workers, per-mutant timeout, BUDGET_MIN wall-clock cap.
+MUTANTS ?= 120
+MUTATION_SEED ?= 0
+BUDGET_MIN ?= 45
+.PHONY: mutation
+mutation: $(STAMP)
+	DEQKIT_REQUIRE_ALL=1 $(BIN)/python tools/mutation.py --mutants $(MUTANTS) --seed $(MUTATION_SEED) --jobs 2 --budget-min $(BUDGET_MIN) --report runs/mutation-report.json

@@ -5,6 +5,7 @@ Every tensor is created with an explicit dtype: other test modules change the gl
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -14,6 +15,61 @@ from torch import nn
 from deqkit import GMRES, Anderson, Broyden, Dense, FixedPoint
 
 F64 = torch.float64
+
+# -- no silent skips ------------------------------------------------------------------------------
+# The optional packages of the ``[dev]`` extras that tests import (or ``importorskip``). In a
+# ``[dev]`` run a missing one is an error, not a skip: ``DEQKIT_REQUIRE_ALL=1`` (CI, and ``make``
+# targets, which install ``.[dev]``) fails the run at start-up, and turns any
+# ``pytest.importorskip`` skip into a failure. ``DEQKIT_REQUIRE_ALL=0`` allows the skips
+# (a minimal install); unset, the rule applies under ``make`` (``MAKELEVEL`` set) and not otherwise.
+# Skips that are not about an importable package (the apt-installed Fashion-MNIST files) still
+# skip, with their reason shown by ``-ra``.
+REQUIRED_OPTIONAL = ("cvxpy", "mlxtend", "mnist1d", "sklearn", "scipy", "matplotlib", "hypothesis")
+
+
+def require_all_optional() -> bool:
+    flag = os.environ.get("DEQKIT_REQUIRE_ALL", "").strip().lower()
+    if flag in ("1", "true", "yes"):
+        return True
+    if flag in ("0", "false", "no"):
+        return False
+    return bool(os.environ.get("MAKELEVEL"))
+
+
+def missing_optional() -> list[str]:
+    return [m for m in REQUIRED_OPTIONAL if importlib.util.find_spec(m) is None]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if require_all_optional() and (missing := missing_optional()):
+        raise pytest.UsageError(
+            f"DEQKIT_REQUIRE_ALL: optional test dependencies missing: {', '.join(missing)}. "
+            f"Install the dev extras (pip install -e '.[dev]'), or set DEQKIT_REQUIRE_ALL=0 to let "
+            f"the tests that need them skip."
+        )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and call.excinfo is not None and require_all_optional():
+        msg = str(call.excinfo.value)
+        if msg.startswith("could not import"):  # pytest.importorskip
+            rep.outcome = "failed"
+            rep.longrepr = f"DEQKIT_REQUIRE_ALL: {msg} (a required optional dependency; not skipped)"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and require_all_optional():
+        longrepr = rep.longrepr
+        msg = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+        if "could not import" in msg:  # a module-level pytest.importorskip
+            rep.outcome = "failed"
+            rep.longrepr = f"DEQKIT_REQUIRE_ALL: {msg} (a required optional dependency; not skipped)"
 
 
 def gen(seed: int = 0) -> torch.Generator:

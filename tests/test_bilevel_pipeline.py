@@ -113,10 +113,14 @@ def test_hoag_decreases_validation_loss_and_records():
         assert len(h) == 6 and all(h[i]["time_s"] < h[i + 1]["time_s"] for i in range(5))
         assert res.best_val_loss < h[0]["val_loss"]
         assert all(math.isfinite(r["val_loss"]) and math.isfinite(r["test_loss"]) for r in h)
-        assert all(-12 <= float(res.lam) <= 12 for _ in [0])
+        # the first step moves λ by one unit (L₀ = ‖g₀‖/√p, p = 1), well inside ±12
+        assert abs(h[1]["lam_mean"] - h[0]["lam_mean"]) == pytest.approx(1.0, rel=1e-12)
         assert h[1]["inner_tol"] == pytest.approx(0.78 * h[0]["inner_tol"])
-    # λ is clipped to the bounds
+    # λ is clipped to the bounds: the same first step lands on the bound instead of one unit away
+    free = HOAG(JacobianFreeHypergradient(), outer_steps=2).run(pb, lam0).history
     res = HOAG(JacobianFreeHypergradient(), outer_steps=3, lam_bounds=(-0.1, 0.1)).run(pb, lam0)
+    assert abs(free[1]["lam_mean"]) == pytest.approx(1.0, rel=1e-12)
+    assert res.history[1]["lam_mean"] == pytest.approx(0.1 * math.copysign(1.0, free[1]["lam_mean"]), abs=1e-15)
     assert all(abs(r["lam_mean"]) <= 0.1 + 1e-12 for r in res.history)
     with pytest.raises(OptionError, match="HypergradientEstimator"):
         HOAG("exact")
