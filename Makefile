@@ -13,7 +13,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.deqkit-installed
 TORCH_INDEX_URL ?=
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean docs check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,17 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site
+
+# The docs site (API reference from the docstrings, guides whose code the tests run); warnings are errors.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+# Static checks: lint, format, types.
+check: $(STAMP)
+	$(BIN)/ruff check deqkit tests tools
+	$(BIN)/ruff format --check deqkit tests tools
+	$(BIN)/pyright
 
 # Sampled mutation testing of the modules that produce reported numbers (issue 17; see TESTING.md).
 # Bounded: MUTANTS sampled with a fixed seed, 2 workers, per-mutant timeout, BUDGET_MIN wall-clock cap.
