@@ -96,7 +96,22 @@ def _refuse_batch_statistics(cell: nn.Module) -> None:
             )
 
 
-def _blame_input(x: Any, err: NonFiniteError) -> None:
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (or for CUDA: a CPU tensor may meet a CUDA-autocast cell)."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type) or torch.is_autocast_enabled("cuda"))
+    except (TypeError, RuntimeError):  # an older torch without the device argument, or an unknown device type
+        return bool(torch.is_autocast_enabled())
+
+
+def _nonfinite_samples(x: Any) -> Optional[Tensor]:
+    """``(B,)`` bool: the samples of a tensor input ``x`` holding NaN/Inf (``None`` for other inputs); no host sync."""
+    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[0] == 0:
+        return None
+    return ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+
+
+def _blame_input(x: Any, err: Optional[NonFiniteError]) -> None:
     """Re-raise a solver's NaN/Inf error as one about the data when ``x`` itself is not finite."""
     tensors = [x] if isinstance(x, Tensor) else list(x) if isinstance(x, (list, tuple)) else list(x.values()) if isinstance(x, dict) else []
     for t in tensors:
@@ -150,7 +165,10 @@ class DEQ(nn.Module):
     sample of 8 features or 8 scalar samples; write ``x[None]`` or ``x[:, None]``. A given ``z0``
     (or the ``init`` callable's output) must have ``x``'s batch size, ``(B, *state_shape)`` when
     ``state_shape`` is set, a floating dtype and ``x``'s device; a floating ``x`` whose dtype
-    differs from the cell's parameters (outside autocast) is refused before any solve.
+    differs from the cell's parameters (outside autocast) is refused before any solve. NaN/Inf in
+    a tensor ``x`` raises a :class:`~deqkit.errors.NonFiniteError` naming the samples (even where
+    the cell would saturate them to a finite output); with a solver's ``on_nonfinite="freeze"``
+    those samples are instead marked in ``info.forward.nonfinite`` and not converged.
 
     ``forward(x, z0=None, loss_fn=None)`` returns ``(z, info)`` (:class:`DEQInfo`). The forward
     solver's inverse estimate (Broyden's ``H``) is kept in ``info.forward.inverse`` only when the
@@ -248,11 +266,18 @@ class DEQ(nn.Module):
             with torch.no_grad():
                 if self.check_batch_coupling and not self._coupling_probed:
                     self._probe_batch_coupling(x, z0)
+                bad_x = _nonfinite_samples(x)  # NaN/Inf in the data: an error, or recorded under "freeze"
+                freeze = getattr(self.solver, "on_nonfinite", "raise") == "freeze"
+                if bad_x is not None and not freeze and bool(bad_x.any()):
+                    _blame_input(x, None)
                 try:
                     result = self.solver(lambda z: self.cell(z, x), z0, max_iter=max_iter, **call_options)
                 except NonFiniteError as err:
                     _blame_input(x, err)
                     raise
+                if bad_x is not None and freeze and bad_x.shape == result.converged.shape:
+                    result.nonfinite = bad_x if result.nonfinite is None else result.nonfinite | bad_x
+                    result.converged = result.converged & ~bad_x
             return self._finish(x, result)
 
     # -- input checks ---------------------------------------------------------------------------
@@ -267,7 +292,7 @@ class DEQ(nn.Module):
                 f"sample{'' if x.dim() == 0 else f' of {x.shape[0]} features, or x[:, None] for {x.shape[0]} samples of one feature'} "
                 f"(or pass z0 of shape (B, ...) to fix the batch explicitly)."
             )
-        if x.is_floating_point() and not torch.is_autocast_enabled():
+        if x.is_floating_point() and not _autocast_on(x.device.type):
             dtypes = {p.dtype for p in self.cell.parameters() if p.is_floating_point()}
             if len(dtypes) == 1 and x.dtype not in dtypes:
                 (pd,) = dtypes

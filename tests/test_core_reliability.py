@@ -335,3 +335,17 @@ def test_broyden_refuses_a_solve_above_max_state_bytes_before_allocating():
     with pytest.raises(OptionError, match=r"MiB of solver state.*max_state_bytes=1000.*Lower memory"):
         Broyden(max_state_bytes=1000)(lambda z: cell(z, x), torch.zeros(5, 8, dtype=F64))
     Broyden(max_state_bytes=10**6)(lambda z: cell(z, x), torch.zeros(5, 8, dtype=F64))
+
+
+def test_autocast_cells_solve_under_the_dtype_policy():
+    # under CPU autocast the cell's matmuls run in bfloat16 with float32 parameters and input
+    cell, x = SmallMLP(12), torch.randn(4, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        z, info = DEQ(cell)(x.bfloat16())  # a bfloat16 injection meets float32 parameters: allowed here
+        z.float().sum().backward()
+    assert bool(info.converged.all()) and info.forward.tol == min_tol(torch.bfloat16)
+    # forward and adjoint tolerances raised to bfloat16's floor (one warning each), no convergence warnings
+    assert sorted(type(w.message).__name__ for w in caught) == ["PrecisionWarning", "PrecisionWarning"], [str(w.message) for w in caught]
+    assert info.backward.solve.tol == min_tol(torch.bfloat16) and bool(info.backward.converged.all())
+    assert all(torch.isfinite(p.grad).all() for p in cell.parameters())

@@ -35,6 +35,7 @@ from .._options import options_repr
 from ..errors import NonFiniteError, OptionError
 from ..inverse import InverseEstimate
 from ..solvers.base import SolverResult
+from ..solvers.precision import autocast_dtype
 
 if TYPE_CHECKING:
     from ..deq import DEQInfo
@@ -188,6 +189,10 @@ class AdjointEstimator(GradientEstimator):
             stats.vjps += 1
             (g,) = torch.autograd.grad(f_z, z_in, u.reshape(shape).to(f_z.dtype), retain_graph=True)
             return g.reshape(B, -1)
+
+        # the VJP graph is built now: under autocast its accuracy is the autocast dtype's, whatever
+        # the dtypes of its inputs and outputs (the adjoint solve's tolerance floor reads this)
+        vjp.precision_dtype = autocast_dtype(z_in.device.type)  # type: ignore[attr-defined]
 
         def hook(v: Optional[Tensor]) -> Optional[Tensor]:
             if v is None:  # an undefined (zero) incoming gradient stays undefined

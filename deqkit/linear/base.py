@@ -32,7 +32,7 @@ from .._options import check_choice, check_int, check_positive, options_repr, va
 from ..errors import NonFiniteError, OptionError
 from ..inverse import InverseEstimate
 from ..solvers.base import STOP_MODES, SolverResult
-from ..solvers.precision import resolve_tol, state_dtype
+from ..solvers.precision import autocast_dtype, coarsest, resolve_tol, state_dtype
 
 __all__ = ["Fn", "LinearSolver"]
 
@@ -148,8 +148,11 @@ class LinearSolver:
         tol, max_iter = self._settings(tol, max_iter)
         v, w0 = self._check_operands(v, w0)
         # the dtype policy (deqkit.solvers.precision): the solve runs in at least float32, the VJP
-        # sees v's dtype, w comes back in v's dtype; a relative tol below v's resolution is raised
-        tol = resolve_tol(self, tol, self.stop_mode, v.dtype, what="the gradient")
+        # sees v's dtype, w comes back in v's dtype; a relative tol below the resolution of v (or of
+        # the VJP's autocast dtype) is raised to it
+        # (an estimator's VJP records the autocast dtype its graph was built under in ``vjp.precision_dtype``)
+        floor = coarsest(v.dtype, getattr(vjp, "precision_dtype", None), autocast_dtype(v.device.type))
+        tol = resolve_tol(self, tol, self.stop_mode, floor, what="the gradient")
         in_dtype, work = v.dtype, state_dtype(v.dtype)
         if work != in_dtype:
             vjp = self._promoted(vjp, v.shape, in_dtype, work)

@@ -51,7 +51,7 @@ from ..errors import NonFiniteError, OptionError
 from ..inverse import InverseEstimate
 from ..registry import SOLVERS
 from ..results import ResultMixin
-from .precision import resolve_tol, state_dtype
+from .precision import autocast_dtype, coarsest, resolve_tol, state_dtype
 from .tracking import IterateTracker
 
 __all__ = ["Fn", "STOP_MODES", "NONFINITE_POLICIES", "Problem", "Solver", "SolverResult"]
@@ -253,7 +253,7 @@ class Solver:
         work = state_dtype(z0.dtype)
         flat_fn = self._flat_map(fn, z0.shape, z0.dtype, work)
         problem = Problem(flat_fn, z0.shape, *self._settings(max_iter, tol), self._check_call_options(options))
-        floor_dtypes = [z0.dtype] + ([] if precision_dtype is None else [precision_dtype])
+        floor_dtypes = [z0.dtype, precision_dtype, autocast_dtype(z0.device.type)]
         result = self._iterate(problem, z0.to(work), rel_scale if rel_scale is None else rel_scale.to(work), floor_dtypes)
         if result.z.dtype != z0.dtype:
             result.z = result.z.to(z0.dtype)
@@ -330,9 +330,8 @@ class Solver:
         z = z0.reshape(B, -1).clone()
         fz = problem.fn(z)
         # a relative tol below the resolution of the map's output (or the caller's) dtype is raised to it
-        dtypes = [*(floor_dtypes or []), getattr(problem.fn, "out_dtype", fz.dtype)]
-        coarsest = max(dtypes, key=lambda t: torch.finfo(t).eps if t.is_floating_point else 0.0)
-        problem.tol = resolve_tol(self, problem.tol, self.stop_mode, coarsest)
+        floor = coarsest(*(floor_dtypes or []), getattr(problem.fn, "out_dtype", fz.dtype))
+        problem.tol = resolve_tol(self, problem.tol, self.stop_mode, floor)
         state = self.init(problem, z, fz)
         tracker = IterateTracker(z, self.stop_mode, rel_scale)
         active = torch.ones(B, dtype=torch.bool, device=z.device)

@@ -9,11 +9,14 @@ One rule for every iterative solve in deqkit (forward solvers, adjoint linear so
   normal equations) are then well defined on every backend (LAPACK has no half-precision LU),
   and the low-rank or Krylov algebra does not lose the digits the cell computed.
 - **A relative tolerance below the resolution of the map's output dtype is raised to it**
-  (:func:`min_tol`, four times the dtype's machine epsilon), with one warning per solver and dtype naming
-  both (:func:`resolve_tol`). A relative residual ``‖f(z) − z‖ / ‖f(z)‖`` under the unit roundoff
-  of ``f``'s output is rounding noise: asking for less never converges, and quasi-Newton updates
-  built from noise-sized secant pairs can drive the iteration away from a fixed point it had
-  already found. ``result.tol`` records the tolerance the solve ran with.
+  (:func:`min_tol`, four times the dtype's machine epsilon), with one warning per solver and
+  dtype naming both (:func:`resolve_tol`). A relative residual ``‖f(z) − z‖ / ‖f(z)‖`` under the
+  unit roundoff of ``f``'s output is rounding noise: asking for less never converges (every call
+  would report a failure), and iterating in the noise spoils quasi-Newton estimates (Broyden's
+  ``H``, which SHINE reuses: a bfloat16 SHINE gradient fell from cosine 0.99+ to 0.79 to the
+  float32 one when the solve ran on to its cap). ``result.tol`` records the tolerance used.
+  Under autocast the floor is that of the autocast dtype. An ``"abs"`` tolerance is never
+  raised, so ``stop_mode="abs"`` with a tiny ``tol`` still means "run ``max_iter`` steps".
 
 Higham, "Accuracy and Stability of Numerical Algorithms", SIAM 2002, ch. 2 (unit roundoff) and
 Micikevicius et al., "Mixed Precision Training", ICLR 2018 (keeping accumulations in float32).
@@ -22,11 +25,11 @@ Micikevicius et al., "Mixed Precision Training", ICLR 2018 (keeping accumulation
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-__all__ = ["state_dtype", "min_tol", "resolve_tol", "PrecisionWarning"]
+__all__ = ["state_dtype", "min_tol", "resolve_tol", "coarsest", "autocast_dtype", "PrecisionWarning"]
 
 
 class PrecisionWarning(UserWarning):
@@ -54,6 +57,28 @@ def min_tol(dtype: torch.dtype) -> float:
     return 4.0 * float(torch.finfo(dtype).eps)
 
 
+def coarsest(*dtypes: Optional[torch.dtype]) -> torch.dtype:
+    """The floating dtype with the largest machine epsilon among ``dtypes`` (``None`` entries skipped)."""
+    floats = [d for d in dtypes if d is not None and d.is_floating_point]
+    if not floats:
+        return torch.get_default_dtype()
+    return max(floats, key=lambda d: torch.finfo(d).eps)
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype in force for ``device_type`` now, or ``None`` outside autocast.
+
+    Under autocast a map's output may be float32 (a bias added after a bfloat16 matmul) while its
+    accuracy is that of the autocast dtype, so the tolerance floor uses the autocast dtype.
+    """
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (TypeError, RuntimeError, AttributeError):  # an older torch or an unknown device type
+        return None
+    return None
+
+
 def resolve_tol(owner: Any, tol: float, stop_mode: str, dtype: torch.dtype, *, what: str = "the map's output") -> float:
     """The tolerance a solve in ``dtype`` runs with: ``tol``, raised to :func:`min_tol` in ``"rel"`` mode.
 
@@ -71,9 +96,9 @@ def resolve_tol(owner: Any, tol: float, stop_mode: str, dtype: torch.dtype, *, w
         name = str(dtype).replace("torch.", "")
         warnings.warn(
             f"{type(owner).__name__}: tol={tol:g} is below the resolution of {name} ({what}): relative residuals "
-            f"under {floor:.2g} (4 × the machine epsilon of {name}) are rounding noise, so this solve uses tol={floor:.2g}. "
-            f"Set tol >= {floor:.2g} for {name} (or compute the cell in a wider dtype) to silence this warning; "
-            f"result.tol records the tolerance used.",
+            f"under {floor:.2g} (4 × the machine epsilon of {name}) are rounding noise, so this solve uses tol={floor:.2g} "
+            f"(result.tol). Set tol >= {floor:.2g} for {name} (or compute the cell in a wider dtype) to silence this warning; "
+            f"to run exactly max_iter steps, use stop_mode='abs' (absolute tolerances are never raised).",
             PrecisionWarning,
             stacklevel=5,
         )
