@@ -14,7 +14,20 @@ import torch
 from conftest import F64, TanhCell, randn
 from torch import nn
 
-from deqkit import DEQ, GMRES, SHINE, Anderson, Broyden, ConvergenceWarning, Dense, Exact, FixedPoint, JacobianFree, NonFiniteError, Unrolled
+from deqkit import (
+    DEQ,
+    GMRES,
+    SHINE,
+    Anderson,
+    Broyden,
+    ConvergenceWarning,
+    Dense,
+    Exact,
+    FixedPoint,
+    JacobianFree,
+    NonFiniteError,
+    Unrolled,
+)
 from deqkit.errors import OptionError
 from deqkit.models import MLPCell
 from deqkit.solvers.precision import PrecisionWarning, min_tol, state_dtype
@@ -126,7 +139,7 @@ def test_a_cell_mixing_samples_is_detected_at_the_first_call(training):
     x = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
     with pytest.raises(OptionError, match=r"mixes the samples.*samples \[1, 2, 3, 4, 5\]"):
         deq(x)
-    z, info = DEQ(MeanCell(8), check_batch_coupling=False).train(training)(x)  # the opt-out
+    _z, info = DEQ(MeanCell(8), check_batch_coupling=False).train(training)(x)  # the opt-out
     assert bool(info.converged.all())
 
 
@@ -280,6 +293,31 @@ def test_broyden_does_not_run_away_at_the_precision_floor(seed):
         res = Broyden(tol=1e-12, stop_mode="abs", max_iter=300)(fn, z0)
     assert torch.isfinite(res.z).all() and float(res.abs_residual.max()) < 1e-5
     assert float(res.z.abs().max()) < 10
+
+
+GUARDS = ("max_step_ratio", "restart_growth", "divergence_ratio")
+
+
+@pytest.mark.parametrize("keep", [None, *GUARDS])
+def test_each_broyden_safeguard_alone_stops_the_runaway(keep):
+    # the control (no safeguard) reproduces the reported failure: NaN/Inf after ~140 iterations
+    class OneGuard(Broyden):
+        pass
+
+    for name in GUARDS:
+        if name != keep:
+            setattr(OneGuard, name, float("inf"))
+    fn, z0 = _mlp_problem(0)
+    solver = OneGuard(tol=1e-12, stop_mode="abs", max_iter=300)
+    with torch.no_grad():
+        if keep is None:
+            with pytest.raises(NonFiniteError, match="Broyden has no damping"):
+                solver(fn, z0)
+            return
+        res = solver(fn, z0)
+    assert torch.isfinite(res.z).all() and float(res.abs_residual.max()) < 1e-5
+    used = res.extra["n_capped"] if keep == "max_step_ratio" else res.extra["n_restart"]
+    assert int(used.sum()) > 0
 
 
 def test_broyden_with_a_float32_tolerance_below_epsilon_converges_at_the_floor():

@@ -29,7 +29,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["state_dtype", "min_tol", "resolve_tol", "coarsest", "autocast_dtype", "PrecisionWarning"]
+__all__ = ["PrecisionWarning", "autocast_dtype", "coarsest", "min_tol", "resolve_tol", "state_dtype"]
 
 
 class PrecisionWarning(UserWarning):

@@ -352,6 +352,6 @@ def test_a_capped_forward_solve_follows_on_failure_and_is_always_recorded(policy
         return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        z, info = deq(_x())
+        _z, info = deq(_x())
     assert not bool(info.converged.any()) and info.nstep.tolist() == [2, 2, 2, 2]
     assert bool(caught) == (policy == "warn")
