@@ -35,6 +35,7 @@ from .._options import options_repr
 from ..errors import NonFiniteError, OptionError
 from ..inverse import InverseEstimate
 from ..solvers.base import SolverResult
+from ..solvers.precision import autocast_dtype
 
 if TYPE_CHECKING:
     from ..deq import DEQInfo
@@ -186,8 +187,12 @@ class AdjointEstimator(GradientEstimator):
         def vjp(u: Tensor) -> Tensor:
             assert f_z is not None, f"{type(self).__name__}.uses_vjp must be True to take VJPs"
             stats.vjps += 1
-            (g,) = torch.autograd.grad(f_z, z_in, u.reshape(shape), retain_graph=True)
+            (g,) = torch.autograd.grad(f_z, z_in, u.reshape(shape).to(f_z.dtype), retain_graph=True)
             return g.reshape(B, -1)
+
+        # the VJP graph is built now: under autocast its accuracy is the autocast dtype's, whatever
+        # the dtypes of its inputs and outputs (the adjoint solve's tolerance floor reads this)
+        vjp.precision_dtype = autocast_dtype(z_in.device.type)  # type: ignore[attr-defined]
 
         def hook(v: Optional[Tensor]) -> Optional[Tensor]:
             if v is None:  # an undefined (zero) incoming gradient stays undefined
@@ -195,6 +200,11 @@ class AdjointEstimator(GradientEstimator):
             start = time.perf_counter()
             w = self.compute_w(v.reshape(B, -1), vjp, result, stats)
             if not torch.isfinite(w).all():
+                if not torch.isfinite(v).all():  # only on the error path: no extra sync otherwise
+                    raise NonFiniteError(
+                        f"{type(self).__name__}: the incoming gradient dL/dz* contains NaN/Inf: the loss or the layers "
+                        f"after the DEQ produced it (check the loss is finite; with fp16 loss scaling, lower the scale)."
+                    )
                 raise NonFiniteError(
                     f"{type(self).__name__}: the backward pass produced NaN/Inf in the adjoint w. "
                     f"Check that the forward solve converged (info.converged) and the loss is finite."

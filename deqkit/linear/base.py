@@ -32,6 +32,7 @@ from .._options import check_choice, check_int, check_positive, options_repr, va
 from ..errors import NonFiniteError, OptionError
 from ..inverse import InverseEstimate
 from ..solvers.base import STOP_MODES, SolverResult
+from ..solvers.precision import autocast_dtype, coarsest, resolve_tol, state_dtype
 
 __all__ = ["Fn", "LinearSolver"]
 
@@ -145,10 +146,54 @@ class LinearSolver:
         start = time.perf_counter()
         self._refuse_options(preconditioner, inverse)
         tol, max_iter = self._settings(tol, max_iter)
+        v, w0 = self._check_operands(v, w0)
+        # the dtype policy (deqkit.solvers.precision): the solve runs in at least float32, the VJP
+        # sees v's dtype, w comes back in v's dtype; a relative tol below the resolution of v (or of
+        # the VJP's autocast dtype) is raised to it
+        # (an estimator's VJP records the autocast dtype its graph was built under in ``vjp.precision_dtype``)
+        floor = coarsest(v.dtype, getattr(vjp, "precision_dtype", None), autocast_dtype(v.device.type))
+        tol = resolve_tol(self, tol, self.stop_mode, floor, what="the gradient")
+        in_dtype, work = v.dtype, state_dtype(v.dtype)
+        if work != in_dtype:
+            vjp = self._promoted(vjp, v.shape, in_dtype, work)
+            v = v.to(work)
+            w0 = None if w0 is None else w0.to(work)
         options = {k: o for k, o in (("preconditioner", preconditioner), ("inverse", inverse)) if o is not None}
         result = self._solve(vjp, v, w0, tol, max_iter, options)
+        if result.z.dtype != in_dtype:
+            result.z = result.z.to(in_dtype)
         result.time_s = time.perf_counter() - start
         return result
+
+    def _check_operands(self, v: Any, w0: Any) -> tuple[Tensor, Optional[Tensor]]:
+        """One clear error for a right-hand side or initial guess of the wrong kind, shape, dtype or device."""
+        owner = f"{type(self).__name__}.solve_adjoint"
+        if not isinstance(v, Tensor) or v.dim() < 1 or v.shape[0] == 0 or not v.is_floating_point():
+            raise OptionError(
+                f"{owner}: v must be a floating-point tensor of shape (B, ...) with B >= 1, got "
+                f"{getattr(v, 'dtype', type(v).__name__)} {tuple(getattr(v, 'shape', ()))}."
+            )
+        if not torch.isfinite(v).all():
+            raise NonFiniteError(
+                f"{owner}: the right-hand side v (the incoming gradient dL/dz*) contains NaN/Inf; the loss or the "
+                f"layers after the DEQ produced it."
+            )
+        if w0 is not None:
+            if not isinstance(w0, Tensor) or w0.shape != v.shape:
+                raise OptionError(f"{owner}: w0 must have the shape of v {tuple(v.shape)}, got {tuple(getattr(w0, 'shape', ()))}.")
+            if w0.device != v.device:
+                raise OptionError(f"{owner}: w0 is on {w0.device} but v is on {v.device}; put them on one device.")
+            w0 = w0.to(v.dtype)
+        return v, w0
+
+    @staticmethod
+    def _promoted(vjp: Fn, shape: torch.Size, in_dtype: torch.dtype, work: torch.dtype) -> Fn:
+        """``vjp`` called in ``in_dtype``, its output in the working dtype ``work``."""
+
+        def wrapped(u: Tensor) -> Tensor:
+            return vjp(u.to(in_dtype)).to(work)
+
+        return wrapped
 
     def _solve(self, vjp: Fn, v: Tensor, w0: Optional[Tensor], tol: float, max_iter: int, options: dict[str, Any]) -> SolverResult:
         """The solve itself, with validated settings; ``options`` holds the accepted per-call options given."""

@@ -2,6 +2,8 @@
 
 See :mod:`deqkit.solvers.base` for the protocol (``init`` / ``observe`` / ``step``, the loop
 written once) and how to write a solver; :func:`make_solver` builds a registered one by name.
+:mod:`deqkit.solvers.precision` holds the dtype policy of solver state (:func:`state_dtype`,
+:func:`min_tol`, :class:`PrecisionWarning`), shared by the adjoint linear solvers.
 """
 
 from typing import Any
@@ -11,6 +13,7 @@ from .anderson import Anderson
 from .base import NONFINITE_POLICIES, STOP_MODES, Problem, Solver, SolverResult
 from .broyden import Broyden, BroydenState
 from .fixed_point import FixedPoint
+from .precision import PrecisionWarning, min_tol, state_dtype
 from .tracking import IterateTracker
 
 __all__ = [
@@ -26,6 +29,9 @@ __all__ = [
     "NONFINITE_POLICIES",
     "make_solver",
     "register_solver",
+    "PrecisionWarning",
+    "min_tol",
+    "state_dtype",
 ]
 
 

@@ -38,6 +38,7 @@ class Anderson(Solver):
     stalls tight solves.
     """
 
+    nonfinite_advice = "or use damping < 1 (or a larger regularization)"
     name = "anderson"
 
     def __init__(

@@ -51,6 +51,7 @@ from ..errors import NonFiniteError, OptionError
 from ..inverse import InverseEstimate
 from ..registry import SOLVERS
 from ..results import ResultMixin
+from .precision import autocast_dtype, coarsest, resolve_tol, state_dtype
 from .tracking import IterateTracker
 
 __all__ = ["Fn", "STOP_MODES", "NONFINITE_POLICIES", "Problem", "Solver", "SolverResult"]
@@ -162,6 +163,8 @@ class Solver:
     call_options: ClassVar[tuple[str, ...]] = ()
     #: the registered name (also what ``Exact(<solver>).label`` prints)
     name: ClassVar[str] = "solver"
+    #: the solver-specific remedy named when the map returns NaN/Inf (an option this solver has)
+    nonfinite_advice: ClassVar[str] = "or try another solver"
 
     def __init__(self, *, tol: float = 1e-4, max_iter: int = 50, stop_mode: str = "rel", on_nonfinite: str = "raise") -> None:
         owner = type(self).__name__
@@ -236,12 +239,24 @@ class Solver:
         tol: Optional[float],
         options: dict[str, Any],
         rel_scale: Optional[Tensor] = None,
+        precision_dtype: Optional[torch.dtype] = None,
     ) -> SolverResult:
-        """:meth:`__call__` with ``rel_scale``: the denominators of the relative residual (adjoint solves)."""
+        """:meth:`__call__` with ``rel_scale``: the denominators of the relative residual (adjoint solves),
+        and ``precision_dtype``: the dtype whose resolution bounds the residual (adjoint solves: that of ``v``).
+
+        The dtype policy (:mod:`deqkit.solvers.precision`): the iterates and the solver's state are
+        kept in :func:`~deqkit.solvers.precision.state_dtype` (at least float32), ``fn`` is called
+        with ``z0``'s dtype, and ``result.z`` has ``z0``'s dtype.
+        """
         start = time.perf_counter()
         self._check_z0(z0)
-        problem = Problem(self._flat_map(fn, z0.shape), z0.shape, *self._settings(max_iter, tol), self._check_call_options(options))
-        result = self._iterate(problem, z0, rel_scale)
+        work = state_dtype(z0.dtype)
+        flat_fn = self._flat_map(fn, z0.shape, z0.dtype, work)
+        problem = Problem(flat_fn, z0.shape, *self._settings(max_iter, tol), self._check_call_options(options))
+        floor_dtypes = [z0.dtype, precision_dtype, autocast_dtype(z0.device.type)]
+        result = self._iterate(problem, z0.to(work), rel_scale if rel_scale is None else rel_scale.to(work), floor_dtypes)
+        if result.z.dtype != z0.dtype:
+            result.z = result.z.to(z0.dtype)
         result.time_s = time.perf_counter() - start
         return result
 
@@ -272,17 +287,31 @@ class Solver:
         return {k: v for k, v in options.items() if v is not None}
 
     @staticmethod
-    def _flat_map(fn: Fn, shape: torch.Size) -> Fn:
+    def _flat_map(fn: Fn, shape: torch.Size, in_dtype: Optional[torch.dtype] = None, work: Optional[torch.dtype] = None) -> Fn:
+        """``fn`` on flattened states ``(B, d)`` in the working dtype ``work``; ``fn`` itself sees ``in_dtype``.
+
+        The returned function records the dtype of ``fn``'s raw output in its ``out_dtype`` attribute.
+        """
         B = shape[0]
 
         def flat_fn(zf: Tensor) -> Tensor:
-            out = fn(zf.view(shape))
+            z = zf.view(shape)
+            out = fn(z if in_dtype is None else z.to(in_dtype))
             if not isinstance(out, Tensor) or out.shape != shape:
                 raise OptionError(
                     f"the function being solved returned {getattr(out, 'shape', type(out))} for a state of shape "
                     f"{tuple(shape)}; a fixed-point map (a DEQ cell f(z, x)) must return a tensor of the same shape as z."
                 )
-            return out.reshape(B, -1)
+            if out.device != zf.device:
+                raise OptionError(
+                    f"the function being solved returned a tensor on {out.device} for a state on {zf.device}; "
+                    f"the map (a DEQ cell and its parameters) and the state must be on the same device."
+                )
+            if not out.is_floating_point():
+                raise OptionError(f"the function being solved returned a {out.dtype} tensor; a fixed-point map must return floating point.")
+            flat_fn.out_dtype = out.dtype  # type: ignore[attr-defined]
+            out = out.reshape(B, -1)
+            return out if work is None else out.to(work)
 
         return flat_fn
 
@@ -290,14 +319,19 @@ class Solver:
         bad = bad_mask.nonzero().flatten().tolist()
         raise NonFiniteError(
             f"{type(self).__name__}: the fixed-point map returned NaN/Inf at iteration {it} for samples "
-            f"{bad[:10]}{'...' if len(bad) > 10 else ''}. Check the cell's scale and inputs, lower the "
-            f"learning rate, add normalisation, or use damping < 1 (or on_nonfinite='freeze' to keep the rest)."
+            f"{bad[:10]}{'...' if len(bad) > 10 else ''}. Check the cell's scale and inputs (NaN/Inf in x?), lower "
+            f"the learning rate, add normalisation, {self.nonfinite_advice} (or on_nonfinite='freeze' to keep the rest)."
         )
 
-    def _iterate(self, problem: Problem, z0: Tensor, rel_scale: Optional[Tensor]) -> SolverResult:
+    def _iterate(
+        self, problem: Problem, z0: Tensor, rel_scale: Optional[Tensor], floor_dtypes: Optional[list] = None
+    ) -> SolverResult:
         B = z0.shape[0]
         z = z0.reshape(B, -1).clone()
         fz = problem.fn(z)
+        # a relative tol below the resolution of the map's output (or the caller's) dtype is raised to it
+        floor = coarsest(*(floor_dtypes or []), getattr(problem.fn, "out_dtype", fz.dtype))
+        problem.tol = resolve_tol(self, problem.tol, self.stop_mode, floor)
         state = self.init(problem, z, fz)
         tracker = IterateTracker(z, self.stop_mode, rel_scale)
         active = torch.ones(B, dtype=torch.bool, device=z.device)

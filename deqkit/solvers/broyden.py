@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -13,6 +15,7 @@ from ..errors import OptionError
 from ..inverse import InverseEstimate
 from ..registry import register_solver
 from .base import Fn, Problem, Solver
+from .precision import state_dtype
 
 __all__ = ["Broyden", "BroydenState"]
 
@@ -45,15 +48,22 @@ class BroydenState(InverseEstimate):
 
     # (1, d) @ (d, m) @ (m, d) as batched matrix–matrix products: the matrix–vector einsum form
     # hits a slow CPU path (several times slower forward solves on CPU).
+    def _operands(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``x, U, V`` in their promoted dtype (``U, V`` are kept in at least float32; ``x`` may be half)."""
+        dtype = torch.promote_types(x.dtype, self.U.dtype)
+        return x.to(dtype), self.U.to(dtype), self.V.to(dtype)
+
     def apply(self, x: Tensor) -> Tensor:
-        """``H x`` for column vectors ``x`` of shape ``(B, d)``."""
+        """``H x`` for column vectors ``x`` of shape ``(B, d)`` (in the dtype of ``x`` promoted with ``U``'s)."""
+        x, U, V = self._operands(x)
         h0x = -x if self.base is None else self.base.apply(x)
-        return h0x + torch.bmm(torch.bmm(x.unsqueeze(1), self.V), self.U.transpose(1, 2)).squeeze(1)
+        return h0x + torch.bmm(torch.bmm(x.unsqueeze(1), V), U.transpose(1, 2)).squeeze(1)
 
     def apply_left(self, v: Tensor) -> Tensor:
-        """``v H`` for row vectors ``v`` of shape ``(B, d)``."""
+        """``v H`` for row vectors ``v`` of shape ``(B, d)`` (in the dtype of ``v`` promoted with ``U``'s)."""
+        v, U, V = self._operands(v)
         vh0 = -v if self.base is None else self.base.apply_left(v)
-        return vh0 + torch.bmm(torch.bmm(v.unsqueeze(1), self.U), self.V.transpose(1, 2)).squeeze(1)
+        return vh0 + torch.bmm(torch.bmm(v.unsqueeze(1), U), V.transpose(1, 2)).squeeze(1)
 
     def dense(self) -> Tensor:
         """The dense ``(B, d, d)`` matrix ``H`` (for tests and small problems)."""
@@ -105,6 +115,14 @@ class _BroydenLoopState:
     n_seen: int = 0
     n_opa: int = 0
     n_line_search: int = 0
+    # safeguards: the best iterate of each sample so far, and the samples restarted from it
+    best_norm: Optional[Tensor] = None
+    best_z: Optional[Tensor] = None
+    best_g: Optional[Tensor] = None
+    restart: Optional[Tensor] = None
+    n_restart: Optional[Tensor] = None
+    n_capped: Optional[Tensor] = None
+    scale0: Optional[Tensor] = None
 
 
 @register_solver("broyden")
@@ -112,8 +130,11 @@ class _BroydenLoopState:
 class Broyden(Solver):
     """Limited-memory ("good") Broyden's method on ``g(z) = f(z) − z``.
 
-    Keeps ``H ≈ J_g⁻¹`` as ``H = −I + U Vᵀ`` with a ring buffer of ``memory`` columns per sample
-    (memory is bounded by ``memory``, never by ``max_iter``) and steps ``z ← z − H g``.
+    Keeps ``H ≈ J_g⁻¹`` as ``H = −I + U Vᵀ`` with a ring buffer of ``min(memory, max_iter − 1)``
+    columns per sample (bounded by ``memory`` and by the updates a solve can make; plus the OPA
+    updates with ``opa_freq``) and steps ``z ← z − H g``. :meth:`state_bytes` estimates the
+    buffers' size for a batch; ``max_state_bytes`` turns a solve that would need more into an
+    :class:`~deqkit.errors.OptionError` before anything is allocated.
     After each step, ``H`` satisfies the secant equation ``H Δg = Δz`` for the latest pair.
     Broyden, "A class of methods for solving nonlinear simultaneous equations", Math. Comp. 1965;
     as used in DEQs by Bai, Kolter & Koltun, NeurIPS 2019.
@@ -139,13 +160,39 @@ class Broyden(Solver):
     (``g = −2·atan(z)`` from ``z₀ = 5``: the root instead of a run-away, tested), but where ``H``
     is still poor the Broyden direction need not decrease ``‖g‖`` and the short steps feed worse
     secant pairs, so it can cost convergence on problems plain Broyden solves (see BENCHMARKS.md).
+
+    Safeguards (always on; counted in ``result.extra["n_restart"]`` and ``["n_capped"]`` per sample):
+
+    - *step length*: a step ``p`` longer than ``max_step_ratio · (‖z‖ + ‖f(z)‖)`` is shortened to
+      that length (a maximum-step rule as in Dennis & Schnabel, "Numerical Methods for
+      Unconstrained Optimization and Nonlinear Equations", SIAM 1996, §6.4). A flat stretch of
+      ``g`` makes the secant slope tiny and the step huge; without the cap a map such as
+      ``f(z) = z + 0.1·tanh(3 − z)`` is "solved" far out, where ``‖f(z) − z‖ / ‖f(z)‖``
+      is small only because ``‖f(z)‖`` is huge.
+    - *divergence*: a step that would take ``‖z‖`` beyond ``divergence_ratio · (‖z₀‖ + ‖f(z₀) − z₀‖)``
+      (further than a contraction with Lipschitz constant below 0.999 can put its fixed point)
+      resets that sample's ``H`` to ``−I`` and takes the plain step ``z + g`` instead.
+    - *restart*: when a sample's residual ``‖g‖`` exceeds ``restart_growth`` times its best so
+      far (or is not finite), its ``H`` is reset to ``−I`` and it steps again from its best
+      iterate. Secant pairs made of rounding noise (a tolerance below what the dtype resolves)
+      otherwise corrupt ``H`` and the iteration runs away to overflow from a fixed point it had found.
     """
 
     keeps_inverse = True
     call_options: ClassVar[tuple[str, ...]] = ("inverse0", "loss_grad")
     name = "broyden"
+    nonfinite_advice = (
+        "or try Broyden(line_search=True), a smaller memory, or Anderson(damping=0.5) "
+        "(Broyden has no damping; it restarts from its best iterate when the residual grows)"
+    )
     #: sufficient-decrease constant of the line search
     armijo_c: ClassVar[float] = 1e-4
+    #: safeguard: a step longer than this many times ``‖z‖ + ‖f(z)‖`` is shortened to that length
+    max_step_ratio: ClassVar[float] = 10.0
+    #: safeguard: a residual this many times the sample's best so far restarts it from its best iterate with ``H = −I``
+    restart_growth: ClassVar[float] = 1e3
+    #: safeguard: a step to ``‖z‖`` beyond this many times ``‖z₀‖ + ‖f(z₀) − z₀‖`` resets ``H`` and takes a plain step instead
+    divergence_ratio: ClassVar[float] = 1e3
 
     def __init__(
         self,
@@ -154,6 +201,7 @@ class Broyden(Solver):
         opa_freq: Optional[int] = None,
         line_search: bool = False,
         line_search_steps: int = 4,
+        max_state_bytes: Optional[int] = None,
         tol: float = 1e-4,
         max_iter: int = 50,
         stop_mode: str = "rel",
@@ -165,6 +213,44 @@ class Broyden(Solver):
         self.opa_freq = None if opa_freq is None else check_int(owner, "opa_freq", opa_freq)
         self.line_search = check_bool(owner, "line_search", line_search)
         self.line_search_steps = check_int(owner, "line_search_steps", line_search_steps)
+        self.max_state_bytes = None if max_state_bytes is None else check_int(owner, "max_state_bytes", max_state_bytes)
+
+    def buffer_columns(self, max_iter: Optional[int] = None) -> int:
+        """Columns of ``U`` and ``V`` a solve with ``max_iter`` allocates: ``min(memory, updates it can make)``.
+
+        A solve makes at most ``max_iter − 1`` secant updates (plus one OPA update per ``opa_freq``
+        evaluations), so a ``memory`` above that would only hold zeros.
+        """
+        max_iter = self.max_iter if max_iter is None else max_iter
+        updates = max(max_iter - 1, 1) + (max_iter // self.opa_freq if self.opa_freq else 0)
+        return min(self.memory, updates)
+
+    def state_bytes(self, z0: Union[Tensor, tuple[int, ...]], dtype: Optional[torch.dtype] = None, max_iter: Optional[int] = None) -> int:
+        """Estimated bytes of this solver's buffers for a solve from ``z0`` (a tensor, or its shape with ``dtype``).
+
+        ``U`` and ``V`` (``2 · B · d · columns``) plus about eight ``(B, d)`` vectors (iterate,
+        residuals, best iterate, secant pair), in the state dtype (at least float32). The map's
+        own activations are not included.
+        """
+        if isinstance(z0, Tensor):
+            shape, dtype = tuple(z0.shape), z0.dtype if dtype is None else dtype
+        else:
+            shape = tuple(int(s) for s in z0)
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        B, d = shape[0], math.prod(shape[1:])
+        item = torch.empty((), dtype=state_dtype(dtype)).element_size()
+        return int(item * B * d * (2 * self.buffer_columns(max_iter) + 8))
+
+    def _check_state_bytes(self, B: int, d: int, dtype: torch.dtype, max_iter: int) -> None:
+        if self.max_state_bytes is None:
+            return
+        need = self.state_bytes((B, d), dtype, max_iter)
+        if need > self.max_state_bytes:
+            raise OptionError(
+                f"Broyden: this solve needs about {need / 2**20:.1f} MiB of solver state (U, V: 2 × batch {B} × state {d} × "
+                f"{self.buffer_columns(max_iter)} columns, {state_dtype(dtype)}), above max_state_bytes={self.max_state_bytes}. "
+                f"Lower memory (now {self.memory}) or the batch size, or raise max_state_bytes."
+            )
 
     @property
     def needs_loss_grad(self) -> bool:
@@ -177,7 +263,8 @@ class Broyden(Solver):
         if loss_grad is not None and self.opa_freq is None:
             raise OptionError("Broyden got loss_grad but has no opa_freq, so it would ignore it; set Broyden(opa_freq=k).")
         H0 = problem.options.get("inverse0")
-        zeros = z.new_zeros(B, d, self.memory)
+        self._check_state_bytes(B, d, z.dtype, problem.max_iter)
+        zeros = z.new_zeros(B, d, self.buffer_columns(problem.max_iter))
         if H0 is None:
             H = BroydenState(zeros, zeros.clone())
         elif isinstance(H0, BroydenState) and H0.base is None:
@@ -189,13 +276,32 @@ class Broyden(Solver):
             H = BroydenState(zeros, zeros.clone(), base=H0)
         else:
             raise OptionError(f"Broyden: inverse0 must be an InverseEstimate (e.g. a BroydenState), got {type(H0).__name__}.")
-        return _BroydenLoopState(H, problem, loss_grad)
+        g = fz - z
+        zeros_b = torch.zeros(B, dtype=torch.long, device=z.device)
+        return _BroydenLoopState(
+            H, problem, loss_grad, best_norm=g.norm(dim=1), best_z=z, best_g=g,
+            restart=torch.zeros(B, dtype=torch.bool, device=z.device), n_restart=zeros_b, n_capped=zeros_b.clone(),
+            scale0=z.norm(dim=1) + g.norm(dim=1),
+        )
 
     def observe(self, state: Any, z: Tensor, fz: Tensor, fresh: Tensor) -> None:
         # every fresh evaluation, the last one included, adds its secant pair to H
         g = fz - z
         if state.z_prev is not None:
-            state.H.update(z - state.z_prev, g - state.g_prev, fresh)
+            gn = g.norm(dim=1)
+            bad = fresh & ~(gn <= self.restart_growth * state.best_norm)  # NaN counts as bad
+            good = fresh & ~bad
+            state.H.update(z - state.z_prev, g - state.g_prev, good)
+            better = good & (gn < state.best_norm)
+            state.best_norm = torch.where(better, gn, state.best_norm)
+            state.best_z = torch.where(better[:, None], z, state.best_z)
+            state.best_g = torch.where(better[:, None], g, state.best_g)
+            # restart: H ← −I for the bad samples, which step again from their best iterate
+            state.H.U.masked_fill_(bad[:, None, None], 0)
+            state.H.V.masked_fill_(bad[:, None, None], 0)
+            state.restart = bad
+            state.n_restart = state.n_restart + bad.long()
+            z, g = torch.where(bad[:, None], state.best_z, z), torch.where(bad[:, None], state.best_g, g)
         state.z_prev, state.g_prev = z, g
         state.n_seen += 1
         if self.opa_freq is not None and state.loss_grad is not None and state.n_seen % self.opa_freq == 0:
@@ -245,7 +351,23 @@ class Broyden(Solver):
 
     def step(self, state: Any, z: Tensor, fz: Tensor, active: Tensor) -> Union[Tensor, tuple[Tensor, Tensor]]:
         g = fz - z
+        if state.restart is not None:  # restarted samples step from their best iterate
+            z = torch.where(state.restart[:, None], state.best_z, z)
+            g = torch.where(state.restart[:, None], state.best_g, g)
+            fz = z + g
         p = -state.H.apply(g)
+        # maximum-step safeguard: no step longer than max_step_ratio · (‖z‖ + ‖f(z)‖)
+        limit = self.max_step_ratio * (z.norm(dim=1) + fz.norm(dim=1))
+        pn = p.norm(dim=1)
+        capped = active & (pn > limit)
+        p = p * torch.where(capped, limit / pn.clamp_min(torch.finfo(p.dtype).tiny), torch.ones_like(pn))[:, None]
+        state.n_capped = state.n_capped + capped.long()
+        # divergence safeguard: a step far beyond the problem's initial scale is not trusted
+        far = active & ((z + p).norm(dim=1) > self.divergence_ratio * state.scale0)
+        state.H.U.masked_fill_(far[:, None, None], 0)
+        state.H.V.masked_fill_(far[:, None, None], 0)
+        p = torch.where(far[:, None], g, p)
+        state.n_restart = state.n_restart + far.long()
         if not self.line_search:
             return z + p
         return self._backtrack(state, z, g, p, active)
@@ -285,6 +407,6 @@ class Broyden(Solver):
 
     def extras(self, state: Any) -> dict:
         # each OPA update costs one loss gradient and one cell VJP, not counted in nstep
-        return {"n_opa": state.n_opa, "line_search_evals": state.n_line_search}
+        return {"n_opa": state.n_opa, "line_search_evals": state.n_line_search, "n_restart": state.n_restart, "n_capped": state.n_capped}
 
 

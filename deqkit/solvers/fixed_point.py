@@ -24,6 +24,7 @@ class FixedPoint(Solver):
     ``J`` has eigenvalues near −1. Options as :class:`~deqkit.solvers.Solver`, plus ``damping``.
     """
 
+    nonfinite_advice = "or use damping < 1"
     name = "fixed-point"
 
     def __init__(
