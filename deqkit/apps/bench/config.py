@@ -28,9 +28,10 @@ class BenchConfig:
     batch: int = 64
     seed: int = 0
 
-    def solver(self, max_iter: Optional[int] = None, tol: Optional[float] = None, opa_freq: Optional[int] = None) -> Broyden:
+    def solver(self, max_iter: Optional[int] = None, tol: Optional[float] = None, opa_freq: Optional[int] = None,
+               stop_mode: str = "rel") -> Broyden:
         return Broyden(memory=self.memory, tol=self.tol if tol is None else tol,
-                       max_iter=self.max_iter if max_iter is None else max_iter, opa_freq=opa_freq)
+                       max_iter=self.max_iter if max_iter is None else max_iter, opa_freq=opa_freq, stop_mode=stop_mode)
 
     def describe(self) -> str:
         return (

@@ -50,7 +50,7 @@ def _deq_rows(cfg: BenchConfig, method: str, preset: str, caps: Sequence[int], x
     """A DEQ with estimator ``preset``, its forward Broyden run to each cap (unreachable tolerance)."""
     rows = []
     for cap in caps:
-        model = build_model(cfg, ESTIMATOR_PRESETS[preset](), cfg.solver(max_iter=cap, tol=1e-30))
+        model = build_model(cfg, ESTIMATOR_PRESETS[preset](), cfg.solver(max_iter=cap, tol=1e-30, stop_mode="abs"))
         _, _, info = timed_step(model, x, y)  # warm-up; also gives the step count
         graph, peak = memory_of_step(model, x, y)
         rows.append({"method": method, "cap": cap, "fwd_steps": float(info.nstep.float().mean()), "graph_bytes": graph, "peak_bytes": peak})

@@ -91,7 +91,8 @@ def _forward_rows(cell: nn.Module, u0: Tensor, s: TorchDEQSettings, repeats: int
     their_anderson = get_solver("anderson")
     fwd: dict[str, dict[str, Any]] = {}
     for mode, (tol, cap) in {"to tol": (s.f_tol, s.f_max_iter), "fixed": (1e-30, s.fixed_iters)}.items():
-        ours = Anderson(memory=6, regularization=1e-4, damping=1.0, tol=tol, max_iter=cap, stop_mode="rel")
+        # "fixed": an absolute tol of 1e-30 (an absolute tol is never raised to the dtype floor) runs to the cap
+        ours = Anderson(memory=6, regularization=1e-4, damping=1.0, tol=tol, max_iter=cap, stop_mode="rel" if mode == "to tol" else "abs")
         res: dict[str, dict[str, Any]] = {"deqkit": {"ms": []}, "torchdeq": {"ms": []}}
 
         def run(lib: str, ours: Anderson = ours, tol: float = tol, cap: int = cap, res: dict = res) -> None:
