@@ -86,9 +86,11 @@ def load_hpo_dataset(name: str, *, seed: int = 0, val_fraction: float = 0.05,
 
     Args:
         seed: drives the split (and the ``synthetic`` data).
-        val_fraction, test_fraction: the fractions held out as validation (the outer loss)
-            and test (only reported); the rest is the training set of the inner problem.
-        n_samples, n_features: size of ``synthetic`` (ignored otherwise).
+        val_fraction: the fraction held out as validation (the outer loss).
+        test_fraction: the fraction held out as test (only reported); the rest is the
+            training set of the inner problem.
+        n_samples: number of samples of ``synthetic`` (ignored otherwise).
+        n_features: number of features of ``synthetic`` (ignored otherwise).
         dtype: of every tensor (float64 by default: the hypergradient tests need it).
     """
     owner = "load_hpo_dataset"

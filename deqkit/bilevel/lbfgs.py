@@ -56,7 +56,8 @@ def two_loop(s: Sequence[Tensor], y: Sequence[Tensor], v: Tensor,
     Optimization", Alg. 7.4).
 
     Args:
-        s, y: secant pairs, oldest first, each with ``sᵢᵀyᵢ > 0``.
+        s: the steps of the secant pairs, oldest first.
+        y: the gradient differences of the pairs, each with ``sᵢᵀyᵢ > 0``.
         v: the vector.
         gamma: initial scaling ``H₀ = γI``; default ``sₖᵀyₖ / yₖᵀyₖ`` of the newest pair
             (``1`` with no pairs, i.e. ``H = I``).

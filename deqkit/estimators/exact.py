@@ -47,8 +47,9 @@ class Exact(AdjointEstimator):
 
     Args:
         linear_solver: the adjoint solver (default ``AutoAdjoint()``).
-        tol, max_iter: override the linear solver's own tolerance and cap when given. Every
-            adjoint solver measures the relative residual ``‖w − wJ − v‖ / ‖v‖``.
+        tol: overrides the linear solver's own tolerance when given. Every adjoint solver
+            measures the relative residual ``‖w − wJ − v‖ / ‖v‖``.
+        max_iter: overrides the linear solver's own iteration cap when given.
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when the solve misses its
             tolerance; the result is always in ``info.backward.solve``. NaN/Inf always raises.
         warm_start: ``"default"`` (the linear solver's own start: zero for GMRES, ``w = v`` for the

@@ -42,7 +42,9 @@ class AutoAdjoint(LinearSolver):
     Missing ``tol`` is reported in ``converged`` as for any solver, never hidden.
 
     Args:
-        tol, max_iter, stop_mode: as every linear solver (``max_iter`` counts VJPs of both phases).
+        tol: as every linear solver.
+        max_iter: as every linear solver; counts the VJPs of both phases.
+        stop_mode: as every linear solver.
         restart: GMRES's basis size.
         probe: Picard steps before the first decision (at least 1).
         switch_rate: the contraction rate above which GMRES takes over.

@@ -136,7 +136,8 @@ class LinearSolver:
             vjp: ``u ↦ uJ`` on tensors shaped like ``v``.
             v: the right-hand side ``∂L/∂z*``, ``(B, ...)``.
             w0: the initial guess (default: the solver's own start).
-            tol, max_iter: override the solver's own settings for this call.
+            tol: overrides the solver's own tolerance for this call.
+            max_iter: overrides the solver's own iteration cap for this call.
             preconditioner: only where ``accepts_preconditioner``.
             inverse: only where ``accepts_inverse``.
 

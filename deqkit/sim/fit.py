@@ -521,9 +521,10 @@ def fit_sim(
         method: ``"admm"`` (default: batched, any device) or ``"cvxpy"`` (reference, row by row).
         mode: ``"relaxed"`` or ``"equality"`` (see the module docstring).
         kappa: well-posedness margin (default: the one the states were rescaled for).
-        admm_ab, admm_cd: the ADMM solvers for the ``(A, B)`` and ``(C, D)`` rows (defaults:
-            ``rho=1``, 2000 and 1000 iterations; their ``mode`` must equal ``mode``). Their
-            own ``on_failure`` is not consulted: this function's applies to the whole fit.
+        admm_ab: the ADMM solver for the ``(A, B)`` rows (default: ``rho=1``, 2000
+            iterations; its ``mode`` must equal ``mode``). Its own ``on_failure`` is not
+            consulted: this function's applies to the whole fit.
+        admm_cd: the same for the ``(C, D)`` rows (default: ``rho=1``, 1000 iterations).
         warm_start: a model of the same shape whose ``(A, B, C, D)`` start the ADMM.
         zero_tol: entries below this magnitude are zeroed (also for CVXPY).
         lam_scale: the units of λ (see :func:`lam_factors`). ``"normalized"`` (default):
@@ -556,8 +557,9 @@ def fit_sim(
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when some row of some
             solve missed its tolerance, or the density search missed its target (one message
             for the whole fit); the result records it.
-        solver, grad: the fitted :class:`ImplicitModel`'s fixed-point solver and gradient
-            estimator (defaults: those of :class:`ImplicitModel`).
+        solver: the fitted :class:`ImplicitModel`'s fixed-point solver (default: that of
+            :class:`ImplicitModel`).
+        grad: its gradient estimator (default: that of :class:`ImplicitModel`).
         log: called with one line per solve of the density search (progress).
     Returns:
         a :class:`SIMResult`; its model is well-posed (``‖A‖_∞ ≤ κ``) in every mode.

@@ -90,7 +90,9 @@ class ImplicitModel(nn.Module):
     """Implicit model ``x = φ(Ax + Bu)``, ``ŷ = Cx + Du`` with ``n`` states, ``p`` inputs, ``q`` outputs.
 
     Args:
-        n, p, q: state, input and output sizes.
+        n: state size.
+        p: input size.
+        q: output size.
         phi: activation, ``"relu"`` (default), ``"tanh"`` or a componentwise callable.
         kappa: well-posedness margin, ``0 < κ < 1``: :meth:`project_wellposed` enforces
             ``‖A‖_∞ ≤ κ``.
