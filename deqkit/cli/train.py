@@ -58,8 +58,40 @@ def _solver_flags(g: argparse._ArgumentGroup) -> None:
 def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     p = add_classifier_groups(subparsers, "train", help="train one DEQ classifier", description=DESCRIPTION, epochs=10,
                               out="runs/train", solver_group=_solver_flags)
+    _stabiliser_flags(p.add_argument_group("stabilisers (DEQ training)"))
     p.set_defaults(func=run)
     return p
+
+
+def _pair(text: str) -> tuple[int, int]:
+    """``"10,30"`` → ``(10, 30)`` (argparse ``type=``)."""
+    try:
+        lo, hi = (int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two integers LOW,HIGH such as 10,30, got {text!r}") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LOW <= HIGH, got {text!r}")
+    return lo, hi
+
+
+def _stabiliser_flags(g: argparse._ArgumentGroup) -> None:
+    from .options import ints
+
+    g.add_argument("--jac-reg", type=float, default=0.0, metavar="W",
+                   help="Jacobian regularisation weight (Hutchinson ||df/dz||_F^2/d at z*; 0: off)")
+    g.add_argument("--jac-reg-freq", type=float, default=1.0, help="fraction of steps it is applied on")
+    g.add_argument("--jac-reg-probes", type=int, default=1, help="Gaussian probes (VJPs) per estimate")
+    g.add_argument("--pretrain-steps", type=int, default=0, metavar="N",
+                   help="train the first N steps by backprop through --pretrain-depth plain iterations, then implicitly")
+    g.add_argument("--pretrain-depth", type=int, default=6, help="plain iterations of a pre-training step")
+    g.add_argument("--random-max-iter", type=_pair, default=None, metavar="LOW,HIGH",
+                   help="draw each training solve's iteration cap uniformly from [LOW, HIGH]")
+    g.add_argument("--monitor-every", type=int, default=20,
+                   help="measure the spectral radius of df/dz at z* every N steps (0: never)")
+    g.add_argument("--fpc", type=int, default=0, metavar="N",
+                   help="fixed-point correction over N solver iterates (z* included; 0: off)")
+    g.add_argument("--mdeq-channels", type=ints, default=[16, 32], metavar="C1,C2[,C3]",
+                   help="--model mdeq: channels per resolution branch, highest resolution first")
 
 
 def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -82,14 +114,52 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     grad_cls = type(make_estimator(args.grad))
     grad = make_estimator(args.grad, **parse_options(args.grad_opts, "--grad-opts", grad_cls))
     splits = load_splits(args.dataset, args.data_dir, args.subset, args.seed, args.model)
-    model = build_classifier(args.model, splits.input_shape, splits.num_classes, args.width, solver, grad, args.seed)
+    model_options = {"channels": tuple(args.mdeq_channels)} if args.model == "mdeq" else {}
+    model = build_classifier(args.model, splits.input_shape, splits.num_classes, args.width, solver, grad, args.seed,
+                             **model_options)
     cfg = TrainConfig(
         **pick(args, "epochs", "batch_size", "lr", "seed", "device"),
         checkpoint_dir=args.out,
         log_path=f"{args.out}/metrics.jsonl",
         progress=not args.no_progress,
+        **stabiliser_config(args),
     )
     return splits, model, cfg
+
+
+def stabiliser_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`~deqkit.train.TrainConfig` fields of the stabiliser flags."""
+    return {
+        "jac_reg_weight": args.jac_reg, "jac_reg_freq": args.jac_reg_freq, "jac_reg_probes": args.jac_reg_probes,
+        "pretrain_steps": args.pretrain_steps, "pretrain_depth": args.pretrain_depth,
+        "random_max_iter": args.random_max_iter, "monitor_every": args.monitor_every, "fpc_iterates": args.fpc,
+    }
+
+
+#: below this fraction of converged training forward solves, the epoch line says so
+UNSTABLE_BELOW = 0.95
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """One line per epoch: accuracy, loss and the stability of the training forward solves."""
+
+    def fmt(v: Any, spec: str) -> str:
+        return "n/a" if v is None else format(v, spec)
+
+    line = (
+        f"epoch {record['epoch']}/{epochs}  loss {fmt(record['train_loss'], '.4f')}  acc {fmt(record['train_acc'], '.4f')}  "
+        f"val_acc {fmt(record['val_acc'], '.4f')}  fwd converged {fmt(record['fwd_converged'], '.3f')}  "
+        f"steps {fmt(record['fwd_steps'], '.1f')}  residual {fmt(record.get('fwd_residual'), '.2e')}  "
+        f"spectral radius {fmt(record.get('spectral_radius'), '.3f')} (max {fmt(record.get('spectral_radius_max'), '.3f')})  "
+        f"{record['epoch_s']:.0f}s"
+    )
+    conv, rho = record["fwd_converged"], record.get("spectral_radius_max")
+    if (conv is not None and conv < UNSTABLE_BELOW) or (rho is not None and rho >= 1.0):
+        line += (
+            "\n  UNSTABLE: training forward solves are failing (converged fraction "
+            f"{fmt(conv, '.3f')}, spectral radius max {fmt(rho, '.3f')}); lower --lr, add --jac-reg 0.5, or raise max_iter."
+        )
+    return line
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,8 +168,21 @@ def run(args: argparse.Namespace) -> int:
 
     set_threads(args.threads, args.device)
     splits, model, cfg = build(args)
-    trainer = Trainer(model, splits.train, splits.val, cfg)
+    trainer = Trainer(model, splits.train, splits.val, cfg, callbacks=[_EpochLine(cfg.epochs)])
     trainer.fit(resume=args.resume)
     test = trainer.evaluate(splits.test)
     print(f"test accuracy {test['acc']:.4f}  test loss {test['loss']:.4f}")
     return 0
+
+
+class _EpochLine:
+    """Prints :func:`epoch_line` after every epoch (to stdout, flushed)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_step_end(self, trainer: Any, step: dict[str, Any]) -> None:
+        pass
+
+    def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
+        print(epoch_line(record, self.epochs), flush=True)
