@@ -52,6 +52,11 @@ def test_mdeq_shapes_and_three_branches():
         MDEQCell((8, 18), groups=4)
     with pytest.raises(OptionError, match="Did you mean 'dropout'"):
         DEQClassifier.mdeq((1, 8, 8), 10, dropot=0.1)
+    # 28×28 images: the stem's two stride-2 convolutions put the branches at 7×7 and 4×4
+    assert DEQClassifier.mdeq((1, 28, 28), 10).deq.state_shape == ((16, 7, 7), (32, 4, 4))
+    assert DEQClassifier.mdeq((1, 28, 28), 10, stem_stride=2).deq.state_shape == ((16, 14, 14), (32, 7, 7))
+    with pytest.raises(OptionError, match="stride"):
+        MDEQStem(1, (8, 16), stride=3)
 
 
 def test_mdeq_is_contractive_at_init_and_trains_a_step():

@@ -191,12 +191,13 @@ class MDEQCell(nn.Module):
 class MDEQStem(nn.Module):
     """The injection, one feature map per branch (runs once per input, outside the solve).
 
-    ``u₀ = GN(conv₃ₓ₃(relu(GN(conv₃ₓ₃,stride(x)))))`` and ``u_i = GN(conv₃ₓ₃,stride 2(relu(u_{i−1})))``.
+    ``u₀``: a 3×3 convolution, then one 3×3 stride-2 convolution per halving of ``stride``,
+    then a 3×3 convolution (GroupNorm after each, ReLU between); ``u_i = GN(conv₃ₓ₃,stride 2(relu(u_{i−1})))``.
 
     Args:
         in_channels: image channels.
         channels: the branches' channels, highest resolution first.
-        stride: the first convolution's stride (2 halves the resolution the cell works at).
+        stride: 1, 2, 4 or 8: how much smaller the first branch is than the image.
         groups: GroupNorm groups.
     """
 
@@ -206,16 +207,16 @@ class MDEQStem(nn.Module):
         check_int(owner, "in_channels", in_channels)
         channels = tuple(check_int(owner, "channels[i]", c) for c in channels)
         check_int(owner, "stride", stride)
+        if stride not in (1, 2, 4, 8):
+            raise OptionError(f"{owner}: stride must be 1, 2, 4 or 8, got {stride}.")
         check_int(owner, "groups", groups)
         _check_groups(owner, groups, channels)
         c0 = channels[0]
-        self.net = nn.Sequential(
-            nn.Conv2d(in_channels, c0, 3, stride=stride, padding=1, bias=False),
-            nn.GroupNorm(groups, c0),
-            nn.ReLU(),
-            nn.Conv2d(c0, c0, 3, padding=1, bias=False),
-            nn.GroupNorm(groups, c0),
-        )
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, c0, 3, padding=1, bias=False), nn.GroupNorm(groups, c0), nn.ReLU()]
+        for _ in range(stride.bit_length() - 1):
+            layers += [nn.Conv2d(c0, c0, 3, stride=2, padding=1, bias=False), nn.GroupNorm(groups, c0), nn.ReLU()]
+        layers += [nn.Conv2d(c0, c0, 3, padding=1, bias=False), nn.GroupNorm(groups, c0)]
+        self.net = nn.Sequential(*layers)
         self.down = nn.ModuleList(
             nn.Sequential(nn.ReLU(), nn.Conv2d(a, b, 3, stride=2, padding=1, bias=False), nn.GroupNorm(groups, b))
             for a, b in zip(channels[:-1], channels[1:])
