@@ -155,7 +155,8 @@ class _IterateRecorder:
     doubling when full), so memory stays bounded whatever the number of iterations."""
 
     def __init__(self, n: int) -> None:
-        self.n, self.stride, self.count, self.kept = n, 1, 0, []
+        self.n, self.stride, self.count = n, 1, 0
+        self.kept: list[Tensor] = []
 
     def __call__(self, z: Tensor) -> None:
         if self.count % self.stride == 0:
@@ -286,7 +287,7 @@ class DEQ(nn.Module):
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, grad={self.grad!r}, state_shape={self.state_shape}"
 
-    def initial_state(self, x: Any) -> Tensor:
+    def initial_state(self, x: Any) -> Any:
         """``z0`` for input ``x`` under the ``init`` policy (zeros: ``state_shape``, else ``x``'s shape)."""
         if callable(self.init):
             return self.init(x)

@@ -459,5 +459,5 @@ class DEQClassifier(nn.Module):
         state_shape = tuple((c, h, w) for c, (h, w) in zip(cell.channels, branch_sizes(h0, w0, len(cell.channels))))
         injection = nn.Sequential(_AsImage(shape), MDEQStem(shape[0], cell.channels, stride=stem_stride, groups=cell.groups))
         head = MDEQHead(cell.channels, num_classes, pool=pool)
-        return cls(cell, injection, head, solver=solver, grad=grad, state_shape=state_shape, eval_max_iter=eval_max_iter,
-                   on_failure=on_failure)
+        return cls(cell, injection, head, solver=solver, grad=grad, state_shape=state_shape,  # type: ignore[arg-type]
+                   eval_max_iter=eval_max_iter, on_failure=on_failure)

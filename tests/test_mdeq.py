@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from deqkit import DEQ, Anderson, Broyden, Exact, Unrolled
+from deqkit import DEQ, Broyden, Unrolled
 from deqkit.cli import main
 from deqkit.cli.train import epoch_line
 from deqkit.data import load_dataset

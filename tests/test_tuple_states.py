@@ -109,8 +109,8 @@ def test_shine_with_opa_and_gradient_quality_on_tuples():
     tup = DEQ(cell, solver, make_estimator("shine"), state_shape=SHAPES)
     flat = DEQ(_FlatCell(cell), Broyden(tol=1e-10, max_iter=100, opa_freq=3), make_estimator("shine"), state_shape=(D,))
     tup.train(), flat.train()
-    zt, it, gt = _run(tup, x, _loss_tuple, [cell.W])
-    zf, iff, gf = _run(flat, x, _loss_flat, [cell.W])
+    _, it, gt = _run(tup, x, _loss_tuple, [cell.W])
+    _, _, gf = _run(flat, x, _loss_flat, [cell.W])
     assert it.forward.extra.get("n_opa", 0) > 0
     torch.testing.assert_close(gt[0], gf[0], rtol=1e-9, atol=1e-11)
     rows = gradient_quality(tup, x, _loss_tuple, [make_estimator("shine"), Exact()], repeats=1)

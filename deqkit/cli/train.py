@@ -168,21 +168,19 @@ def run(args: argparse.Namespace) -> int:
 
     set_threads(args.threads, args.device)
     splits, model, cfg = build(args)
-    trainer = Trainer(model, splits.train, splits.val, cfg, callbacks=[_EpochLine(cfg.epochs)])
+    trainer = Trainer(model, splits.train, splits.val, cfg, callbacks=[_epoch_line_callback(cfg.epochs)])
     trainer.fit(resume=args.resume)
     test = trainer.evaluate(splits.test)
     print(f"test accuracy {test['acc']:.4f}  test loss {test['loss']:.4f}")
     return 0
 
 
-class _EpochLine:
-    """Prints :func:`epoch_line` after every epoch (to stdout, flushed)."""
+def _epoch_line_callback(epochs: int) -> Any:
+    """A :class:`~deqkit.train.Callback` printing :func:`epoch_line` after every epoch (stdout, flushed)."""
+    from ..train import Callback
 
-    def __init__(self, epochs: int) -> None:
-        self.epochs = epochs
+    class EpochLine(Callback):
+        def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
+            print(epoch_line(record, epochs), flush=True)
 
-    def on_step_end(self, trainer: Any, step: dict[str, Any]) -> None:
-        pass
-
-    def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
-        print(epoch_line(record, self.epochs), flush=True)
+    return EpochLine()

@@ -156,6 +156,7 @@ class MDEQCell(nn.Module):
             self.fuse.append(row)
         self.post = nn.ModuleList(nn.GroupNorm(groups, c) for c in channels)
         for block in self.blocks:
+            assert isinstance(block, _ResidualBlock)
             for conv in (block.conv1, block.conv2):
                 nn.init.normal_(conv.weight, 0.0, init_std)
         if weight_norm:
@@ -176,8 +177,10 @@ class MDEQCell(nn.Module):
         b = [block(zi, ui) for block, zi, ui in zip(self.blocks, z, u)]
         out = []
         for i, row in enumerate(self.fuse):
+            assert isinstance(row, nn.ModuleList)
             size = (b[i].shape[-2], b[i].shape[-1])
             total = b[i]
+            op: nn.Module
             for j, op in enumerate(row):
                 if j < i:
                     total = total + op(b[j])

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 
@@ -49,7 +48,7 @@ class _Scale(nn.Module):
 def _targets(owner: str, module: nn.Module, names: Optional[Sequence[str]], types: Sequence[type]) -> list[tuple[str, nn.Module]]:
     if not isinstance(module, nn.Module):
         raise OptionError(f"{owner}: module must be an nn.Module, got {type(module).__name__}.")
-    named = dict(module.named_modules())
+    named: dict[str, nn.Module] = dict(module.named_modules())
     if names is None:
         found = [(n, m) for n, m in named.items() if isinstance(m, tuple(types)) and not parametrize.is_parametrized(m, "weight")]
         if not found:

@@ -637,7 +637,8 @@ class _Stabilisers:
             if cfg.fpc_iterates and info.iterates and info.cell_fn is not None:
                 from ..regularizers import fixed_point_correction
 
-                head, unpack = self.model.head, info.unpack
+                head: Any = self.model.head
+                unpack = info.unpack
                 if len(info.iterates) < 2:
                     continue
                 # z* is trained by the main loss (weight 1); the earlier iterates get gamma^(n-j)
