@@ -383,9 +383,11 @@ class DEQ(nn.Module):
             info.jac_loss = est.mean()
             info.jac_fro = float(info.jac_loss.detach())
         if self.spectral_radius_iters:
-            info.spectral_radius = spectral_radius(fn, result.z.detach(), n_iter=self.spectral_radius_iters)
+            # a monitor: its own generator, so measuring does not change a seeded run's random stream
+            gen = torch.Generator(device=result.z.device).manual_seed(0)
+            info.spectral_radius = spectral_radius(fn, result.z.detach(), n_iter=self.spectral_radius_iters, generator=gen)
             if info.jac_fro is None:
-                info.jac_fro = float(hutchinson_frobenius(fn, result.z.detach(), probes=1).mean())
+                info.jac_fro = float(hutchinson_frobenius(fn, result.z.detach(), probes=1, generator=gen).mean())
 
     def _finish_solve(self, x: Any, result: SolverResult, fn: Callable[[Tensor], Tensor]) -> tuple[DEQInfo, Tensor]:
         if not self.grad.needs_inverse:

@@ -169,3 +169,16 @@ def test_cli_train_mdeq_with_stabilisers(tmp_path, capsys):
     assert rec["pretrain_steps"] == 1 and rec["jac_steps"] == 1 and rec["spectral_radius"] is not None
     with pytest.raises(SystemExit):
         main(["train", "--random-max-iter", "30,10"])
+
+
+def test_monitoring_does_not_change_a_seeded_run(tiny):
+    """The spectral-radius monitor draws from its own generator: with dropout masks drawn from the
+    global one, a run with the monitor on every step ends with the same weights as one without."""
+    weights = []
+    for every in (0, 1):
+        model = _mdeq(dropout=0.2)
+        cfg = TrainConfig(epochs=1, batch_size=32, lr=3e-3, seed=0, progress=False, max_steps=2, monitor_every=every)
+        history = Trainer(model, tiny.train, None, cfg).fit()
+        assert (history[-1]["spectral_radius"] is None) == (every == 0)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
