@@ -319,7 +319,7 @@ class Trainer:
             "n": y.shape[0],
             "fwd_ms": 1e3 * (t1 - t0),
             "bwd_ms": 1e3 * (t2 - t1),
-            **step_stats(infos),
+            **step_stats([info for info in infos if not info.unrolled]),  # pre-training calls are no solves
         }
 
     def _update_parameters(self) -> None:
@@ -353,7 +353,8 @@ class Trainer:
             forward residual), ``spectral_radius`` / ``spectral_radius_max`` (mean / largest
             over the monitored samples, ``None`` if none was monitored), ``jac_fro`` (mean
             Hutchinson ``‖J‖²_F / d``), ``jac_steps`` (steps that applied Jacobian
-            regularisation) and ``pretrain_steps`` (unrolled pre-training steps this epoch).
+            regularisation) and ``pretrain_steps`` (unrolled pre-training steps this epoch; their
+            calls are no solves and are left out of ``fwd_*``).
 
         Raises:
             KeyboardInterrupt: after saving a checkpoint (see the module docstring).
@@ -527,6 +528,9 @@ def stability_stats(infos: list[DEQInfo]) -> dict[str, float]:
     """One step's stability sums over its DEQ calls (see :data:`STABILITY_KEYS`)."""
     out = {k: 0.0 for k in STABILITY_KEYS}
     for info in infos:
+        out["pretrain_steps"] += info.unrolled
+        if info.unrolled:  # not a solve: neither a converged nor a failed one (counted in pretrain_steps)
+            continue
         res = info.forward.residual.detach().float()
         out["fwd_residual_sum"] += float(res.sum())
         out["fwd_residual_max"] = max(out["fwd_residual_max"], float(res.max()) if res.numel() else 0.0)
@@ -539,7 +543,6 @@ def stability_stats(infos: list[DEQInfo]) -> dict[str, float]:
             out["jac_fro_sum"] += info.jac_fro
             out["jac_fro_count"] += 1
         out["jac_steps"] += info.jac_loss is not None
-        out["pretrain_steps"] += info.unrolled
     out["jac_steps"] = float(out["jac_steps"] > 0)
     out["pretrain_steps"] = float(out["pretrain_steps"] > 0)
     return out
