@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
@@ -26,6 +27,22 @@ class DEQInfo:
 
     forward: SolverResult
     backward: Optional[BackwardStats] = None
+    #: Hutchinson estimate of ``‖∂f/∂z‖²_F / d`` at ``z*`` with its graph (training, when the
+    #: DEQ's ``jac_reg`` fired this call; add ``weight · jac_loss`` to the loss), else ``None``
+    jac_loss: Optional[Tensor] = None
+    #: the value of that estimate (or a one-probe estimate when ``spectral_radius_iters`` is set), a float
+    jac_fro: Optional[float] = None
+    #: per-sample spectral radius of ``∂f/∂z`` at ``z*`` by power iteration (``spectral_radius_iters > 0``)
+    spectral_radius: Optional[Tensor] = None
+    #: detached solver iterates, flat ``(B, d)`` each, oldest first, the returned ``z*`` last
+    #: (``keep_iterates > 0``), for :func:`deqkit.regularizers.fixed_point_correction`
+    iterates: Optional[list] = None
+    #: ``z ↦ f(z, x)`` on flat ``(B, d)`` states of this call (``None`` when not needed)
+    cell_fn: Optional[Callable[[Tensor], Tensor]] = None
+    #: flat ``(B, d)`` state ↦ the cell's state structure (tensor or tuple/list of tensors)
+    unpack: Optional[Callable[[Tensor], Any]] = None
+    #: this call ran unrolled (``unrolled_depth``: backprop through plain iterations), not a solve
+    unrolled: bool = False
 
     @property
     def nstep(self) -> Tensor:
@@ -134,6 +151,75 @@ def _gradient_of(loss_fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tens
     return grad
 
 
+class StatePacker:
+    """Packs a tuple/list of per-sample tensors ``(B, ...)`` into one flat ``(B, d)`` state and back.
+
+    Every solver, estimator (SHINE/OPA included) and diagnostic works on the flat state; the cell
+    sees the structure it returned (a multiscale cell's one tensor per resolution).
+    """
+
+    def __init__(self, like: Union[tuple, list]) -> None:
+        if not like or not all(isinstance(t, Tensor) for t in like):
+            raise OptionError("DEQ: a tuple/list state must be a non-empty sequence of tensors (B, ...).")
+        B = like[0].shape[0]
+        if any(t.dim() < 1 or t.shape[0] != B for t in like):
+            raise OptionError(
+                f"DEQ: every tensor of a tuple state needs the same batch size; got shapes {[tuple(t.shape) for t in like]}."
+            )
+        if len({t.dtype for t in like}) != 1:
+            raise OptionError(f"DEQ: every tensor of a tuple state needs the same dtype; got {[t.dtype for t in like]}.")
+        self.kind = type(like)
+        self.shapes = [tuple(t.shape[1:]) for t in like]
+        self.sizes = [max(1, int(torch.Size(s).numel())) if s else 1 for s in self.shapes]
+
+    def pack(self, zs: Any) -> Tensor:
+        if not isinstance(zs, (tuple, list)) or len(zs) != len(self.shapes):
+            raise ValueError(f"DEQ: the cell must return a tuple/list of {len(self.shapes)} tensors like its state, got {type(zs).__name__}.")
+        for t, shape in zip(zs, self.shapes):
+            if tuple(t.shape[1:]) != shape:
+                raise ValueError(
+                    f"DEQ: the cell returned a state part of shape {tuple(t.shape)}; expected (B, {', '.join(map(str, shape))})."
+                )
+        return torch.cat([t.reshape(t.shape[0], -1) for t in zs], dim=1)
+
+    def unpack(self, z: Tensor) -> Any:
+        parts = torch.split(z, self.sizes, dim=1)
+        return self.kind(p.reshape(z.shape[0], *s) for p, s in zip(parts, self.shapes))
+
+
+def _per_call_reset(module: nn.Module) -> None:
+    """Tell per-call modules (variational dropout) that a new DEQ call starts."""
+    for m in module.modules():
+        hook = getattr(m, "reset_per_call", None)
+        if callable(hook):
+            hook()
+
+
+class _IterateRecorder:
+    """Keeps at most ``2n`` evenly spaced inputs of the map (every ``stride``-th call, the stride
+    doubling when full), so memory stays bounded whatever the number of iterations."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.stride, self.count = n, 1, 0
+        self.kept: list[Tensor] = []
+
+    def __call__(self, z: Tensor) -> None:
+        if self.count % self.stride == 0:
+            self.kept.append(z.detach().clone())
+            if len(self.kept) >= 2 * self.n:
+                self.kept = self.kept[::2]
+                self.stride *= 2
+        self.count += 1
+
+    def select(self, z_star: Tensor) -> list:
+        """``n`` iterates, evenly spaced over the solve, the last one ``z*``."""
+        pool = [*self.kept[1:], z_star.detach()]  # z0 is not an iterate of the solve
+        if len(pool) <= self.n:
+            return pool
+        idx = torch.linspace(0, len(pool) - 1, self.n).round().long().tolist()
+        return [pool[i] for i in idx]
+
+
 @validated_options
 class DEQ(nn.Module):
     """A deep equilibrium layer: returns ``z*`` with ``z* = cell(z*, x)``.
@@ -174,6 +260,25 @@ class DEQ(nn.Module):
     a tensor ``x`` raises a :class:`~deqkit.errors.NonFiniteError` naming the samples (even where
     the cell would saturate them to a finite output); with a solver's ``on_nonfinite="freeze"``
     those samples are instead marked in ``info.forward.nonfinite`` and not converged.
+        jac_reg: a :class:`~deqkit.regularizers.JacobianRegularizer`: in training, on the
+            fraction ``jac_reg.freq`` of calls, ``info.jac_loss`` holds the Hutchinson estimate of
+            ``‖∂f/∂z‖²_F / d`` at ``z*`` with its graph (Bai, Koltun & Kolter, "Stabilizing
+            Equilibrium Models by Jacobian Regularization", ICML 2021).
+        spectral_radius_iters: when ``> 0``, every call reports ``info.spectral_radius`` (power
+            iteration with this many VJPs) and a one-probe ``info.jac_fro`` (monitoring; no graph).
+        keep_iterates: when ``> 0``, ``info.iterates`` holds that many detached solver iterates,
+            evenly spaced, ``z*`` last (for fixed-point correction).
+        random_max_iter: ``(low, high)``: in training, each call's iteration cap is drawn
+            uniformly from ``[low, high]`` (torch's global generator, so seeded runs repeat).
+        unrolled_depth: when set, training-mode calls do not solve: they return ``f`` iterated
+            this many times from ``z0`` with the full autograd graph (unrolled pre-training);
+            ``info.forward`` reports the residual of the last iterate. Set it back to ``None``
+            to switch to the implicit gradient.
+
+    States may be tensors or tuples/lists of tensors (one per resolution of a multiscale cell):
+    the DEQ packs a tuple into one flat ``(B, d)`` state for the solver and the estimator and
+    unpacks it for the cell, and returns ``z`` with the structure of ``z0``. With the
+    ``"zeros"`` init give ``state_shape`` as a tuple of per-sample shapes.
 
     ``forward(x, z0=None, loss_fn=None)`` returns ``(z, info)`` (:class:`DEQInfo`). The forward
     solver's inverse estimate (Broyden's ``H``) is kept in ``info.forward.inverse`` only when the
@@ -193,6 +298,11 @@ class DEQ(nn.Module):
         sync_stop: bool = False,
         sync_quorum: float = 1.0,
         check_batch_coupling: bool = True,
+        jac_reg: Optional[Any] = None,
+        spectral_radius_iters: int = 0,
+        keep_iterates: int = 0,
+        random_max_iter: Optional[Sequence[int]] = None,
+        unrolled_depth: Optional[int] = None,
     ) -> None:
         super().__init__()
         if not isinstance(cell, nn.Module):
@@ -218,7 +328,7 @@ class DEQ(nn.Module):
         self.cell = cell
         self.solver = solver
         self.grad = grad
-        self.state_shape = None if state_shape is None else tuple(int(s) for s in state_shape)
+        self.state_shape = None if state_shape is None else _state_shape(state_shape)
         self.init = init
         self.eval_max_iter = eval_max_iter
         self.on_failure = on_failure
@@ -229,16 +339,39 @@ class DEQ(nn.Module):
         self._coupling_probed = False
         if self.check_batch_coupling:
             _refuse_batch_statistics(cell)
+        self._set_stabilisers(jac_reg, spectral_radius_iters, keep_iterates, random_max_iter, unrolled_depth)
+
+    def _set_stabilisers(self, jac_reg: Any, spectral_radius_iters: int, keep_iterates: int,
+                         random_max_iter: Optional[Sequence[int]], unrolled_depth: Optional[int]) -> None:
+        from .regularizers import JacobianRegularizer
+
+        if jac_reg is not None and not isinstance(jac_reg, JacobianRegularizer):
+            raise OptionError(f"DEQ: jac_reg must be a deqkit.regularizers.JacobianRegularizer or None, got {type(jac_reg).__name__}.")
+        self.jac_reg = jac_reg
+        self.spectral_radius_iters = check_int("DEQ", "spectral_radius_iters", spectral_radius_iters, minimum=0)
+        self.keep_iterates = check_int("DEQ", "keep_iterates", keep_iterates, minimum=0)
+        if random_max_iter is not None:
+            if not isinstance(random_max_iter, (tuple, list)) or len(random_max_iter) != 2:
+                raise OptionError(f"DEQ: random_max_iter must be a pair (low, high) of iteration caps, got {random_max_iter!r}.")
+            lo = check_int("DEQ", "random_max_iter[0]", random_max_iter[0])
+            hi = check_int("DEQ", "random_max_iter[1]", random_max_iter[1])
+            if lo > hi:
+                raise OptionError(f"DEQ: random_max_iter must have low <= high, got {random_max_iter!r}.")
+            random_max_iter = (lo, hi)
+        self.random_max_iter = random_max_iter
+        self.unrolled_depth = None if unrolled_depth is None else check_int("DEQ", "unrolled_depth", unrolled_depth)
 
     def extra_repr(self) -> str:
         return f"solver={self.solver!r}, grad={self.grad!r}, state_shape={self.state_shape}"
 
-    def initial_state(self, x: Any) -> Tensor:
+    def initial_state(self, x: Any) -> Any:
         """``z0`` for input ``x`` under the ``init`` policy (zeros: ``state_shape``, else ``x``'s shape)."""
         if callable(self.init):
             return self.init(x)
         ref = _batch_like(x)
         dtype = ref.dtype if ref.is_floating_point() else torch.get_default_dtype()
+        if self.state_shape is not None and self.state_shape and isinstance(self.state_shape[0], tuple):
+            return tuple(ref.new_zeros((ref.shape[0], *s), dtype=dtype) for s in self.state_shape)  # type: ignore[arg-type]
         shape = ref.shape if self.state_shape is None else (ref.shape[0], *self.state_shape)
         return ref.new_zeros(shape, dtype=dtype)
 
@@ -255,9 +388,18 @@ class DEQ(nn.Module):
         """
         given_z0 = z0 is not None
         self._check_input(x, given_z0)
+        _per_call_reset(self.cell)
         z0 = self.initial_state(x) if z0 is None else z0
         self._check_state(x, z0, given_z0)
+        packer = StatePacker(z0) if isinstance(z0, (tuple, list)) else None
+        if packer is not None:
+            z0 = packer.pack(z0)
+            loss_fn = None if loss_fn is None else _on_unpacked(loss_fn, packer)
+        fn = self._flat_cell_fn(x, packer)
         max_iter = self.eval_max_iter if (not self.training and self.eval_max_iter is not None) else None
+        if self.training and self.random_max_iter is not None:
+            lo, hi = self.random_max_iter
+            max_iter = int(torch.randint(lo, hi + 1, ()))
         wants_loss = self.training and self.solver.needs_loss_grad
         call_options: dict[str, Any] = {"loss_grad": _gradient_of(loss_fn)} if wants_loss and loss_fn is not None else {}
         if wants_loss and loss_fn is None and not self._warned_no_opa:
@@ -272,22 +414,28 @@ class DEQ(nn.Module):
         # map being solved does not change between iterations (spectral norm's power iteration would).
         with parametrize.cached():
             _compute_parametrizations(self.cell)  # cached with their graph, before the no-grad solve
+            if self.training and self.unrolled_depth is not None and torch.is_grad_enabled():
+                return self._unrolled(fn, z0, packer)
+            recorder = _IterateRecorder(self.keep_iterates) if self.keep_iterates else None
+            solve_fn = fn if recorder is None else _recording(fn, recorder)
             with torch.no_grad():
-                if self.check_batch_coupling and not self._coupling_probed:
-                    self._probe_batch_coupling(x, z0)
                 bad_x = _nonfinite_samples(x)  # NaN/Inf in the data: an error, or recorded under "freeze"
                 freeze = getattr(self.solver, "on_nonfinite", "raise") == "freeze"
                 if bad_x is not None and not freeze and bool(bad_x.any()):
                     _blame_input(x, None)
                 try:
-                    result = self._forward_solver()(lambda z: self.cell(z, x), z0, max_iter=max_iter, **call_options)
+                    result = self._forward_solver()(solve_fn, z0, max_iter=max_iter, **call_options)
                 except NonFiniteError as err:
                     _blame_input(x, err)
                     raise
                 if bad_x is not None and freeze and bad_x.shape == result.converged.shape:
                     result.nonfinite = bad_x if result.nonfinite is None else result.nonfinite | bad_x
                     result.converged = result.converged & ~bad_x
-            return self._finish(x, result)
+                # after the solve, so a per-call random draw of the cell (a variational-dropout mask)
+                # comes from the main random stream, not from the probe's forked one
+                if self.check_batch_coupling and not self._coupling_probed:
+                    self._probe_batch_coupling(fn, z0)
+            return self._finish(x, result, fn=fn, packer=packer, recorder=recorder)
 
     def _forward_solver(self) -> Solver:
         """The solver of this call: wrapped in a cross-rank stop agreement when ``sync_stop`` applies."""
@@ -350,19 +498,19 @@ class DEQ(nn.Module):
             if z0.device != ref.device:
                 raise OptionError(f"DEQ: {source} is on {z0.device} but x is on {ref.device}; put them on one device.")
 
-    def _probe_batch_coupling(self, x: Any, z0: Any) -> None:
+    def _probe_batch_coupling(self, fn: Callable[[Tensor], Tensor], z0: Any) -> None:
         """Raise if the cell's output for one sample depends on another sample's state (see ``check_batch_coupling``)."""
         if not isinstance(z0, Tensor) or z0.dim() < 1 or z0.shape[0] < 2:
             return  # one sample: nothing to compare; probed at the first call with two or more
         self._coupling_probed = True
         devices = [z0.device] if z0.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            base = self.cell(z0, x)
+            base = fn(z0)
             # a deterministic, non-constant change of sample 0's state
             bump = torch.linspace(0.5, 1.5, z0[0].numel(), dtype=z0.dtype, device=z0.device).view(z0[0].shape)
             moved = z0.clone()
             moved[0] = moved[0] + bump * (1 + z0[0].abs().max())
-            other = self.cell(moved, x)
+            other = fn(moved)
         if not isinstance(base, Tensor) or not isinstance(other, Tensor) or base.shape != z0.shape or other.shape != z0.shape:
             return  # the solver reports a wrong output shape with its own message
         diff = (other[1:] - base[1:]).abs().reshape(z0.shape[0] - 1, -1).amax(dim=1)
@@ -380,7 +528,54 @@ class DEQ(nn.Module):
                 f"check_batch_coupling=False to skip it."
             )
 
-    def _finish(self, x: Any, result: SolverResult) -> tuple[Tensor, DEQInfo]:
+    def _flat_cell_fn(self, x: Any, packer: Optional[StatePacker]) -> Callable[[Tensor], Tensor]:
+        """``z ↦ f(z, x)`` on the solver's state (flat ``(B, d)`` for a tuple state)."""
+        if packer is None:
+            return lambda z: self.cell(z, x)
+        return lambda z: packer.pack(self.cell(packer.unpack(z), x))
+
+    def _unrolled(self, fn: Callable[[Tensor], Tensor], z0: Tensor, packer: Optional[StatePacker]) -> tuple[Any, DEQInfo]:
+        """Unrolled pre-training: ``unrolled_depth`` plain iterations with the autograd graph."""
+        from .regularizers import unrolled_result
+
+        start = time.perf_counter()
+        z = z0
+        assert self.unrolled_depth is not None
+        for _ in range(self.unrolled_depth):
+            z = fn(z)
+        with torch.no_grad():
+            result = unrolled_result(z.detach(), fn(z.detach()), self.solver, self.unrolled_depth)
+        result.time_s = time.perf_counter() - start
+        info = DEQInfo(result, unrolled=True, unpack=None if packer is None else packer.unpack)
+        return (z if packer is None else packer.unpack(z)), info
+
+    def _finish(self, x: Any, result: SolverResult, fn: Optional[Callable[[Tensor], Tensor]] = None,
+                packer: Optional[StatePacker] = None, recorder: Optional[_IterateRecorder] = None) -> tuple[Any, DEQInfo]:
+        fn = (lambda z: self.cell(z, x)) if fn is None else fn
+        info, z = self._finish_solve(x, result, fn)
+        info.unpack = None if packer is None else packer.unpack
+        if recorder is not None:
+            info.iterates = recorder.select(result.z)
+            info.cell_fn = fn
+        self._monitor(fn, result, info)
+        return (z if packer is None else packer.unpack(z)), info
+
+    def _monitor(self, fn: Callable[[Tensor], Tensor], result: SolverResult, info: DEQInfo) -> None:
+        """Jacobian regularisation (training) and the spectral-radius monitor, at ``z*``."""
+        from .regularizers import hutchinson_frobenius, spectral_radius
+
+        if self.jac_reg is not None and self.training and torch.is_grad_enabled() and self.jac_reg.fires():
+            est = hutchinson_frobenius(fn, result.z.detach(), probes=self.jac_reg.probes, create_graph=True)
+            info.jac_loss = est.mean()
+            info.jac_fro = float(info.jac_loss.detach())
+        if self.spectral_radius_iters:
+            # a monitor: its own generator, so measuring does not change a seeded run's random stream
+            gen = torch.Generator(device=result.z.device).manual_seed(0)
+            info.spectral_radius = spectral_radius(fn, result.z.detach(), n_iter=self.spectral_radius_iters, generator=gen)
+            if info.jac_fro is None:
+                info.jac_fro = float(hutchinson_frobenius(fn, result.z.detach(), probes=1, generator=gen).mean())
+
+    def _finish_solve(self, x: Any, result: SolverResult, fn: Callable[[Tensor], Tensor]) -> tuple[DEQInfo, Tensor]:
         if not self.grad.needs_inverse:
             result.inverse = None  # Broyden's U, V would otherwise live until backward (MBs per batch)
         info = DEQInfo(result)
@@ -389,5 +584,24 @@ class DEQ(nn.Module):
             apply_failure_policy(self.on_failure, msg, stacklevel=4)  # the caller of DEQ.forward
         needs_grad = torch.is_grad_enabled() and (_requires_grad(x) or any(p.requires_grad for p in self.cell.parameters()))
         if not needs_grad:
-            return result.z, info
-        return self.grad.attach(lambda z: self.cell(z, x), result, info), info
+            return info, result.z
+        return info, self.grad.attach(fn, result, info)
+
+
+def _state_shape(state_shape: Sequence[Any]) -> tuple:
+    """``(C, H, W)`` or, for a tuple state, ``((C1, H1, W1), (C2, H2, W2), ...)``."""
+    if len(state_shape) and isinstance(state_shape[0], (tuple, list, torch.Size)):
+        return tuple(tuple(int(s) for s in part) for part in state_shape)
+    return tuple(int(s) for s in state_shape)
+
+
+def _on_unpacked(loss_fn: Callable[[Any], Tensor], packer: StatePacker) -> Callable[[Tensor], Tensor]:
+    return lambda z: loss_fn(packer.unpack(z))
+
+
+def _recording(fn: Callable[[Tensor], Tensor], recorder: _IterateRecorder) -> Callable[[Tensor], Tensor]:
+    def recorded(z: Tensor) -> Tensor:
+        recorder(z)
+        return fn(z)
+
+    return recorded

@@ -61,9 +61,10 @@ def _run(
     xx = x.detach().clone().requires_grad_() if isinstance(x, Tensor) and x.is_floating_point() else x
     z, info = deq(xx, loss_fn=loss_fn)
     loss = loss_fn(z)
-    start = synced_perf_counter(z.device)
+    device = loss.device  # z may be a tuple of tensors (multiscale states)
+    start = synced_perf_counter(device)
     loss.backward()
-    elapsed = synced_perf_counter(z.device) - start
+    elapsed = synced_perf_counter(device) - start
     grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device) for p in params]
     gx = xx.grad.reshape(-1) if isinstance(xx, Tensor) and xx.grad is not None else None
     return torch.cat(grads).detach().double(), None if gx is None else gx.detach().double(), elapsed, info

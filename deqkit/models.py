@@ -413,3 +413,51 @@ class DEQClassifier(nn.Module):
         p = min(pool, shape[1], shape[2])
         head = nn.Sequential(nn.AdaptiveAvgPool2d(p), nn.Flatten(), nn.Linear(channels * p * p, num_classes))
         return cls(cell, injection, head, solver=solver, grad=grad, eval_max_iter=eval_max_iter, on_failure=on_failure)
+
+    @classmethod
+    def mdeq(
+        cls,
+        input_shape: Sequence[int],
+        num_classes: int,
+        *,
+        channels: Sequence[int] = (16, 32),
+        stem_stride: Optional[int] = None,
+        pool: int = 2,
+        solver: Optional[Solver] = None,
+        grad: Optional[GradientEstimator] = None,
+        eval_max_iter: Optional[int] = None,
+        on_failure: str = "warn",
+        **cell_options: Any,
+    ) -> "DEQClassifier":
+        """A multiscale DEQ (MDEQ) for images ``(B, C_in, H, W)`` (flat inputs are reshaped).
+
+        Bai, Koltun & Kolter, "Multiscale Deep Equilibrium Models", NeurIPS 2020. The stem
+        (:class:`~deqkit.nn.MDEQStem`, stride ``stem_stride``) injects the image into every
+        branch, once per call; ``z*`` is a tuple with one feature map per branch
+        (:class:`~deqkit.nn.MDEQCell`, ``channels`` highest resolution first); the head
+        (:class:`~deqkit.nn.MDEQHead`) pools each branch to ``pool × pool`` and applies a linear
+        layer. ``cell_options`` are :class:`~deqkit.nn.MDEQCell`'s (``hidden_ratio``, ``groups``,
+        ``dropout``, ``weight_norm``, ``init_std``, ``residual``); ``groups`` also shapes the stem.
+        ``stem_stride`` (1, 2, 4 or 8) defaults to 4 for images at least 24 pixels a side
+        (28×28 → branches at 7×7 and 4×4, what trains on a CPU), else 1.
+        """
+        from .nn import MDEQCell, MDEQHead, MDEQStem, branch_sizes
+
+        owner = "DEQClassifier.mdeq"
+        _check_cell_options(owner, MDEQCell, cell_options, (*_CLASSIFIER_OPTIONS, "channels", "stem_stride", "pool"))
+        shape = tuple(int(s) for s in input_shape)
+        if len(shape) != 3 or min(shape) < 1:
+            raise OptionError(f"{owner}: input_shape must be (C, H, W), got {tuple(input_shape)!r}.")
+        check_int(owner, "num_classes", num_classes)
+        if stem_stride is None:
+            stem_stride = 4 if min(shape[1], shape[2]) >= 24 else 1
+        check_int(owner, "stem_stride", stem_stride)
+        cell = MDEQCell(channels, **cell_options)
+        h0, w0 = shape[1], shape[2]
+        for _ in range(stem_stride.bit_length() - 1):  # the stem's stride-2 convolutions
+            h0, w0 = (h0 - 1) // 2 + 1, (w0 - 1) // 2 + 1
+        state_shape = tuple((c, h, w) for c, (h, w) in zip(cell.channels, branch_sizes(h0, w0, len(cell.channels))))
+        injection = nn.Sequential(_AsImage(shape), MDEQStem(shape[0], cell.channels, stride=stem_stride, groups=cell.groups))
+        head = MDEQHead(cell.channels, num_classes, pool=pool)
+        return cls(cell, injection, head, solver=solver, grad=grad, state_shape=state_shape,  # type: ignore[arg-type]
+                   eval_max_iter=eval_max_iter, on_failure=on_failure)

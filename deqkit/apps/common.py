@@ -21,7 +21,7 @@ from ..estimators import GradientEstimator
 from ..models import DEQClassifier
 from ..solvers import Solver
 
-MODELS = ("mlp", "conv")
+MODELS = ("mlp", "conv", "mdeq")
 
 #: what the commands write into their output directory (what ``--overwrite`` deletes; nothing else is touched)
 OUTPUT_PATTERNS = (
@@ -146,4 +146,6 @@ def build_classifier(
     if model == "mlp":
         dim = math.prod(input_shape)
         return DEQClassifier.mlp(dim, width, num_classes, solver=solver, grad=grad, on_failure="ignore", **options)
+    if model == "mdeq":  # its branch channels come from options["channels"] (default (16, 32)), not width
+        return DEQClassifier.mdeq(input_shape, num_classes, solver=solver, grad=grad, on_failure="ignore", **options)
     return DEQClassifier.conv(input_shape, width, num_classes, solver=solver, grad=grad, on_failure="ignore", **options)

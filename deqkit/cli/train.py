@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
-from .options import add_output_group, add_parser, add_runtime_group, parse_options, pick, positive_float, positive_int
+from .options import Number, add_output_group, add_parser, add_runtime_group, nonneg_int, parse_options, pick, positive_float, positive_int
 
 DESCRIPTION = """\
 Train a DEQ classifier with a chosen forward solver and gradient estimator; checkpoints after
@@ -59,12 +59,13 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     p = add_classifier_groups(subparsers, "train", help="train one DEQ classifier", description=DESCRIPTION, epochs=10,
                               out="runs/train", solver_group=_solver_flags)
     _scale_flags(p.add_argument_group("scale (processes, precision, compilation)"))
+    _stabiliser_flags(p.add_argument_group("stabilisers (DEQ training)"))
     p.set_defaults(func=run)
     return p
 
 
 def _scale_flags(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--nproc", type=int, default=1,
+    g.add_argument("--nproc", type=positive_int, default=1,
                    help="train data-parallel on N processes (spawned here; gloo on CPU, NCCL on CUDA); "
                         "under torchrun leave it at 1")
     g.add_argument("--amp", default=None, choices=("bf16", "fp16"),
@@ -73,7 +74,7 @@ def _scale_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     g.add_argument("--sync-stop", action="store_true",
                    help="distributed: all ranks agree on when the forward solve stops (one all-reduce per iteration)")
-    g.add_argument("--sync-quorum", type=float, default=1.0,
+    g.add_argument("--sync-quorum", type=Number(float, low=0.0, high=1.0, low_open=True), default=1.0,
                    help="with --sync-stop: stop every rank once this fraction of the global batch has stopped")
 
 
@@ -81,6 +82,37 @@ def _scale_config(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig fields of the scale flags (absent on parsers without them)."""
     return {"amp": getattr(args, "amp", None), "compile_cell": bool(getattr(args, "compile", False)),
             "compile_backend": getattr(args, "compile_backend", "inductor")}
+
+
+def _pair(text: str) -> tuple[int, int]:
+    """``"10,30"`` → ``(10, 30)`` (argparse ``type=``)."""
+    try:
+        lo, hi = (int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two integers LOW,HIGH such as 10,30, got {text!r}") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 1 <= LOW <= HIGH, got {text!r}")
+    return lo, hi
+
+
+def _stabiliser_flags(g: argparse._ArgumentGroup) -> None:
+    from .options import ints
+
+    g.add_argument("--jac-reg", type=Number(float, low=0.0), default=0.0, metavar="W",
+                   help="Jacobian regularisation weight (Hutchinson ||df/dz||_F^2/d at z*; 0: off)")
+    g.add_argument("--jac-reg-freq", type=Number(float, low=0.0, high=1.0, low_open=True), default=1.0, help="fraction of steps it is applied on")
+    g.add_argument("--jac-reg-probes", type=positive_int, default=1, help="Gaussian probes (VJPs) per estimate")
+    g.add_argument("--pretrain-steps", type=nonneg_int, default=0, metavar="N",
+                   help="train the first N steps by backprop through --pretrain-depth plain iterations, then implicitly")
+    g.add_argument("--pretrain-depth", type=positive_int, default=6, help="plain iterations of a pre-training step")
+    g.add_argument("--random-max-iter", type=_pair, default=None, metavar="LOW,HIGH",
+                   help="draw each training solve's iteration cap uniformly from [LOW, HIGH]")
+    g.add_argument("--monitor-every", type=nonneg_int, default=20,
+                   help="measure the spectral radius of df/dz at z* every N steps (0: never)")
+    g.add_argument("--fpc", type=nonneg_int, default=0, metavar="N",
+                   help="fixed-point correction over N solver iterates (z* included; 0: off)")
+    g.add_argument("--mdeq-channels", type=ints, default=[16, 32], metavar="C1,C2[,C3]",
+                   help="--model mdeq: channels per resolution branch, highest resolution first")
 
 
 def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -103,36 +135,57 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     grad_cls = type(make_estimator(args.grad))
     grad = make_estimator(args.grad, **parse_options(args.grad_opts, "--grad-opts", grad_cls))
     splits = load_splits(args.dataset, args.data_dir, args.subset, args.seed, args.model)
-    model = build_classifier(args.model, splits.input_shape, splits.num_classes, args.width, solver, grad, args.seed)
+    model_options = {"channels": tuple(args.mdeq_channels)} if args.model == "mdeq" else {}
+    model = build_classifier(args.model, splits.input_shape, splits.num_classes, args.width, solver, grad, args.seed,
+                             **model_options)
     cfg = TrainConfig(
         **pick(args, "epochs", "batch_size", "lr", "seed", "device"),
         checkpoint_dir=args.out,
         log_path=f"{args.out}/metrics.jsonl",
         progress=not args.no_progress,
         **_scale_config(args),
+        **stabiliser_config(args),
     )
     return splits, model, cfg
 
 
-def _epoch_lines() -> Any:
-    """A callback printing one line per epoch to stderr (the progress when stderr is not a
-    terminal and so shows no bar)."""
-    import sys
+def stabiliser_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`~deqkit.train.TrainConfig` fields of the stabiliser flags."""
+    return {
+        "jac_reg_weight": args.jac_reg, "jac_reg_freq": args.jac_reg_freq, "jac_reg_probes": args.jac_reg_probes,
+        "pretrain_steps": args.pretrain_steps, "pretrain_depth": args.pretrain_depth,
+        "random_max_iter": args.random_max_iter, "monitor_every": args.monitor_every, "fpc_iterates": args.fpc,
+    }
 
-    from ..train import Callback
 
-    class EpochLines(Callback):
-        def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
-            val = "" if record.get("val_acc") is None else f", val acc {record['val_acc']:.4f}"
-            print(f"epoch {record['epoch']}/{trainer.config.epochs}: train loss {record['train_loss']:.4f}{val}, "
-                  f"{record['elapsed_s']:.1f}s", file=sys.stderr, flush=True)
+#: below this fraction of converged training forward solves, the epoch line says so
+UNSTABLE_BELOW = 0.95
 
-    return EpochLines()
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """One line per epoch: accuracy, loss and the stability of the training forward solves."""
+
+    def fmt(v: Any, spec: str) -> str:
+        return "n/a" if v is None else format(v, spec)
+
+    line = (
+        f"epoch {record['epoch']}/{epochs}  loss {fmt(record['train_loss'], '.4f')}  acc {fmt(record['train_acc'], '.4f')}  "
+        f"val_acc {fmt(record['val_acc'], '.4f')}  fwd converged {fmt(record['fwd_converged'], '.3f')}  "
+        f"steps {fmt(record['fwd_steps'], '.1f')}  residual {fmt(record.get('fwd_residual'), '.2e')}  "
+        f"spectral radius {fmt(record.get('spectral_radius'), '.3f')} (max {fmt(record.get('spectral_radius_max'), '.3f')})  "
+        f"{record['epoch_s']:.0f}s"
+    )
+    conv, rho = record["fwd_converged"], record.get("spectral_radius_max")
+    if (conv is not None and conv < UNSTABLE_BELOW) or (rho is not None and rho >= 1.0):
+        line += (
+            "\n  UNSTABLE: training forward solves are failing (converged fraction "
+            f"{fmt(conv, '.3f')}, spectral radius max {fmt(rho, '.3f')}); lower --lr, add --jac-reg 0.5, or raise max_iter."
+        )
+    return line
 
 
 def run(args: argparse.Namespace) -> int:
     import os
-    import sys
 
     from .._options import check_fraction, check_int
     from ..apps.common import prepare_out, resolve_device, set_threads
@@ -158,8 +211,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     set_threads(args.threads, args.device)
     splits, model, cfg = build(args)
-    lines = [_epoch_lines()] if not args.no_progress and not sys.stderr.isatty() else []
-    trainer = Trainer(model, splits.train, splits.val, cfg, callbacks=lines)
+    trainer = Trainer(model, splits.train, splits.val, cfg, callbacks=[_epoch_line_callback(cfg.epochs)])
     trainer.fit(resume=args.resume)
     test = trainer.evaluate(splits.test)
     print(f"test accuracy {test['acc']:.4f}  test loss {test['loss']:.4f}")
@@ -182,3 +234,14 @@ def _run_distributed(args: argparse.Namespace) -> int:
     if rank == 0:
         print(f"test accuracy {test['acc']:.4f}  test loss {test['loss']:.4f}")
     return 0
+
+
+def _epoch_line_callback(epochs: int) -> Any:
+    """A :class:`~deqkit.train.Callback` printing :func:`epoch_line` after every epoch (stdout, flushed)."""
+    from ..train import Callback
+
+    class EpochLine(Callback):
+        def on_epoch_end(self, trainer: Any, record: dict[str, Any]) -> None:
+            print(epoch_line(record, epochs), flush=True)
+
+    return EpochLine()

@@ -10,6 +10,7 @@ from typing import Any, Optional
 import torch
 
 from .._options import check_bool, check_choice, check_int, check_number, unknown_option_message, validated_options
+from .._options import check_fraction
 from ..errors import OptionError
 
 __all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES"]
@@ -49,6 +50,31 @@ class TrainConfig:
             :mod:`deqkit.train.precision`.
         compile_cell: compile every DEQ cell with ``torch.compile`` (the solver loop stays eager).
         compile_backend: ``torch.compile``'s backend for the cells (``"inductor"``, ``"aot_eager"``, ...).
+
+    Stabilisers of DEQ training (each off by default; see :mod:`deqkit.regularizers`):
+
+    Attributes:
+        jac_reg_weight: weight of the Jacobian regularisation ``‖∂f/∂z‖²_F / d`` at ``z*``
+            (Hutchinson estimate) added to the loss of every DEQ in the model (0: off).
+        jac_reg_freq: fraction of training steps it is computed on (in (0, 1]).
+        jac_reg_probes: Gaussian probes (VJPs) per estimate.
+        jac_reg_warmup: fraction of training over which its weight ramps up from 0.
+        jac_reg_stop: fraction of training after which it is switched off (1: never).
+        pretrain_steps: the first this many optimisation steps train by backprop through
+            ``pretrain_depth`` plain iterations of the cell (no solver), then the implicit gradient.
+        pretrain_depth: the plain iterations of those steps.
+        random_max_iter: ``(low, high)``: each training forward solve's iteration cap is drawn
+            uniformly from ``[low, high]`` (``None``: the solver's own cap).
+        monitor_every: every this many steps the spectral radius of ``∂f/∂z`` at ``z*`` (power
+            iteration, ``monitor_iters`` VJPs) and a Hutchinson ``‖J‖²_F / d`` are measured on
+            that batch and reported per epoch (0: never; costs about one extra step each time).
+        monitor_iters: power-iteration steps of that measurement.
+        fpc_iterates: fixed-point correction: also train on this many solver iterates (``z*``
+            included; ``z*`` keeps the main loss, weight 1, the earlier ones get weights
+            ``fpc_gamma^(n−j)``), each by a one-step phantom gradient (0: off;
+            the model needs a ``head`` mapping the state to logits, as DEQClassifier has).
+        fpc_gamma: the decay of those weights.
+        fpc_weight: the weight of that loss relative to the main loss.
     """
 
     epochs: int = 10
@@ -70,6 +96,19 @@ class TrainConfig:
     amp: Optional[str] = None
     compile_cell: bool = False
     compile_backend: str = "inductor"
+    jac_reg_weight: float = 0.0
+    jac_reg_freq: float = 1.0
+    jac_reg_probes: int = 1
+    jac_reg_warmup: float = 0.0
+    jac_reg_stop: float = 1.0
+    pretrain_steps: int = 0
+    pretrain_depth: int = 6
+    random_max_iter: Optional[tuple] = None
+    monitor_every: int = 20
+    monitor_iters: int = 15
+    fpc_iterates: int = 0
+    fpc_gamma: float = 0.8
+    fpc_weight: float = 1.0
 
     def __post_init__(self) -> None:
         self._check_numbers()
@@ -77,6 +116,7 @@ class TrainConfig:
         self._check_paths()
         self._check_device()
         self._check_scale_options()
+        self._check_stabilisers()
 
     def _check_scale_options(self) -> None:
         owner = type(self).__name__
@@ -87,6 +127,29 @@ class TrainConfig:
         check_bool(owner, "compile_cell", self.compile_cell)
         if not isinstance(self.compile_backend, str) or not self.compile_backend:
             raise OptionError(f"{owner}: compile_backend must be a torch.compile backend name such as 'inductor', got {self.compile_backend!r}.")
+
+    def _check_stabilisers(self) -> None:
+        owner = type(self).__name__
+        self.jac_reg_weight = check_number(owner, "jac_reg_weight", self.jac_reg_weight, low=0.0)
+        self.jac_reg_freq = check_fraction(owner, "jac_reg_freq", self.jac_reg_freq)
+        self.jac_reg_probes = check_int(owner, "jac_reg_probes", self.jac_reg_probes)
+        self.jac_reg_warmup = check_fraction(owner, "jac_reg_warmup", self.jac_reg_warmup, include_zero=True)
+        self.jac_reg_stop = check_fraction(owner, "jac_reg_stop", self.jac_reg_stop)
+        self.pretrain_steps = check_int(owner, "pretrain_steps", self.pretrain_steps, minimum=0)
+        self.pretrain_depth = check_int(owner, "pretrain_depth", self.pretrain_depth)
+        if self.random_max_iter is not None:
+            r = self.random_max_iter
+            if not isinstance(r, (tuple, list)) or len(r) != 2:
+                raise OptionError(f"{owner}: random_max_iter must be a pair (low, high) or None, got {r!r}.")
+            lo, hi = check_int(owner, "random_max_iter[0]", r[0]), check_int(owner, "random_max_iter[1]", r[1])
+            if lo > hi:
+                raise OptionError(f"{owner}: random_max_iter must have low <= high, got {r!r}.")
+            self.random_max_iter = (lo, hi)
+        self.monitor_every = check_int(owner, "monitor_every", self.monitor_every, minimum=0)
+        self.monitor_iters = check_int(owner, "monitor_iters", self.monitor_iters)
+        self.fpc_iterates = check_int(owner, "fpc_iterates", self.fpc_iterates, minimum=0)
+        self.fpc_gamma = check_fraction(owner, "fpc_gamma", self.fpc_gamma)
+        self.fpc_weight = check_number(owner, "fpc_weight", self.fpc_weight, low=0.0)
 
     def _check_numbers(self) -> None:
         owner = type(self).__name__

@@ -60,7 +60,7 @@ from .config import TrainConfig
 from .metrics import Callback, Metrics, MetricsLog, collect_infos, evaluation_record, quiet_deqs, solve_stats, step_stats
 from .precision import amp_dtype, autocast, compile_cells, make_grad_scaler
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "STABILITY_KEYS", "stability_stats", "stability_record", "stability_postfix"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -186,6 +186,7 @@ class Trainer:
         self._rng_snapshot: Optional[dict[str, Any]] = None
         self._consistent = True
         self._log = MetricsLog(config.log_path, config.tensorboard_dir)
+        self._stabilisers = _Stabilisers(model, config)
         try:
             self._passes_target = "target" in inspect.signature(model.forward).parameters
         except (TypeError, ValueError):
@@ -301,27 +302,31 @@ class Trainer:
         assert self.optimizer is not None
         infos: list[DEQInfo] = []
         self.optimizer.zero_grad(set_to_none=True)
+        self._stabilisers.before_step(self._pos["global_step"])
         t0 = synced_perf_counter(self.device)
         module = self._train_module()
         with collect_infos(self.model, infos), autocast(self._amp_dtype, self.device):
             logits = module(x, target=y) if self._passes_target else module(x)
             loss = self._loss(logits, y)
+        extra_loss = self._stabilisers.extra_loss(infos, y, self._pos["global_step"] / max(self.total_steps, 1))
         t1 = synced_perf_counter(self.device)
         if not torch.isfinite(loss):
             raise NonFiniteError(
                 f"Trainer: the training loss is {loss.item()} at step {self._pos['global_step'] + 1}. "
                 f"Lower the learning rate, set grad_clip, or use a contractive cell (spectral_norm=True)."
             )
-        self._backward(loss)
+        self._backward(loss + extra_loss if extra_loss is not None else loss)
         t2 = synced_perf_counter(self.device)
+        self._stabilisers.after_step()
         self._update_parameters()
         return {
+            **stability_stats(infos),
             "loss": float(loss.detach()),
             "correct": int((logits.detach().argmax(dim=1) == y).sum()),
             "n": y.shape[0],
             "fwd_ms": 1e3 * (t1 - t0),
             "bwd_ms": 1e3 * (t2 - t1),
-            **step_stats(infos),
+            **step_stats([info for info in infos if not info.unrolled]),  # pre-training calls are no solves
         }
 
     # -- hooks of the step (DistributedTrainer overrides them; mixed precision lives here) -------
@@ -381,7 +386,13 @@ class Trainer:
             ``loss.backward()``), ``adjoint_ms`` (of that, the estimator computing ``w``;
             ``None`` for :class:`~deqkit.estimators.Unrolled`, whose ``w`` is autograd's own pass),
             ``val_fwd_*``, ``steps``, ``epoch_s`` and ``elapsed_s`` (total training wall clock,
-            across resumes).
+            across resumes); and the stability of the training solves (see
+            :func:`stability_record`): ``fwd_residual`` / ``fwd_residual_max`` (mean / largest
+            forward residual), ``spectral_radius`` / ``spectral_radius_max`` (mean / largest
+            over the monitored samples, ``None`` if none was monitored), ``jac_fro`` (mean
+            Hutchinson ``‖J‖²_F / d``), ``jac_steps`` (steps that applied Jacobian
+            regularisation) and ``pretrain_steps`` (unrolled pre-training steps this epoch; their
+            calls are no solves and are left out of ``fwd_*``).
 
         Raises:
             KeyboardInterrupt: after saving a checkpoint (see the module docstring).
@@ -389,6 +400,7 @@ class Trainer:
         self.model.to(self.device)
         self._prepare_model()
         self._start(resume)
+        self._stabilisers.configure()
         self._log.open(self.history)
         bar_class = _progress_bar_class(self.config.progress)
         guard = self._make_guard()
@@ -451,12 +463,17 @@ class Trainer:
         x, y = (t.to(self.device, non_blocking=True) for t in _fetch(self.train_set, self._shard(idx)))
         stats = self._step(x, y)
         self._metrics.add(stats)
+        for k in STABILITY_KEYS:
+            if k.endswith("_max"):
+                _max_merge(self._metrics.sums, k, stats[k])
+            else:
+                self._metrics.sums[k] = self._metrics.sums.get(k, 0.0) + stats[k]
         self._pos["batch"] = b + 1
         self._pos["global_step"] += 1
         self._rng_snapshot = None
         self._consistent = True
         if bar is not None:
-            bar.set_postfix(self._metrics.postfix(), refresh=False)
+            bar.set_postfix({**self._metrics.postfix(), **stability_postfix(self._metrics.sums)}, refresh=False)
             bar.update(1)
         step = {"epoch": epoch + 1, "batch": b + 1, "global_step": self._pos["global_step"], **stats}
         for cb in self.callbacks:
@@ -472,6 +489,7 @@ class Trainer:
             val = self._evaluate(self.val_set, guard=guard)
         lr = self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else None
         record = self._metrics.record(epoch, self._pos["global_step"], lr, val, self._elapsed())
+        record.update(stability_record(self._metrics.sums))
         self.history.append(record)
         self._pos = {"epoch": epoch + 1, "batch": 0, "global_step": self._pos["global_step"]}
         self._metrics = Metrics()
@@ -533,3 +551,142 @@ class Trainer:
         self.model.to(self.device)
         with quiet_deqs(self.model):
             return self._evaluate(dataset, batch_size)
+
+
+# -- stabilisers of DEQ training (Jacobian regularisation, monitor, pre-training, FPC) ----------
+
+#: the per-step sums behind the epoch's stability fields (kept in the metric accumulator, so
+#: they survive a resume)
+STABILITY_KEYS = (
+    "fwd_residual_sum", "fwd_residual_max", "rho_sum", "rho_max", "rho_samples", "jac_fro_sum", "jac_fro_count",
+    "jac_steps", "pretrain_steps",
+)
+
+
+def stability_stats(infos: list[DEQInfo]) -> dict[str, float]:
+    """One step's stability sums over its DEQ calls (see :data:`STABILITY_KEYS`)."""
+    out = {k: 0.0 for k in STABILITY_KEYS}
+    for info in infos:
+        out["pretrain_steps"] += info.unrolled
+        if info.unrolled:  # not a solve: neither a converged nor a failed one (counted in pretrain_steps)
+            continue
+        res = info.forward.residual.detach().float()
+        out["fwd_residual_sum"] += float(res.sum())
+        out["fwd_residual_max"] = max(out["fwd_residual_max"], float(res.max()) if res.numel() else 0.0)
+        if info.spectral_radius is not None:
+            rho = info.spectral_radius.float()
+            out["rho_sum"] += float(rho.sum())
+            out["rho_max"] = max(out["rho_max"], float(rho.max()))
+            out["rho_samples"] += rho.numel()
+        if info.jac_fro is not None:
+            out["jac_fro_sum"] += info.jac_fro
+            out["jac_fro_count"] += 1
+        out["jac_steps"] += info.jac_loss is not None
+    out["jac_steps"] = float(out["jac_steps"] > 0)
+    out["pretrain_steps"] = float(out["pretrain_steps"] > 0)
+    return out
+
+
+def _max_merge(sums: dict[str, float], key: str, value: float) -> None:
+    sums[key] = max(sums.get(key, 0.0), value)
+
+
+def stability_record(sums: dict[str, float]) -> dict[str, Any]:
+    """The epoch's stability fields from the accumulated sums (see :meth:`Trainer.fit`)."""
+    samples = sums.get("fwd_samples", 0.0)
+    rho_n, jac_n = sums.get("rho_samples", 0.0), sums.get("jac_fro_count", 0.0)
+    return {
+        "fwd_residual": None if not samples else sums.get("fwd_residual_sum", 0.0) / samples,
+        "fwd_residual_max": sums.get("fwd_residual_max", 0.0) if samples else None,
+        "spectral_radius": None if not rho_n else sums["rho_sum"] / rho_n,
+        "spectral_radius_max": None if not rho_n else sums["rho_max"],
+        "jac_fro": None if not jac_n else sums["jac_fro_sum"] / jac_n,
+        "jac_steps": int(sums.get("jac_steps", 0.0)),
+        "pretrain_steps": int(sums.get("pretrain_steps", 0.0)),
+    }
+
+
+def stability_postfix(sums: dict[str, float]) -> dict[str, str]:
+    """The progress bar's stability fields: mean forward residual and spectral radius."""
+    rec = stability_record(sums)
+    out = {}
+    if rec["fwd_residual"] is not None:
+        out["res"] = f"{rec['fwd_residual']:.1e}"
+    if rec["spectral_radius"] is not None:
+        out["rho"] = f"{rec['spectral_radius']:.2f}"
+    return out
+
+
+class _Stabilisers:
+    """What :class:`TrainConfig`'s stabiliser fields do to the model's DEQs, step by step."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig) -> None:
+        self.model, self.config = model, config
+        self._saved: list[tuple[Any, int, Optional[int]]] = []
+        self._jac_reg: Any = None
+
+    def _deqs(self) -> list[Any]:
+        from .metrics import deqs
+
+        return deqs(self.model)
+
+    def configure(self) -> None:
+        """Give every DEQ the run's regulariser, iteration-cap range and iterate memory."""
+        from ..regularizers import JacobianRegularizer
+
+        cfg = self.config
+        if cfg.jac_reg_weight > 0:
+            self._jac_reg = JacobianRegularizer(cfg.jac_reg_weight, freq=cfg.jac_reg_freq, probes=cfg.jac_reg_probes,
+                                                warmup=cfg.jac_reg_warmup, stop=cfg.jac_reg_stop)
+        if cfg.fpc_iterates and not isinstance(getattr(self.model, "head", None), nn.Module):
+            raise OptionError("Trainer: fpc_iterates needs a model with a `head` module mapping the DEQ state to logits "
+                              "(DEQClassifier has one); set fpc_iterates=0.")
+        for deq in self._deqs():
+            if self._jac_reg is not None:
+                deq.jac_reg = self._jac_reg
+            if cfg.random_max_iter is not None:
+                deq.random_max_iter = tuple(cfg.random_max_iter)
+            if cfg.fpc_iterates:
+                deq.keep_iterates = cfg.fpc_iterates
+
+    def before_step(self, global_step: int) -> None:
+        """Unrolled pre-training for the first steps; the spectral monitor on every ``monitor_every``-th."""
+        cfg = self.config
+        monitor = cfg.monitor_every > 0 and global_step % cfg.monitor_every == 0
+        pretrain = global_step < cfg.pretrain_steps
+        self._saved = []
+        for deq in self._deqs():
+            self._saved.append((deq, deq.spectral_radius_iters, deq.unrolled_depth))
+            if monitor:
+                deq.spectral_radius_iters = cfg.monitor_iters
+            if pretrain:
+                deq.unrolled_depth = cfg.pretrain_depth
+
+    def after_step(self) -> None:
+        for deq, iters, depth in self._saved:
+            deq.spectral_radius_iters, deq.unrolled_depth = iters, depth
+        self._saved = []
+
+    def extra_loss(self, infos: list[DEQInfo], y: Tensor, progress: float) -> Optional[Tensor]:
+        """Jacobian regularisation and fixed-point correction terms of this step (``None``: none)."""
+        cfg = self.config
+        total: Optional[Tensor] = None
+        for info in infos:
+            if info.jac_loss is not None and self._jac_reg is not None:
+                w = self._jac_reg.weight_at(progress)
+                if w > 0:
+                    total = w * info.jac_loss if total is None else total + w * info.jac_loss
+            if cfg.fpc_iterates and info.iterates and info.cell_fn is not None:
+                from ..regularizers import fixed_point_correction
+
+                head: Any = self.model.head
+                unpack = info.unpack
+                if len(info.iterates) < 2:
+                    continue
+                # z* is trained by the main loss (weight 1); the earlier iterates get gamma^(n-j)
+                term = cfg.fpc_gamma * fixed_point_correction(
+                    info.cell_fn, info.iterates[:-1],
+                    lambda z: F.cross_entropy(head(z if unpack is None else unpack(z)), y), gamma=cfg.fpc_gamma,
+                )
+                total = cfg.fpc_weight * term if total is None else total + cfg.fpc_weight * term
+        return total
