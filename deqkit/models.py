@@ -284,9 +284,11 @@ class DEQClassifier(nn.Module):
         cell: the DEQ cell ``f(z, u)`` (e.g. :class:`MLPCell`, :class:`ConvCell`).
         injection: ``x ↦ u`` (e.g. a linear layer); ``u`` is passed to the cell.
         head: ``z* ↦ logits``.
-        solver, grad: forward solver and gradient estimator (defaults of :class:`~deqkit.deq.DEQ`).
+        solver: the forward solver (default: that of :class:`~deqkit.deq.DEQ`).
+        grad: the gradient estimator (default: that of :class:`~deqkit.deq.DEQ`).
         state_shape: per-sample shape of ``z`` (default: the shape of ``u``).
-        init, eval_max_iter: passed to :class:`~deqkit.deq.DEQ`.
+        init: passed to :class:`~deqkit.deq.DEQ`.
+        eval_max_iter: passed to :class:`~deqkit.deq.DEQ`.
         on_failure: what a forward solve that misses its tolerance does: ``"warn"``,
             ``"raise"`` or ``"ignore"`` (the DEQ's failure policy).
 
