@@ -56,8 +56,7 @@ def _read_bytes(path: Path) -> bytes:
         return gzip.decompress(raw)
     except (EOFError, OSError, zlib.error) as exc:  # BadGzipFile is an OSError
         raise IDXFormatError(
-            f"{path}: the file starts like gzip data but cannot be decompressed "
-            f"(truncated or corrupt download?): {exc}"
+            f"{path}: the file starts like gzip data but cannot be decompressed (truncated or corrupt download?): {exc}"
         ) from exc
 
 
@@ -79,9 +78,7 @@ def read_idx(path: PathLike) -> np.ndarray:
     path = Path(path)
     buf = _read_bytes(path)
     if len(buf) < 4:
-        raise IDXFormatError(
-            f"{path}: too short to be an IDX file ({len(buf)} bytes; the header alone is at least 4)"
-        )
+        raise IDXFormatError(f"{path}: too short to be an IDX file ({len(buf)} bytes; the header alone is at least 4)")
     zero0, zero1, code, ndim = buf[0], buf[1], buf[2], buf[3]
     if zero0 != 0 or zero1 != 0:
         raise IDXFormatError(
@@ -91,16 +88,14 @@ def read_idx(path: PathLike) -> np.ndarray:
     if code not in IDX_DTYPES:
         known = ", ".join(f"0x{c:02X} ({d.name})" for c, d in IDX_DTYPES.items())
         raise IDXFormatError(
-            f"{path}: bad magic number 0x{buf[:4].hex()}: unknown data type code 0x{code:02X}; "
-            f"known codes: {known}"
+            f"{path}: bad magic number 0x{buf[:4].hex()}: unknown data type code 0x{code:02X}; known codes: {known}"
         )
     if ndim == 0:
         raise IDXFormatError(f"{path}: bad magic number 0x{buf[:4].hex()}: zero dimensions")
     header_len = 4 + 4 * ndim
     if len(buf) < header_len:
         raise IDXFormatError(
-            f"{path}: truncated header: {ndim} dimensions need {header_len} header bytes, "
-            f"the file has {len(buf)}"
+            f"{path}: truncated header: {ndim} dimensions need {header_len} header bytes, the file has {len(buf)}"
         )
     shape = struct.unpack(f">{ndim}I", buf[4:header_len])
     dtype = IDX_DTYPES[code]
@@ -140,8 +135,7 @@ def write_idx(path: PathLike, array: np.ndarray, *, compress: bool | None = None
     key = (array.dtype.kind, array.dtype.itemsize)
     if key not in _CODE_OF_KIND:
         raise ValueError(
-            f"write_idx: dtype {array.dtype} has no IDX type code; use one of "
-            + ", ".join(d.name for d in IDX_DTYPES.values())
+            f"write_idx: dtype {array.dtype} has no IDX type code; use one of " + ", ".join(d.name for d in IDX_DTYPES.values())
         )
     if not 1 <= array.ndim <= 255:
         raise ValueError(f"write_idx: an IDX array needs 1 to 255 dimensions, got {array.ndim}")

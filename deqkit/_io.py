@@ -16,8 +16,9 @@ import json
 import os
 import secrets
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator, Union
+from typing import IO, Any, Union
 
 from ._options import check_choice
 
@@ -134,8 +135,20 @@ def load_torch_file(path: PathLike, *, what: str, advice: str, map_location: Any
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch's note on pickle protocols
             return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, AttributeError, KeyError, ImportError,
-            IndexError, UnicodeDecodeError, zipfile.BadZipFile, OSError) as exc:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        RuntimeError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        KeyError,
+        ImportError,
+        IndexError,
+        UnicodeDecodeError,
+        zipfile.BadZipFile,
+        OSError,
+    ) as exc:
         raise _unreadable(path, what, f"not a torch file, truncated or corrupt: {_first_line(exc)}", advice) from exc
 
 

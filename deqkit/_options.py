@@ -14,7 +14,8 @@ import functools
 import inspect
 import math
 import numbers
-from typing import Any, Callable, Iterable, Optional, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, Optional, TypeVar
 
 from .errors import FAILURE_POLICIES, OptionError
 

@@ -68,7 +68,9 @@ class AgreedStop(Solver):
 
     def __init__(self, solver: Solver, *, quorum: float = 1.0, group: Any = None) -> None:
         if not isinstance(solver, Solver) or isinstance(solver, AgreedStop):
-            raise OptionError(f"AgreedStop: solver must be a deqkit forward solver (not already agreed), got {type(solver).__name__}.")
+            raise OptionError(
+                f"AgreedStop: solver must be a deqkit forward solver (not already agreed), got {type(solver).__name__}."
+            )
         self.solver = solver
         self.quorum = check_fraction("AgreedStop", "quorum", quorum)
         self.group = group

@@ -49,9 +49,10 @@ import os
 import random
 import urllib.request
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional, Union
+from typing import Any, BinaryIO, Optional, Union
 
 import numpy as np
 import torch
@@ -221,9 +222,7 @@ def _rng(seed: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, stream])
 
 
-def stratified_split(
-    y: np.ndarray, n_take: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(y: np.ndarray, n_take: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Split indices ``0..len(y)-1`` into ``n_take`` taken and the rest, stratified by ``y``.
 
     Each class contributes in proportion to its frequency (largest-remainder rounding, ties
@@ -277,8 +276,7 @@ def _load_digits() -> _Raw:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "the 'digits' data set needs scikit-learn: pip install scikit-learn "
-            "(or pip install 'deqkit[train]')"
+            "the 'digits' data set needs scikit-learn: pip install scikit-learn (or pip install 'deqkit[train]')"
         ) from exc
     d = load_digits()
     x = np.asarray(d.images, dtype=np.float32)[:, None]  # (1797, 1, 8, 8), values 0..16
@@ -383,23 +381,20 @@ def load_idx_directory(
         if labels.ndim != 1:
             raise IDXFormatError(f"{lp}: expected labels of shape (N,), got shape {labels.shape}")
         if len(images) != len(labels):
-            raise IDXFormatError(
-                f"{ip} holds {len(images)} images but {lp} holds {len(labels)} labels"
-            )
+            raise IDXFormatError(f"{ip} holds {len(images)} images but {lp} holds {len(labels)} labels")
         if labels.dtype.kind not in "iu" or (len(labels) and labels.min() < 0):
             raise IDXFormatError(f"{lp}: labels must be non-negative integers")
         out += [images, labels.astype(np.int64)]
     if out[0].shape[1:] != out[2].shape[1:]:
-        raise IDXFormatError(
-            f"{directory}: train images are {out[0].shape[1:]} but test images are {out[2].shape[1:]}"
-        )
+        raise IDXFormatError(f"{directory}: train images are {out[0].shape[1:]} but test images are {out[2].shape[1:]}")
     return out[0], out[1], out[2], out[3]
 
 
 def _idx_not_found(name: str, searched: list[tuple[Path, list[str]]]) -> DatasetNotFoundError:
-    where = "; ".join(
-        f"{d} ({'missing: ' + ', '.join(m) if d.is_dir() else 'no such directory'})" for d, m in searched
-    ) or "nowhere (no data_dir was given)"
+    where = (
+        "; ".join(f"{d} ({'missing: ' + ', '.join(m) if d.is_dir() else 'no such directory'})" for d, m in searched)
+        or "nowhere (no data_dir was given)"
+    )
     files = ", ".join(f"{s}.gz" for s in IDX_FILES.values())
     if name == "fashion-mnist":
         how = (
@@ -418,9 +413,7 @@ def _idx_not_found(name: str, searched: list[tuple[Path, list[str]]]) -> Dataset
     return DatasetNotFoundError(f"{name}: the IDX files were not found. Searched: {where}. {how}")
 
 
-def _load_idx_dataset(
-    name: str, data_dir: Optional[PathLike], cache_dir: Optional[PathLike], download: bool
-) -> _Raw:
+def _load_idx_dataset(name: str, data_dir: Optional[PathLike], cache_dir: Optional[PathLike], download: bool) -> _Raw:
     searched: list[tuple[Path, list[str]]] = []
     for d in _idx_candidates(name, data_dir, cache_dir):
         files, missing = _find_idx_files(d)
@@ -479,7 +472,7 @@ def download_fashion_mnist(
                 f"checksum mismatch for {url}: expected MD5 {md5}, got {got} "
                 f"({len(payload)} bytes); nothing was written to {target}"
             )
-        _atomic_write(target, lambda fh: fh.write(payload))
+        _atomic_write(target, lambda fh: fh.write(payload))  # noqa: B023 - used within this iteration
     return dest_dir
 
 
@@ -528,9 +521,7 @@ def _load_mnist1d(cache_dir: Optional[PathLike], num_samples: Optional[int] = No
             with np.load(path, allow_pickle=False) as f:
                 arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
         except Exception as exc:  # corrupt cache: regenerate
-            warnings.warn(
-                f"ignoring unreadable mnist1d cache {path} ({exc}); regenerating", stacklevel=3
-            )
+            warnings.warn(f"ignoring unreadable mnist1d cache {path} ({exc}); regenerating", stacklevel=3)
     if arrays is None:
         arrays = _generate_mnist1d(num_samples)
         try:
@@ -543,9 +534,7 @@ def _load_mnist1d(cache_dir: Optional[PathLike], num_samples: Optional[int] = No
     return _Raw(arrays["x"], arrays["y"], arrays["x_test"], arrays["y_test"], scale=1.0, num_classes=10)
 
 
-def _load_raw(
-    name: str, data_dir: Optional[PathLike], cache_dir: Optional[PathLike], download: bool
-) -> _Raw:
+def _load_raw(name: str, data_dir: Optional[PathLike], cache_dir: Optional[PathLike], download: bool) -> _Raw:
     if download and name != "fashion-mnist":
         raise OptionError(f"load_dataset: download=True is only supported for 'fashion-mnist', not {name!r}")
     if name == "digits":

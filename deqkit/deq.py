@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -130,7 +131,15 @@ def _nonfinite_samples(x: Any) -> Optional[Tensor]:
 
 def _blame_input(x: Any, err: Optional[NonFiniteError]) -> None:
     """Re-raise a solver's NaN/Inf error as one about the data when ``x`` itself is not finite."""
-    tensors = [x] if isinstance(x, Tensor) else list(x) if isinstance(x, (list, tuple)) else list(x.values()) if isinstance(x, dict) else []
+    tensors = (
+        [x]
+        if isinstance(x, Tensor)
+        else list(x)
+        if isinstance(x, (list, tuple))
+        else list(x.values())
+        if isinstance(x, dict)
+        else []
+    )
     for t in tensors:
         if isinstance(t, Tensor) and t.is_floating_point() and t.dim() >= 1 and not torch.isfinite(t).all():
             bad = (~torch.isfinite(t.reshape(t.shape[0], -1))).any(dim=1).nonzero().flatten().tolist()
@@ -174,7 +183,9 @@ class StatePacker:
 
     def pack(self, zs: Any) -> Tensor:
         if not isinstance(zs, (tuple, list)) or len(zs) != len(self.shapes):
-            raise ValueError(f"DEQ: the cell must return a tuple/list of {len(self.shapes)} tensors like its state, got {type(zs).__name__}.")
+            raise ValueError(
+                f"DEQ: the cell must return a tuple/list of {len(self.shapes)} tensors like its state, got {type(zs).__name__}."
+            )
         for t, shape in zip(zs, self.shapes):
             if tuple(t.shape[1:]) != shape:
                 raise ValueError(
@@ -313,7 +324,9 @@ class DEQ(nn.Module):
         solver = Anderson(memory=6, tol=1e-4, max_iter=40) if solver is None else solver
         grad = Exact() if grad is None else grad
         if not isinstance(solver, Solver):
-            raise OptionError(f"DEQ: solver must be a deqkit forward solver (FixedPoint, Anderson, Broyden), got {type(solver).__name__}.")
+            raise OptionError(
+                f"DEQ: solver must be a deqkit forward solver (FixedPoint, Anderson, Broyden), got {type(solver).__name__}."
+            )
         if not isinstance(grad, GradientEstimator):
             raise OptionError(
                 f"DEQ: grad must be a gradient estimator (Exact, Unrolled, Neumann, JacobianFree, SHINE, BroydenReuse), "
@@ -341,12 +354,20 @@ class DEQ(nn.Module):
             _refuse_batch_statistics(cell)
         self._set_stabilisers(jac_reg, spectral_radius_iters, keep_iterates, random_max_iter, unrolled_depth)
 
-    def _set_stabilisers(self, jac_reg: Any, spectral_radius_iters: int, keep_iterates: int,
-                         random_max_iter: Optional[Sequence[int]], unrolled_depth: Optional[int]) -> None:
+    def _set_stabilisers(
+        self,
+        jac_reg: Any,
+        spectral_radius_iters: int,
+        keep_iterates: int,
+        random_max_iter: Optional[Sequence[int]],
+        unrolled_depth: Optional[int],
+    ) -> None:
         from .regularizers import JacobianRegularizer
 
         if jac_reg is not None and not isinstance(jac_reg, JacobianRegularizer):
-            raise OptionError(f"DEQ: jac_reg must be a deqkit.regularizers.JacobianRegularizer or None, got {type(jac_reg).__name__}.")
+            raise OptionError(
+                f"DEQ: jac_reg must be a deqkit.regularizers.JacobianRegularizer or None, got {type(jac_reg).__name__}."
+            )
         self.jac_reg = jac_reg
         self.spectral_radius_iters = check_int("DEQ", "spectral_radius_iters", spectral_radius_iters, minimum=0)
         self.keep_iterates = check_int("DEQ", "keep_iterates", keep_iterates, minimum=0)
@@ -549,8 +570,14 @@ class DEQ(nn.Module):
         info = DEQInfo(result, unrolled=True, unpack=None if packer is None else packer.unpack)
         return (z if packer is None else packer.unpack(z)), info
 
-    def _finish(self, x: Any, result: SolverResult, fn: Optional[Callable[[Tensor], Tensor]] = None,
-                packer: Optional[StatePacker] = None, recorder: Optional[_IterateRecorder] = None) -> tuple[Any, DEQInfo]:
+    def _finish(
+        self,
+        x: Any,
+        result: SolverResult,
+        fn: Optional[Callable[[Tensor], Tensor]] = None,
+        packer: Optional[StatePacker] = None,
+        recorder: Optional[_IterateRecorder] = None,
+    ) -> tuple[Any, DEQInfo]:
         fn = (lambda z: self.cell(z, x)) if fn is None else fn
         info, z = self._finish_solve(x, result, fn)
         info.unpack = None if packer is None else packer.unpack

@@ -45,7 +45,7 @@ class InverseEstimate:
         """``v H`` for row vectors ``v``."""
         raise NotImplementedError
 
-    def transpose(self) -> "InverseEstimate":
+    def transpose(self) -> InverseEstimate:
         """The estimate ``Hᵀ`` (the inverse for the transposed, adjoint system)."""
         raise NotImplementedError
 
@@ -53,7 +53,7 @@ class InverseEstimate:
         """The dense matrix (``(B, d, d)`` or ``(d, d)``); for tests and small problems."""
         raise NotImplementedError(f"{type(self).__name__} has no dense form")
 
-    def detach(self) -> "InverseEstimate":
+    def detach(self) -> InverseEstimate:
         """The same estimate detached from any autograd graph (default: itself)."""
         return self
 

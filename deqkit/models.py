@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -91,8 +92,9 @@ class _ScaledSpectralNorm(nn.Module):
         return out if self.linear.bias is None else out + self.linear.bias
 
 
-def _small_linear(owner: str, n_in: int, n_out: int, *, bias: bool, scale: float, weight_norm: bool,
-                  spectral_norm: bool, spectral_scale: float) -> nn.Module:
+def _small_linear(
+    owner: str, n_in: int, n_out: int, *, bias: bool, scale: float, weight_norm: bool, spectral_norm: bool, spectral_scale: float
+) -> nn.Module:
     lin = nn.Linear(n_in, n_out, bias=bias)
     with torch.no_grad():
         sigma = torch.linalg.matrix_norm(lin.weight, ord=2)
@@ -318,9 +320,7 @@ class DEQClassifier(nn.Module):
             if not isinstance(mod, nn.Module):
                 raise OptionError(f"DEQClassifier: {name} must be an nn.Module, got {type(mod).__name__}.")
         self.injection = injection
-        self.deq = DEQ(
-            cell, solver, grad, state_shape=state_shape, init=init, eval_max_iter=eval_max_iter, on_failure=on_failure
-        )
+        self.deq = DEQ(cell, solver, grad, state_shape=state_shape, init=init, eval_max_iter=eval_max_iter, on_failure=on_failure)
         self.head = head
         self.last_info: Optional[DEQInfo] = None
 
@@ -358,7 +358,7 @@ class DEQClassifier(nn.Module):
         eval_max_iter: Optional[int] = None,
         on_failure: str = "warn",
         **cell_options: Any,
-    ) -> "DEQClassifier":
+    ) -> DEQClassifier:
         """An MLP DEQ: ``u = U flatten(x) + b``, ``z* = MLPCell(z*, u)``, ``logits = C z* + c``.
 
         ``input_dim`` is the number of input features (inputs of any shape ``(B, ...)`` are
@@ -388,7 +388,7 @@ class DEQClassifier(nn.Module):
         eval_max_iter: Optional[int] = None,
         on_failure: str = "warn",
         **cell_options: Any,
-    ) -> "DEQClassifier":
+    ) -> DEQClassifier:
         """A convolutional DEQ for images ``(B, C_in, H, W)`` (flat inputs are reshaped).
 
         Injection ``u = GN(conv₃ₓ₃(x))`` to ``channels``; ``z* = ConvCell(z*, u)``; head:
@@ -430,7 +430,7 @@ class DEQClassifier(nn.Module):
         eval_max_iter: Optional[int] = None,
         on_failure: str = "warn",
         **cell_options: Any,
-    ) -> "DEQClassifier":
+    ) -> DEQClassifier:
         """A multiscale DEQ (MDEQ) for images ``(B, C_in, H, W)`` (flat inputs are reshaped).
 
         Bai, Koltun & Kolter, "Multiscale Deep Equilibrium Models", NeurIPS 2020. The stem
@@ -461,5 +461,13 @@ class DEQClassifier(nn.Module):
         state_shape = tuple((c, h, w) for c, (h, w) in zip(cell.channels, branch_sizes(h0, w0, len(cell.channels))))
         injection = nn.Sequential(_AsImage(shape), MDEQStem(shape[0], cell.channels, stride=stem_stride, groups=cell.groups))
         head = MDEQHead(cell.channels, num_classes, pool=pool)
-        return cls(cell, injection, head, solver=solver, grad=grad, state_shape=state_shape,  # type: ignore[arg-type]
-                   eval_max_iter=eval_max_iter, on_failure=on_failure)
+        return cls(
+            cell,
+            injection,
+            head,
+            solver=solver,
+            grad=grad,
+            state_shape=state_shape,  # type: ignore[arg-type]
+            eval_max_iter=eval_max_iter,
+            on_failure=on_failure,
+        )

@@ -11,7 +11,8 @@ same float64 checks. Names are case-insensitive and ``_`` equals ``-``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generic, Iterator, Optional, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, Optional, TypeVar
 
 from ._options import check_choice, validated_options
 from .errors import OptionError

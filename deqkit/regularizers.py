@@ -21,7 +21,8 @@ independently (per-sample results have leading dimension ``B``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -139,9 +140,17 @@ def unrolled_result(z: Tensor, fz: Tensor, solver: Any, depth: int) -> SolverRes
     tol = float(getattr(solver, "tol", 1e-4))
     res = rel_res if stop_mode == "rel" else abs_res
     return SolverResult(
-        z=z, nstep=torch.full((B,), depth, dtype=torch.long, device=z.device), abs_residual=abs_res, rel_residual=rel_res,
-        converged=res <= tol, abs_trace=abs_res[None], rel_trace=rel_res[None], tol=tol, stop_mode=stop_mode,
-        max_iter=depth, solver="unrolled",
+        z=z,
+        nstep=torch.full((B,), depth, dtype=torch.long, device=z.device),
+        abs_residual=abs_res,
+        rel_residual=rel_res,
+        converged=res <= tol,
+        abs_trace=abs_res[None],
+        rel_trace=rel_res[None],
+        tol=tol,
+        stop_mode=stop_mode,
+        max_iter=depth,
+        solver="unrolled",
     )
 
 
@@ -160,7 +169,9 @@ class JacobianRegularizer:
         stop: fraction of training after which the weight is 0 (1 = never switched off).
     """
 
-    def __init__(self, weight: float = 0.5, *, freq: float = 1.0, probes: int = 1, warmup: float = 0.0, stop: float = 1.0) -> None:
+    def __init__(
+        self, weight: float = 0.5, *, freq: float = 1.0, probes: int = 1, warmup: float = 0.0, stop: float = 1.0
+    ) -> None:
         owner = type(self).__name__
         self.weight = check_number(owner, "weight", weight, low=0.0)
         self.freq = check_fraction(owner, "freq", freq)
@@ -171,8 +182,10 @@ class JacobianRegularizer:
             raise OptionError(f"{owner}: warmup ({warmup}) must end before stop ({stop}).")
 
     def __repr__(self) -> str:
-        return (f"JacobianRegularizer(weight={self.weight}, freq={self.freq}, probes={self.probes}, "
-                f"warmup={self.warmup}, stop={self.stop})")
+        return (
+            f"JacobianRegularizer(weight={self.weight}, freq={self.freq}, probes={self.probes}, "
+            f"warmup={self.warmup}, stop={self.stop})"
+        )
 
     def fires(self) -> bool:
         """Whether this call computes the term (always with ``freq=1``)."""

@@ -25,13 +25,23 @@ MODELS = ("mlp", "conv", "mdeq")
 
 #: what the commands write into their output directory (what ``--overwrite`` deletes; nothing else is touched)
 OUTPUT_PATTERNS = (
-    "last.pt", "metrics.jsonl", "metrics-*.jsonl", "checkpoints", "results.json", "results.csv", "compare.png",
-    "sim_results.json", "sim.png", "hpo_*.json", "hpo_*.png", ".*.tmp",
+    "last.pt",
+    "metrics.jsonl",
+    "metrics-*.jsonl",
+    "checkpoints",
+    "results.json",
+    "results.csv",
+    "compare.png",
+    "sim_results.json",
+    "sim.png",
+    "hpo_*.json",
+    "hpo_*.png",
+    ".*.tmp",
 )
 
 
 def prepare_out(
-    out: Union[str, "os.PathLike[str]"], *, resume: bool = False, overwrite: bool = False, inputs: tuple[Any, ...] = ()
+    out: Union[str, os.PathLike[str]], *, resume: bool = False, overwrite: bool = False, inputs: tuple[Any, ...] = ()
 ) -> Path:
     """The output-directory policy of every command, applied before any work.
 
@@ -73,7 +83,9 @@ def _remove(target: Path, out: Any) -> None:
         else:
             target.unlink()
     except OSError as exc:
-        raise OptionError(f"--overwrite: cannot delete {target} ({exc.strerror or exc}); remove it by hand or choose another --out.") from exc
+        raise OptionError(
+            f"--overwrite: cannot delete {target} ({exc.strerror or exc}); remove it by hand or choose another --out."
+        ) from exc
 
 
 def _probe_writable(path: Path, out: Any) -> None:
@@ -106,8 +118,10 @@ def resolve_device(device: Any, flag: str = "--device") -> str:
         raise OptionError(f"{flag} {device!r} is not a torch device; use cpu, cuda, cuda:N, mps or auto.") from exc
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise OptionError(f"{flag} {device}: no CUDA device is available to this torch build; use --device cpu, or auto "
-                              f"(cuda when available, else cpu).")
+            raise OptionError(
+                f"{flag} {device}: no CUDA device is available to this torch build; use --device cpu, or auto "
+                f"(cuda when available, else cpu)."
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise OptionError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0.")
     elif dev.type == "mps":
@@ -134,7 +148,13 @@ def load_splits(dataset: str, data_dir: Optional[str], subset: Optional[int], se
 
 
 def build_classifier(
-    model: str, input_shape: Any, num_classes: int, width: int, solver: Solver, grad: GradientEstimator, seed: int,
+    model: str,
+    input_shape: Any,
+    num_classes: int,
+    width: int,
+    solver: Solver,
+    grad: GradientEstimator,
+    seed: int,
     **options: Any,
 ) -> nn.Module:
     """The seeded DEQ classifier (the same weights for every call with the same arguments).

@@ -12,9 +12,10 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -24,10 +25,8 @@ from .._options import check_choice, check_int, check_positive, validated_option
 from ..data import Splits
 from ..diagnostics import format_table, gradient_quality
 from ..errors import OptionError
-from ..estimators import Exact, GradientEstimator, JacobianFree, Neumann, Unrolled
+from ..estimators import SHINE, Adaptive, BroydenReuse, Exact, GradientEstimator, JacobianFree, Neumann, Unrolled, WarmExact
 from ..linear import GMRES
-from ..estimators import SHINE, BroydenReuse, WarmExact
-from ..estimators import Adaptive
 from ..solvers import Broyden, Solver
 from ..train import TrainConfig, Trainer
 from .common import MODELS, build_classifier, load_splits, prepare_out, resolve_device, set_threads
@@ -165,9 +164,9 @@ def _run_one(
 ) -> dict[str, Any]:
     """Train (or, with ``cfg.resume``, finish) the run of preset ``name``; its table row."""
     grad = ESTIMATOR_PRESETS[name]()
-    model = build_classifier(
-        cfg.model, splits.input_shape, splits.num_classes, cfg.width, cfg.solver(name), grad, cfg.seed
-    ).to(cfg.device)
+    model = build_classifier(cfg.model, splits.input_shape, splits.num_classes, cfg.width, cfg.solver(name), grad, cfg.seed).to(
+        cfg.device
+    )
     label = preset_label(name, grad)
     log(f"\n[{name}] {label}")
     trainer = Trainer(model, splits.train, splits.val, _train_config(cfg, name))
@@ -189,7 +188,9 @@ def _run_one(
         "history": history,
         "residual_curve": _residual_curve(model, probe[0]),
     }
-    log(f"[{name}] test acc {row['test_acc']:.4f}, {train_time:.1f}s, backward {row['bwd_ms']:.2f} ms/step, cosine {quality.cosine:.4f}")
+    log(
+        f"[{name}] test acc {row['test_acc']:.4f}, {train_time:.1f}s, backward {row['bwd_ms']:.2f} ms/step, cosine {quality.cosine:.4f}"
+    )
     return row
 
 
@@ -235,7 +236,19 @@ def write_outputs(results: list[dict[str, Any]], cfg: CompareConfig, out: Path) 
     """results.json (everything), results.csv (the table) and compare.png, each written atomically."""
     payload = {"config": asdict(cfg), "results": results}
     atomic_write_text(out / "results.json", json.dumps(payload, indent=2, default=float))
-    keys = ["estimator", "label", "test_acc", "test_loss", "train_time_s", "fwd_steps", "fwd_converged", "bwd_ms", "bwd_speedup", "cosine", "norm_ratio"]
+    keys = [
+        "estimator",
+        "label",
+        "test_acc",
+        "test_loss",
+        "train_time_s",
+        "fwd_steps",
+        "fwd_converged",
+        "bwd_ms",
+        "bwd_speedup",
+        "cosine",
+        "norm_ratio",
+    ]
 
     with atomic_open(out / "results.csv", "w") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")

@@ -17,13 +17,13 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Optional
 
 import torch
 
-from .._io import atomic_write_text, save_figure
-from .._io import read_json_file
+from .._io import atomic_write_text, read_json_file, save_figure
 from .._options import check_choice, check_int, check_number, unknown_option_message, validated_options
 from ..bilevel.data import HPO_DATASETS as DATASETS
 from ..bilevel.data import load_hpo_dataset, logistic_hpo_problem
@@ -45,7 +45,7 @@ def hypergradient_names() -> tuple[str, ...]:
     return HYPERGRADIENTS
 
 
-def make_preset(name: str, grad_opts: Dict[str, Any]) -> HypergradientEstimator:
+def make_preset(name: str, grad_opts: dict[str, Any]) -> HypergradientEstimator:
     """The estimator ``name`` with the options of ``grad_opts`` that configure it (``refine`` for
     ``shine-refine``, ``opa_freq`` for ``shine-opa``)."""
     opts = {k: v for k, v in grad_opts.items() if PRESET_OPTIONS.get(k) == name}
@@ -62,8 +62,8 @@ class HPOConfig:
     """
 
     dataset: str = "breast_cancer"
-    grad: List[str] = field(default_factory=lambda: list(hypergradient_names()))
-    grad_opts: Dict[str, Any] = field(default_factory=lambda: {"refine": 5, "opa_freq": 5})
+    grad: list[str] = field(default_factory=lambda: list(hypergradient_names()))
+    grad_opts: dict[str, Any] = field(default_factory=lambda: {"refine": 5, "opa_freq": 5})
     outer_steps: int = 30
     seed: int = 0
     out: Optional[str] = None
@@ -90,12 +90,15 @@ class HPOConfig:
 
 def _progress_line(name: str) -> Callable[[dict], None]:
     def progress(rec: dict) -> None:
-        print(f"  [{name:>13}] step {rec['step']:3d}  t={rec['time_s']:7.3f}s  "
-              f"val={rec['val_loss']:.5f}  test={rec['test_loss']:.5f}  "
-              f"|g|={rec['grad_norm']:.2e}  λ̄={rec['lam_mean']:+.3f}  "
-              f"inner={rec['inner_nstep']:4d}{'' if rec['inner_converged'] else '!'}  "
-              f"hvp={rec['n_hvp']:4d}{'' if rec['linear_converged'] else '!'}"
-              f"{'' if rec['accepted'] else '  (rejected)'}", flush=True)
+        print(
+            f"  [{name:>13}] step {rec['step']:3d}  t={rec['time_s']:7.3f}s  "
+            f"val={rec['val_loss']:.5f}  test={rec['test_loss']:.5f}  "
+            f"|g|={rec['grad_norm']:.2e}  λ̄={rec['lam_mean']:+.3f}  "
+            f"inner={rec['inner_nstep']:4d}{'' if rec['inner_converged'] else '!'}  "
+            f"hvp={rec['n_hvp']:4d}{'' if rec['linear_converged'] else '!'}"
+            f"{'' if rec['accepted'] else '  (rejected)'}",
+            flush=True,
+        )
 
     return progress
 
@@ -115,17 +118,21 @@ def _run_one(cfg: HPOConfig, name: str, problem: Any, lam0: torch.Tensor, d: int
         warnings.simplefilter("ignore", ConvergenceWarning)
         agree = hypergradient_cosine(problem, lam_vec, est, tol=tol)
     return {
-        "history": res.history, "final_lam": res.lam.tolist(),
+        "history": res.history,
+        "final_lam": res.lam.tolist(),
         "final_val_loss": res.history[-1]["val_loss"],
         "final_test_loss": res.history[-1]["test_loss"],
-        "best_val_loss": res.best_val_loss, "total_time": res.history[-1]["time_s"],
-        "cosine_to_exact": agree["cosine"], "rel_error_to_exact": agree["rel_error"],
+        "best_val_loss": res.best_val_loss,
+        "total_time": res.history[-1]["time_s"],
+        "cosine_to_exact": agree["cosine"],
+        "rel_error_to_exact": agree["rel_error"],
         "n_inner_not_converged": res.n_inner_not_converged,
-        "n_linear_not_converged": res.n_linear_not_converged, "n_rejected": res.n_rejected,
+        "n_linear_not_converged": res.n_linear_not_converged,
+        "n_rejected": res.n_rejected,
     }
 
 
-def _time_to_exact(runs: Dict[str, dict]) -> Optional[float]:
+def _time_to_exact(runs: dict[str, dict]) -> Optional[float]:
     """Adds each run's time to reach 1.01 × Exact's final validation loss; returns that target."""
     if "exact" not in runs:
         return None
@@ -141,7 +148,7 @@ def _fmt(v: Optional[float], spec: str = ".4f") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
-def format_curves(runs: Dict[str, dict]) -> str:
+def format_curves(runs: dict[str, dict]) -> str:
     """Held-out loss against wall-clock time, per estimator (about 7 points each)."""
     lines = ["\nheld-out loss against wall-clock time"]
     for name, r in runs.items():
@@ -152,29 +159,38 @@ def format_curves(runs: Dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def format_summary(runs: Dict[str, dict], target: Optional[float]) -> str:
+def format_summary(runs: dict[str, dict], target: Optional[float]) -> str:
     """The summary table and its legend."""
-    hdr = (f"\n{'estimator':>13} | {'final val':>9} | {'best val':>9} | {'test':>8} | "
-           f"{'time (s)':>8} | {'t→exact+1%':>10} | {'ratio':>6} | {'cos(exact)':>10} | "
-           f"{'rel err':>8} | {'inner NC':>8} | {'CG NC':>5}")
+    hdr = (
+        f"\n{'estimator':>13} | {'final val':>9} | {'best val':>9} | {'test':>8} | "
+        f"{'time (s)':>8} | {'t→exact+1%':>10} | {'ratio':>6} | {'cos(exact)':>10} | "
+        f"{'rel err':>8} | {'inner NC':>8} | {'CG NC':>5}"
+    )
     lines = [hdr, "-" * (len(hdr) - 1)]
     for name, r in runs.items():
-        lines.append(f"{name:>13} | {r['final_val_loss']:9.5f} | {r['best_val_loss']:9.5f} | "
-                     f"{r['final_test_loss']:8.5f} | {r['total_time']:8.3f} | "
-                     f"{_fmt(r.get('time_to_exact_final_1pct'), '.3f'):>10} | "
-                     f"{_fmt(r.get('time_ratio_vs_exact_total'), '.2f'):>6} | "
-                     f"{r['cosine_to_exact']:10.5f} | {r['rel_error_to_exact']:8.2e} | "
-                     f"{r['n_inner_not_converged']:8d} | {r['n_linear_not_converged']:5d}")
+        lines.append(
+            f"{name:>13} | {r['final_val_loss']:9.5f} | {r['best_val_loss']:9.5f} | "
+            f"{r['final_test_loss']:8.5f} | {r['total_time']:8.3f} | "
+            f"{_fmt(r.get('time_to_exact_final_1pct'), '.3f'):>10} | "
+            f"{_fmt(r.get('time_ratio_vs_exact_total'), '.2f'):>6} | "
+            f"{r['cosine_to_exact']:10.5f} | {r['rel_error_to_exact']:8.2e} | "
+            f"{r['n_inner_not_converged']:8d} | {r['n_linear_not_converged']:5d}"
+        )
     if target is not None:
-        lines.append(f"(t→exact+1%: first time the validation loss ≤ 1.01 × Exact's final "
-                     f"{runs['exact']['final_val_loss']:.5f}; ratio: that time / Exact's total time)")
-    lines.append("(cos(exact): cosine to Exact-CG(1e-12) of the per-feature hypergradient at the final λ;"
-                 " rel err: ‖g − g_exact‖/‖g_exact‖ of that vector)")
+        lines.append(
+            f"(t→exact+1%: first time the validation loss ≤ 1.01 × Exact's final "
+            f"{runs['exact']['final_val_loss']:.5f}; ratio: that time / Exact's total time)"
+        )
+    lines.append(
+        "(cos(exact): cosine to Exact-CG(1e-12) of the per-feature hypergradient at the final λ;"
+        " rel err: ‖g − g_exact‖/‖g_exact‖ of that vector)"
+    )
     return "\n".join(lines)
 
 
-def _plot(path: str, runs: Dict[str, dict], title: str) -> None:
+def _plot(path: str, runs: dict[str, dict], title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -205,20 +221,25 @@ def _settings(cfg: HPOConfig, d: int) -> dict:
     return {**{k: getattr(cfg, k) for k in RESULT_SETTINGS}, "n_features": d}
 
 
-def _write(cfg: HPOConfig, runs: Dict[str, dict], d: int, complete: bool = True) -> str:
+def _write(cfg: HPOConfig, runs: dict[str, dict], d: int, complete: bool = True) -> str:
     """``hpo_<dataset>.json`` (atomically) with the finished runs; with ``complete`` also the PNG.
     Called after every estimator, so an interrupted search keeps its finished runs."""
     os.makedirs(cfg.out, exist_ok=True)  # type: ignore[arg-type]
     base = os.path.join(cfg.out, f"hpo_{cfg.dataset}")  # type: ignore[arg-type]
-    payload = {**_settings(cfg, d), "grad_opts": {n: cfg.grad_opts for n in runs},
-               "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "complete": complete, "estimators": runs}
+    payload = {
+        **_settings(cfg, d),
+        "grad_opts": {n: cfg.grad_opts for n in runs},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "complete": complete,
+        "estimators": runs,
+    }
     atomic_write_text(base + ".json", json.dumps(payload, indent=1))
     if complete:
         _plot(base + ".png", runs, f"HOAG on {cfg.dataset} ({'per-feature' if cfg.per_feature else 'scalar'} λ)")
     return base
 
 
-def _resumed_runs(cfg: HPOConfig, d: int) -> Dict[str, dict]:
+def _resumed_runs(cfg: HPOConfig, d: int) -> dict[str, dict]:
     """The finished runs of an earlier search in ``cfg.out`` (``--resume``), after checking that
     it was made with the same settings (OptionError otherwise)."""
     path = os.path.join(cfg.out, f"hpo_{cfg.dataset}.json")  # type: ignore[arg-type]
@@ -231,8 +252,10 @@ def _resumed_runs(cfg: HPOConfig, d: int) -> Dict[str, dict]:
     now = _settings(cfg, d)
     changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in now.items() if old.get(k) != v]
     if changed:
-        raise OptionError(f"--resume: {path} was written with other settings ({'; '.join(changed)}); "
-                          f"use another --out, or --overwrite to start over.")
+        raise OptionError(
+            f"--resume: {path} was written with other settings ({'; '.join(changed)}); "
+            f"use another --out, or --overwrite to start over."
+        )
     kept = {}
     for name, run in old["estimators"].items():
         if name in cfg.grad and old.get("grad_opts", {}).get(name) == cfg.grad_opts:
@@ -241,7 +264,7 @@ def _resumed_runs(cfg: HPOConfig, d: int) -> Dict[str, dict]:
     return kept
 
 
-def run_hpo(cfg: HPOConfig, log: Callable[[str], None] = print) -> Dict[str, dict]:
+def run_hpo(cfg: HPOConfig, log: Callable[[str], None] = print) -> dict[str, dict]:
     """Run HOAG once per estimator of ``cfg.grad``; print the curves and the table; write the files.
 
     With ``cfg.out`` the JSON is rewritten (atomically) after every estimator; ``cfg.resume``
@@ -254,10 +277,12 @@ def run_hpo(cfg: HPOConfig, log: Callable[[str], None] = print) -> Dict[str, dic
     problem = logistic_hpo_problem(splits)
     d = splits.n_features
     lam0 = torch.full((d,) if cfg.per_feature else (), float(cfg.lam0), dtype=torch.float64)
-    log(f"deqkit hpo: dataset={cfg.dataset} (train {len(splits.y_train)}, val "
+    log(
+        f"deqkit hpo: dataset={cfg.dataset} (train {len(splits.y_train)}, val "
         f"{len(splits.y_val)}, test {len(splits.y_test)}, d={d}), λ "
         f"{'per feature' if cfg.per_feature else 'scalar'}, outer steps {cfg.outer_steps}, "
-        f"seed {cfg.seed}, threads {cfg.threads}")
+        f"seed {cfg.seed}, threads {cfg.threads}"
+    )
     done = _resumed_runs(cfg, d) if cfg.resume else {}
     todo = [name for name in cfg.grad if name not in done]
     # warm-up (torch/autograd first-call overheads) so that the first timed run is not penalised
@@ -265,7 +290,7 @@ def run_hpo(cfg: HPOConfig, log: Callable[[str], None] = print) -> Dict[str, dic
         warnings.simplefilter("ignore", ConvergenceWarning)
         for name in todo:
             HOAG(make_preset(name, cfg.grad_opts), outer_steps=1).run(problem, lam0)
-    runs: Dict[str, dict] = {}
+    runs: dict[str, dict] = {}
     for name in cfg.grad:
         if name in done:
             log(f"  [{name:>13}] kept from the earlier run (--resume)")

@@ -17,8 +17,9 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +31,8 @@ from ..errors import ConvergenceWarning, OptionError
 from ..sim.admm import BatchedADMM
 from ..sim.attacks import accuracy, robust_accuracy
 from ..sim.baseline import make_mlp, train_mlp
-from ..sim.fit import baseline_nonzeros, count_nonzeros, finetune, fit_sim
 from ..sim.cnn import cnn_layers, cnn_support, collect_cnn_states, make_cnn
+from ..sim.fit import baseline_nonzeros, count_nonzeros, finetune, fit_sim
 from ..sim.robust import certified_linf_gain
 from ..sim.states import collect_states
 
@@ -49,10 +50,35 @@ _FALLBACK = {"samples": 2000, "epochs": 10, "lr": 1e-3}
 
 #: the options that shape the results: a run resumed with --resume must have the same
 RESULT_SETTINGS = (
-    "dataset", "hidden", "samples", "kappa", "mode", "fit_solver", "rho", "max_iter_ab", "max_iter_cd", "lam_scale",
-    "penalty", "input_weight", "structure", "output_skip", "debias", "finetune_epochs", "finetune_lr", "seed",
-    "attacks", "eps", "pgd_steps", "n_test", "n_attack", "density", "density_tol", "input_radius", "output_radius",
-    "model", "channels",
+    "dataset",
+    "hidden",
+    "samples",
+    "kappa",
+    "mode",
+    "fit_solver",
+    "rho",
+    "max_iter_ab",
+    "max_iter_cd",
+    "lam_scale",
+    "penalty",
+    "input_weight",
+    "structure",
+    "output_skip",
+    "debias",
+    "finetune_epochs",
+    "finetune_lr",
+    "seed",
+    "attacks",
+    "eps",
+    "pgd_steps",
+    "n_test",
+    "n_attack",
+    "density",
+    "density_tol",
+    "input_radius",
+    "output_radius",
+    "model",
+    "channels",
 )
 RESULTS_FILE = "sim_results.json"
 
@@ -73,8 +99,7 @@ def load_data(name: str, data_dir: str | os.PathLike | None = None, seed: int = 
     samples come in a random order drawn with ``seed``; the command takes the first ``m`` of them
     as state samples.
     """
-    splits = load_dataset(name, data_dir=data_dir, val_fraction=0.0, seed=seed, test_seed=0,
-                          flatten=True, normalize=False)
+    splits = load_dataset(name, data_dir=data_dir, val_fraction=0.0, seed=seed, test_seed=0, flatten=True, normalize=False)
     return (*splits.train.tensors, *splits.test.tensors)
 
 
@@ -84,20 +109,33 @@ def baseline_mlp(opts: Any, xtr: Tensor, ytr: Tensor) -> tuple[nn.Module, str]:
     d = defaults(opts.dataset)
     if getattr(opts, "model", "mlp") == "cnn":
         shape = image_shape(xtr.shape[1])
-        net = nn.Sequential(nn.Unflatten(1, shape), *make_cnn(shape, list(opts.channels), int(ytr.max()) + 1,
-                                                             kernel_size=opts.kernel_size, stride=opts.stride,
-                                                             padding=opts.padding))
+        net = nn.Sequential(
+            nn.Unflatten(1, shape),
+            *make_cnn(
+                shape,
+                list(opts.channels),
+                int(ytr.max()) + 1,
+                kernel_size=opts.kernel_size,
+                stride=opts.stride,
+                padding=opts.padding,
+            ),
+        )
     else:
         net = make_mlp(xtr.shape[1], list(opts.hidden), int(ytr.max()) + 1)
     if opts.baseline and os.path.exists(opts.baseline):
-        state = load_torch_file(opts.baseline, what="a baseline state_dict",
-                                advice="pass the file deqkit sim wrote with --baseline, or another path to train a new one")
+        state = load_torch_file(
+            opts.baseline,
+            what="a baseline state_dict",
+            advice="pass the file deqkit sim wrote with --baseline, or another path to train a new one",
+        )
         try:
             net.load_state_dict(state)
         except (RuntimeError, TypeError, AttributeError) as exc:
-            raise OptionError(f"--baseline {opts.baseline}: its weights do not fit this network ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0]}); check --dataset, --model, --hidden/--channels, or pass "
-                              f"another --baseline path to train a new one") from exc
+            raise OptionError(
+                f"--baseline {opts.baseline}: its weights do not fit this network ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0]}); check --dataset, --model, --hidden/--channels, or pass "
+                f"another --baseline path to train a new one"
+            ) from exc
         net.eval()
         return net, f"loaded {opts.baseline}"
     t0 = time.perf_counter()
@@ -122,8 +160,9 @@ def image_shape(p: int) -> tuple[int, int, int]:
 def baseline_nnz(net: nn.Module, model: str, p: int) -> int:
     """Non-zero weights and biases of the baseline; for a CNN, of its unrolled (implicit) form."""
     if model == "cnn":
-        return sum(int((lay.weight.abs() >= 1e-6).sum()) + int((lay.bias.abs() >= 1e-6).sum())
-                   for lay in cnn_layers(net, (p,)).layers)
+        return sum(
+            int((lay.weight.abs() >= 1e-6).sum()) + int((lay.bias.abs() >= 1e-6).sum()) for lay in cnn_layers(net, (p,)).layers
+        )
     return baseline_nonzeros(net)
 
 
@@ -168,12 +207,16 @@ def resumed_rows(path: Path, results: dict) -> dict:
     old = read_json_file(path, what="SIM results", advice="delete it or use another --out, or drop --resume to start over")
     changed = [f"{k}: {old.get(k)!r} -> {results[k]!r}" for k in RESULT_SETTINGS if old.get(k) != results[k]]
     if changed:
-        raise ValueError(f"--resume: {path} was written with other settings ({'; '.join(changed)}); "
-                         "use another --out, or drop --resume to start over")
+        raise ValueError(
+            f"--resume: {path} was written with other settings ({'; '.join(changed)}); "
+            "use another --out, or drop --resume to start over"
+        )
     ob, nb = old.get("baseline", {}), results["baseline"]
     if (ob.get("accuracy"), ob.get("nnz")) != (nb["accuracy"], nb["nnz"]):
-        raise ValueError(f"--resume: {path} was written for another baseline (test accuracy {ob.get('accuracy')} vs "
-                         f"{nb['accuracy']}); pass the same --baseline file")
+        raise ValueError(
+            f"--resume: {path} was written for another baseline (test accuracy {ob.get('accuracy')} vs "
+            f"{nb['accuracy']}); pass the same --baseline file"
+        )
     return {row_key(r): r for r in old.get("sim", [])}
 
 
@@ -183,8 +226,9 @@ def _gain(model: nn.Module) -> float | None:
     return g.gain if g.certified else None
 
 
-def _evaluate(model: nn.Module, lam: float, res: Any, finetune_epochs: int, test: tuple[Tensor, Tensor],
-              base_nnz: int, robust: Robustness) -> dict:
+def _evaluate(
+    model: nn.Module, lam: float, res: Any, finetune_epochs: int, test: tuple[Tensor, Tensor], base_nnz: int, robust: Robustness
+) -> dict:
     """The results row of one fitted (or fine-tuned) implicit model."""
     with warnings.catch_warnings(record=True) as fwd_warn:
         warnings.simplefilter("always", ConvergenceWarning)
@@ -231,8 +275,10 @@ class SimJob:
         self.robust = Robustness(o, *self.test)
         self.m = o.samples or defaults(o.dataset)["samples"]
         if self.m > len(self.xtr):
-            raise OptionError(f"--samples {self.m}: the {o.dataset} training split has only {len(self.xtr)} images; "
-                              f"pass --samples {len(self.xtr)} or fewer")
+            raise OptionError(
+                f"--samples {self.m}: the {o.dataset} training split has only {len(self.xtr)} images; "
+                f"pass --samples {len(self.xtr)} or fewer"
+            )
 
     def _results_header(self) -> dict:
         o = self.opts
@@ -240,13 +286,28 @@ class SimJob:
         base_acc, base_nnz = accuracy(self.net, *self.test), baseline_nnz(self.net, model, self.xtr.shape[1])
         results: dict[str, Any] = {"command": " ".join(sys.argv)}
         results.update({k: getattr(o, k) for k in RESULT_SETTINGS})
-        results.update({"hidden": list(o.hidden), "channels": list(getattr(o, "channels", [])), "samples": self.m, "attacks": list(o.attacks), "eps": list(o.eps)})
-        results.update({"baseline": {"accuracy": base_acc, "nnz": base_nnz, "how": self.how, "robust": self.robust(self.net)},
-                        "sim": [], "complete": False})
-        arch = (f"CNN channels {','.join(map(str, o.channels))}" if model == "cnn"
-                else f"MLP {self.xtr.shape[1]}-{'-'.join(map(str, o.hidden))}-{int(self.ytr.max()) + 1}")
-        self.log(f"baseline {arch} ({self.how}): "
-                 f"test accuracy {100 * base_acc:.2f}%, non-zeros {base_nnz}")
+        results.update(
+            {
+                "hidden": list(o.hidden),
+                "channels": list(getattr(o, "channels", [])),
+                "samples": self.m,
+                "attacks": list(o.attacks),
+                "eps": list(o.eps),
+            }
+        )
+        results.update(
+            {
+                "baseline": {"accuracy": base_acc, "nnz": base_nnz, "how": self.how, "robust": self.robust(self.net)},
+                "sim": [],
+                "complete": False,
+            }
+        )
+        arch = (
+            f"CNN channels {','.join(map(str, o.channels))}"
+            if model == "cnn"
+            else f"MLP {self.xtr.shape[1]}-{'-'.join(map(str, o.hidden))}-{int(self.ytr.max()) + 1}"
+        )
+        self.log(f"baseline {arch} ({self.how}): test accuracy {100 * base_acc:.2f}%, non-zeros {base_nnz}")
         return results
 
     def _fit(self, target: float, warm: Optional[nn.Module]) -> Any:
@@ -257,12 +318,26 @@ class SimJob:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             shape = {} if "support" in self.fit_extra else {"structure": o.structure, "output_skip": o.output_skip}
-            res = fit_sim(self.states, None if by_density else target, density=target if by_density else None,
-                          density_tol=o.density_tol, method=o.fit_solver, mode=o.mode, admm_ab=self.admm_ab,
-                          admm_cd=self.admm_cd, warm_start=warm, lam_scale=o.lam_scale, penalty=o.penalty,
-                          input_weight=o.input_weight, **shape,
-                          debias=o.debias, input_radius=o.input_radius, output_radius=o.output_radius,
-                          log=log if by_density else None, **self.fit_extra)
+            res = fit_sim(
+                self.states,
+                None if by_density else target,
+                density=target if by_density else None,
+                density_tol=o.density_tol,
+                method=o.fit_solver,
+                mode=o.mode,
+                admm_ab=self.admm_ab,
+                admm_cd=self.admm_cd,
+                warm_start=warm,
+                lam_scale=o.lam_scale,
+                penalty=o.penalty,
+                input_weight=o.input_weight,
+                **shape,
+                debias=o.debias,
+                input_radius=o.input_radius,
+                output_radius=o.output_radius,
+                log=log if by_density else None,
+                **self.fit_extra,
+            )
         for w in caught:
             print(f"  warning: {w.message}", file=sys.stderr)
         return res
@@ -270,9 +345,15 @@ class SimJob:
     def _finetuned_row(self, model: nn.Module, lam: float, res: Any, base_nnz: int) -> dict:
         o = self.opts
         tuned = copy.deepcopy(model)
-        progress = None if o.no_progress else (
-            lambda e, loss: print(f"  fine-tuning λ={lam:g}: epoch {e}/{o.finetune_epochs}, train loss {loss:.4f}",
-                                  file=sys.stderr, flush=True))
+        progress = (
+            None
+            if o.no_progress
+            else (
+                lambda e, loss: print(
+                    f"  fine-tuning λ={lam:g}: epoch {e}/{o.finetune_epochs}, train loss {loss:.4f}", file=sys.stderr, flush=True
+                )
+            )
+        )
         t0 = time.perf_counter()
         finetune(tuned, self.xtr, self.ytr, epochs=o.finetune_epochs, lr=o.finetune_lr, seed=o.seed, log=progress)
         elapsed = time.perf_counter() - t0
@@ -285,7 +366,7 @@ class SimJob:
         o = self.opts
         base_nnz = results["baseline"]["nnz"]
         prev = None
-        for target in (o.density or o.lam):
+        for target in o.density or o.lam:
             wanted = [(target, 0)] + ([(target, o.finetune_epochs)] if o.finetune_epochs else [])
             what = f"density {100 * target:g}%" if o.density else f"λ={target:g}"
             if all(key in done for key in wanted):
@@ -349,8 +430,18 @@ def format_table(results: dict, eps_cols: list[tuple[str, str]]) -> str:
     lines = [head, fmt("baseline", b["accuracy"], b["nnz"], 1.0, "-", "-", "-", b["robust"])]
     for r in results["sim"]:
         name = f"SIM λ={r['lam']:.3g}" + (f" +ft{r['finetune_epochs']}" if r["finetune_epochs"] else "")
-        lines.append(fmt(name, r["accuracy"], r["nnz"]["total"], r["nnz_fraction"], f"{r['A_inf_norm']:.3f}",
-                         "yes" if r["wellposed"] else "NO", f"{r['solve_time_s']:.1f}", r["robust"]))
+        lines.append(
+            fmt(
+                name,
+                r["accuracy"],
+                r["nnz"]["total"],
+                r["nnz_fraction"],
+                f"{r['A_inf_norm']:.3f}",
+                "yes" if r["wellposed"] else "NO",
+                f"{r['solve_time_s']:.1f}",
+                r["robust"],
+            )
+        )
     return "\n".join(lines)
 
 
@@ -361,8 +452,9 @@ def _plot_accuracy(ax: Any, results: dict) -> None:
     lams = [r["lam"] for r in plain]
     ax.plot(lams, [100 * r["accuracy"] for r in plain], "o-", color="C0", label="SIM accuracy")
     if tuned:
-        ax.plot([r["lam"] for r in tuned], [100 * r["accuracy"] for r in tuned], "o:", color="C2",
-                label="SIM + fine-tuning accuracy")
+        ax.plot(
+            [r["lam"] for r in tuned], [100 * r["accuracy"] for r in tuned], "o:", color="C2", label="SIM + fine-tuning accuracy"
+        )
     ax.axhline(100 * results["baseline"]["accuracy"], color="C0", ls="--", label="baseline accuracy")
     ax.set_xscale("log")
     ax.set_xlabel("λ")
@@ -371,8 +463,11 @@ def _plot_accuracy(ax: Any, results: dict) -> None:
     ax2.plot(lams, [r["nnz"]["total"] for r in plain], "s-", color="C1", label="SIM non-zeros")
     ax2.axhline(results["baseline"]["nnz"], color="C1", ls="--", label="baseline non-zeros")
     ax2.set_ylabel("non-zeros of (A, B, C, D)", color="C1")
-    ax.set_title(f"accuracy and non-zeros against λ ({plain[0].get('lam_scale') or 'paper'} units)" if plain
-                 else "accuracy and non-zeros against λ")
+    ax.set_title(
+        f"accuracy and non-zeros against λ ({plain[0].get('lam_scale') or 'paper'} units)"
+        if plain
+        else "accuracy and non-zeros against λ"
+    )
 
 
 def _plot_robustness(ax: Any, results: dict) -> None:
@@ -386,9 +481,15 @@ def _plot_robustness(ax: Any, results: dict) -> None:
             rob = r["robust"].get(attack)
             if rob:
                 eps = sorted(float(e) for e in rob)
-                ax.plot(eps, [100 * rob[str(e)] for e in eps], ls, color=f"C{i % 10}", marker=".",
-                        label=f"SIM λ={r['lam']:.3g} ({100 * r['nnz_fraction']:.0f}% nnz)"
-                              f"{' +ft' if r.get('finetune_epochs') else ''} {attack}")
+                ax.plot(
+                    eps,
+                    [100 * rob[str(e)] for e in eps],
+                    ls,
+                    color=f"C{i % 10}",
+                    marker=".",
+                    label=f"SIM λ={r['lam']:.3g} ({100 * r['nnz_fraction']:.0f}% nnz)"
+                    f"{' +ft' if r.get('finetune_epochs') else ''} {attack}",
+                )
     ax.set_xlabel("ε (ℓ∞)")
     ax.set_ylabel("accuracy under attack (%)")
     ax.set_title("robustness")

@@ -22,19 +22,46 @@ ICML 2016.
 
 from .data import HPO_DATASETS, HPOSplits, load_hpo_dataset, logistic_hpo_problem
 from .hoag import HOAG, HOAGResult, hypergradient_cosine
-from .hypergrad import (HYPERGRADIENT_NAMES, HYPERGRADIENTS, ExactHypergradient,
-                        HypergradientEstimator, HypergradResult, JacobianFreeHypergradient,
-                        SHINEHypergradient, WEstimate, default_inner_solver,
-                        make_hypergradient, register_hypergradient)
-from .lbfgs import (LBFGS, LBFGSInverse, LBFGSResult, SecantMemory, dense_bfgs_inverse,
-                    two_loop)
+from .hypergrad import (
+    HYPERGRADIENT_NAMES,
+    HYPERGRADIENTS,
+    ExactHypergradient,
+    HypergradientEstimator,
+    HypergradResult,
+    JacobianFreeHypergradient,
+    SHINEHypergradient,
+    WEstimate,
+    default_inner_solver,
+    make_hypergradient,
+    register_hypergradient,
+)
+from .lbfgs import LBFGS, LBFGSInverse, LBFGSResult, SecantMemory, dense_bfgs_inverse, two_loop
 from .problem import BilevelProblem
 
 __all__ = [
-    "BilevelProblem", "LBFGS", "LBFGSResult", "LBFGSInverse", "SecantMemory", "two_loop",
-    "dense_bfgs_inverse", "HypergradientEstimator", "HypergradResult", "WEstimate", "ExactHypergradient",
-    "SHINEHypergradient", "JacobianFreeHypergradient", "make_hypergradient",
-    "register_hypergradient", "HYPERGRADIENTS", "HYPERGRADIENT_NAMES", "default_inner_solver",
-    "HOAG", "HOAGResult", "hypergradient_cosine", "HPO_DATASETS", "HPOSplits",
-    "load_hpo_dataset", "logistic_hpo_problem",
+    "BilevelProblem",
+    "LBFGS",
+    "LBFGSResult",
+    "LBFGSInverse",
+    "SecantMemory",
+    "two_loop",
+    "dense_bfgs_inverse",
+    "HypergradientEstimator",
+    "HypergradResult",
+    "WEstimate",
+    "ExactHypergradient",
+    "SHINEHypergradient",
+    "JacobianFreeHypergradient",
+    "make_hypergradient",
+    "register_hypergradient",
+    "HYPERGRADIENTS",
+    "HYPERGRADIENT_NAMES",
+    "default_inner_solver",
+    "HOAG",
+    "HOAGResult",
+    "hypergradient_cosine",
+    "HPO_DATASETS",
+    "HPOSplits",
+    "load_hpo_dataset",
+    "logistic_hpo_problem",
 ]

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
 import torch.nn.functional as F
+from torch import Tensor
 
 from deqkit._options import check_choice, check_fraction, check_int, validated_options
 from deqkit.errors import OptionError
@@ -54,17 +54,26 @@ class HPOSplits:
 def _raw(name: str, seed: int, n_samples: int, n_features: int):
     if name == "breast_cancer":
         from sklearn.datasets import load_breast_cancer
+
         d = load_breast_cancer()
         return d.data, d.target
     if name == "digits":
         from sklearn.datasets import load_digits
+
         d = load_digits()
         return d.data, (d.target >= 5).astype(int)
     if name == "synthetic":
         from sklearn.datasets import make_classification
-        return make_classification(n_samples=n_samples, n_features=n_features,
-                                   n_informative=n_features // 10, n_redundant=n_features // 10,
-                                   flip_y=0.05, class_sep=1.0, random_state=seed)
+
+        return make_classification(
+            n_samples=n_samples,
+            n_features=n_features,
+            n_informative=n_features // 10,
+            n_redundant=n_features // 10,
+            flip_y=0.05,
+            class_sep=1.0,
+            random_state=seed,
+        )
     check_choice("load_hpo_dataset", "name", name, HPO_DATASETS)
     raise AssertionError("unreachable")
 
@@ -79,9 +88,16 @@ def _split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple:
 
 
 @validated_options
-def load_hpo_dataset(name: str, *, seed: int = 0, val_fraction: float = 0.05,
-                     test_fraction: float = 0.05, n_samples: int = 2000, n_features: int = 500,
-                     dtype: torch.dtype = torch.float64) -> HPOSplits:
+def load_hpo_dataset(
+    name: str,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    n_samples: int = 2000,
+    n_features: int = 500,
+    dtype: torch.dtype = torch.float64,
+) -> HPOSplits:
     """Load ``name`` (one of :data:`HPO_DATASETS`) with a seeded split.
 
     Args:
@@ -99,8 +115,10 @@ def load_hpo_dataset(name: str, *, seed: int = 0, val_fraction: float = 0.05,
     val_fraction = check_fraction(owner, "val_fraction", val_fraction)
     test_fraction = check_fraction(owner, "test_fraction", test_fraction)
     if val_fraction + test_fraction >= 1:
-        raise OptionError(f"{owner}: val_fraction + test_fraction must be < 1 (a training set must remain), "
-                          f"got {val_fraction!r} + {test_fraction!r}.")
+        raise OptionError(
+            f"{owner}: val_fraction + test_fraction must be < 1 (a training set must remain), "
+            f"got {val_fraction!r} + {test_fraction!r}."
+        )
     n_samples = check_int(owner, "n_samples", n_samples, minimum=2)
     n_features = check_int(owner, "n_features", n_features, minimum=10)
     X, y = _raw(name, seed, n_samples, n_features)
@@ -109,7 +127,7 @@ def load_hpo_dataset(name: str, *, seed: int = 0, val_fraction: float = 0.05,
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(y))
     n_tr, n_val = _split_sizes(len(y), val_fraction, test_fraction)
-    tr, va, te = perm[:n_tr], perm[n_tr:n_tr + n_val], perm[n_tr + n_val:]
+    tr, va, te = perm[:n_tr], perm[n_tr : n_tr + n_val], perm[n_tr + n_val :]
     mu = X[tr].mean(0)
     sd = X[tr].std(0)
     sd[sd == 0] = 1.0

@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Optional
 
 from torch import Tensor
 
-from deqkit._options import (check_bool, check_failure_policy, check_int, check_number,
-                             check_positive, validated_options)
+from deqkit._options import check_bool, check_failure_policy, check_int, check_number, check_positive, validated_options
 from deqkit.errors import OptionError, apply_failure_policy
 from deqkit.results import ResultMixin
 
-from .hypergrad import (ExactHypergradient, HypergradientEstimator, HypergradResult,
-                        default_inner_solver)
+from .hypergrad import ExactHypergradient, HypergradientEstimator, HypergradResult, default_inner_solver
 from .lbfgs import LBFGS, LBFGSResult
 from .problem import BilevelProblem
 
@@ -65,7 +64,7 @@ class HOAGResult(ResultMixin):
     x: Tensor
     best_lam: Tensor
     best_val_loss: float
-    history: List[Dict]
+    history: list[dict]
     estimator: str
     converged: bool
     nstep: int
@@ -77,16 +76,16 @@ class HOAGResult(ResultMixin):
     n_rejected: int = 0
 
     @property
-    def times(self) -> List[float]:
+    def times(self) -> list[float]:
         """Cumulative seconds after each outer step."""
         return [h["time_s"] for h in self.history]
 
     @property
-    def val_losses(self) -> List[float]:
+    def val_losses(self) -> list[float]:
         return [h["val_loss"] for h in self.history]
 
     @property
-    def test_losses(self) -> List[Optional[float]]:
+    def test_losses(self) -> list[Optional[float]]:
         return [h["test_loss"] for h in self.history]
 
     def time_to_reach(self, target: float) -> Optional[float]:
@@ -107,10 +106,10 @@ class _Run:
     clock: float
     w: Optional[Tensor] = None
     L_lam: Optional[float] = None
-    old: Optional[Tuple[Tensor, Tensor, float]] = None  # (lam, grad, loss) at the last accepted point
+    old: Optional[tuple[Tensor, Tensor, float]] = None  # (lam, grad, loss) at the last accepted point
     best_lam: Optional[Tensor] = None
     best_loss: float = math.inf
-    history: List[Dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
     inner: Optional[LBFGSResult] = None
     hg: Optional[HypergradResult] = None
     lam_eval: Optional[Tensor] = None
@@ -141,23 +140,33 @@ class HOAG:
         callback: called with each history dict (e.g. to print progress).
     """
 
-    def __init__(self, hypergradient: HypergradientEstimator, *, solver: Optional[LBFGS] = None,
-                 outer_steps: int = 30, tol_init: float = 1e-3, tol_decrease: float = 0.78,
-                 lam_bounds: Tuple[float, float] = (-12.0, 12.0), reject_tol: float = 0.0,
-                 warm_start: bool = True, on_failure: str = "warn",
-                 callback: Optional[Callable[[Dict], None]] = None) -> None:
+    def __init__(
+        self,
+        hypergradient: HypergradientEstimator,
+        *,
+        solver: Optional[LBFGS] = None,
+        outer_steps: int = 30,
+        tol_init: float = 1e-3,
+        tol_decrease: float = 0.78,
+        lam_bounds: tuple[float, float] = (-12.0, 12.0),
+        reject_tol: float = 0.0,
+        warm_start: bool = True,
+        on_failure: str = "warn",
+        callback: Optional[Callable[[dict], None]] = None,
+    ) -> None:
         owner = type(self).__name__
         if not isinstance(hypergradient, HypergradientEstimator):
-            raise OptionError(f"{owner}: hypergradient must be a HypergradientEstimator (ExactHypergradient, "
-                              f"SHINEHypergradient, JacobianFreeHypergradient, or make_hypergradient(name)), "
-                              f"got {hypergradient!r}.")
+            raise OptionError(
+                f"{owner}: hypergradient must be a HypergradientEstimator (ExactHypergradient, "
+                f"SHINEHypergradient, JacobianFreeHypergradient, or make_hypergradient(name)), "
+                f"got {hypergradient!r}."
+            )
         if solver is not None and not callable(getattr(solver, "solve", None)):
             raise OptionError(f"{owner}: solver must be an inner solver such as LBFGS(...), got {solver!r}.")
         if callback is not None and not callable(callback):
             raise OptionError(f"{owner}: callback must be a callable or None, got {callback!r}.")
         self.hypergradient = hypergradient
-        self.solver = solver if solver is not None else default_inner_solver(
-            hypergradient, max_iter=1000, on_failure="ignore")
+        self.solver = solver if solver is not None else default_inner_solver(hypergradient, max_iter=1000, on_failure="ignore")
         self.outer_steps = check_int(owner, "outer_steps", outer_steps)
         self.tol_init = check_positive(owner, "tol_init", tol_init)
         self.tol_decrease = check_number(owner, "tol_decrease", tol_decrease, low=0.0, high=1.0, low_open=True)
@@ -168,7 +177,7 @@ class HOAG:
         self.callback = callback
 
     @staticmethod
-    def _check_bounds(owner: str, lam_bounds: Any) -> Tuple[float, float]:
+    def _check_bounds(owner: str, lam_bounds: Any) -> tuple[float, float]:
         try:
             lo, hi = lam_bounds
         except (TypeError, ValueError):
@@ -179,9 +188,11 @@ class HOAG:
         return lo, hi
 
     def __repr__(self) -> str:
-        return (f"HOAG({self.hypergradient!r}, solver={self.solver!r}, outer_steps={self.outer_steps}, "
-                f"tol_init={self.tol_init:g}, tol_decrease={self.tol_decrease:g}, lam_bounds={self.lam_bounds}, "
-                f"reject_tol={self.reject_tol:g}, warm_start={self.warm_start}, on_failure={self.on_failure!r})")
+        return (
+            f"HOAG({self.hypergradient!r}, solver={self.solver!r}, outer_steps={self.outer_steps}, "
+            f"tol_init={self.tol_init:g}, tol_decrease={self.tol_decrease:g}, lam_bounds={self.lam_bounds}, "
+            f"reject_tol={self.reject_tol:g}, warm_start={self.warm_start}, on_failure={self.on_failure!r})"
+        )
 
     def run(self, problem: BilevelProblem, lam0: Tensor) -> HOAGResult:
         """Run the outer loop from ``lam0`` (scalar or vector tensor)."""
@@ -200,18 +211,17 @@ class HOAG:
         lam = lam0.detach().clone().to(problem.x0.dtype)
         _, g0 = problem.inner_value_and_grad(problem.x0, lam)
         g0norm = max(float(g0.norm()), 1e-300)
-        return _Run(lam=lam, x=problem.x0, g0norm=g0norm, best_lam=lam.clone(), lam_eval=lam,
-                    clock=time.perf_counter() - t0)
+        return _Run(lam=lam, x=problem.x0, g0norm=g0norm, best_lam=lam.clone(), lam_eval=lam, clock=time.perf_counter() - t0)
 
-    def _outer_step(self, problem: BilevelProblem, st: _Run, k: int) -> Dict[str, Any]:
+    def _outer_step(self, problem: BilevelProblem, st: _Run, k: int) -> dict[str, Any]:
         """One outer step: inner solve, hypergradient, accept or reject, move λ; its record."""
         t0 = time.perf_counter()
         est = self.hypergradient
-        rel_tol = self.tol_init * self.tol_decrease ** k
-        inner = self.solver.solve(problem, st.lam, x0=st.x if self.warm_start else None,
-                                  tol=rel_tol * st.g0norm, **est.inner_options(problem))
-        hg = est.hypergradient(problem, st.lam, inner, w0=st.w if self.warm_start else None,
-                               tol=rel_tol)
+        rel_tol = self.tol_init * self.tol_decrease**k
+        inner = self.solver.solve(
+            problem, st.lam, x0=st.x if self.warm_start else None, tol=rel_tol * st.g0norm, **est.inner_options(problem)
+        )
+        hg = est.hypergradient(problem, st.lam, inner, w0=st.w if self.warm_start else None, tol=rel_tol)
         st.inner, st.hg, st.lam_eval = inner, hg, st.lam.clone()
         accepted, g = self._accept_or_reject(st, hg)
         if st.L_lam is None:
@@ -224,16 +234,24 @@ class HOAG:
         st.n_in_nc += int(not inner.converged)
         st.n_lin_nc += int(not hg.converged)
         return {
-            "step": k, "time_s": st.clock, "val_loss": hg.outer_loss,
+            "step": k,
+            "time_s": st.clock,
+            "val_loss": hg.outer_loss,
             "test_loss": problem.test_value(inner.x),
-            "grad_norm": float(hg.grad.norm()), "lam_mean": float(st.lam_eval.mean()),
-            "inner_tol": rel_tol * st.g0norm, "inner_nstep": inner.nstep,
-            "inner_converged": inner.converged, "n_hvp": hg.n_hvp,
-            "linear_converged": hg.converged, "accepted": accepted, "step_size": step,
-            "n_opa": inner.n_opa, "n_skipped": inner.n_skipped,
+            "grad_norm": float(hg.grad.norm()),
+            "lam_mean": float(st.lam_eval.mean()),
+            "inner_tol": rel_tol * st.g0norm,
+            "inner_nstep": inner.nstep,
+            "inner_converged": inner.converged,
+            "n_hvp": hg.n_hvp,
+            "linear_converged": hg.converged,
+            "accepted": accepted,
+            "step_size": step,
+            "n_opa": inner.n_opa,
+            "n_skipped": inner.n_skipped,
         }
 
-    def _accept_or_reject(self, st: _Run, hg: HypergradResult) -> Tuple[bool, Tensor]:
+    def _accept_or_reject(self, st: _Run, hg: HypergradResult) -> tuple[bool, Tensor]:
         """HOAG's step control; returns whether the step is accepted and the gradient to step
         along (the stored one after a rejection, when λ returns to the last accepted point)."""
         loss, g = hg.outer_loss, hg.grad
@@ -254,10 +272,21 @@ class HOAG:
         inner, hg = st.inner, st.hg
         converged = bool(inner.converged and hg.converged)
         result = HOAGResult(
-            lam=st.lam_eval, x=inner.x, best_lam=st.best_lam, best_val_loss=st.best_loss,
-            history=st.history, estimator=self.hypergradient.name, converged=converged,
-            nstep=len(st.history), residual=inner.residual, time_s=st.clock, last_inner=inner,
-            n_inner_not_converged=st.n_in_nc, n_linear_not_converged=st.n_lin_nc, n_rejected=st.n_rej)
+            lam=st.lam_eval,
+            x=inner.x,
+            best_lam=st.best_lam,
+            best_val_loss=st.best_loss,
+            history=st.history,
+            estimator=self.hypergradient.name,
+            converged=converged,
+            nstep=len(st.history),
+            residual=inner.residual,
+            time_s=st.clock,
+            last_inner=inner,
+            n_inner_not_converged=st.n_in_nc,
+            n_linear_not_converged=st.n_lin_nc,
+            n_rejected=st.n_rej,
+        )
         if not converged:
             what = "inner solve" if not inner.converged else "hypergradient's linear solve"
             apply_failure_policy(
@@ -265,15 +294,21 @@ class HOAG:
                 f"HOAG: the last outer step's {what} missed its tolerance (inner ‖∇ₓh‖={inner.residual:.3e}, "
                 f"tol={st.history[-1]['inner_tol']:.3e}; linear residual {hg.residual:.2e}), so the final λ's "
                 "hypergradient is inexact. Try a larger `max_iter` for the inner solver or the estimator.",
-                stacklevel=3)
+                stacklevel=3,
+            )
         return result
 
 
 @validated_options
-def hypergradient_cosine(problem: BilevelProblem, lam: Tensor,
-                         hypergradient: HypergradientEstimator, tol: float,
-                         x0: Optional[Tensor] = None, solver: Optional[LBFGS] = None,
-                         reference: Optional[HypergradientEstimator] = None) -> Dict[str, float]:
+def hypergradient_cosine(
+    problem: BilevelProblem,
+    lam: Tensor,
+    hypergradient: HypergradientEstimator,
+    tol: float,
+    x0: Optional[Tensor] = None,
+    solver: Optional[LBFGS] = None,
+    reference: Optional[HypergradientEstimator] = None,
+) -> dict[str, float]:
     """Solve the inner problem at ``lam`` (to ``‖∇h‖ ≤ tol``, with ``hypergradient``'s inner
     options) and compare ``hypergradient``'s estimate with ``reference`` (default
     ``ExactHypergradient(tol=1e-12)``) at the same ``x*``.
@@ -281,13 +316,11 @@ def hypergradient_cosine(problem: BilevelProblem, lam: Tensor,
     Returns ``{'cosine', 'rel_error', 'norm', 'ref_norm'}``.
     """
     tol = check_positive("hypergradient_cosine", "tol", tol)
-    solver = solver if solver is not None else default_inner_solver(
-        hypergradient, max_iter=2000, on_failure="warn")
+    solver = solver if solver is not None else default_inner_solver(hypergradient, max_iter=2000, on_failure="warn")
     reference = reference if reference is not None else ExactHypergradient(tol=1e-12, max_iter=5000)
     inner = solver.solve(problem, lam, x0=x0, tol=tol, **hypergradient.inner_options(problem))
     g = hypergradient.hypergradient(problem, lam, inner).grad
     g_ref = reference.hypergradient(problem, lam, inner).grad
     n, nr = float(g.norm()), float(g_ref.norm())
     cos = float((g * g_ref).sum()) / max(n * nr, 1e-300)
-    return {"cosine": cos, "rel_error": float((g - g_ref).norm()) / max(nr, 1e-300),
-            "norm": n, "ref_norm": nr}
+    return {"cosine": cos, "rel_error": float((g - g_ref).norm()) / max(nr, 1e-300), "norm": n, "ref_norm": nr}

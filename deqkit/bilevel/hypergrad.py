@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from deqkit._options import (check_bool, check_failure_policy, check_int, check_positive,
-                             options_repr, validated_options)
+from deqkit._options import check_bool, check_failure_policy, check_int, check_positive, options_repr, validated_options
 from deqkit.errors import ConvergenceWarning, NonFiniteError, OptionError, apply_failure_policy
 from deqkit.inverse import InverseEstimate
 from deqkit.linear.cg import CG
@@ -47,10 +47,19 @@ from deqkit.results import ResultMixin
 from .lbfgs import LBFGS, LBFGSInverse
 from .problem import BilevelProblem
 
-__all__ = ["HypergradResult", "HypergradientEstimator", "WEstimate", "ExactHypergradient",
-           "SHINEHypergradient", "JacobianFreeHypergradient", "HYPERGRADIENTS",
-           "HYPERGRADIENT_NAMES", "register_hypergradient", "make_hypergradient",
-           "default_inner_solver"]
+__all__ = [
+    "HypergradResult",
+    "HypergradientEstimator",
+    "WEstimate",
+    "ExactHypergradient",
+    "SHINEHypergradient",
+    "JacobianFreeHypergradient",
+    "HYPERGRADIENTS",
+    "HYPERGRADIENT_NAMES",
+    "register_hypergradient",
+    "make_hypergradient",
+    "default_inner_solver",
+]
 
 
 @dataclass
@@ -92,17 +101,18 @@ class WEstimate(NamedTuple):
     residual: float
 
 
-def _hessian_cg(owner: str, problem: BilevelProblem, x: Tensor, lam: Tensor, v: Tensor,
-                w0: Optional[Tensor], tol: float, max_iter: int):
+def _hessian_cg(
+    owner: str, problem: BilevelProblem, x: Tensor, lam: Tensor, v: Tensor, w0: Optional[Tensor], tol: float, max_iter: int
+):
     """CG on ``∇²ₓₓh(x, lam) w = v`` (a batch of one), from ``w0``; returns the
     :class:`~deqkit.solvers.SolverResult`."""
     hvp = problem.hvp_operator(x, lam)
     try:
-        return CG(tol=tol, max_iter=max_iter).solve(
-            lambda p: hvp(p[0])[None], v[None], x0=None if w0 is None else w0[None])
+        return CG(tol=tol, max_iter=max_iter).solve(lambda p: hvp(p[0])[None], v[None], x0=None if w0 is None else w0[None])
     except NonFiniteError as e:
-        raise NonFiniteError(f"{owner}: {e} Here the operator is the inner Hessian ∇²ₓₓh at x*: "
-                             "the inner problem must be strongly convex near x*.") from e
+        raise NonFiniteError(
+            f"{owner}: {e} Here the operator is the inner Hessian ∇²ₓₓh at x*: the inner problem must be strongly convex near x*."
+        ) from e
 
 
 class HypergradientEstimator:
@@ -111,7 +121,7 @@ class HypergradientEstimator:
 
     name = "base"
 
-    def inner_options(self, problem: BilevelProblem) -> Dict[str, Any]:
+    def inner_options(self, problem: BilevelProblem) -> dict[str, Any]:
         """Keyword arguments the inner solve must receive for this estimator."""
         return {}
 
@@ -119,9 +129,9 @@ class HypergradientEstimator:
         """L-BFGS memory used by SHINE's bi-level code for this estimator."""
         return 30
 
-    def hypergradient(self, problem: BilevelProblem, lam: Tensor, inner: Any,
-                      w0: Optional[Tensor] = None, *, tol: Optional[float] = None
-                      ) -> HypergradResult:
+    def hypergradient(
+        self, problem: BilevelProblem, lam: Tensor, inner: Any, w0: Optional[Tensor] = None, *, tol: Optional[float] = None
+    ) -> HypergradResult:
         """Estimate ``dL/dλ`` at ``inner.x`` (≈ ``x*(lam)``).
 
         Args:
@@ -144,19 +154,30 @@ class HypergradientEstimator:
         grad = -problem.cross_vjp(x, lam, sol.w)
         if not bool(torch.isfinite(grad).all()):
             raise NonFiniteError(f"{self.name}: the hypergradient is not finite")
-        return HypergradResult(grad=grad, w=sol.w, outer_loss=loss, outer_grad=v,
-                               n_hvp=sol.n_hvp, nstep=sol.nstep, converged=sol.converged,
-                               residual=sol.residual, time_s=time.perf_counter() - t0,
-                               estimator=self.name)
+        return HypergradResult(
+            grad=grad,
+            w=sol.w,
+            outer_loss=loss,
+            outer_grad=v,
+            n_hvp=sol.n_hvp,
+            nstep=sol.nstep,
+            converged=sol.converged,
+            residual=sol.residual,
+            time_s=time.perf_counter() - t0,
+            estimator=self.name,
+        )
 
     def check_inner(self, inner: Any) -> None:
         """Raise :class:`~deqkit.errors.OptionError` if ``inner`` lacks what this estimator needs."""
         if not isinstance(getattr(inner, "x", None), Tensor):
-            raise OptionError(f"{type(self).__name__}: inner must be the result of an inner solve "
-                              f"(deqkit.bilevel.LBFGS.solve, with .x), got {type(inner).__name__}.")
+            raise OptionError(
+                f"{type(self).__name__}: inner must be the result of an inner solve "
+                f"(deqkit.bilevel.LBFGS.solve, with .x), got {type(inner).__name__}."
+            )
 
-    def solve_w(self, problem: BilevelProblem, lam: Tensor, inner: Any, v: Tensor,
-                 w0: Optional[Tensor], tol: Optional[float]) -> WEstimate:  # pragma: no cover - abstract
+    def solve_w(
+        self, problem: BilevelProblem, lam: Tensor, inner: Any, v: Tensor, w0: Optional[Tensor], tol: Optional[float]
+    ) -> WEstimate:  # pragma: no cover - abstract
         """``w ≈ H⁻¹ v`` with ``v = ∇L(x*)``, ``H = ∇²ₓₓh(x*, lam)``; ``w0``: a warm start;
         ``tol``: this call's relative tolerance (``None``: the estimator's own)."""
         raise NotImplementedError
@@ -181,8 +202,7 @@ class ExactHypergradient(HypergradientEstimator):
 
     name = "exact"
 
-    def __init__(self, *, tol: float = 1e-10, max_iter: int = 1000, warm_start: bool = True,
-                 on_failure: str = "warn") -> None:
+    def __init__(self, *, tol: float = 1e-10, max_iter: int = 1000, warm_start: bool = True, on_failure: str = "warn") -> None:
         owner = type(self).__name__
         self.tol = check_positive(owner, "tol", tol)
         self.max_iter = check_int(owner, "max_iter", max_iter)
@@ -199,7 +219,8 @@ class ExactHypergradient(HypergradientEstimator):
                 self.on_failure,
                 f"{type(self).__name__}: CG missed tol={tol:.1e} after {nstep} iterations "
                 f"(relative residual {residual:.2e}). Try increasing `max_iter`.",
-                stacklevel=3)
+                stacklevel=3,
+            )
         return WEstimate(res.z[0], nstep + (1 if w0 is not None else 0), nstep, converged, residual)
 
 
@@ -228,7 +249,7 @@ class SHINEHypergradient(HypergradientEstimator):
         self.opa_freq = None if opa_freq is None else check_int(owner, "opa_freq", opa_freq)
         self.name = "shine" + ("-opa" if self.opa_freq is not None else "") + ("-refine" if self.refine else "")
 
-    def inner_options(self, problem: BilevelProblem) -> Dict[str, Any]:
+    def inner_options(self, problem: BilevelProblem) -> dict[str, Any]:
         if self.opa_freq is None:
             return {}
         return {"opa_freq": self.opa_freq, "outer_grad": problem.outer_grad}
@@ -239,22 +260,29 @@ class SHINEHypergradient(HypergradientEstimator):
     def check_inner(self, inner: Any) -> None:
         super().check_inner(inner)
         if not isinstance(getattr(inner, "inverse", None), InverseEstimate):
-            raise OptionError(f"{type(self).__name__} needs an inner result with an inverse estimate "
-                              f"(the result of deqkit.bilevel.LBFGS.solve); got {type(inner).__name__}.")
+            raise OptionError(
+                f"{type(self).__name__} needs an inner result with an inverse estimate "
+                f"(the result of deqkit.bilevel.LBFGS.solve); got {type(inner).__name__}."
+            )
         if self.opa_freq is not None and getattr(inner, "opa_freq", None) is None:
-            raise OptionError(f"{type(self).__name__}(opa_freq=...) needs an inner solve run with OPA: "
-                              "pass **estimator.inner_options(problem) to LBFGS.solve.")
+            raise OptionError(
+                f"{type(self).__name__}(opa_freq=...) needs an inner solve run with OPA: "
+                "pass **estimator.inner_options(problem) to LBFGS.solve."
+            )
 
     def solve_w(self, problem, lam, inner, v, w0, tol):
         inverse = inner.inverse
         if isinstance(inverse, LBFGSInverse) and inverse.n_pairs == 0:
-            warnings.warn(f"{type(self).__name__}: the inner solve kept no (s, y) pairs (it converged "
-                          "at x0); the estimate reduces to H⁻¹ ≈ I", ConvergenceWarning, stacklevel=3)
+            warnings.warn(
+                f"{type(self).__name__}: the inner solve kept no (s, y) pairs (it converged "
+                "at x0); the estimate reduces to H⁻¹ ≈ I",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
         w = inverse.apply(v)
         if self.refine == 0:
             return WEstimate(w, 0, 0, True, float("nan"))
-        res = _hessian_cg(type(self).__name__, problem, inner.x, lam, v, w,
-                          1e-12 if tol is None else tol, self.refine)
+        res = _hessian_cg(type(self).__name__, problem, inner.x, lam, v, w, 1e-12 if tol is None else tol, self.refine)
         nstep = int(res.nstep[0])
         # a fixed CG budget is the point of refine: not reaching tol is not a failure
         return WEstimate(res.z[0], nstep + 1, nstep, True, float(res.residual[0]))
@@ -280,8 +308,7 @@ class JacobianFreeHypergradient(HypergradientEstimator):
 HYPERGRADIENTS: Registry = Registry("hypergradient")
 
 
-def register_hypergradient(name: str, *, aliases: tuple = (), replace: bool = False
-                           ) -> Callable[[Any], Any]:
+def register_hypergradient(name: str, *, aliases: tuple = (), replace: bool = False) -> Callable[[Any], Any]:
     """Decorator: register a :class:`HypergradientEstimator` class (or a factory returning
     one) under ``name``, so that :func:`make_hypergradient` builds it."""
     return HYPERGRADIENTS.register(name, aliases=aliases, replace=replace)

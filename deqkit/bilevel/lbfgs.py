@@ -23,22 +23,21 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from deqkit._options import (check_choice, check_failure_policy, check_int, check_positive,
-                             options_repr, validated_options)
+from deqkit._options import check_choice, check_failure_policy, check_int, check_positive, options_repr, validated_options
 from deqkit.errors import NonFiniteError, OptionError, apply_failure_policy
 from deqkit.inverse import InverseEstimate
 from deqkit.results import ResultMixin
 
 from .problem import BilevelProblem
 
-__all__ = ["LBFGS", "LBFGSResult", "LBFGSInverse", "SecantMemory", "two_loop",
-           "dense_bfgs_inverse"]
+__all__ = ["LBFGS", "LBFGSResult", "LBFGSInverse", "SecantMemory", "two_loop", "dense_bfgs_inverse"]
 
 LINE_SEARCHES = ("wolfe", "armijo")
 
@@ -50,8 +49,7 @@ def _gamma(s: Sequence[Tensor], y: Sequence[Tensor]) -> float:
     return float(s[-1] @ y[-1]) / float(y[-1] @ y[-1])
 
 
-def two_loop(s: Sequence[Tensor], y: Sequence[Tensor], v: Tensor,
-             gamma: Optional[float] = None) -> Tensor:
+def two_loop(s: Sequence[Tensor], y: Sequence[Tensor], v: Tensor, gamma: Optional[float] = None) -> Tensor:
     """Apply the L-BFGS inverse-Hessian estimate to ``v`` (Nocedal & Wright, "Numerical
     Optimization", Alg. 7.4).
 
@@ -81,8 +79,7 @@ def two_loop(s: Sequence[Tensor], y: Sequence[Tensor], v: Tensor,
     return r
 
 
-def dense_bfgs_inverse(s: Sequence[Tensor], y: Sequence[Tensor],
-                       gamma: Optional[float] = None) -> Tensor:
+def dense_bfgs_inverse(s: Sequence[Tensor], y: Sequence[Tensor], gamma: Optional[float] = None) -> Tensor:
     """The dense BFGS inverse ``H`` built from ``H₀ = γI`` by the pairs in order:
     ``H ← (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ``.  For tests and small problems."""
     if len(s) == 0:
@@ -114,13 +111,20 @@ class LBFGSInverse(InverseEstimate):
     The pair lists are copied; the tensors are not (they are detached already).
     """
 
-    def __init__(self, s: Sequence[Tensor], y: Sequence[Tensor], gamma: Optional[float] = None,
-                 *, dim: Optional[int] = None, dtype: Optional[torch.dtype] = None,
-                 device: Optional[torch.device] = None) -> None:
+    def __init__(
+        self,
+        s: Sequence[Tensor],
+        y: Sequence[Tensor],
+        gamma: Optional[float] = None,
+        *,
+        dim: Optional[int] = None,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
         if len(s) != len(y):
             raise OptionError(f"LBFGSInverse: s and y must have the same length, got {len(s)} and {len(y)}.")
-        self.s: List[Tensor] = list(s)
-        self.y: List[Tensor] = list(y)
+        self.s: list[Tensor] = list(s)
+        self.y: list[Tensor] = list(y)
         self.gamma = _gamma(self.s, self.y) if gamma is None else check_positive("LBFGSInverse", "gamma", gamma)
         self.dim = None if dim is None else check_int("LBFGSInverse", "dim", dim)
         self.dtype, self.device = dtype, device
@@ -142,7 +146,7 @@ class LBFGSInverse(InverseEstimate):
         """``v H`` (equal to ``H v``: ``H`` is symmetric)."""
         return self.apply(v)
 
-    def transpose(self) -> "LBFGSInverse":
+    def transpose(self) -> LBFGSInverse:
         """``Hᵀ = H``."""
         return self
 
@@ -169,9 +173,9 @@ class SecantMemory:
     def __init__(self, memory: int, curvature_eps: float = 1e-10) -> None:
         self.memory = check_int("SecantMemory", "memory", memory)
         self.curvature_eps = check_positive("SecantMemory", "curvature_eps", curvature_eps, allow_zero=True)
-        self.s: List[Tensor] = []
-        self.y: List[Tensor] = []
-        self.is_opa: List[bool] = []
+        self.s: list[Tensor] = []
+        self.y: list[Tensor] = []
+        self.is_opa: list[bool] = []
         self.n_skipped = 0
 
     def __len__(self) -> int:
@@ -239,10 +243,10 @@ class LBFGSResult(ResultMixin):
     residual: float
     time_s: float
     n_evals: int
-    grad_norms: List[float]
-    s: List[Tensor]
-    y: List[Tensor]
-    is_opa: List[bool]
+    grad_norms: list[float]
+    s: list[Tensor]
+    y: list[Tensor]
+    is_opa: list[bool]
     n_skipped: int
     n_opa: int
     n_resets: int
@@ -310,8 +314,7 @@ def _wolfe(phi, f0, d0, t1, c1=1e-4, c2=0.9, max_evals=25):
         if math.isfinite(f) and _accept(f, d, t, f0, d0, c1, c2, eps_f):
             return t, f, g, True
         if not math.isfinite(f) or f > f0 + c1 * t * d0 or (i > 0 and f >= f_prev):
-            out = _zoom(phi, f0, d0, t_prev, f_prev, d_prev, t, f, c1, c2, eps_f,
-                        max_evals - i - 1)
+            out = _zoom(phi, f0, d0, t_prev, f_prev, d_prev, t, f, c1, c2, eps_f, max_evals - i - 1)
             if out is None and best is not None:
                 return best[0], best[1], best[2], False
             return out
@@ -347,7 +350,7 @@ class _State:
     g: Tensor
     gnorm: float
     mem: SecantMemory
-    grad_norms: List[float]
+    grad_norms: list[float]
     nstep: int = 0
     n_evals: int = 1
     n_opa: int = 0
@@ -375,9 +378,18 @@ class LBFGS:
     Wright, "Numerical Optimization", Ch. 7 (L-BFGS) and Alg. 3.5–3.6 (line search).
     """
 
-    def __init__(self, *, memory: int = 30, tol: float = 1e-6, max_iter: int = 1000,
-                 line_search: str = "wolfe", max_ls_evals: int = 25, opa_step: float = 1e-3,
-                 curvature_eps: float = 1e-10, on_failure: str = "warn") -> None:
+    def __init__(
+        self,
+        *,
+        memory: int = 30,
+        tol: float = 1e-6,
+        max_iter: int = 1000,
+        line_search: str = "wolfe",
+        max_ls_evals: int = 25,
+        opa_step: float = 1e-3,
+        curvature_eps: float = 1e-10,
+        on_failure: str = "warn",
+    ) -> None:
         owner = type(self).__name__
         self.memory = check_int(owner, "memory", memory)
         self.tol = check_positive(owner, "tol", tol)
@@ -392,9 +404,16 @@ class LBFGS:
     def __repr__(self) -> str:
         return options_repr(self)
 
-    def solve(self, problem: BilevelProblem, lam: Tensor, x0: Optional[Tensor] = None, *,
-              tol: Optional[float] = None, opa_freq: Optional[int] = None,
-              outer_grad: Optional[Callable[[Tensor], Tensor]] = None) -> LBFGSResult:
+    def solve(
+        self,
+        problem: BilevelProblem,
+        lam: Tensor,
+        x0: Optional[Tensor] = None,
+        *,
+        tol: Optional[float] = None,
+        opa_freq: Optional[int] = None,
+        outer_grad: Optional[Callable[[Tensor], Tensor]] = None,
+    ) -> LBFGSResult:
         """Minimise ``problem.inner(·, lam)`` from ``x0`` (default ``problem.x0``).
 
         Args:
@@ -416,18 +435,33 @@ class LBFGS:
         st = self._start(problem, lam, x0)
         message = self._iterate(problem, lam, st, tol, opa_freq, outer_grad)
         result = LBFGSResult(
-            x=st.x, f=st.f, grad=st.g, converged=message == "converged", nstep=st.nstep,
-            residual=st.gnorm, time_s=time.perf_counter() - t_start, n_evals=st.n_evals,
-            grad_norms=st.grad_norms, s=list(st.mem.s), y=list(st.mem.y),
-            is_opa=list(st.mem.is_opa), n_skipped=st.mem.n_skipped, n_opa=st.n_opa,
-            n_resets=st.n_resets, message=message, tol=tol, memory=self.memory,
-            opa_freq=opa_freq)
+            x=st.x,
+            f=st.f,
+            grad=st.g,
+            converged=message == "converged",
+            nstep=st.nstep,
+            residual=st.gnorm,
+            time_s=time.perf_counter() - t_start,
+            n_evals=st.n_evals,
+            grad_norms=st.grad_norms,
+            s=list(st.mem.s),
+            y=list(st.mem.y),
+            is_opa=list(st.mem.is_opa),
+            n_skipped=st.mem.n_skipped,
+            n_opa=st.n_opa,
+            n_resets=st.n_resets,
+            message=message,
+            tol=tol,
+            memory=self.memory,
+            opa_freq=opa_freq,
+        )
         if not result.converged:
             apply_failure_policy(
                 self.on_failure,
                 f"L-BFGS stopped ({message}) with ‖∇h‖={st.gnorm:.3e} > tol={tol:.3e} after "
                 f"{st.nstep} steps. Try increasing `max_iter` or loosening `tol`.",
-                stacklevel=2)
+                stacklevel=2,
+            )
         return result
 
     # ----------------------------------------------------------------- the steps of a solve
@@ -437,11 +471,17 @@ class LBFGS:
         if not (math.isfinite(f) and bool(torch.isfinite(g).all())):
             raise NonFiniteError("h(x0, λ) or its gradient is not finite; check x0 and λ.")
         gnorm = float(g.norm())
-        return _State(x=x, f=f, g=g, gnorm=gnorm, mem=SecantMemory(self.memory, self.curvature_eps),
-                      grad_norms=[gnorm])
+        return _State(x=x, f=f, g=g, gnorm=gnorm, mem=SecantMemory(self.memory, self.curvature_eps), grad_norms=[gnorm])
 
-    def _iterate(self, problem: BilevelProblem, lam: Tensor, st: _State, tol: float,
-                 opa_freq: Optional[int], outer_grad: Optional[Callable[[Tensor], Tensor]]) -> str:
+    def _iterate(
+        self,
+        problem: BilevelProblem,
+        lam: Tensor,
+        st: _State,
+        tol: float,
+        opa_freq: Optional[int],
+        outer_grad: Optional[Callable[[Tensor], Tensor]],
+    ) -> str:
         """Run L-BFGS steps until ``‖∇h‖ ≤ tol``, the cap, or a failed line search; returns
         why it stopped."""
         if st.gnorm <= tol:
@@ -465,7 +505,7 @@ class LBFGS:
                 st.n_evals += 1
         return "max_iter reached"
 
-    def _direction(self, st: _State) -> Tuple[Tensor, float, float]:
+    def _direction(self, st: _State) -> tuple[Tensor, float, float]:
         """The search direction ``d = −Hₖ∇h`` (steepest descent without pairs, after a failed
         line search, or when ``d`` is not a descent direction, which also clears the memory),
         its slope ``∇hᵀd`` and the first trial step."""
@@ -478,11 +518,10 @@ class LBFGS:
         if not d0 < 0:  # not a descent direction: forget the memory, steepest descent
             st.mem.clear()
             st.n_resets += 1
-            d, d0, t1 = -st.g, -st.gnorm ** 2, steepest_t1
+            d, d0, t1 = -st.g, -(st.gnorm**2), steepest_t1
         return d, d0, t1
 
-    def _line_search(self, problem: BilevelProblem, lam: Tensor, st: _State, d: Tensor,
-                     d0: float, t1: float):
+    def _line_search(self, problem: BilevelProblem, lam: Tensor, st: _State, d: Tensor, d0: float, t1: float):
         """``(t, h, ∇h, wolfe_ok)`` at the accepted step along ``d``, or ``None``."""
         counter = [0]
         x = st.x
@@ -502,8 +541,7 @@ class LBFGS:
     def _accept(self, st: _State, s: Tensor, f_new: float, g_new: Tensor) -> None:
         """Move to ``x + s`` and store the secant pair."""
         if not (math.isfinite(f_new) and bool(torch.isfinite(g_new).all())):
-            raise NonFiniteError("h or its gradient became non-finite at an accepted "
-                                 "L-BFGS iterate.")
+            raise NonFiniteError("h or its gradient became non-finite at an accepted L-BFGS iterate.")
         yv = g_new - st.g
         st.x = st.x + s
         st.f, st.g = f_new, g_new

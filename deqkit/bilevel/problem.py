@@ -14,7 +14,8 @@ pass for bi-level optimization and implicit models", ICLR 2022, arXiv 2106.00553
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -30,8 +31,7 @@ OuterFn = Callable[[Tensor], Tensor]
 
 def _check_finite(name: str, t: Tensor) -> None:
     if not bool(torch.isfinite(t).all()):
-        raise NonFiniteError(f"{name} is not finite (NaN or Inf); check the problem's scaling "
-                             "and the value of λ.")
+        raise NonFiniteError(f"{name} is not finite (NaN or Inf); check the problem's scaling and the value of λ.")
 
 
 @validated_options
@@ -53,16 +53,21 @@ class BilevelProblem:
     All methods take and return detached tensors; graphs are built internally.
     """
 
-    def __init__(self, inner: InnerFn, outer: OuterFn, x0: Tensor, *,
-                 test: Optional[OuterFn] = None, name: str = "problem") -> None:
+    def __init__(
+        self, inner: InnerFn, outer: OuterFn, x0: Tensor, *, test: Optional[OuterFn] = None, name: str = "problem"
+    ) -> None:
         if not callable(inner) or not callable(outer):
-            raise OptionError("BilevelProblem: inner and outer must be callables inner(x, lam) and outer(x), "
-                              f"got {type(inner).__name__} and {type(outer).__name__}.")
+            raise OptionError(
+                "BilevelProblem: inner and outer must be callables inner(x, lam) and outer(x), "
+                f"got {type(inner).__name__} and {type(outer).__name__}."
+            )
         if test is not None and not callable(test):
             raise OptionError(f"BilevelProblem: test must be a callable test(x) or None, got {test!r}.")
         if not isinstance(x0, Tensor) or x0.dim() != 1:
-            raise OptionError("BilevelProblem: x0 must be a 1-D tensor (flatten the inner variable), got "
-                              f"{tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__}.")
+            raise OptionError(
+                "BilevelProblem: x0 must be a 1-D tensor (flatten the inner variable), got "
+                f"{tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__}."
+            )
         if not isinstance(name, str):
             raise OptionError(f"BilevelProblem: name must be a string, got {name!r}.")
         self.inner = inner
@@ -77,7 +82,7 @@ class BilevelProblem:
         with torch.no_grad():
             return float(self.inner(x, lam))
 
-    def inner_value_and_grad(self, x: Tensor, lam: Tensor) -> Tuple[float, Tensor]:
+    def inner_value_and_grad(self, x: Tensor, lam: Tensor) -> tuple[float, Tensor]:
         """``(h(x, lam), ∇ₓh(x, lam))``; non-finite values are returned, not raised
         (the line search treats them as a too-long step)."""
         with torch.enable_grad():
@@ -111,7 +116,7 @@ class BilevelProblem:
         return out.detach()
 
     # ----------------------------------------------------------------- outer problem
-    def outer_value_and_grad(self, x: Tensor) -> Tuple[float, Tensor]:
+    def outer_value_and_grad(self, x: Tensor) -> tuple[float, Tensor]:
         """``(L(x), ∇L(x))``; raises :class:`NonFiniteError` if either is not finite."""
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)

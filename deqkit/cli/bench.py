@@ -34,7 +34,9 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--baseline", default=None, help="baseline state_dict to load, if it exists")
     g.add_argument("--samples", type=positive_int, default=1000, help="state samples m")
     g.add_argument("--lam", type=Number(float, low=0.0), default=1.0, help="λ of the SIM program")
-    g.add_argument("--cvxpy-rows", type=positive_int, default=8, help="rows solved by CVXPY (the time is extrapolated to all rows)")
+    g.add_argument(
+        "--cvxpy-rows", type=positive_int, default=8, help="rows solved by CVXPY (the time is extrapolated to all rows)"
+    )
     g.add_argument("--cvxpy-tol", type=positive_float, default=1e-6, help="Clarabel gap/feasibility tolerance")
     p.set_defaults(func=run)
     return p
@@ -45,17 +47,38 @@ def config(args: argparse.Namespace) -> Any:
     from ..apps.bench import SimSpeedConfig, SuiteConfig
 
     owner = "deqkit bench"
-    for flag, value in (("--threads", args.threads), ("--seeds", args.seeds), ("--samples", args.samples),
-                        ("--cvxpy-rows", args.cvxpy_rows), ("--epochs", args.epochs)):
+    for flag, value in (
+        ("--threads", args.threads),
+        ("--seeds", args.seeds),
+        ("--samples", args.samples),
+        ("--cvxpy-rows", args.cvxpy_rows),
+        ("--epochs", args.epochs),
+    ):
         check_int(owner, flag, value, minimum=0 if flag == "--epochs" else 1)
     if args.repeats is not None:
         check_int(owner, "--repeats", args.repeats)
     check_number(owner, "--lam", args.lam, low=0.0)
     check_number(owner, "--cvxpy-tol", args.cvxpy_tol, low=0.0, low_open=True)
-    sim = SimSpeedConfig(dataset=args.dataset, data_dir=args.data_dir, hidden=args.hidden, samples=args.samples, lam=args.lam,
-                         cvxpy_rows=args.cvxpy_rows, cvxpy_tol=args.cvxpy_tol, baseline=args.baseline, epochs=args.epochs)
-    return SuiteConfig(section=args.section, quick=args.quick, repeats=args.repeats, seeds=args.seeds, threads=args.threads,
-                       write=args.write, sim_speed=sim)
+    sim = SimSpeedConfig(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        hidden=args.hidden,
+        samples=args.samples,
+        lam=args.lam,
+        cvxpy_rows=args.cvxpy_rows,
+        cvxpy_tol=args.cvxpy_tol,
+        baseline=args.baseline,
+        epochs=args.epochs,
+    )
+    return SuiteConfig(
+        section=args.section,
+        quick=args.quick,
+        repeats=args.repeats,
+        seeds=args.seeds,
+        threads=args.threads,
+        write=args.write,
+        sim_speed=sim,
+    )
 
 
 def run(args: argparse.Namespace) -> int:

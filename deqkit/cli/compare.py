@@ -26,13 +26,27 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     from ..apps.compare import DEFAULT_ESTIMATORS, ESTIMATOR_PRESETS
 
     def solver_flags(g: argparse._ArgumentGroup) -> None:
-        g.add_argument("--solver-opts", default="memory=30,tol=1e-4,max_iter=30",
-                       help="options of the forward Broyden solver (the same for every run): " + ", ".join(SOLVER_OPTS))
-        g.add_argument("--grad", type=comma_list(list(ESTIMATOR_PRESETS)), default=list(DEFAULT_ESTIMATORS),
-                       help="comma list of gradient estimator presets, one run each: " + ", ".join(ESTIMATOR_PRESETS))
+        g.add_argument(
+            "--solver-opts",
+            default="memory=30,tol=1e-4,max_iter=30",
+            help="options of the forward Broyden solver (the same for every run): " + ", ".join(SOLVER_OPTS),
+        )
+        g.add_argument(
+            "--grad",
+            type=comma_list(list(ESTIMATOR_PRESETS)),
+            default=list(DEFAULT_ESTIMATORS),
+            help="comma list of gradient estimator presets, one run each: " + ", ".join(ESTIMATOR_PRESETS),
+        )
 
-    p = add_classifier_groups(subparsers, "compare", help="train one DEQ with each gradient estimator and compare them (the main job)",
-                              description=DESCRIPTION, epochs=8, out="runs/compare", solver_group=solver_flags)
+    p = add_classifier_groups(
+        subparsers,
+        "compare",
+        help="train one DEQ with each gradient estimator and compare them (the main job)",
+        description=DESCRIPTION,
+        epochs=8,
+        out="runs/compare",
+        solver_group=solver_flags,
+    )
     p.set_defaults(func=run)
     return p
 
@@ -52,8 +66,23 @@ def run(args: argparse.Namespace) -> int:
     from ..apps.compare import CompareConfig, run_compare
 
     cfg = CompareConfig(
-        **pick(args, "dataset", "data_dir", "subset", "model", "width", "epochs", "batch_size", "lr", "seed", "device",
-               "threads", "out", "resume", "overwrite"),
+        **pick(
+            args,
+            "dataset",
+            "data_dir",
+            "subset",
+            "model",
+            "width",
+            "epochs",
+            "batch_size",
+            "lr",
+            "seed",
+            "device",
+            "threads",
+            "out",
+            "resume",
+            "overwrite",
+        ),
         estimators=args.grad,
         progress=not args.no_progress,
         **solver_options(args.solver_opts),

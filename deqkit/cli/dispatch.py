@@ -19,7 +19,8 @@ import argparse
 import signal
 import sys
 import threading
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from ..data import DatasetNotFoundError
 from . import bench, compare, hpo, sim, train
@@ -59,7 +60,7 @@ class _Terminate:
         else:  # SIG_IGN / SIG_DFL for SIGINT: stop here all the same
             raise KeyboardInterrupt
 
-    def __enter__(self) -> "_Terminate":
+    def __enter__(self) -> _Terminate:
         if threading.current_thread() is threading.main_thread():
             try:
                 self._previous = signal.signal(signal.SIGTERM, self._handler)

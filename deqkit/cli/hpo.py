@@ -9,7 +9,15 @@ import argparse
 from typing import Any
 
 from .options import (
-    add_data_group, add_output_group, add_runtime_group, comma_list, finite_float, parse_options, pick, positive_int, register,
+    add_data_group,
+    add_output_group,
+    add_runtime_group,
+    comma_list,
+    finite_float,
+    parse_options,
+    pick,
+    positive_int,
+    register,
 )
 
 DESCRIPTION = """\
@@ -25,10 +33,17 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     add_data_group(p, DATASETS, default="breast_cancer", data_dir=False)
     g = p.add_argument_group("hypergradient")
-    g.add_argument("--grad", type=comma_list(HYPERGRADIENTS), default=list(HYPERGRADIENTS),
-                   help="comma list of hypergradient estimators, one run each: " + ", ".join(HYPERGRADIENTS))
-    g.add_argument("--grad-opts", default="refine=5,opa_freq=5",
-                   help="estimator options key=value,...: refine (CG steps of shine-refine), opa_freq (OPA every this many inner steps)")
+    g.add_argument(
+        "--grad",
+        type=comma_list(HYPERGRADIENTS),
+        default=list(HYPERGRADIENTS),
+        help="comma list of hypergradient estimators, one run each: " + ", ".join(HYPERGRADIENTS),
+    )
+    g.add_argument(
+        "--grad-opts",
+        default="refine=5,opa_freq=5",
+        help="estimator options key=value,...: refine (CG steps of shine-refine), opa_freq (OPA every this many inner steps)",
+    )
     g = p.add_argument_group("outer problem")
     g.add_argument("--outer-steps", type=positive_int, default=30, help="HOAG outer iterations")
     g.add_argument("--lam0", type=finite_float, default=0.0, help="initial λ")
@@ -40,8 +55,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``hpo`` on an ``argparse`` subparsers object; returns its parser."""
-    return register(subparsers, "hpo", help="bi-level hyperparameter search with SHINE hypergradients", description=DESCRIPTION,
-                    add_arguments=add_arguments, run=run)
+    return register(
+        subparsers,
+        "hpo",
+        help="bi-level hyperparameter search with SHINE hypergradients",
+        description=DESCRIPTION,
+        add_arguments=add_arguments,
+        run=run,
+    )
 
 
 def config(args: argparse.Namespace) -> Any:
@@ -50,7 +71,8 @@ def config(args: argparse.Namespace) -> Any:
 
     return HPOConfig(
         **pick(args, "dataset", "grad", "outer_steps", "seed", "out", "per_feature", "lam0", "threads", "resume", "overwrite"),
-        grad_opts=parse_options(args.grad_opts, "--grad-opts", make_hypergradient), progress=not args.no_progress,
+        grad_opts=parse_options(args.grad_opts, "--grad-opts", make_hypergradient),
+        progress=not args.no_progress,
     )
 
 

@@ -36,7 +36,8 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
-from typing import Any, Callable, NoReturn, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, Optional
 
 from .._options import check_int, check_number
 from ..errors import OptionError
@@ -95,7 +96,7 @@ class Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose usage errors are one line, ``deqkit: error: ...``, exit status 2
     (the same form as the errors raised after parsing), naming the command's ``--help``."""
 
-    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
         self.exit(2, f"deqkit: error: {' '.join(message.split())} (see: {self.prog} --help)\n")
 
 
@@ -107,8 +108,15 @@ class Number:
     values outside them.
     """
 
-    def __init__(self, kind: type, *, low: Optional[float] = None, high: Optional[float] = None,
-                 low_open: bool = False, high_open: bool = False) -> None:
+    def __init__(
+        self,
+        kind: type,
+        *,
+        low: Optional[float] = None,
+        high: Optional[float] = None,
+        low_open: bool = False,
+        high_open: bool = False,
+    ) -> None:
         self.kind, self.low, self.high, self.low_open, self.high_open = kind, low, high, low_open, high_open
         self.__name__ = "integer" if kind is int else "number"
 
@@ -149,8 +157,13 @@ def add_parser(subparsers: Any, name: str, *, help: str, description: str) -> ar
 
 
 def register(
-    subparsers: Any, name: str, *, help: str, description: str,
-    add_arguments: Callable[[argparse.ArgumentParser], Any], run: Callable[[argparse.Namespace], int],
+    subparsers: Any,
+    name: str,
+    *,
+    help: str,
+    description: str,
+    add_arguments: Callable[[argparse.ArgumentParser], Any],
+    run: Callable[[argparse.Namespace], int],
 ) -> argparse.ArgumentParser:
     """Add sub-command ``name`` with the flags of ``add_arguments``, run by ``run``; returns its parser."""
     p = add_parser(subparsers, name, help=help, description=description)
@@ -305,7 +318,9 @@ def add_runtime_group(
     g = p.add_argument_group("runtime")
     g.add_argument("--seed", type=nonneg_int, default=0, help="random seed")
     if device:
-        g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps, or auto (cuda when available, else cpu)")
+        g.add_argument(
+            "--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps, or auto (cuda when available, else cpu)"
+        )
     g.add_argument("--threads", type=positive_int, default=threads_default, help=threads_help)
     return g
 
@@ -315,13 +330,17 @@ def add_output_group(
 ) -> argparse._ArgumentGroup:
     """``--out``, ``--no-progress`` (and ``--resume``, ``--no-plot``)."""
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=out, help="output directory (refused when it holds an earlier run, unless --resume or --overwrite)")
+    g.add_argument(
+        "--out", default=out, help="output directory (refused when it holds an earlier run, unless --resume or --overwrite)"
+    )
     if resume:
         g.add_argument("--resume", action="store_true", help=resume)
-        g.add_argument("--overwrite", action="store_true",
-                       help="start over in an --out that holds an earlier run (its deqkit outputs are deleted first)")
+        g.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="start over in an --out that holds an earlier run (its deqkit outputs are deleted first)",
+        )
     if plot:
         g.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     g.add_argument("--no-progress", action="store_true", help="no per-step progress output")
     return g
-

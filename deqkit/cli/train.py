@@ -6,9 +6,20 @@ Also the flag groups ``train`` and ``compare`` share (data, model, training, run
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from .options import Number, add_output_group, add_parser, add_runtime_group, nonneg_int, parse_options, pick, positive_float, positive_int
+from .options import (
+    Number,
+    add_output_group,
+    add_parser,
+    add_runtime_group,
+    nonneg_int,
+    parse_options,
+    pick,
+    positive_float,
+    positive_int,
+)
 
 DESCRIPTION = """\
 Train a DEQ classifier with a chosen forward solver and gradient estimator; checkpoints after
@@ -21,7 +32,13 @@ ESTIMATORS = ("exact", "unrolled", "neumann", "jacobian-free", "shine", "broyden
 
 
 def add_classifier_groups(
-    subparsers: Any, name: str, *, help: str, description: str, epochs: int, out: str,
+    subparsers: Any,
+    name: str,
+    *,
+    help: str,
+    description: str,
+    epochs: int,
+    out: str,
     solver_group: Callable[[argparse._ArgumentGroup], None],
 ) -> argparse.ArgumentParser:
     """A parser with the groups ``train`` and ``compare`` share: data, model, training, the
@@ -49,15 +66,25 @@ def add_classifier_groups(
 
 def _solver_flags(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--solver", default="broyden", help="forward solver: " + ", ".join(SOLVERS))
-    g.add_argument("--solver-opts", default=SOLVER_OPTS_DEFAULT,
-                   help="its options key=value,..., merged over the default, e.g. memory=20,tol=1e-5")
+    g.add_argument(
+        "--solver-opts",
+        default=SOLVER_OPTS_DEFAULT,
+        help="its options key=value,..., merged over the default, e.g. memory=20,tol=1e-5",
+    )
     g.add_argument("--grad", default="exact", help="gradient estimator: " + ", ".join(ESTIMATORS))
     g.add_argument("--grad-opts", default="", help="its options key=value,..., e.g. k=5,damping=0.5")
 
 
 def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
-    p = add_classifier_groups(subparsers, "train", help="train one DEQ classifier", description=DESCRIPTION, epochs=10,
-                              out="runs/train", solver_group=_solver_flags)
+    p = add_classifier_groups(
+        subparsers,
+        "train",
+        help="train one DEQ classifier",
+        description=DESCRIPTION,
+        epochs=10,
+        out="runs/train",
+        solver_group=_solver_flags,
+    )
     _scale_flags(p.add_argument_group("scale (processes, precision, compilation)"))
     _stabiliser_flags(p.add_argument_group("stabilisers (DEQ training)"))
     p.set_defaults(func=run)
@@ -65,23 +92,40 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _scale_flags(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--nproc", type=positive_int, default=1,
-                   help="train data-parallel on N processes (spawned here; gloo on CPU, NCCL on CUDA); "
-                        "under torchrun leave it at 1")
-    g.add_argument("--amp", default=None, choices=("bf16", "fp16"),
-                   help="mixed precision: bf16 autocast (CPU, CUDA) or fp16 with a GradScaler (CUDA)")
+    g.add_argument(
+        "--nproc",
+        type=positive_int,
+        default=1,
+        help="train data-parallel on N processes (spawned here; gloo on CPU, NCCL on CUDA); under torchrun leave it at 1",
+    )
+    g.add_argument(
+        "--amp",
+        default=None,
+        choices=("bf16", "fp16"),
+        help="mixed precision: bf16 autocast (CPU, CUDA) or fp16 with a GradScaler (CUDA)",
+    )
     g.add_argument("--compile", action="store_true", help="torch.compile the DEQ cell (the solver loop stays eager)")
     g.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
-    g.add_argument("--sync-stop", action="store_true",
-                   help="distributed: all ranks agree on when the forward solve stops (one all-reduce per iteration)")
-    g.add_argument("--sync-quorum", type=Number(float, low=0.0, high=1.0, low_open=True), default=1.0,
-                   help="with --sync-stop: stop every rank once this fraction of the global batch has stopped")
+    g.add_argument(
+        "--sync-stop",
+        action="store_true",
+        help="distributed: all ranks agree on when the forward solve stops (one all-reduce per iteration)",
+    )
+    g.add_argument(
+        "--sync-quorum",
+        type=Number(float, low=0.0, high=1.0, low_open=True),
+        default=1.0,
+        help="with --sync-stop: stop every rank once this fraction of the global batch has stopped",
+    )
 
 
 def _scale_config(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig fields of the scale flags (absent on parsers without them)."""
-    return {"amp": getattr(args, "amp", None), "compile_cell": bool(getattr(args, "compile", False)),
-            "compile_backend": getattr(args, "compile_backend", "inductor")}
+    return {
+        "amp": getattr(args, "amp", None),
+        "compile_cell": bool(getattr(args, "compile", False)),
+        "compile_backend": getattr(args, "compile_backend", "inductor"),
+    }
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -98,21 +142,52 @@ def _pair(text: str) -> tuple[int, int]:
 def _stabiliser_flags(g: argparse._ArgumentGroup) -> None:
     from .options import ints
 
-    g.add_argument("--jac-reg", type=Number(float, low=0.0), default=0.0, metavar="W",
-                   help="Jacobian regularisation weight (Hutchinson ||df/dz||_F^2/d at z*; 0: off)")
-    g.add_argument("--jac-reg-freq", type=Number(float, low=0.0, high=1.0, low_open=True), default=1.0, help="fraction of steps it is applied on")
+    g.add_argument(
+        "--jac-reg",
+        type=Number(float, low=0.0),
+        default=0.0,
+        metavar="W",
+        help="Jacobian regularisation weight (Hutchinson ||df/dz||_F^2/d at z*; 0: off)",
+    )
+    g.add_argument(
+        "--jac-reg-freq",
+        type=Number(float, low=0.0, high=1.0, low_open=True),
+        default=1.0,
+        help="fraction of steps it is applied on",
+    )
     g.add_argument("--jac-reg-probes", type=positive_int, default=1, help="Gaussian probes (VJPs) per estimate")
-    g.add_argument("--pretrain-steps", type=nonneg_int, default=0, metavar="N",
-                   help="train the first N steps by backprop through --pretrain-depth plain iterations, then implicitly")
+    g.add_argument(
+        "--pretrain-steps",
+        type=nonneg_int,
+        default=0,
+        metavar="N",
+        help="train the first N steps by backprop through --pretrain-depth plain iterations, then implicitly",
+    )
     g.add_argument("--pretrain-depth", type=positive_int, default=6, help="plain iterations of a pre-training step")
-    g.add_argument("--random-max-iter", type=_pair, default=None, metavar="LOW,HIGH",
-                   help="draw each training solve's iteration cap uniformly from [LOW, HIGH]")
-    g.add_argument("--monitor-every", type=nonneg_int, default=20,
-                   help="measure the spectral radius of df/dz at z* every N steps (0: never)")
-    g.add_argument("--fpc", type=nonneg_int, default=0, metavar="N",
-                   help="fixed-point correction over N solver iterates (z* included; 0: off)")
-    g.add_argument("--mdeq-channels", type=ints, default=[16, 32], metavar="C1,C2[,C3]",
-                   help="--model mdeq: channels per resolution branch, highest resolution first")
+    g.add_argument(
+        "--random-max-iter",
+        type=_pair,
+        default=None,
+        metavar="LOW,HIGH",
+        help="draw each training solve's iteration cap uniformly from [LOW, HIGH]",
+    )
+    g.add_argument(
+        "--monitor-every", type=nonneg_int, default=20, help="measure the spectral radius of df/dz at z* every N steps (0: never)"
+    )
+    g.add_argument(
+        "--fpc",
+        type=nonneg_int,
+        default=0,
+        metavar="N",
+        help="fixed-point correction over N solver iterates (z* included; 0: off)",
+    )
+    g.add_argument(
+        "--mdeq-channels",
+        type=ints,
+        default=[16, 32],
+        metavar="C1,C2[,C3]",
+        help="--model mdeq: channels per resolution branch, highest resolution first",
+    )
 
 
 def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -136,8 +211,9 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     grad = make_estimator(args.grad, **parse_options(args.grad_opts, "--grad-opts", grad_cls))
     splits = load_splits(args.dataset, args.data_dir, args.subset, args.seed, args.model)
     model_options = {"channels": tuple(args.mdeq_channels)} if args.model == "mdeq" else {}
-    model = build_classifier(args.model, splits.input_shape, splits.num_classes, args.width, solver, grad, args.seed,
-                             **model_options)
+    model = build_classifier(
+        args.model, splits.input_shape, splits.num_classes, args.width, solver, grad, args.seed, **model_options
+    )
     cfg = TrainConfig(
         **pick(args, "epochs", "batch_size", "lr", "seed", "device"),
         checkpoint_dir=args.out,
@@ -152,9 +228,14 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 def stabiliser_config(args: argparse.Namespace) -> dict[str, Any]:
     """The :class:`~deqkit.train.TrainConfig` fields of the stabiliser flags."""
     return {
-        "jac_reg_weight": args.jac_reg, "jac_reg_freq": args.jac_reg_freq, "jac_reg_probes": args.jac_reg_probes,
-        "pretrain_steps": args.pretrain_steps, "pretrain_depth": args.pretrain_depth,
-        "random_max_iter": args.random_max_iter, "monitor_every": args.monitor_every, "fpc_iterates": args.fpc,
+        "jac_reg_weight": args.jac_reg,
+        "jac_reg_freq": args.jac_reg_freq,
+        "jac_reg_probes": args.jac_reg_probes,
+        "pretrain_steps": args.pretrain_steps,
+        "pretrain_depth": args.pretrain_depth,
+        "random_max_iter": args.random_max_iter,
+        "monitor_every": args.monitor_every,
+        "fpc_iterates": args.fpc,
     }
 
 
@@ -227,8 +308,14 @@ def _run_distributed(args: argparse.Namespace) -> int:
     rank, _ = init_distributed(device=args.device)
     set_threads(args.threads, args.device)
     splits, model, cfg = build(args)
-    trainer = DistributedTrainer(model, splits.train, splits.val, cfg, sync_stop=bool(getattr(args, "sync_stop", False)),
-                                 sync_quorum=getattr(args, "sync_quorum", 1.0))
+    trainer = DistributedTrainer(
+        model,
+        splits.train,
+        splits.val,
+        cfg,
+        sync_stop=bool(getattr(args, "sync_stop", False)),
+        sync_quorum=getattr(args, "sync_quorum", 1.0),
+    )
     trainer.fit(resume=args.resume)
     test = trainer.evaluate(splits.test)
     if rank == 0:

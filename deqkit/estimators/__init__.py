@@ -13,11 +13,11 @@
 from typing import Any
 
 from ..registry import ESTIMATORS, register_estimator
+from .adaptive import Adaptive, AdaptiveDecision, AdaptiveStats  # noqa: E402 (after the estimators it combines)
 from .base import AdjointEstimator, BackwardStats, GradientEstimator, straight_through
 from .exact import Exact
 from .phantom import JacobianFree, Neumann, Unrolled
 from .shine import SHINE, BroydenReuse, WarmExact, shine_direction
-from .adaptive import Adaptive, AdaptiveDecision, AdaptiveStats  # noqa: E402 (after the estimators it combines)
 
 __all__ = [
     "GradientEstimator",

@@ -130,7 +130,9 @@ class Adaptive(GradientEstimator):
         self.threshold = check_fraction(owner, "threshold", threshold)
         self.recover = check_fraction(owner, "recover", recover)
         if self.recover < self.threshold:
-            raise OptionError(f"{owner}: recover must be >= threshold (hysteresis), got recover={recover} < threshold={threshold}.")
+            raise OptionError(
+                f"{owner}: recover must be >= threshold (hysteresis), got recover={recover} < threshold={threshold}."
+            )
         self.signal_drop = check_fraction(owner, "signal_drop", signal_drop)
         #: the DEQ keeps the forward inverse estimate for this estimator when the solver has one
         self.needs_inverse = cheap is None or bool(getattr(cheap, "needs_inverse", False))  # type: ignore[misc]
@@ -176,7 +178,7 @@ class Adaptive(GradientEstimator):
             return f"signal: forward converged {fwd_converged:.0%} (was {self._ref_converged:.0%})"
         return ""
 
-    def attach(self, cell_fn: CellFn, result: SolverResult, info: "DEQInfo") -> Tensor:
+    def attach(self, cell_fn: CellFn, result: SolverResult, info: DEQInfo) -> Tensor:
         f_out = cell_fn(result.z.detach())
         if not f_out.requires_grad:
             return result.z
@@ -184,8 +186,14 @@ class Adaptive(GradientEstimator):
         fwd_converged = float(result.converged.float().mean())
         reason = self._why_check(fwd_converged)
         cheap = self.cheap_for(result)
-        decision = AdaptiveDecision(self.step, self.mode, "exact" if (reason or self.mode == "exact") else cheap.name,
-                                    checked=bool(reason), reason=reason, fwd_converged=fwd_converged)
+        decision = AdaptiveDecision(
+            self.step,
+            self.mode,
+            "exact" if (reason or self.mode == "exact") else cheap.name,
+            checked=bool(reason),
+            reason=reason,
+            fwd_converged=fwd_converged,
+        )
         if decision.used == "exact":
             self._exact_steps += 1
         if reason:
@@ -199,8 +207,14 @@ class Adaptive(GradientEstimator):
         return self._attach_adjoint(cell_fn, f_out, result, info, cheap, decision, use_vjp)
 
     def _attach_adjoint(
-        self, cell_fn: CellFn, f_out: Tensor, result: SolverResult, info: "DEQInfo", cheap: GradientEstimator,
-        decision: AdaptiveDecision, use_vjp: bool,
+        self,
+        cell_fn: CellFn,
+        f_out: Tensor,
+        result: SolverResult,
+        info: DEQInfo,
+        cheap: GradientEstimator,
+        decision: AdaptiveDecision,
+        use_vjp: bool,
     ) -> Tensor:
         # as AdjointEstimator.attach: the path to θ and x from f(z*) with z* detached, VJPs on a
         # second evaluation with z requiring grad (built only when a VJP will be taken)

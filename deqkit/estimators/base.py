@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 import torch
 from torch import Tensor
@@ -97,7 +98,7 @@ class GradientEstimator:
                 f"or choose an estimator that needs no solver state (Exact, Unrolled, Neumann, JacobianFree)."
             )
 
-    def attach(self, cell_fn: CellFn, result: SolverResult, info: "DEQInfo") -> Tensor:
+    def attach(self, cell_fn: CellFn, result: SolverResult, info: DEQInfo) -> Tensor:
         """Return ``z*`` (value of ``result.z``) carrying this estimator's gradient.
 
         Args:
@@ -170,7 +171,7 @@ class AdjointEstimator(GradientEstimator):
         """``w`` for flattened row vectors ``v`` of shape ``(B, d)``; ``vjp(u) = uJ`` on ``(B, d)``."""
         raise NotImplementedError
 
-    def attach(self, cell_fn: CellFn, result: SolverResult, info: "DEQInfo") -> Tensor:
+    def attach(self, cell_fn: CellFn, result: SolverResult, info: DEQInfo) -> Tensor:
         # The path to θ and x is built with z* detached, so the final backward does not also
         # pay a VJP into z; estimators that take VJPs get a second evaluation with z requiring
         # grad (built here, in the forward, where the cell's parametrised weights are cached).

@@ -78,7 +78,7 @@ class Unrolled(_PhantomOptions, GradientEstimator):
 
     name = "unrolled"
 
-    def attach(self, cell_fn: CellFn, result: SolverResult, info: "DEQInfo") -> Tensor:
+    def attach(self, cell_fn: CellFn, result: SolverResult, info: DEQInfo) -> Tensor:
         z = result.z.detach()
         for _ in range(self.k):
             fz = cell_fn(z)

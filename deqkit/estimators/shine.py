@@ -171,7 +171,9 @@ class WarmExact(Exact):
             linear_solver = Broyden(memory=30, tol=1e-6, max_iter=60)
         adjoint = as_linear_solver(linear_solver)
         if warm_start is None:
-            warm_start = "shine+inverse" if adjoint.accepts_inverse else "precondition" if adjoint.accepts_preconditioner else "shine"
+            warm_start = (
+                "shine+inverse" if adjoint.accepts_inverse else "precondition" if adjoint.accepts_preconditioner else "shine"
+            )
         check_choice(owner, "warm_start", warm_start, self.warm_starts)
         if warm_start == "shine+inverse" and not adjoint.accepts_inverse:
             raise OptionError(

@@ -56,7 +56,13 @@ class AutoAdjoint(LinearSolver):
     accepts_preconditioner = True
 
     def __init__(
-        self, *, tol: float = 1e-6, max_iter: int = 60, stop_mode: str = "rel", restart: int = 20, probe: int = 3,
+        self,
+        *,
+        tol: float = 1e-6,
+        max_iter: int = 60,
+        stop_mode: str = "rel",
+        restart: int = 20,
+        probe: int = 3,
         switch_rate: float = 0.9,
     ) -> None:
         super().__init__(tol=tol, max_iter=max_iter, stop_mode=stop_mode)
@@ -66,7 +72,9 @@ class AutoAdjoint(LinearSolver):
         self.switch_rate = check_fraction(owner, "switch_rate", switch_rate)
         self._gmres = GMRES(restart=restart, tol=tol, max_iter=max_iter, stop_mode=stop_mode)
 
-    def _solve(self, vjp: Fn, v: Tensor, w0: Optional[Tensor], tol: float, max_iter: int, options: dict[str, Any]) -> SolverResult:
+    def _solve(
+        self, vjp: Fn, v: Tensor, w0: Optional[Tensor], tol: float, max_iter: int, options: dict[str, Any]
+    ) -> SolverResult:
         preconditioner = options.get("preconditioner")
         if preconditioner is not None:
             if w0 is not None:
@@ -117,8 +125,13 @@ class AutoAdjoint(LinearSolver):
             rn = r.norm(dim=1)
         policy = "fixed-point→gmres" if switched_at is not None else "fixed-point"
         res = _result(f"{self.name}({policy})", w.view(shape), vf, rn, nstep, trace, tol, self.stop_mode, max_iter)
-        res.extra.update(policy=policy, fixed_point_steps=used if switched_at is None else switched_at,
-                         gmres_steps=gmres_steps, rate=rate, switched_at=switched_at)
+        res.extra.update(
+            policy=policy,
+            fixed_point_steps=used if switched_at is None else switched_at,
+            gmres_steps=gmres_steps,
+            rate=rate,
+            switched_at=switched_at,
+        )
         return res
 
     def _forecast(self, trace: list[Tensor], target: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:

@@ -23,7 +23,8 @@ One residual for every adjoint solve: the relative residual is ``‖w − wJ −
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, ClassVar, Optional
+from collections.abc import Callable
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor
@@ -181,7 +182,9 @@ class LinearSolver:
             )
         if w0 is not None:
             if not isinstance(w0, Tensor) or w0.shape != v.shape:
-                raise OptionError(f"{owner}: w0 must have the shape of v {tuple(v.shape)}, got {tuple(getattr(w0, 'shape', ()))}.")
+                raise OptionError(
+                    f"{owner}: w0 must have the shape of v {tuple(v.shape)}, got {tuple(getattr(w0, 'shape', ()))}."
+                )
             if w0.device != v.device:
                 raise OptionError(f"{owner}: w0 is on {w0.device} but v is on {v.device}; put them on one device.")
             w0 = w0.to(v.dtype)
@@ -196,7 +199,9 @@ class LinearSolver:
 
         return wrapped
 
-    def _solve(self, vjp: Fn, v: Tensor, w0: Optional[Tensor], tol: float, max_iter: int, options: dict[str, Any]) -> SolverResult:
+    def _solve(
+        self, vjp: Fn, v: Tensor, w0: Optional[Tensor], tol: float, max_iter: int, options: dict[str, Any]
+    ) -> SolverResult:
         """The solve itself, with validated settings; ``options`` holds the accepted per-call options given."""
         raise NotImplementedError(f"{type(self).__name__} must implement _solve (or override solve_adjoint)")
 
@@ -210,7 +215,10 @@ class LinearSolver:
 
     def _refuse_options(self, preconditioner: Any = None, inverse: Any = None) -> None:
         """An :class:`~deqkit.errors.OptionError` for a per-call option this solver does not take."""
-        for opt, val, ok in (("preconditioner", preconditioner, self.accepts_preconditioner), ("inverse", inverse, self.accepts_inverse)):
+        for opt, val, ok in (
+            ("preconditioner", preconditioner, self.accepts_preconditioner),
+            ("inverse", inverse, self.accepts_inverse),
+        ):
             if val is not None and not ok:
                 raise OptionError(
                     f"{type(self).__name__}.solve_adjoint does not take {opt}= (accepts_{opt} is False); "

@@ -83,7 +83,7 @@ class CG(LinearSolver):
         trace = [rr]
         if math.sqrt(rr) > tgt:
             p = r.clone()
-            for n in range(1, max_iter + 1):
+            for n in range(1, max_iter + 1):  # noqa: B007 - n is read after the loop
                 ap = matvec(p)
                 pap = float(p[0] @ ap[0])
                 if not pap > 0:
@@ -165,8 +165,10 @@ class CG(LinearSolver):
         """
         for opt, val in (("preconditioner", preconditioner), ("inverse", inverse)):
             if val is not None:
-                raise OptionError(f"{type(self).__name__}.solve_adjoint does not take {opt}= (accepts_{opt} is False); "
-                                  "use GMRES for a preconditioned adjoint solve.")
+                raise OptionError(
+                    f"{type(self).__name__}.solve_adjoint does not take {opt}= (accepts_{opt} is False); "
+                    "use GMRES for a preconditioned adjoint solve."
+                )
         shape, B = v.shape, v.shape[0]
         vf = v.reshape(B, -1)
 

@@ -48,7 +48,9 @@ class Dense(LinearSolver):
             rows.append(vjp(e.view(shape)).reshape(B, d))
         return torch.stack(rows, dim=1)
 
-    def _solve(self, vjp: Fn, v: Tensor, w0: Optional[Tensor], tol: float, max_iter: int, options: dict[str, Any]) -> SolverResult:
+    def _solve(
+        self, vjp: Fn, v: Tensor, w0: Optional[Tensor], tol: float, max_iter: int, options: dict[str, Any]
+    ) -> SolverResult:
         shape, B = v.shape, v.shape[0]
         J = self.jacobian(vjp, v)
         d = J.shape[-1]

@@ -32,7 +32,9 @@ class FixedPointAdjoint(LinearSolver):
 
     def __init__(self, solver: Solver) -> None:
         if not isinstance(solver, Solver):
-            raise OptionError(f"FixedPointAdjoint: solver must be a deqkit forward solver (a Solver), got {type(solver).__name__}.")
+            raise OptionError(
+                f"FixedPointAdjoint: solver must be a deqkit forward solver (a Solver), got {type(solver).__name__}."
+            )
         self.solver = solver
 
     @property
@@ -58,7 +60,9 @@ class FixedPointAdjoint(LinearSolver):
     def __repr__(self) -> str:
         return f"FixedPointAdjoint({self.solver!r})"
 
-    def _solve(self, vjp: Fn, v: Tensor, w0: Optional[Tensor], tol: float, max_iter: int, options: dict[str, Any]) -> SolverResult:
+    def _solve(
+        self, vjp: Fn, v: Tensor, w0: Optional[Tensor], tol: float, max_iter: int, options: dict[str, Any]
+    ) -> SolverResult:
         start = v.clone() if w0 is None else w0
         call_options = {"inverse0": options["inverse"]} if "inverse" in options else {}
         scale = v.reshape(v.shape[0], -1).norm(dim=1)  # the adjoint residual is relative to ‖v‖

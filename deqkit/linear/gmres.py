@@ -12,7 +12,8 @@ whichever step the check ran at, and the next check is scheduled from the observ
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -200,7 +201,9 @@ class GMRES(LinearSolver):
         eps = torch.finfo(vf.dtype).eps
         return tol * (vnorm + eps) if self.stop_mode == "rel" else torch.full_like(vnorm, tol)
 
-    def _solve(self, vjp: Fn, v: Tensor, w0: Optional[Tensor], tol: float, max_iter: int, options: dict[str, Any]) -> SolverResult:
+    def _solve(
+        self, vjp: Fn, v: Tensor, w0: Optional[Tensor], tol: float, max_iter: int, options: dict[str, Any]
+    ) -> SolverResult:
         preconditioner = options.get("preconditioner")
         if preconditioner is not None and w0 is not None:
             raise OptionError("GMRES: pass either w0 or preconditioner (a preconditioned solve starts at w = 0).")

@@ -21,7 +21,7 @@ every convolution of the cell (the paper's choice) is applied with
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

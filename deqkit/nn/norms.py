@@ -17,7 +17,8 @@ Parametrised modules survive ``copy.deepcopy`` (EMA copies) and ``state_dict`` r
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
@@ -52,7 +53,9 @@ def _targets(owner: str, module: nn.Module, names: Optional[Sequence[str]], type
     if names is None:
         found = [(n, m) for n, m in named.items() if isinstance(m, tuple(types)) and not parametrize.is_parametrized(m, "weight")]
         if not found:
-            raise OptionError(f"{owner}: {type(module).__name__} has no un-normalised {', '.join(t.__name__ for t in types)} submodule.")
+            raise OptionError(
+                f"{owner}: {type(module).__name__} has no un-normalised {', '.join(t.__name__ for t in types)} submodule."
+            )
         return found
     if isinstance(names, str):
         names = [names]
@@ -70,8 +73,9 @@ def _targets(owner: str, module: nn.Module, names: Optional[Sequence[str]], type
     return out
 
 
-def apply_weight_norm(module: nn.Module, names: Optional[Sequence[str]] = None, *, types: Sequence[type] = NORMABLE,
-                      dim: int = 0) -> nn.Module:
+def apply_weight_norm(
+    module: nn.Module, names: Optional[Sequence[str]] = None, *, types: Sequence[type] = NORMABLE, dim: int = 0
+) -> nn.Module:
     """Weight-normalise ``module``'s submodules (in place; returns ``module``).
 
     Salimans & Kingma, "Weight Normalization", NeurIPS 2016.
@@ -90,8 +94,14 @@ def apply_weight_norm(module: nn.Module, names: Optional[Sequence[str]] = None, 
     return module
 
 
-def apply_spectral_norm(module: nn.Module, names: Optional[Sequence[str]] = None, *, types: Sequence[type] = NORMABLE,
-                        scale: float = 1.0, n_power_iterations: int = 1) -> nn.Module:
+def apply_spectral_norm(
+    module: nn.Module,
+    names: Optional[Sequence[str]] = None,
+    *,
+    types: Sequence[type] = NORMABLE,
+    scale: float = 1.0,
+    n_power_iterations: int = 1,
+) -> nn.Module:
     """Spectrally normalise ``module``'s submodules to ``scale · W / σ_max(W)`` (in place; returns it).
 
     Miyato et al., "Spectral Normalization for Generative Adversarial Networks", ICLR 2018.

@@ -99,8 +99,10 @@ class ADMMResult(ResultMixin):
         r = int(self.converged.numel())
         worst = float(self.residual.max()) if r else 0.0
         steps = int(self.nstep.max()) if r else 0
-        return (f"ADMM ({self.mode}): {r - self.n_failed} of {r} rows converged, nstep max {steps}, "
-                f"residual/tolerance max {worst:.3g}, {self.time_s:.3g} s")
+        return (
+            f"ADMM ({self.mode}): {r - self.n_failed} of {r} rows converged, nstep max {steps}, "
+            f"residual/tolerance max {worst:.3g}, {self.time_s:.3g} s"
+        )
 
 
 @dataclass
@@ -256,8 +258,7 @@ class BatchedADMM:
         rank_mask = lam > self.rank_tol * max(top, 1e-300)
         return Factorization(phi=phi, q=q.to(phi.dtype), lam=lam.to(phi.dtype), rank_mask=rank_mask)
 
-    def _problem(self, phi, targets, lam, radius, n_constrained, factor, weights, support,
-                 block_ball=None) -> _Problem:
+    def _problem(self, phi, targets, lam, radius, n_constrained, factor, weights, support, block_ball=None) -> _Problem:
         """Check the inputs of :meth:`solve` and precompute what every iteration reuses."""
         own = "BatchedADMM.solve"
         if factor is None:
@@ -282,8 +283,9 @@ class BatchedADMM:
         support_t = None
         if support is not None:
             if support.shape != (r, d) or support.dtype != torch.bool:
-                raise OptionError(f"{own}: support must be a boolean tensor of shape ({r}, {d}), "
-                                  f"got {support.dtype} {tuple(support.shape)}.")
+                raise OptionError(
+                    f"{own}: support must be a boolean tensor of shape ({r}, {d}), got {support.dtype} {tuple(support.shape)}."
+                )
             support_t = support.to(dev).T.to(dt)  # (d, r), rows as columns like the state
         if radius is None:
             n_constrained = 0
@@ -300,8 +302,18 @@ class BatchedADMM:
             start = check_int(own, "block_ball start", block_ball[0], minimum=n_constrained, maximum=d)
             stop = check_int(own, "block_ball stop", block_ball[1], minimum=start, maximum=d)
             ball2 = (start, stop, _radius_tensor(block_ball[2], r, phi, owner=own).clone())
-        prob = _Problem(phi=phi, targets=targets, factor=factor, lam=lam_t, radius=rad, n_constrained=n_constrained,
-                        weights=weights, support=support_t, c=c, block_ball=ball2)
+        prob = _Problem(
+            phi=phi,
+            targets=targets,
+            factor=factor,
+            lam=lam_t,
+            radius=rad,
+            n_constrained=n_constrained,
+            weights=weights,
+            support=support_t,
+            c=c,
+            block_ball=ball2,
+        )
         if self.mode == "equality":
             mask = factor.rank_mask
             inv = torch.where(mask, 1.0 / torch.where(mask, ev, torch.ones_like(ev)), torch.zeros_like(ev))
@@ -394,18 +406,30 @@ class BatchedADMM:
         l1 = (beta.abs() * prob.weights).sum(dim=1) if prob.weights is not None else beta.abs().sum(dim=1)
         cres = torch.linalg.vector_norm(resid, dim=1)
         obj = prob.lam * l1 + 0.5 * cres**2 if self.mode == "relaxed" else prob.lam * l1
-        return ADMMResult(beta=beta, objective=obj, converged=rec.converged, nstep=rec.nstep, residual=rec.ratio,
-                          time_s=time.perf_counter() - t0, primal_residual=rec.pr, dual_residual=rec.dr, rho=rec.rho,
-                          constraint_residual=cres, mode=self.mode)
+        return ADMMResult(
+            beta=beta,
+            objective=obj,
+            converged=rec.converged,
+            nstep=rec.nstep,
+            residual=rec.ratio,
+            time_s=time.perf_counter() - t0,
+            primal_residual=rec.pr,
+            dual_residual=rec.dr,
+            rho=rec.rho,
+            constraint_residual=cres,
+            mode=self.mode,
+        )
 
     def failure_message(self, result: ADMMResult) -> str | None:
         """The message for rows that missed the tolerance, ``None`` when all converged."""
         n_bad = result.n_failed
         if not n_bad:
             return None
-        return (f"ADMM: {n_bad} of {result.converged.numel()} rows did not reach tol={self.tol:g}, "
-                f"tol_abs={self.tol_abs:g} within max_iter={self.max_iter}. Try increasing `max_iter`, "
-                "changing `rho`, or loosening the tolerances.")
+        return (
+            f"ADMM: {n_bad} of {result.converged.numel()} rows did not reach tol={self.tol:g}, "
+            f"tol_abs={self.tol_abs:g} within max_iter={self.max_iter}. Try increasing `max_iter`, "
+            "changing `rho`, or loosening the tolerances."
+        )
 
     # ------------------------------------------------------------------ solve
     @validated_options
@@ -445,8 +469,19 @@ class BatchedADMM:
             apply_failure_policy(self.on_failure, msg, stacklevel=3)  # past the options wrapper
         return result
 
-    def _solve(self, phi, targets, lam, radius=None, n_constrained=0, beta0=None, factor=None, weights=None,
-               support=None, block_ball=None) -> ADMMResult:
+    def _solve(
+        self,
+        phi,
+        targets,
+        lam,
+        radius=None,
+        n_constrained=0,
+        beta0=None,
+        factor=None,
+        weights=None,
+        support=None,
+        block_ball=None,
+    ) -> ADMMResult:
         """:meth:`solve` without the failure policy (the caller applies its own)."""
         t0 = time.perf_counter()
         prob = self._problem(phi, targets, lam, radius, n_constrained, factor, weights, support, block_ball)

@@ -76,8 +76,18 @@ def _pgd_step_size(owner: str, eps: float, steps, step_size) -> float:
     return check_positive(owner, "step_size", step_size)
 
 
-def _pgd(model: Model, u: Tensor, y: Tensor, eps: float, steps: int, alpha: float, random_start: bool,
-         loss_fn: LossFn, clip: tuple[float, float] | None, generator: torch.Generator | None) -> Tensor:
+def _pgd(
+    model: Model,
+    u: Tensor,
+    y: Tensor,
+    eps: float,
+    steps: int,
+    alpha: float,
+    random_start: bool,
+    loss_fn: LossFn,
+    clip: tuple[float, float] | None,
+    generator: torch.Generator | None,
+) -> Tensor:
     """PGD on checked options, drawing the random start from ``generator``."""
     u0 = u.detach()
     adv = u0.clone()
@@ -167,8 +177,9 @@ def robust_accuracy(
     if attack == "fgsm":
         given = [k for k in _PGD_ONLY if pgd_opts[k] is not None]
         if given:
-            raise OptionError(f"{own}: {given[0]} applies to attack='pgd' only, got {given[0]}={pgd_opts[given[0]]!r} "
-                              "with attack='fgsm'.")
+            raise OptionError(
+                f"{own}: {given[0]} applies to attack='pgd' only, got {given[0]}={pgd_opts[given[0]]!r} with attack='fgsm'."
+            )
     steps = 10 if steps is None else steps
     random_start = True if random_start is None else check_bool(own, "random_start", random_start)
     gen = _generator(own, seed)
@@ -182,8 +193,7 @@ def robust_accuracy(
             elif e == 0:
                 adv = ub.detach().clone()
             else:
-                adv = _pgd(model, ub, yb, e, steps, _pgd_step_size(own, e, steps, step_size), random_start, loss_fn,
-                           clip, gen)
+                adv = _pgd(model, ub, yb, e, steps, _pgd_step_size(own, e, steps, step_size), random_start, loss_fn, clip, gen)
             with torch.no_grad():
                 correct += int((model(adv).argmax(dim=1) == yb).sum())
         out[float(e)] = correct / max(len(u), 1)

@@ -30,8 +30,11 @@ def make_mlp(p: int, hidden: Sequence[int], q: int) -> nn.Sequential:
     """``Linear(p, h1), ReLU, …, Linear(h_k, q)``."""
     check_int("make_mlp", "p", p)
     check_int("make_mlp", "q", q)
-    if isinstance(hidden, (str, bytes)) or not hidden or any(
-            not isinstance(h, int) or isinstance(h, bool) or h < 1 for h in hidden):
+    if (
+        isinstance(hidden, (str, bytes))
+        or not hidden
+        or any(not isinstance(h, int) or isinstance(h, bool) or h < 1 for h in hidden)
+    ):
         raise OptionError(f"make_mlp: hidden must be a non-empty list of positive ints, got {hidden!r}.")
     dims = [p, *hidden]
     layers: list[nn.Module] = []

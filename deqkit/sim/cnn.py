@@ -37,8 +37,14 @@ _SUPPORTED = "Conv2d (groups=1, dilation=1, integer zero padding), Linear, ReLU,
 
 
 @validated_options
-def make_cnn(in_shape: Sequence[int] = (1, 28, 28), channels: Sequence[int] = (8, 16), q: int = 10,
-             kernel_size: int = 3, stride: int = 2, padding: int = 1) -> nn.Sequential:
+def make_cnn(
+    in_shape: Sequence[int] = (1, 28, 28),
+    channels: Sequence[int] = (8, 16),
+    q: int = 10,
+    kernel_size: int = 3,
+    stride: int = 2,
+    padding: int = 1,
+) -> nn.Sequential:
     """``Conv2d → ReLU → … → Conv2d → ReLU → Flatten → Linear(·, q)`` for inputs of ``in_shape`` (C, H, W)."""
     own = "make_cnn"
     if len(in_shape) != 3:
@@ -132,8 +138,10 @@ def cnn_layers(net: nn.Module, in_shape: Sequence[int]) -> CNNLayers:
             b = mod.bias.detach() if mod.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
             aff, pat, shape = Affine(w, b), torch.ones(w.shape, dtype=torch.bool, device=w.device), (w.shape[0],)
         else:
-            raise OptionError(f"{own}: unsupported layer {type(mod).__name__}; supported: {_SUPPORTED} "
-                              "(fold BatchNorm into the convolution, replace pooling by a strided convolution).")
+            raise OptionError(
+                f"{own}: unsupported layer {type(mod).__name__}; supported: {_SUPPORTED} "
+                "(fold BatchNorm into the convolution, replace pooling by a strided convolution)."
+            )
         layers.append(aff)
         patterns.append(pat)
         shapes.append(shape)
@@ -146,8 +154,11 @@ def cnn_layers(net: nn.Module, in_shape: Sequence[int]) -> CNNLayers:
 def _in_shape(net: nn.Module, in_shape, owner: str) -> tuple[int, ...]:
     if in_shape is None:
         first = next((m for m in (net if isinstance(net, nn.Sequential) else [net]) if isinstance(m, nn.Conv2d)), None)
-        raise OptionError(f"{owner}: in_shape (channels, height, width) is required"
-                          + (f" (the first Conv2d has {first.in_channels} channels)" if first is not None else "") + ".")
+        raise OptionError(
+            f"{owner}: in_shape (channels, height, width) is required"
+            + (f" (the first Conv2d has {first.in_channels} channels)" if first is not None else "")
+            + "."
+        )
     return tuple(int(s) for s in in_shape)
 
 
@@ -160,8 +171,9 @@ def cnn_to_implicit(net: nn.Module, in_shape: Sequence[int], kappa: float = 0.99
 
 
 @validated_options
-def collect_cnn_states(net: nn.Module, u: Tensor, in_shape: Sequence[int] | None = None, kappa: float = 0.99,
-                       dtype: torch.dtype | None = None) -> States:
+def collect_cnn_states(
+    net: nn.Module, u: Tensor, in_shape: Sequence[int] | None = None, kappa: float = 0.99, dtype: torch.dtype | None = None
+) -> States:
     """:func:`~deqkit.sim.states.collect_states` for a CNN: inputs ``u`` of shape ``(m, C, H, W)``
     (or flattened, with ``in_shape``). ``reference_nnz`` counts the non-zeros of the dense
     (unrolled) convolution matrices, i.e. of the exact implicit form."""
@@ -171,14 +183,16 @@ def collect_cnn_states(net: nn.Module, u: Tensor, in_shape: Sequence[int] | None
     cl = cnn_layers(net, _in_shape(net, in_shape, "collect_cnn_states"))
     st = states_from_layers(cl.layers, u, kappa, dtype)
     st.layer_sizes = tuple(int(lay.weight.shape[0]) for lay in cl.layers[:-1])
-    st.reference_nnz = max(1, sum(int((lay.weight.abs() >= 1e-6).sum()) + int((lay.bias.abs() >= 1e-6).sum())
-                                  for lay in cl.layers))
+    st.reference_nnz = max(
+        1, sum(int((lay.weight.abs() >= 1e-6).sum()) + int((lay.bias.abs() >= 1e-6).sum()) for lay in cl.layers)
+    )
     return st
 
 
 @validated_options
-def cnn_support(net: nn.Module, in_shape: Sequence[int], skip_inputs: bool = False,
-                output_skip: bool = False) -> tuple[Tensor, Tensor]:
+def cnn_support(
+    net: nn.Module, in_shape: Sequence[int], skip_inputs: bool = False, output_skip: bool = False
+) -> tuple[Tensor, Tensor]:
     """Boolean masks ``(support_ab, support_cd)`` over ``Φ = [X U 1]`` for ``fit_sim(support=...)``.
 
     Row ``i`` of ``(A, B)`` (a unit of hidden layer ``l``) may use the units of layer ``l − 1``

@@ -42,8 +42,15 @@ class DensitySearch:
     path: list[tuple[float, float]] = field(default_factory=list)
 
 
-def search_lam(evaluate: Callable[[float], float], target: float, lam_max: float, *, tol: float = 0.005,
-               max_evals: int = 20, min_ratio: float = 1e-8) -> DensitySearch:
+def search_lam(
+    evaluate: Callable[[float], float],
+    target: float,
+    lam_max: float,
+    *,
+    tol: float = 0.005,
+    max_evals: int = 20,
+    min_ratio: float = 1e-8,
+) -> DensitySearch:
     """λ with ``|evaluate(λ) − target| ≤ tol``, for a density that falls from its dense value at
     small λ to 0 at ``lam_max``.
 
@@ -62,8 +69,9 @@ def search_lam(evaluate: Callable[[float], float], target: float, lam_max: float
 
     def done(lam: float, d: float) -> DensitySearch:
         lam_b, d_b = min(path[1:] or path, key=lambda t: abs(t[1] - target))
-        return DensitySearch(lam=lam_b, density=d_b, target=target, tol=tol, converged=abs(d_b - target) <= tol,
-                             nstep=evals, path=path)
+        return DensitySearch(
+            lam=lam_b, density=d_b, target=target, tol=tol, converged=abs(d_b - target) <= tol, nstep=evals, path=path
+        )
 
     # 1) bracket: step down a decade at a time from λ_max until the density reaches the target
     hi, d_hi = lam_max, 0.0

@@ -33,8 +33,17 @@ from .admm import ADMMResult, BatchedADMM, Factorization
 
 __all__ = ["ShardedADMM", "row_shard"]
 
-_ROW_FIELDS = ("beta", "objective", "converged", "nstep", "residual", "primal_residual", "dual_residual", "rho",
-               "constraint_residual")
+_ROW_FIELDS = (
+    "beta",
+    "objective",
+    "converged",
+    "nstep",
+    "residual",
+    "primal_residual",
+    "dual_residual",
+    "rho",
+    "constraint_residual",
+)
 
 
 def row_shard(rows: int, rank: int, world: int) -> slice:
@@ -60,13 +69,39 @@ class ShardedADMM(BatchedADMM):
         **options: those of :class:`~deqkit.sim.admm.BatchedADMM` (``rho``, ``max_iter``, ``tol``, ...).
     """
 
-    def __init__(self, *, group: Any = None, rho: float = 1.0, max_iter: int = 1000, tol: float = 1e-5,
-                 tol_abs: float = 1e-7, mode: str = "relaxed", adaptive_rho: bool = True, mu: float = 10.0,
-                 tau: float = 2.0, check_every: int = 10, alpha: float = 1.0, zero_tol: float = 1e-6,
-                 on_failure: str = "warn", rank_tol: float = 1e-10) -> None:
-        super().__init__(rho=rho, max_iter=max_iter, tol=tol, tol_abs=tol_abs, mode=mode, adaptive_rho=adaptive_rho, mu=mu,
-                         tau=tau, check_every=check_every, alpha=alpha, zero_tol=zero_tol, on_failure=on_failure,
-                         rank_tol=rank_tol)
+    def __init__(
+        self,
+        *,
+        group: Any = None,
+        rho: float = 1.0,
+        max_iter: int = 1000,
+        tol: float = 1e-5,
+        tol_abs: float = 1e-7,
+        mode: str = "relaxed",
+        adaptive_rho: bool = True,
+        mu: float = 10.0,
+        tau: float = 2.0,
+        check_every: int = 10,
+        alpha: float = 1.0,
+        zero_tol: float = 1e-6,
+        on_failure: str = "warn",
+        rank_tol: float = 1e-10,
+    ) -> None:
+        super().__init__(
+            rho=rho,
+            max_iter=max_iter,
+            tol=tol,
+            tol_abs=tol_abs,
+            mode=mode,
+            adaptive_rho=adaptive_rho,
+            mu=mu,
+            tau=tau,
+            check_every=check_every,
+            alpha=alpha,
+            zero_tol=zero_tol,
+            on_failure=on_failure,
+            rank_tol=rank_tol,
+        )
         self.group = group
 
     def __repr__(self) -> str:
@@ -77,9 +112,18 @@ class ShardedADMM(BatchedADMM):
             return 0, 1
         return dist.get_rank(self.group), dist.get_world_size(self.group)
 
-    def _solve(self, phi: Tensor, targets: Tensor, lam: Any, radius: Any = None, n_constrained: int = 0,
-               beta0: Tensor | None = None, factor: Factorization | None = None, weights: Tensor | None = None,
-               support: Tensor | None = None) -> ADMMResult:
+    def _solve(
+        self,
+        phi: Tensor,
+        targets: Tensor,
+        lam: Any,
+        radius: Any = None,
+        n_constrained: int = 0,
+        beta0: Tensor | None = None,
+        factor: Factorization | None = None,
+        weights: Tensor | None = None,
+        support: Tensor | None = None,
+    ) -> ADMMResult:
         rank, world = self._world()
         rows = targets.shape[0] if isinstance(targets, Tensor) and targets.ndim == 2 else 0
         if world == 1 or rows < world:
@@ -87,8 +131,17 @@ class ShardedADMM(BatchedADMM):
         sl = row_shard(rows, rank, world)
         if factor is None:
             factor = self.factorize(phi)  # every rank, the same Φ: no need to broadcast
-        local = super()._solve(phi, targets[sl], _rows(lam, sl, rows), _rows(radius, sl, rows), n_constrained,
-                               _rows(beta0, sl, rows), factor, weights, _rows(support, sl, rows))
+        local = super()._solve(
+            phi,
+            targets[sl],
+            _rows(lam, sl, rows),
+            _rows(radius, sl, rows),
+            n_constrained,
+            _rows(beta0, sl, rows),
+            factor,
+            weights,
+            _rows(support, sl, rows),
+        )
         return self._gather(local, rows, world)
 
     def _gather(self, local: ADMMResult, rows: int, world: int) -> ADMMResult:

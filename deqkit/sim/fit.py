@@ -147,8 +147,7 @@ class SIMResult(ResultMixin):
     @property
     def residual(self) -> float:  # type: ignore[override]
         """The largest per-row ``residual`` over all solves."""
-        return max((float(torch.as_tensor(r.residual).max()) for r in self.solves.values() if len(r.residual)),
-                   default=0.0)
+        return max((float(torch.as_tensor(r.residual).max()) for r in self.solves.values() if len(r.residual)), default=0.0)
 
     @property
     def objective(self) -> float:
@@ -157,9 +156,7 @@ class SIMResult(ResultMixin):
 
 
 @validated_options
-def structure_support(
-    states: States, structure: str = "full", output_skip: bool = True
-) -> tuple[Tensor | None, Tensor | None]:
+def structure_support(states: States, structure: str = "full", output_skip: bool = True) -> tuple[Tensor | None, Tensor | None]:
     """Boolean masks ``(support_ab, support_cd)`` of the coefficients the program may use,
     shapes ``(n, n+p+1)`` and ``(q, n+p+1)`` over ``Φ = [X U 1]``; ``None`` = unrestricted.
 
@@ -199,22 +196,41 @@ class _Block:
     block_ball: tuple[int, int, float] | None = None
 
 
-def _solve_block(method: str, mode: str, block: _Block, phi: Tensor, lam, *, weights, support, beta0, factor,
-                 zero_tol: float) -> tuple[BlockResult, Tensor]:
+def _solve_block(
+    method: str, mode: str, block: _Block, phi: Tensor, lam, *, weights, support, beta0, factor, zero_tol: float
+) -> tuple[BlockResult, Tensor]:
     """One block of rows by the batched ADMM or by CVXPY, without a failure policy (the fit
     applies its own); returns (result, beta tensor). ``lam`` is in the paper's units (scalar or per row)."""
     if method == "admm" and block.support is not None and float(block.support.double().mean()) < 0.5:
         res = _solve_grouped(block, phi, lam, weights=weights, support=support, beta0=beta0)
         return res, res.beta
     if method == "admm":
-        res = block.admm._solve(phi, block.targets, lam, radius=block.radius, n_constrained=block.n_constrained,
-                                beta0=beta0, factor=factor, weights=weights, support=support,
-                                block_ball=block.block_ball)
+        res = block.admm._solve(
+            phi,
+            block.targets,
+            lam,
+            radius=block.radius,
+            n_constrained=block.n_constrained,
+            beta0=beta0,
+            factor=factor,
+            weights=weights,
+            support=support,
+            block_ball=block.block_ball,
+        )
         return res, res.beta
     lam_c = lam.detach().cpu().numpy() if isinstance(lam, Tensor) else float(lam)
-    ref = solve_rows_cvxpy(phi, block.targets, lam_c, radius=block.radius, n_constrained=block.n_constrained,
-                           mode=mode, weights=weights, support=support, block_ball=block.block_ball,
-                           on_failure="ignore")
+    ref = solve_rows_cvxpy(
+        phi,
+        block.targets,
+        lam_c,
+        radius=block.radius,
+        n_constrained=block.n_constrained,
+        mode=mode,
+        weights=weights,
+        support=support,
+        block_ball=block.block_ball,
+        on_failure="ignore",
+    )
     beta = torch.as_tensor(ref.beta, dtype=phi.dtype, device=phi.device)
     return ref, torch.where(beta.abs() < zero_tol, torch.zeros_like(beta), beta)
 
@@ -233,8 +249,10 @@ def _solve_grouped(block: _Block, phi: Tensor, lam, *, weights, support, beta0) 
     lam_t = lam_t.expand(r) if lam_t.ndim == 0 else lam_t
     groups, inverse = torch.unique(structural, dim=0, return_inverse=True)
     beta = torch.zeros(r, d, dtype=dt, device=dev)
-    fields = {k: torch.zeros(r, dtype=dt, device=dev) for k in ("objective", "residual", "primal_residual",
-                                                                "dual_residual", "rho", "constraint_residual")}
+    fields = {
+        k: torch.zeros(r, dtype=dt, device=dev)
+        for k in ("objective", "residual", "primal_residual", "dual_residual", "rho", "constraint_residual")
+    }
     converged = torch.zeros(r, dtype=torch.bool, device=dev)
     nstep = torch.zeros(r, dtype=torch.long, device=dev)
     for g in range(groups.shape[0]):
@@ -245,29 +263,58 @@ def _solve_grouped(block: _Block, phi: Tensor, lam, *, weights, support, beta0) 
         if block.block_ball is not None:
             start, stop, rad = block.block_ball
             ball = (int((cols < start).sum()), int((cols < stop).sum()), rad)
-        res = block.admm._solve(phi[:, cols], block.targets[rows], lam_t[rows], radius=block.radius,
-                                n_constrained=k_con, beta0=None if beta0 is None else beta0[rows][:, cols],
-                                weights=None if weights is None else weights[cols],
-                                support=None if support is None else support[rows][:, cols].to(dev), block_ball=ball)
+        res = block.admm._solve(
+            phi[:, cols],
+            block.targets[rows],
+            lam_t[rows],
+            radius=block.radius,
+            n_constrained=k_con,
+            beta0=None if beta0 is None else beta0[rows][:, cols],
+            weights=None if weights is None else weights[cols],
+            support=None if support is None else support[rows][:, cols].to(dev),
+            block_ball=ball,
+        )
         beta[rows[:, None], cols[None, :]] = res.beta
         for k, v in fields.items():
             v[rows] = getattr(res, k).to(dt)
         converged[rows] = res.converged
         nstep[rows] = res.nstep.to(torch.long)
-    return ADMMResult(beta=beta, converged=converged, nstep=nstep, time_s=time.perf_counter() - t0,
-                      mode=block.admm.mode, **fields)
+    return ADMMResult(
+        beta=beta, converged=converged, nstep=nstep, time_s=time.perf_counter() - t0, mode=block.admm.mode, **fields
+    )
 
 
-def _check_fit_options(states: States, lam, density, method, mode, kappa, admm_ab, admm_cd, zero_tol, lam_scale,
-                       penalty, input_weight, output_skip, debias, on_failure, input_radius, output_radius,
-                       density_tol, max_evals, density_of) -> tuple[float, BatchedADMM, BatchedADMM]:
+def _check_fit_options(
+    states: States,
+    lam,
+    density,
+    method,
+    mode,
+    kappa,
+    admm_ab,
+    admm_cd,
+    zero_tol,
+    lam_scale,
+    penalty,
+    input_weight,
+    output_skip,
+    debias,
+    on_failure,
+    input_radius,
+    output_radius,
+    density_tol,
+    max_evals,
+    density_of,
+) -> tuple[float, BatchedADMM, BatchedADMM]:
     """Validate :func:`fit_sim`'s options; returns ``kappa`` and the two ADMM solvers."""
     own = "fit_sim"
     check_choice(own, "method", method, SOLVERS)
     check_choice(own, "mode", mode, MODES)
     if (lam is None) == (density is None):
-        raise OptionError(f"{own}: give exactly one of lam (the ℓ1 weight) and density (a target fraction of "
-                          f"non-zeros, λ then searched), got lam={lam!r}, density={density!r}.")
+        raise OptionError(
+            f"{own}: give exactly one of lam (the ℓ1 weight) and density (a target fraction of "
+            f"non-zeros, λ then searched), got lam={lam!r}, density={density!r}."
+        )
     if lam is not None:
         check_positive(own, "lam", lam, allow_zero=True)
     else:
@@ -277,14 +324,20 @@ def _check_fit_options(states: States, lam, density, method, mode, kappa, admm_a
         if density_of is not None:
             check_int(own, "density_of", density_of)
         elif states.reference_nnz is None:
-            raise OptionError(f"{own}: density needs the baseline's non-zero count: collect the states with "
-                              "collect_states()/collect_cnn_states(), or pass density_of=<non-zeros of the baseline>.")
+            raise OptionError(
+                f"{own}: density needs the baseline's non-zero count: collect the states with "
+                "collect_states()/collect_cnn_states(), or pass density_of=<non-zeros of the baseline>."
+            )
         if mode != "relaxed":
-            raise OptionError(f"{own}: density searches λ along the lasso path and needs mode='relaxed' "
-                              f"(in mode={mode!r} the solution does not depend on λ).")
+            raise OptionError(
+                f"{own}: density searches λ along the lasso path and needs mode='relaxed' "
+                f"(in mode={mode!r} the solution does not depend on λ)."
+            )
     if lam_scale == "none":
-        raise OptionError(f"{own}: lam_scale='none' was renamed 'paper' (λ in the units of the SIM paper); the "
-                          "default is now 'normalized' (per-sample mean loss, targets and regressors of unit rms).")
+        raise OptionError(
+            f"{own}: lam_scale='none' was renamed 'paper' (λ in the units of the SIM paper); the "
+            "default is now 'normalized' (per-sample mean loss, targets and regressors of unit rms)."
+        )
     check_choice(own, "lam_scale", lam_scale, LAM_SCALES)
     check_choice(own, "penalty", penalty, PENALTIES)
     check_positive(own, "input_weight", input_weight)
@@ -296,8 +349,10 @@ def _check_fit_options(states: States, lam, density, method, mode, kappa, admm_a
         if val is not None:
             check_positive(own, name, val, allow_zero=True)
     if debias and mode != "relaxed":
-        raise OptionError(f"{own}: debias=True refits by least squares and needs mode='relaxed' "
-                          f"(mode={mode!r} already matches the states exactly).")
+        raise OptionError(
+            f"{own}: debias=True refits by least squares and needs mode='relaxed' "
+            f"(mode={mode!r} already matches the states exactly)."
+        )
     kappa = states.kappa if kappa is None else check_kappa(own, kappa)
     admm_ab = admm_ab or BatchedADMM(rho=1.0, max_iter=2000, mode=mode, zero_tol=zero_tol)
     admm_cd = admm_cd or BatchedADMM(rho=1.0, max_iter=1000, mode=mode, zero_tol=zero_tol)
@@ -345,10 +400,19 @@ def lam_factors(states: States, lam_scale: str = "normalized") -> tuple[float | 
     return c * rms_ab, c * rms_cd
 
 
-def _blocks(states: States, lam_scale: str, kappa: float, admm_ab: BatchedADMM, admm_cd: BatchedADMM,
-            structure: str, output_skip: bool, warm_start: ImplicitModel | None, input_radius: float | None,
-            output_radius: float | None, support: tuple[Tensor | None, Tensor | None] | None = None
-            ) -> dict[str, _Block]:
+def _blocks(
+    states: States,
+    lam_scale: str,
+    kappa: float,
+    admm_ab: BatchedADMM,
+    admm_cd: BatchedADMM,
+    structure: str,
+    output_skip: bool,
+    warm_start: ImplicitModel | None,
+    input_radius: float | None,
+    output_radius: float | None,
+    support: tuple[Tensor | None, Tensor | None] | None = None,
+) -> dict[str, _Block]:
     """The two row blocks of the program: ``(A, B)`` under the ℓ1 ball, ``(C, D)`` without (or
     under ``output_radius`` on ``[C D_u]``); ``input_radius`` bounds each row of ``B_u``."""
     support_ab, support_cd = support if support is not None else structure_support(states, structure, output_skip)
@@ -367,25 +431,51 @@ def _blocks(states: States, lam_scale: str, kappa: float, admm_ab: BatchedADMM, 
     }
 
 
-def _lasso(method: str, mode: str, blocks: dict[str, _Block], phi: Tensor, lam: float, weights: Tensor | None,
-           zero_tol: float, factor, beta0: dict[str, Tensor | None]) -> tuple[dict[str, BlockResult], dict[str, Tensor]]:
+def _lasso(
+    method: str,
+    mode: str,
+    blocks: dict[str, _Block],
+    phi: Tensor,
+    lam: float,
+    weights: Tensor | None,
+    zero_tol: float,
+    factor,
+    beta0: dict[str, Tensor | None],
+) -> tuple[dict[str, BlockResult], dict[str, Tensor]]:
     """The lasso solve of each block at ``lam`` (in ``lam_scale`` units)."""
     results: dict[str, BlockResult] = {}
     betas: dict[str, Tensor] = {}
     for name, b in blocks.items():
-        results[name], betas[name] = _solve_block(method, mode, b, phi, lam * b.scale, weights=weights,
-                                                  support=b.support, beta0=beta0.get(name), factor=factor,
-                                                  zero_tol=zero_tol)
+        results[name], betas[name] = _solve_block(
+            method,
+            mode,
+            b,
+            phi,
+            lam * b.scale,
+            weights=weights,
+            support=b.support,
+            beta0=beta0.get(name),
+            factor=factor,
+            zero_tol=zero_tol,
+        )
     return results, betas
 
 
-def _refit(method: str, mode: str, blocks: dict[str, _Block], phi: Tensor, zero_tol: float, factor,
-           results: dict[str, BlockResult], betas: dict[str, Tensor]) -> None:
+def _refit(
+    method: str,
+    mode: str,
+    blocks: dict[str, _Block],
+    phi: Tensor,
+    zero_tol: float,
+    factor,
+    results: dict[str, BlockResult],
+    betas: dict[str, Tensor],
+) -> None:
     """Least squares on each row's lasso support under the same constraints (in place)."""
     for name, b in blocks.items():  # the structure is inside the lasso support
         results["refit_" + name], betas[name] = _solve_block(
-            method, mode, b, phi, 0.0, weights=None, support=betas[name] != 0, beta0=betas[name],
-            factor=factor, zero_tol=zero_tol)
+            method, mode, b, phi, 0.0, weights=None, support=betas[name] != 0, beta0=betas[name], factor=factor, zero_tol=zero_tol
+        )
 
 
 def _lam_max(blocks: dict[str, _Block], phi: Tensor, weights: Tensor | None) -> float:
@@ -420,8 +510,10 @@ def _failure_message(lam: float, results: dict[str, BlockResult], blocks: dict[s
         if isinstance(res, ADMMResult):
             parts.append(f"{_BLOCK_LABELS[name]}: {blocks[name.removeprefix('refit_')].admm.failure_message(res)}")
         else:
-            parts.append(f"{_BLOCK_LABELS[name]}: CVXPY: {res.n_failed} of {len(res.status)} rows not solved to "
-                         f"optimality (status {', '.join(sorted(set(res.status) - {'optimal'}))})")
+            parts.append(
+                f"{_BLOCK_LABELS[name]}: CVXPY: {res.n_failed} of {len(res.status)} rows not solved to "
+                f"optimality (status {', '.join(sorted(set(res.status) - {'optimal'}))})"
+            )
     return f"fit_sim(lam={lam:g}): " + "; ".join(parts) if parts else None
 
 
@@ -429,8 +521,9 @@ def _build_model(states: States, betas: dict[str, Tensor], kappa: float, method:
     """The implicit model with ``[A B] = β_ab`` and ``[C D] = β_cd``."""
     phi = states.phi
     n, p, q = states.X.shape[1], states.U.shape[1], states.Y.shape[1]
-    model = ImplicitModel(n, p, q, phi="relu", kappa=kappa, bias=True, dtype=phi.dtype, device=phi.device,
-                          solver=solver, grad=grad)
+    model = ImplicitModel(
+        n, p, q, phi="relu", kappa=kappa, bias=True, dtype=phi.dtype, device=phi.device, solver=solver, grad=grad
+    )
     beta_ab, beta_cd = betas["ab"], betas["cd"]
     with torch.no_grad():
         model.A.copy_(beta_ab[:, :n])
@@ -442,9 +535,20 @@ def _build_model(states: States, betas: dict[str, Tensor], kappa: float, method:
     return model
 
 
-def _density_search(method: str, mode: str, blocks: dict[str, _Block], phi: Tensor, weights: Tensor | None,
-                    zero_tol: float, factor, target: float, reference: int, tol: float, max_evals: int,
-                    log: Callable[[str], None] | None) -> tuple[DensitySearch, dict[str, BlockResult], dict[str, Tensor]]:
+def _density_search(
+    method: str,
+    mode: str,
+    blocks: dict[str, _Block],
+    phi: Tensor,
+    weights: Tensor | None,
+    zero_tol: float,
+    factor,
+    target: float,
+    reference: int,
+    tol: float,
+    max_evals: int,
+    log: Callable[[str], None] | None,
+) -> tuple[DensitySearch, dict[str, BlockResult], dict[str, Tensor]]:
     """λ for ``target`` non-zeros / ``reference`` by :func:`~deqkit.sim.density.search_lam`; each
     solve warm-started from the nearest λ solved so far. Returns the search and the lasso
     solution at the λ chosen."""
@@ -472,8 +576,9 @@ def _density_search(method: str, mode: str, blocks: dict[str, _Block], phi: Tens
         res, betas = kept[search.lam]
     else:  # the chosen point was evicted (or is λ_max): solve it again, warm
         near = min(kept, key=lambda k: abs(math.log(k) - math.log(search.lam)), default=None)
-        res, betas = _lasso(method, mode, blocks, phi, search.lam, weights, zero_tol, factor,
-                            first if near is None else kept[near][1])
+        res, betas = _lasso(
+            method, mode, blocks, phi, search.lam, weights, zero_tol, factor, first if near is None else kept[near][1]
+        )
     return search, res, betas
 
 
@@ -564,15 +669,37 @@ def fit_sim(
     Returns:
         a :class:`SIMResult`; its model is well-posed (``‖A‖_∞ ≤ κ``) in every mode.
     """
-    kappa, admm_ab, admm_cd = _check_fit_options(states, lam, density, method, mode, kappa, admm_ab, admm_cd, zero_tol,
-                                                  lam_scale, penalty, input_weight, output_skip, debias, on_failure,
-                                                  input_radius, output_radius, density_tol, max_evals, density_of)
+    kappa, admm_ab, admm_cd = _check_fit_options(
+        states,
+        lam,
+        density,
+        method,
+        mode,
+        kappa,
+        admm_ab,
+        admm_cd,
+        zero_tol,
+        lam_scale,
+        penalty,
+        input_weight,
+        output_skip,
+        debias,
+        on_failure,
+        input_radius,
+        output_radius,
+        density_tol,
+        max_evals,
+        density_of,
+    )
     check_choice("fit_sim", "structure", structure, STRUCTURES)
     if support is not None and (structure != "full" or not output_skip):
-        raise OptionError("fit_sim: support= replaces structure/output_skip; pass one or the other "
-                          f"(got structure={structure!r}, output_skip={output_skip!r} with support).")
-    blocks = _blocks(states, lam_scale, kappa, admm_ab, admm_cd, structure, output_skip, warm_start, input_radius,
-                     output_radius, support)
+        raise OptionError(
+            "fit_sim: support= replaces structure/output_skip; pass one or the other "
+            f"(got structure={structure!r}, output_skip={output_skip!r} with support)."
+        )
+    blocks = _blocks(
+        states, lam_scale, kappa, admm_ab, admm_cd, structure, output_skip, warm_start, input_radius, output_radius, support
+    )
     phi = states.phi
     weights = _penalty_weights(phi, states.X.shape[1], states.U.shape[1], penalty, input_weight)
     reference = density_of if density_of is not None else states.reference_nnz
@@ -581,30 +708,54 @@ def fit_sim(
     search = None
     if density is not None:
         assert reference is not None  # checked above
-        search, results, betas = _density_search(method, mode, blocks, phi, weights, zero_tol, factor, float(density),
-                                                 int(reference), float(density_tol), int(max_evals), log)
+        search, results, betas = _density_search(
+            method,
+            mode,
+            blocks,
+            phi,
+            weights,
+            zero_tol,
+            factor,
+            float(density),
+            int(reference),
+            float(density_tol),
+            int(max_evals),
+            log,
+        )
         lam = search.lam
     else:
         assert lam is not None
-        results, betas = _lasso(method, mode, blocks, phi, float(lam), weights, zero_tol, factor,
-                                {name: b.beta0 for name, b in blocks.items()})
+        results, betas = _lasso(
+            method, mode, blocks, phi, float(lam), weights, zero_tol, factor, {name: b.beta0 for name, b in blocks.items()}
+        )
     if debias:
         _refit(method, mode, blocks, phi, zero_tol, factor, results, betas)
     elapsed = time.perf_counter() - t0
     msg = _failure_message(float(lam), results, blocks)
     if search is not None and not search.converged:
-        miss = (f"fit_sim(density={density:g}): the λ search reached {100 * search.density:.2f}% non-zeros "
-                f"(target {100 * density:g}% ± {100 * density_tol:g}) after {search.nstep} solves; raise max_evals, "
-                "loosen density_tol, or check that the target lies between 0 and the density of the dense fit")
+        miss = (
+            f"fit_sim(density={density:g}): the λ search reached {100 * search.density:.2f}% non-zeros "
+            f"(target {100 * density:g}% ± {100 * density_tol:g}) after {search.nstep} solves; raise max_evals, "
+            "loosen density_tol, or check that the target lies between 0 and the density of the dense fit"
+        )
         msg = miss if msg is None else f"{miss}; {msg}"
     if msg is not None:
         apply_failure_policy(on_failure, msg, stacklevel=3)
     model = _build_model(states, betas, kappa, method, solver, grad)
     reached = _nnz(betas) / reference if reference is not None else None
-    return SIMResult(model=model, ab=results["ab"], cd=results["cd"], lam=float(lam), time_s=elapsed,
-                     refit_ab=results.get("refit_ab"), refit_cd=results.get("refit_cd"), lam_scale=lam_scale,
-                     density=reached, density_target=None if density is None else float(density),
-                     search=search)
+    return SIMResult(
+        model=model,
+        ab=results["ab"],
+        cd=results["cd"],
+        lam=float(lam),
+        time_s=elapsed,
+        refit_ab=results.get("refit_ab"),
+        refit_cd=results.get("refit_cd"),
+        lam_scale=lam_scale,
+        density=reached,
+        density_target=None if density is None else float(density),
+        search=search,
+    )
 
 
 @validated_options
@@ -620,12 +771,15 @@ def count_nonzeros(model: ImplicitModel, zero_tol: float = 1e-6) -> dict[str, in
 def baseline_nonzeros(net: nn.Module, zero_tol: float = 1e-6) -> int:
     """Non-zero weights and biases of the baseline's affine layers (composed layers counted once)."""
     zero_tol = check_positive("baseline_nonzeros", "zero_tol", zero_tol, allow_zero=True)
-    return sum(int((lay.weight.abs() >= zero_tol).sum()) + int((lay.bias.abs() >= zero_tol).sum())
-               for lay in _mlp_layers(net, "baseline_nonzeros"))
+    return sum(
+        int((lay.weight.abs() >= zero_tol).sum()) + int((lay.bias.abs() >= zero_tol).sum())
+        for lay in _mlp_layers(net, "baseline_nonzeros")
+    )
 
 
-def _finetune_epoch(model: ImplicitModel, u: Tensor, y: Tensor, opt, params, masks, batch_size: int,
-                    gen: torch.Generator) -> float:
+def _finetune_epoch(
+    model: ImplicitModel, u: Tensor, y: Tensor, opt, params, masks, batch_size: int, gen: torch.Generator
+) -> float:
     """One epoch of projected (and masked) Adam; returns the mean training loss."""
     perm = torch.randperm(len(u), generator=gen)
     total, count = 0.0, 0

@@ -64,8 +64,9 @@ def soft_threshold(v: Tensor, t: float | Tensor) -> Tensor:
     return torch.sign(v) * (v.abs() - t).clamp(min=0)
 
 
-def prox_l1_ball(v: Tensor, t: Tensor, radius: Tensor, n_constrained: int,
-                 block_ball: tuple[int, int, Tensor] | None = None) -> Tensor:
+def prox_l1_ball(
+    v: Tensor, t: Tensor, radius: Tensor, n_constrained: int, block_ball: tuple[int, int, Tensor] | None = None
+) -> Tensor:
     """Prox of ``t‖β‖₁ + ι{‖β[:k]‖₁ ≤ radius}`` row by row (``k = n_constrained``).
 
     ``block_ball = (start, stop, radius2)`` adds a second, disjoint ball

@@ -31,8 +31,9 @@ def prunable_weights(net: nn.Module) -> list[nn.Parameter]:
 
 @validated_options
 @torch.no_grad()
-def magnitude_prune(net: nn.Module, density: float, count: Callable[[nn.Module], int] | None = None,
-                    reference: int | None = None, iters: int = 40) -> nn.Module:
+def magnitude_prune(
+    net: nn.Module, density: float, count: Callable[[nn.Module], int] | None = None, reference: int | None = None, iters: int = 40
+) -> nn.Module:
     """A copy of ``net`` with its smallest-magnitude weights (global threshold) set to zero.
 
     Without ``count``, ``density`` is the fraction of non-zero weights kept. With ``count`` (a
@@ -75,8 +76,9 @@ def magnitude_prune(net: nn.Module, density: float, count: Callable[[nn.Module],
 
 
 @validated_options
-def masked_finetune(net: nn.Module, u: Tensor, y: Tensor, epochs: int = 1, lr: float = 1e-3, batch_size: int = 256,
-                    seed: int = 0) -> nn.Module:
+def masked_finetune(
+    net: nn.Module, u: Tensor, y: Tensor, epochs: int = 1, lr: float = 1e-3, batch_size: int = 256, seed: int = 0
+) -> nn.Module:
     """Adam on cross-entropy with the zero weights of ``net`` held at zero (in place; eval mode after)."""
     check_int("masked_finetune", "epochs", epochs, minimum=0)
     check_positive("masked_finetune", "lr", lr)

@@ -34,9 +34,7 @@ def _require_cvxpy():
     try:
         import cvxpy as cp
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the CVXPY reference needs the optional extra: pip install 'deqkit[sim]' (cvxpy, clarabel)"
-        ) from exc
+        raise ImportError("the CVXPY reference needs the optional extra: pip install 'deqkit[sim]' (cvxpy, clarabel)") from exc
     return cp
 
 
@@ -68,8 +66,10 @@ class CVXPYResult(ResultMixin):
         """One line for logs and error messages."""
         r = len(self.status)
         worst = float(np.max(self.residual)) if r else 0.0
-        return (f"CVXPY: {r - self.n_failed} of {r} rows optimal ({', '.join(sorted(set(self.status)))}), "
-                f"primal infeasibility max {worst:.3g}, {self.time_s:.3g} s")
+        return (
+            f"CVXPY: {r - self.n_failed} of {r} rows optimal ({', '.join(sorted(set(self.status)))}), "
+            f"primal infeasibility max {worst:.3g}, {self.time_s:.3g} s"
+        )
 
 
 def _as_numpy(x: Any, dtype: Any = np.float64) -> np.ndarray:
@@ -79,8 +79,9 @@ def _as_numpy(x: Any, dtype: Any = np.float64) -> np.ndarray:
     return np.asarray(x, dtype=dtype)
 
 
-def _infeasibility(beta: np.ndarray, phi: np.ndarray, z: np.ndarray, mode: str, radius: float | None, k: int,
-                   support: np.ndarray | None) -> float:
+def _infeasibility(
+    beta: np.ndarray, phi: np.ndarray, z: np.ndarray, mode: str, radius: float | None, k: int, support: np.ndarray | None
+) -> float:
     """Primal infeasibility of one row's point (see :class:`CVXPYResult`)."""
     if not np.all(np.isfinite(beta)):
         return math.inf
@@ -105,8 +106,17 @@ class _RowProgram:
     lam: Any = None
 
 
-def _build_program(cp, phi_np: np.ndarray, lam: float, mode: str, radius: float | None, n_constrained: int,
-                   weights, with_support: bool, block_ball=None) -> _RowProgram:
+def _build_program(
+    cp,
+    phi_np: np.ndarray,
+    lam: float,
+    mode: str,
+    radius: float | None,
+    n_constrained: int,
+    weights,
+    with_support: bool,
+    block_ball=None,
+) -> _RowProgram:
     """Build the row problem once; each row then only sets ``z`` (and ``off``)."""
     m, d = phi_np.shape
     beta = cp.Variable(d)
@@ -122,7 +132,7 @@ def _build_program(cp, phi_np: np.ndarray, lam: float, mode: str, radius: float 
     if radius is not None and n_constrained > 0 and math.isfinite(radius):
         cons.append(cp.norm1(beta[:n_constrained]) <= float(radius))
     if block_ball is not None and block_ball[1] > block_ball[0] and math.isfinite(block_ball[2]):
-        cons.append(cp.norm1(beta[block_ball[0]:block_ball[1]]) <= float(block_ball[2]))
+        cons.append(cp.norm1(beta[block_ball[0] : block_ball[1]]) <= float(block_ball[2]))
     off = None
     if with_support:
         off = cp.Parameter(d, nonneg=True)
@@ -130,9 +140,18 @@ def _build_program(cp, phi_np: np.ndarray, lam: float, mode: str, radius: float 
     return _RowProgram(cp.Problem(cp.Minimize(obj), cons), beta, z, off, lam_p)
 
 
-def _solve_each(prog: _RowProgram, phi_np: np.ndarray, z_np: np.ndarray, supp_np: np.ndarray | None, mode: str,
-                radius: float | None, n_constrained: int, solver: str, solver_opts: dict | None,
-                lams: np.ndarray | None = None) -> CVXPYResult:
+def _solve_each(
+    prog: _RowProgram,
+    phi_np: np.ndarray,
+    z_np: np.ndarray,
+    supp_np: np.ndarray | None,
+    mode: str,
+    radius: float | None,
+    n_constrained: int,
+    solver: str,
+    solver_opts: dict | None,
+    lams: np.ndarray | None = None,
+) -> CVXPYResult:
     """Solve the program row by row and collect the per-row results."""
     r, d = z_np.shape[0], phi_np.shape[1]
     out_beta, out_obj = np.zeros((r, d)), np.zeros(r)
@@ -155,11 +174,17 @@ def _solve_each(prog: _RowProgram, phi_np: np.ndarray, z_np: np.ndarray, supp_np
         else:
             out_beta[i] = prog.beta.value
             out_obj[i] = prog.problem.value
-        resid[i] = _infeasibility(out_beta[i], phi_np, zi, mode, radius, n_constrained,
-                                  None if supp_np is None else supp_np[i])
+        resid[i] = _infeasibility(out_beta[i], phi_np, zi, mode, radius, n_constrained, None if supp_np is None else supp_np[i])
     converged = np.array([s == "optimal" for s in status], dtype=bool)
-    return CVXPYResult(beta=out_beta, objective=out_obj, converged=converged, nstep=nstep, residual=resid,
-                       time_s=time.perf_counter() - t0, status=status)
+    return CVXPYResult(
+        beta=out_beta,
+        objective=out_obj,
+        converged=converged,
+        nstep=nstep,
+        residual=resid,
+        time_s=time.perf_counter() - t0,
+        status=status,
+    )
 
 
 @validated_options
@@ -220,6 +245,7 @@ def solve_rows_cvxpy(
     result = _solve_each(prog, phi_np, z_np, supp_np, mode, radius, n_constrained, solver, solver_opts, lams)
     if result.n_failed:
         bad = ", ".join(sorted(set(result.status) - {"optimal"}))
-        apply_failure_policy(on_failure, f"{own}: {result.n_failed} of {r} rows not solved to optimality "
-                             f"(status {bad}).", stacklevel=3)
+        apply_failure_policy(
+            on_failure, f"{own}: {result.n_failed} of {r} rows not solved to optimality (status {bad}).", stacklevel=3
+        )
     return result

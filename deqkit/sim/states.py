@@ -121,8 +121,7 @@ def _affine_groups(net: nn.Module, owner: str) -> list[list[Affine]]:
             continue
         if isinstance(kind, Activation):
             if last_act:
-                raise OptionError(f"{owner}: an activation must follow an affine layer "
-                                  "(found two in a row, or one first).")
+                raise OptionError(f"{owner}: an activation must follow an affine layer (found two in a row, or one first).")
             groups.append([])
             last_act = True
         else:
@@ -149,8 +148,7 @@ def _mlp_layers(net: nn.Module, owner: str) -> list[Affine]:
         raise OptionError(f"{owner}: the network needs at least one hidden layer (affine, ReLU, affine).")
     for a, b in itertools.pairwise(layers):
         if b.weight.shape[1] != a.weight.shape[0]:
-            raise OptionError(f"{owner}: layer shapes do not chain: {tuple(a.weight.shape)} "
-                              f"then {tuple(b.weight.shape)}.")
+            raise OptionError(f"{owner}: layer shapes do not chain: {tuple(a.weight.shape)} then {tuple(b.weight.shape)}.")
     return layers
 
 
@@ -176,9 +174,7 @@ def layer_scales(layers: list[Affine], kappa: float = 0.99) -> list[float]:
 
 
 @validated_options
-def mlp_to_implicit(
-    net: nn.Module, kappa: float = 0.99, *, solver: Any = None, grad: Any = None
-) -> ImplicitModel:
+def mlp_to_implicit(net: nn.Module, kappa: float = 0.99, *, solver: Any = None, grad: Any = None) -> ImplicitModel:
     """The ImplicitModel (``bias=True``, ReLU) that reproduces ``net`` exactly, rescaled so
     ``‖A‖_∞ ≤ κ``. ``solver`` and ``grad`` are the model's fixed-point solver and gradient
     estimator (defaults: those of :class:`ImplicitModel`)."""
@@ -186,8 +182,7 @@ def mlp_to_implicit(
     return implicit_from_layers(_mlp_layers(net, "mlp_to_implicit"), kappa, solver=solver, grad=grad)
 
 
-def implicit_from_layers(layers: list[Affine], kappa: float = 0.99, *, solver: Any = None,
-                         grad: Any = None) -> ImplicitModel:
+def implicit_from_layers(layers: list[Affine], kappa: float = 0.99, *, solver: Any = None, grad: Any = None) -> ImplicitModel:
     """The ImplicitModel of the affine layers ``layers`` (a ReLU between each pair), rescaled
     so ``‖A‖_∞ ≤ κ`` (see :func:`mlp_to_implicit`)."""
     scales = layer_scales(layers, kappa)
@@ -195,8 +190,9 @@ def implicit_from_layers(layers: list[Affine], kappa: float = 0.99, *, solver: A
     p, q = layers[0].weight.shape[1], layers[-1].weight.shape[0]
     n = sum(hidden)
     ref = layers[0].weight
-    model = ImplicitModel(n, p, q, phi="relu", kappa=kappa, bias=True, dtype=ref.dtype, device=ref.device,
-                          solver=solver, grad=grad)
+    model = ImplicitModel(
+        n, p, q, phi="relu", kappa=kappa, bias=True, dtype=ref.dtype, device=ref.device, solver=solver, grad=grad
+    )
     # offsets of hidden layer l (1-based) in the stacked state (last layer first)
     L1 = len(hidden)
     offsets = {}
@@ -247,13 +243,16 @@ class States:
         for name in "UZXY":
             t = getattr(self, name)
             if not isinstance(t, Tensor) or t.ndim != 2 or t.shape[0] != self.U.shape[0]:
-                raise OptionError(f"States: {name} must be a 2-D tensor with one row per sample "
-                                  f"({self.U.shape[0]}), got {getattr(t, 'shape', type(t).__name__)}.")
+                raise OptionError(
+                    f"States: {name} must be a 2-D tensor with one row per sample "
+                    f"({self.U.shape[0]}), got {getattr(t, 'shape', type(t).__name__)}."
+                )
         if self.Z.shape != self.X.shape:
             raise OptionError(f"States: Z and X must have the same shape, got {tuple(self.Z.shape)} and {tuple(self.X.shape)}.")
         self.layer_sizes = tuple(self.layer_sizes)
-        if self.reference_nnz is not None and (isinstance(self.reference_nnz, bool) or not isinstance(self.reference_nnz, int)
-                                               or self.reference_nnz < 1):
+        if self.reference_nnz is not None and (
+            isinstance(self.reference_nnz, bool) or not isinstance(self.reference_nnz, int) or self.reference_nnz < 1
+        ):
             raise OptionError(f"States: reference_nnz must be a positive int or None, got {self.reference_nnz!r}.")
 
     def state_layers(self) -> Tensor:
@@ -286,8 +285,9 @@ def collect_states(net: nn.Module, u: Tensor, kappa: float = 0.99, dtype: torch.
 
 
 @torch.no_grad()
-def states_from_layers(layers: list[Affine], u: Tensor, kappa: float = 0.99, dtype: torch.dtype | None = None,
-                       batch_size: int = 2048) -> States:
+def states_from_layers(
+    layers: list[Affine], u: Tensor, kappa: float = 0.99, dtype: torch.dtype | None = None, batch_size: int = 2048
+) -> States:
     """:func:`collect_states` for a network given as its affine layers (a ReLU between each pair)."""
     scales = layer_scales(layers, kappa)
     dtype = dtype or layers[0].weight.dtype

@@ -40,8 +40,9 @@ beyond ``max_iter``/``tol`` are declared in ``call_options`` (Broyden: ``inverse
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 from torch import Tensor
@@ -263,7 +264,9 @@ class Solver:
     def _check_z0(self, z0: Any) -> None:
         owner = type(self).__name__
         if not isinstance(z0, Tensor) or z0.dim() < 1 or z0.shape[0] == 0:
-            raise OptionError(f"{owner}: z0 must be a tensor of shape (B, ...) with B >= 1, got {getattr(z0, 'shape', type(z0))}.")
+            raise OptionError(
+                f"{owner}: z0 must be a tensor of shape (B, ...) with B >= 1, got {getattr(z0, 'shape', type(z0))}."
+            )
         if not z0.is_floating_point():
             raise OptionError(f"{owner}: z0 must be a floating-point tensor, got {z0.dtype}.")
         if not torch.isfinite(z0).all():
@@ -308,7 +311,9 @@ class Solver:
                     f"the map (a DEQ cell and its parameters) and the state must be on the same device."
                 )
             if not out.is_floating_point():
-                raise OptionError(f"the function being solved returned a {out.dtype} tensor; a fixed-point map must return floating point.")
+                raise OptionError(
+                    f"the function being solved returned a {out.dtype} tensor; a fixed-point map must return floating point."
+                )
             flat_fn.out_dtype = out.dtype  # type: ignore[attr-defined]
             out = out.reshape(B, -1)
             return out if work is None else out.to(work)

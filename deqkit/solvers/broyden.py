@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union
-
-import math
 
 import torch
 from torch import Tensor
@@ -73,7 +72,7 @@ class BroydenState(InverseEstimate):
         eye = torch.eye(d, dtype=self.U.dtype, device=self.U.device).expand(B, d, d)
         return -eye + self.U @ self.V.transpose(1, 2)
 
-    def transpose(self) -> "BroydenState":
+    def transpose(self) -> BroydenState:
         """``Hᵀ = H₀ᵀ + VUᵀ``: the inverse estimate for the adjoint (row-vector) system."""
         return BroydenState(self.V, self.U, self.n_updates, None if self.base is None else self.base.transpose())
 
@@ -100,7 +99,7 @@ class BroydenState(InverseEstimate):
         self.V[:, :, slot] = torch.where(keep, self.V[:, :, slot], vt)
         self.n_updates += 1
 
-    def detach(self) -> "BroydenState":
+    def detach(self) -> BroydenState:
         """The same estimate with ``U`` and ``V`` detached from any graph."""
         return BroydenState(self.U.detach(), self.V.detach(), self.n_updates, None if self.base is None else self.base.detach())
 
@@ -225,7 +224,9 @@ class Broyden(Solver):
         updates = max(max_iter - 1, 1) + (max_iter // self.opa_freq if self.opa_freq else 0)
         return min(self.memory, updates)
 
-    def state_bytes(self, z0: Union[Tensor, tuple[int, ...]], dtype: Optional[torch.dtype] = None, max_iter: Optional[int] = None) -> int:
+    def state_bytes(
+        self, z0: Union[Tensor, tuple[int, ...]], dtype: Optional[torch.dtype] = None, max_iter: Optional[int] = None
+    ) -> int:
         """Estimated bytes of this solver's buffers for a solve from ``z0`` (a tensor, or its shape with ``dtype``).
 
         ``U`` and ``V`` (``2 · B · d · columns``) plus about eight ``(B, d)`` vectors (iterate,
@@ -279,8 +280,15 @@ class Broyden(Solver):
         g = fz - z
         zeros_b = torch.zeros(B, dtype=torch.long, device=z.device)
         return _BroydenLoopState(
-            H, problem, loss_grad, best_norm=g.norm(dim=1), best_z=z, best_g=g,
-            restart=torch.zeros(B, dtype=torch.bool, device=z.device), n_restart=zeros_b, n_capped=zeros_b.clone(),
+            H,
+            problem,
+            loss_grad,
+            best_norm=g.norm(dim=1),
+            best_z=z,
+            best_g=g,
+            restart=torch.zeros(B, dtype=torch.bool, device=z.device),
+            n_restart=zeros_b,
+            n_capped=zeros_b.clone(),
             scale0=z.norm(dim=1) + g.norm(dim=1),
         )
 
@@ -407,6 +415,9 @@ class Broyden(Solver):
 
     def extras(self, state: Any) -> dict:
         # each OPA update costs one loss gradient and one cell VJP, not counted in nstep
-        return {"n_opa": state.n_opa, "line_search_evals": state.n_line_search, "n_restart": state.n_restart, "n_capped": state.n_capped}
-
-
+        return {
+            "n_opa": state.n_opa,
+            "line_search_evals": state.n_line_search,
+            "n_restart": state.n_restart,
+            "n_capped": state.n_capped,
+        }

@@ -44,8 +44,20 @@ RESUME_KEYS = ("batch_size", "lr", "weight_decay", "optimizer", "momentum", "sch
 
 PathLike = Union[str, "os.PathLike[str]"]
 #: what every checkpoint holds (a file without one of them is refused, not half-restored)
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "batch", "global_step", "accumulator", "history",
-                   "elapsed_s", "n_train", "config")
+CHECKPOINT_KEYS = (
+    "model",
+    "optimizer",
+    "scheduler",
+    "rng",
+    "epoch",
+    "batch",
+    "global_step",
+    "accumulator",
+    "history",
+    "elapsed_s",
+    "n_train",
+    "config",
+)
 #: what to do about a checkpoint that cannot be resumed from
 RESTART_ADVICE = "delete it, or start the run over (deqkit: --overwrite; Trainer: fit(resume=False))"
 
@@ -146,8 +158,7 @@ def warn_on_changed_settings(source: Path, ckpt: dict[str, Any], config: Any, mo
         what.append(f"DEQ solver/estimator: {ckpt['deqs']} -> {deqs}")
     if changed:
         warnings.warn(
-            f"resuming from {source} with changed settings {'; '.join(what)}; "
-            f"the run will differ from an uninterrupted one.",
+            f"resuming from {source} with changed settings {'; '.join(what)}; the run will differ from an uninterrupted one.",
             stacklevel=5,
         )
     return changed

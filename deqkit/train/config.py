@@ -9,8 +9,15 @@ from typing import Any, Optional
 
 import torch
 
-from .._options import check_bool, check_choice, check_int, check_number, unknown_option_message, validated_options
-from .._options import check_fraction
+from .._options import (
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_int,
+    check_number,
+    unknown_option_message,
+    validated_options,
+)
 from ..errors import OptionError
 
 __all__ = ["TrainConfig", "OPTIMIZERS", "SCHEDULES"]
@@ -126,7 +133,9 @@ class TrainConfig:
             check_choice(owner, "amp", self.amp, ("bf16", "fp16"))
         check_bool(owner, "compile_cell", self.compile_cell)
         if not isinstance(self.compile_backend, str) or not self.compile_backend:
-            raise OptionError(f"{owner}: compile_backend must be a torch.compile backend name such as 'inductor', got {self.compile_backend!r}.")
+            raise OptionError(
+                f"{owner}: compile_backend must be a torch.compile backend name such as 'inductor', got {self.compile_backend!r}."
+            )
 
     def _check_stabilisers(self) -> None:
         owner = type(self).__name__
@@ -197,7 +206,7 @@ class TrainConfig:
                 ) from exc
 
     @classmethod
-    def from_dict(cls, options: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, options: dict[str, Any]) -> TrainConfig:
         """Build from a mapping (e.g. parsed JSON/YAML); an unknown key raises ``OptionError``."""
         valid = [f.name for f in dataclasses.fields(cls)]
         for key in options:

@@ -90,8 +90,16 @@ __all__ = [
 ]
 
 #: epoch sums added over ranks (counts); the timings stay rank 0's
-SUMMED_OVER_RANKS = ("loss_sum", "correct", "n", "fwd_steps_sum", "fwd_samples", "fwd_unconverged", "bwd_unconverged",
-                     "bwd_samples")
+SUMMED_OVER_RANKS = (
+    "loss_sum",
+    "correct",
+    "n",
+    "fwd_steps_sum",
+    "fwd_samples",
+    "fwd_unconverged",
+    "bwd_unconverged",
+    "bwd_samples",
+)
 
 
 def default_backend(device: str | torch.device | None = None) -> str:
@@ -116,8 +124,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def init_distributed(backend: str | None = None, device: str | torch.device | None = None,
-                     timeout_s: float = 600.0) -> tuple[int, int]:
+def init_distributed(
+    backend: str | None = None, device: str | torch.device | None = None, timeout_s: float = 600.0
+) -> tuple[int, int]:
     """Initialise the default process group from the environment torchrun sets
     (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``); returns ``(rank, world_size)``.
 
@@ -139,10 +148,26 @@ def init_distributed(backend: str | None = None, device: str | torch.device | No
     return world_info()
 
 
-def _worker(rank: int, fn: Callable[..., Any], world: int, port: int, backend: str, args: Sequence[Any],
-            timeout_s: float, threads: int | None) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
+def _worker(
+    rank: int,
+    fn: Callable[..., Any],
+    world: int,
+    port: int,
+    backend: str,
+    args: Sequence[Any],
+    timeout_s: float,
+    threads: int | None,
+) -> None:
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world),
+        }
+    )
     if threads is not None:
         torch.set_num_threads(threads)
     init_distributed(backend, timeout_s=timeout_s)
@@ -153,8 +178,15 @@ def _worker(rank: int, fn: Callable[..., Any], world: int, port: int, backend: s
             dist.destroy_process_group()
 
 
-def launch(fn: Callable[..., Any], nproc: int, *args: Any, backend: str | None = None, timeout_s: float = 600.0,
-           collective_timeout_s: float | None = None, threads: int | None = None) -> None:
+def launch(
+    fn: Callable[..., Any],
+    nproc: int,
+    *args: Any,
+    backend: str | None = None,
+    timeout_s: float = 600.0,
+    collective_timeout_s: float | None = None,
+    threads: int | None = None,
+) -> None:
     """Run ``fn(*args)`` in ``nproc`` fresh processes (``torch.multiprocessing``, spawn) with the
     default process group initialised (``backend`` default: :func:`default_backend`).
 
@@ -167,8 +199,9 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any, backend: str | None =
     nproc = check_int("launch", "nproc", nproc)
     backend = backend or default_backend()
     ctimeout = timeout_s if collective_timeout_s is None else collective_timeout_s
-    ctx = mp.start_processes(_worker, args=(fn, nproc, free_port(), backend, args, ctimeout, threads), nprocs=nproc,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _worker, args=(fn, nproc, free_port(), backend, args, ctimeout, threads), nprocs=nproc, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=0.5):
@@ -307,9 +340,13 @@ class DistributedTrainer(Trainer):
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self._ddp = DistributedDataParallel(self.model, device_ids=ids, process_group=self.group,
-                                                find_unused_parameters=self.find_unused_parameters,
-                                                static_graph=self.static_graph)
+            self._ddp = DistributedDataParallel(
+                self.model,
+                device_ids=ids,
+                process_group=self.group,
+                find_unused_parameters=self.find_unused_parameters,
+                static_graph=self.static_graph,
+            )
 
     def _train_module(self) -> nn.Module:
         return self.model if self._ddp is None else self._ddp

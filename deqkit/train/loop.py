@@ -32,8 +32,9 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +96,7 @@ class _InterruptGuard:
         if self.requested:
             raise KeyboardInterrupt
 
-    def __enter__(self) -> "_InterruptGuard":
+    def __enter__(self) -> _InterruptGuard:
         if threading.current_thread() is threading.main_thread():
             try:
                 self._previous = signal.signal(signal.SIGINT, self._handler)
@@ -347,7 +348,7 @@ class Trainer:
         if self.config.compile_cell:
             compile_cells(self.model, self.config.compile_backend)
 
-    def _make_guard(self) -> "_InterruptGuard":
+    def _make_guard(self) -> _InterruptGuard:
         return _InterruptGuard()
 
     def _shard(self, idx: Tensor) -> Tensor:
@@ -444,8 +445,13 @@ class Trainer:
         self.model.train()
         bar = None
         if bar_class is not None:
-            bar = bar_class(total=self.steps_per_epoch, initial=self._pos["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                            leave=False, dynamic_ncols=True)
+            bar = bar_class(
+                total=self.steps_per_epoch,
+                initial=self._pos["batch"],
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                leave=False,
+                dynamic_ncols=True,
+            )
         t_epoch = time.perf_counter()
         try:
             for b in range(self._pos["batch"], self.steps_per_epoch):
@@ -520,7 +526,9 @@ class Trainer:
         )
 
     # -- evaluation ------------------------------------------------------------------------------
-    def _evaluate(self, dataset: Dataset, batch_size: Optional[int] = None, guard: Optional[_InterruptGuard] = None) -> dict[str, Any]:
+    def _evaluate(
+        self, dataset: Dataset, batch_size: Optional[int] = None, guard: Optional[_InterruptGuard] = None
+    ) -> dict[str, Any]:
         bs = batch_size or self.config.batch_size
         n = len(dataset)  # type: ignore[arg-type]
         was_training = self.model.training
@@ -558,8 +566,15 @@ class Trainer:
 #: the per-step sums behind the epoch's stability fields (kept in the metric accumulator, so
 #: they survive a resume)
 STABILITY_KEYS = (
-    "fwd_residual_sum", "fwd_residual_max", "rho_sum", "rho_max", "rho_samples", "jac_fro_sum", "jac_fro_count",
-    "jac_steps", "pretrain_steps",
+    "fwd_residual_sum",
+    "fwd_residual_max",
+    "rho_sum",
+    "rho_max",
+    "rho_samples",
+    "jac_fro_sum",
+    "jac_fro_count",
+    "jac_steps",
+    "pretrain_steps",
 )
 
 
@@ -636,11 +651,18 @@ class _Stabilisers:
 
         cfg = self.config
         if cfg.jac_reg_weight > 0:
-            self._jac_reg = JacobianRegularizer(cfg.jac_reg_weight, freq=cfg.jac_reg_freq, probes=cfg.jac_reg_probes,
-                                                warmup=cfg.jac_reg_warmup, stop=cfg.jac_reg_stop)
+            self._jac_reg = JacobianRegularizer(
+                cfg.jac_reg_weight,
+                freq=cfg.jac_reg_freq,
+                probes=cfg.jac_reg_probes,
+                warmup=cfg.jac_reg_warmup,
+                stop=cfg.jac_reg_stop,
+            )
         if cfg.fpc_iterates and not isinstance(getattr(self.model, "head", None), nn.Module):
-            raise OptionError("Trainer: fpc_iterates needs a model with a `head` module mapping the DEQ state to logits "
-                              "(DEQClassifier has one); set fpc_iterates=0.")
+            raise OptionError(
+                "Trainer: fpc_iterates needs a model with a `head` module mapping the DEQ state to logits "
+                "(DEQClassifier has one); set fpc_iterates=0."
+            )
         for deq in self._deqs():
             if self._jac_reg is not None:
                 deq.jac_reg = self._jac_reg
@@ -685,8 +707,10 @@ class _Stabilisers:
                     continue
                 # z* is trained by the main loss (weight 1); the earlier iterates get gamma^(n-j)
                 term = cfg.fpc_gamma * fixed_point_correction(
-                    info.cell_fn, info.iterates[:-1],
-                    lambda z: F.cross_entropy(head(z if unpack is None else unpack(z)), y), gamma=cfg.fpc_gamma,
+                    info.cell_fn,
+                    info.iterates[:-1],
+                    lambda z: F.cross_entropy(head(z if unpack is None else unpack(z)), y),  # noqa: B023 - used within this iteration
+                    gamma=cfg.fpc_gamma,
                 )
                 total = cfg.fpc_weight * term if total is None else total + cfg.fpc_weight * term
         return total

@@ -10,11 +10,12 @@ in the model runs with its failure policy set to ``"ignore"`` (and an estimator'
 from __future__ import annotations
 
 import contextlib
-import weakref
 import json
 import warnings
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from torch import nn
 
@@ -27,8 +28,16 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Callback", "Metrics", "MetricsLog", "step_stats", "solve_stats", "collect_infos", "quiet_deqs", "deqs"]
 
 _SUMMED = (
-    "fwd_steps_sum", "fwd_samples", "fwd_unconverged", "bwd_unconverged", "bwd_samples", "bwd_vjps",
-    "fwd_ms", "bwd_ms", "adjoint_ms", "adjoint_timed",
+    "fwd_steps_sum",
+    "fwd_samples",
+    "fwd_unconverged",
+    "bwd_unconverged",
+    "bwd_samples",
+    "bwd_vjps",
+    "fwd_ms",
+    "bwd_ms",
+    "adjoint_ms",
+    "adjoint_timed",
 )
 
 
@@ -39,10 +48,10 @@ class Callback:
     from :meth:`on_step_end` the completed step is included.
     """
 
-    def on_step_end(self, trainer: "Trainer", step: dict[str, Any]) -> None:
+    def on_step_end(self, trainer: Trainer, step: dict[str, Any]) -> None:
         """After every optimisation step; ``step`` has epoch, batch, global_step, loss, acc, ..."""
 
-    def on_epoch_end(self, trainer: "Trainer", record: dict[str, Any]) -> None:
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         """After an epoch's record is in the history, its checkpoint written and its log line appended."""
 
 
@@ -83,7 +92,7 @@ def quiet_deqs(model: nn.Module) -> Iterator[None]:
 
 
 #: while :func:`quiet_deqs` is active: the failure policies it replaced, per object
-_CONFIGURED: "weakref.WeakKeyDictionary[object, dict[str, str]]" = weakref.WeakKeyDictionary()
+_CONFIGURED: weakref.WeakKeyDictionary[object, dict[str, str]] = weakref.WeakKeyDictionary()
 
 
 def configured_repr(obj: object) -> str:
@@ -132,7 +141,12 @@ def solve_stats(infos: list[DEQInfo]) -> dict[str, float]:
 def step_stats(infos: list[DEQInfo]) -> dict[str, Any]:
     """Forward and backward counts of one step's DEQ calls (their ``info.backward`` filled in)."""
     stats: dict[str, Any] = {
-        **solve_stats(infos), "bwd_unconverged": 0, "bwd_samples": 0, "bwd_vjps": 0, "adjoint_ms": 0.0, "adjoint_timed": 0,
+        **solve_stats(infos),
+        "bwd_unconverged": 0,
+        "bwd_samples": 0,
+        "bwd_vjps": 0,
+        "adjoint_ms": 0.0,
+        "adjoint_timed": 0,
     }
     for info in infos:
         bwd = info.backward
@@ -178,7 +192,9 @@ class Metrics:
         out["bwd_ms"] = f"{a['bwd_ms'] / max(a['steps'], 1):.1f}"
         return out
 
-    def record(self, epoch: int, global_step: int, lr: Optional[float], val: Optional[dict[str, Any]], elapsed_s: float) -> dict[str, Any]:
+    def record(
+        self, epoch: int, global_step: int, lr: Optional[float], val: Optional[dict[str, Any]], elapsed_s: float
+    ) -> dict[str, Any]:
         """The history entry of ``epoch`` (0-based; stored 1-based), see :meth:`Trainer.fit`."""
         a = self.sums
         steps = a["steps"]

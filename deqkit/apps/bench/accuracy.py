@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from ...data import DatasetNotFoundError
 from ..compare import CompareConfig, run_compare
@@ -100,7 +101,14 @@ def format_accuracy_tables(results: Sequence[dict[str, Any]]) -> str:
         parts += [f"**{res['set']}** (seeds {', '.join(map(str, res['seeds']))}; mean ± std):", ""]
         parts.append(
             md_table(
-                ["estimator", "test acc % (equal epochs)", "val acc % (equal wall-clock)", "train s", "bwd ms/step", "cos to exact"],
+                [
+                    "estimator",
+                    "test acc % (equal epochs)",
+                    "val acc % (equal wall-clock)",
+                    "train s",
+                    "bwd ms/step",
+                    "cos to exact",
+                ],
                 [
                     [
                         r["label"],
@@ -128,7 +136,9 @@ def accuracy_targets(results: Sequence[dict[str, Any]]) -> list[str]:
         for name in ACCURACY_TARGET_ESTIMATORS:
             if name in by:
                 gap = 100 * (by[name]["test_acc"][0] - ref)
-                out.append(f"{res['set']}: {by[name]['label']} within 0.5 points of Exact: {gap:+.2f} points — {mark(gap >= -0.5)}")
+                out.append(
+                    f"{res['set']}: {by[name]['label']} within 0.5 points of Exact: {gap:+.2f} points — {mark(gap >= -0.5)}"
+                )
     return out
 
 

@@ -28,10 +28,16 @@ class BenchConfig:
     batch: int = 64
     seed: int = 0
 
-    def solver(self, max_iter: Optional[int] = None, tol: Optional[float] = None, opa_freq: Optional[int] = None,
-               stop_mode: str = "rel") -> Broyden:
-        return Broyden(memory=self.memory, tol=self.tol if tol is None else tol,
-                       max_iter=self.max_iter if max_iter is None else max_iter, opa_freq=opa_freq, stop_mode=stop_mode)
+    def solver(
+        self, max_iter: Optional[int] = None, tol: Optional[float] = None, opa_freq: Optional[int] = None, stop_mode: str = "rel"
+    ) -> Broyden:
+        return Broyden(
+            memory=self.memory,
+            tol=self.tol if tol is None else tol,
+            max_iter=self.max_iter if max_iter is None else max_iter,
+            opa_freq=opa_freq,
+            stop_mode=stop_mode,
+        )
 
     def describe(self) -> str:
         return (
@@ -59,8 +65,9 @@ def digits_batch(batch: int, seed: int = 0, dtype: torch.dtype = torch.float32) 
         return torch.randn(batch, 64, generator=g, dtype=dtype), torch.randint(0, 10, (batch,), generator=g), "synthetic"
 
 
-def build_model(cfg: BenchConfig, grad: GradientEstimator, solver: Optional[Solver] = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+def build_model(
+    cfg: BenchConfig, grad: GradientEstimator, solver: Optional[Solver] = None, dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """The seeded classifier (same weights for every call with the same ``cfg``)."""
     model = build_classifier("mlp", (64,), 10, cfg.width, solver or cfg.solver(), grad, cfg.seed, init_scale=cfg.init_scale)
     return model.to(dtype)
-

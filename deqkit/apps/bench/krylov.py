@@ -11,7 +11,8 @@ the true residual at the end of the cycle) over one VJP's time. 1.0 means the Kr
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -60,20 +61,45 @@ def bench_krylov(cfg: BenchConfig, *, steps: int = 20, repeats: int = 15) -> dic
             vjp_ms.append(1e3 * (t1 - t0) / steps)
             gm_ms.append(1e3 * (t2 - t1))
     per_step = med(gm_ms) / used
-    return {"cfg": cfg, "steps": steps, "vjps": used, "vjp_ms": vjp_ms, "gmres_ms": gm_ms,
-            "per_step_ms": per_step, "ratio": per_step / med(vjp_ms)}
+    return {
+        "cfg": cfg,
+        "steps": steps,
+        "vjps": used,
+        "vjp_ms": vjp_ms,
+        "gmres_ms": gm_ms,
+        "per_step_ms": per_step,
+        "ratio": per_step / med(vjp_ms),
+    }
 
 
 def format_krylov_table(rows: list[dict[str, Any]]) -> str:
-    head = ["configuration", "one VJP ms", f"GMRES solve ms ({rows[0]['steps']} Krylov steps)", "VJPs in the solve",
-            "GMRES ms per VJP", "÷ one VJP"]
-    body = [[f"{r['cfg'].name} (width {r['cfg'].width}, batch {r['cfg'].batch})", f"{med(r['vjp_ms']):.3f}", f"{med(r['gmres_ms']):.2f}",
-             str(r["vjps"]), f"{r['per_step_ms']:.3f}", f"{r['ratio']:.2f}"] for r in rows]
+    head = [
+        "configuration",
+        "one VJP ms",
+        f"GMRES solve ms ({rows[0]['steps']} Krylov steps)",
+        "VJPs in the solve",
+        "GMRES ms per VJP",
+        "÷ one VJP",
+    ]
+    body = [
+        [
+            f"{r['cfg'].name} (width {r['cfg'].width}, batch {r['cfg'].batch})",
+            f"{med(r['vjp_ms']):.3f}",
+            f"{med(r['gmres_ms']):.2f}",
+            str(r["vjps"]),
+            f"{r['per_step_ms']:.3f}",
+            f"{r['ratio']:.2f}",
+        ]
+        for r in rows
+    ]
     return md_table(head, body)
 
 
 def krylov_targets(rows: list[dict[str, Any]]) -> list[str]:
-    return [f"GMRES cost per Krylov step ≤ 1.3 × one VJP ({r['cfg'].name}): {r['ratio']:.2f}× — {mark(r['ratio'] <= 1.3)}" for r in rows]
+    return [
+        f"GMRES cost per Krylov step ≤ 1.3 × one VJP ({r['cfg'].name}): {r['ratio']:.2f}× — {mark(r['ratio'] <= 1.3)}"
+        for r in rows
+    ]
 
 
 KRYLOV_NOTES = """\

@@ -25,7 +25,8 @@ import os
 import sys
 import tempfile
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -115,8 +116,11 @@ def peak_allocated_bytes(fn: Callable[[], Any]) -> int:
     finally:
         os.unlink(path)
     events = sorted(
-        (e for e in trace.get("traceEvents", [])
-         if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {}) and e["args"].get("Device Type", 0) == 0),
+        (
+            e
+            for e in trace.get("traceEvents", [])
+            if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {}) and e["args"].get("Device Type", 0) == 0
+        ),
         key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)),
     )
     if not events:
@@ -125,8 +129,6 @@ def peak_allocated_bytes(fn: Callable[[], Any]) -> int:
     # region allocated and never saw freed): measure from the level just before the first event
     start = events[0]["args"]["Total Allocated"] - events[0]["args"]["Bytes"]
     return int(max(0, max(e["args"]["Total Allocated"] for e in events) - start))
-
-
 
 
 @contextlib.contextmanager
@@ -185,4 +187,3 @@ def interleaved(names: Sequence[str], repeats: int, run: Callable[[str], None], 
         k = r % len(names)
         for n in list(names[k:]) + list(names[:k]):
             run(n)
-

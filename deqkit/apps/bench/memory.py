@@ -3,7 +3,8 @@ naive backpropagation through the iterations."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +54,15 @@ def _deq_rows(cfg: BenchConfig, method: str, preset: str, caps: Sequence[int], x
         model = build_model(cfg, ESTIMATOR_PRESETS[preset](), cfg.solver(max_iter=cap, tol=1e-30, stop_mode="abs"))
         _, _, info = timed_step(model, x, y)  # warm-up; also gives the step count
         graph, peak = memory_of_step(model, x, y)
-        rows.append({"method": method, "cap": cap, "fwd_steps": float(info.nstep.float().mean()), "graph_bytes": graph, "peak_bytes": peak})
+        rows.append(
+            {
+                "method": method,
+                "cap": cap,
+                "fwd_steps": float(info.nstep.float().mean()),
+                "graph_bytes": graph,
+                "peak_bytes": peak,
+            }
+        )
     return _add_ratios(rows)
 
 
@@ -65,15 +74,22 @@ def _bptt_rows(cfg: BenchConfig, caps: Sequence[int], x: Tensor, y: Tensor) -> l
         unrolled = BPTT(model.cell, cap)
 
         def loss() -> Tensor:
-            return nn.functional.cross_entropy(model.head(unrolled(model.injection(x))), y)
+            return nn.functional.cross_entropy(model.head(unrolled(model.injection(x))), y)  # noqa: B023 - used within this iteration
 
         with saved_tensor_bytes(list(model.parameters())) as saved:
             ell = loss()
         ell.backward()
         zero_grads(model)
         peak = peak_allocated_bytes(lambda: loss().backward())
-        rows.append({"method": "BPTT (Picard, autograd)", "cap": cap, "fwd_steps": float(cap), "graph_bytes": saved["bytes"],
-                     "peak_bytes": peak})
+        rows.append(
+            {
+                "method": "BPTT (Picard, autograd)",
+                "cap": cap,
+                "fwd_steps": float(cap),
+                "graph_bytes": saved["bytes"],
+                "peak_bytes": peak,
+            }
+        )
     return _add_ratios(rows)
 
 
@@ -98,11 +114,21 @@ def bench_memory(
 def format_memory_table(cfg: BenchConfig, rows: Sequence[dict[str, Any]]) -> str:
     head = ["method", "forward cap", "fwd steps", "graph KB", "÷ first cap", "peak KB", "÷ first cap"]
     body = [
-        [r["method"], str(r["cap"]), f"{r['fwd_steps']:.0f}", kb(r["graph_bytes"]), f"{r['graph_vs_first']:.2f}", kb(r["peak_bytes"]),
-         f"{r['peak_vs_first']:.2f}"]
+        [
+            r["method"],
+            str(r["cap"]),
+            f"{r['fwd_steps']:.0f}",
+            kb(r["graph_bytes"]),
+            f"{r['graph_vs_first']:.2f}",
+            kb(r["peak_bytes"]),
+            f"{r['peak_vs_first']:.2f}",
+        ]
         for r in rows
     ]
-    return f"{cfg.name} cell (width {cfg.width}, batch {cfg.batch}), forward tol 1e-30 so every solve runs to its cap (a sample stops early only if its float32 residual is exactly 0; `fwd steps` is the per-sample mean)\n\n" + md_table(head, body)
+    return (
+        f"{cfg.name} cell (width {cfg.width}, batch {cfg.batch}), forward tol 1e-30 so every solve runs to its cap (a sample stops early only if its float32 residual is exactly 0; `fwd steps` is the per-sample mean)\n\n"
+        + md_table(head, body)
+    )
 
 
 def memory_targets(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -111,10 +137,14 @@ def memory_targets(rows: Sequence[dict[str, Any]]) -> list[str]:
         rs = [r for r in rows if r["method"] == method]
         if len(rs) >= 2:
             v = rs[-1]["peak_vs_first"]
-            out.append(f"{method}: peak at cap {rs[-1]['cap']} ≤ 1.1 × at cap {rs[0]['cap']}: {v:.2f}× (graph {rs[-1]['graph_vs_first']:.2f}×) — {mark(v <= 1.1)}")
+            out.append(
+                f"{method}: peak at cap {rs[-1]['cap']} ≤ 1.1 × at cap {rs[0]['cap']}: {v:.2f}× (graph {rs[-1]['graph_vs_first']:.2f}×) — {mark(v <= 1.1)}"
+            )
     rs = [r for r in rows if r["method"].startswith("BPTT")]
     if len(rs) >= 2:
-        out.append(f"naive BPTT for comparison: {rs[-1]['peak_vs_first']:.1f}× peak, {rs[-1]['graph_vs_first']:.1f}× graph at cap {rs[-1]['cap']} vs {rs[0]['cap']}")
+        out.append(
+            f"naive BPTT for comparison: {rs[-1]['peak_vs_first']:.1f}× peak, {rs[-1]['graph_vs_first']:.1f}× graph at cap {rs[-1]['cap']} vs {rs[0]['cap']}"
+        )
     return out
 
 

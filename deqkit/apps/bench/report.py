@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import platform
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -35,7 +36,6 @@ def ratio(a: float, b: float) -> float:
     return a / b if b and b > 0 and math.isfinite(a) else float("nan")
 
 
-
 def md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -51,7 +51,6 @@ def header(command: str, threads: int) -> str:
         f"Command ({RUN_DATE}, {MACHINE}, torch {torch.__version__}, {threads} thread(s), Python {platform.python_version()}):\n\n"
         f"    {command}\n"
     )
-
 
 
 def replace_sections(text: str, sections: dict[str, str]) -> str:
@@ -95,4 +94,3 @@ def write_sections(path: str, sections: dict[str, str]) -> None:
     p = Path(path)
     old = p.read_text() if p.exists() else ""
     atomic_write_text(p, replace_sections(old, sections))
-

@@ -99,20 +99,45 @@ def bench_scaling(nprocs: Sequence[int], batch: int, steps: int, warmup: int, de
             if n < 2 and case != "even":
                 continue
             out = os.path.join(tmp, f"{n}-{case}.json")
-            launch(_scaling_worker, n, out, batch, steps, warmup, device, case, threads=1 if device == "cpu" else None,
-                   backend="gloo" if device == "cpu" else "nccl",
-                   timeout_s=1800.0)
+            launch(
+                _scaling_worker,
+                n,
+                out,
+                batch,
+                steps,
+                warmup,
+                device,
+                case,
+                threads=1 if device == "cpu" else None,
+                backend="gloo" if device == "cpu" else "nccl",
+                timeout_s=1800.0,
+            )
             r = json.loads(Path(out).read_text())
-            rows.append({"nproc": n, "case": case, "step_ms": r["step_ms"], "samples_per_s": batch / (r["step_ms"] / 1e3),
-                         "iters": r["iters"]})
+            rows.append(
+                {
+                    "nproc": n,
+                    "case": case,
+                    "step_ms": r["step_ms"],
+                    "samples_per_s": batch / (r["step_ms"] / 1e3),
+                    "iters": r["iters"],
+                }
+            )
     return rows
 
 
 def _scaling_table(rows: list[dict[str, Any]], batch: int) -> str:
-    labels = {"even": "all ranks alike", "straggler": "rank 1 tol/100, no agreement",
-              "sync=1.0": "rank 1 tol/100, sync_stop (quorum 1)", "sync=0.5": "rank 1 tol/100, sync_stop quorum 0.5"}
-    lines = [f"global batch {batch}; step = forward + backward + SGD update, the slowest rank's time; median", "",
-             "| processes | case | step ms | samples/s | mean forward iterations per rank |", "|---|---|---|---|---|"]
+    labels = {
+        "even": "all ranks alike",
+        "straggler": "rank 1 tol/100, no agreement",
+        "sync=1.0": "rank 1 tol/100, sync_stop (quorum 1)",
+        "sync=0.5": "rank 1 tol/100, sync_stop quorum 0.5",
+    }
+    lines = [
+        f"global batch {batch}; step = forward + backward + SGD update, the slowest rank's time; median",
+        "",
+        "| processes | case | step ms | samples/s | mean forward iterations per rank |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         its = ", ".join(f"{v:.1f}" for v in r["iters"])
         lines.append(f"| {r['nproc']} | {labels[r['case']]} | {r['step_ms']:.1f} | {r['samples_per_s']:.0f} | {its} |")
@@ -120,8 +145,9 @@ def _scaling_table(rows: list[dict[str, Any]], batch: int) -> str:
 
 
 # -- compile ---------------------------------------------------------------------------------------
-def _step_ms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int,
-             amp: torch.dtype | None = None) -> float:
+def _step_ms(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int, amp: torch.dtype | None = None
+) -> float:
     times = []
     for i in range(warmup + steps):
         model.zero_grad()
@@ -161,19 +187,34 @@ def bench_compile(backend: str, device: str, steps: int, warmup: int) -> dict[st
     _step_ms(compiled, x, y, 1, 0)  # the compilations (forward and with-grad graphs)
     compile_s = time.perf_counter() - t0
     compiled_ms = _step_ms(compiled, x, y, steps, warmup)
-    return {"backend": backend, "device": device, "cell_graph_breaks": cell_explain.graph_break_count,
-            "cell_graphs": cell_explain.graph_count, "deq_graph_breaks": deq_explain.graph_break_count,
-            "deq_graphs": deq_explain.graph_count, "eager_ms": eager_ms, "compiled_ms": compiled_ms,
-            "ratio": compiled_ms / eager_ms, "compile_s": compile_s,
-            "break_reasons": sorted({str(b.reason).split("\n")[0][:90] for b in deq_explain.break_reasons})[:5]}
+    return {
+        "backend": backend,
+        "device": device,
+        "cell_graph_breaks": cell_explain.graph_break_count,
+        "cell_graphs": cell_explain.graph_count,
+        "deq_graph_breaks": deq_explain.graph_break_count,
+        "deq_graphs": deq_explain.graph_count,
+        "eager_ms": eager_ms,
+        "compiled_ms": compiled_ms,
+        "ratio": compiled_ms / eager_ms,
+        "compile_s": compile_s,
+        "break_reasons": sorted({str(b.reason).split("\n")[0][:90] for b in deq_explain.break_reasons})[:5],
+    }
 
 
 def _compile_table(r: dict[str, Any]) -> str:
-    head = ("| backend | device | cell: graphs / breaks | DEQ forward: graphs / breaks | eager step ms | compiled step ms "
-            "| compiled/eager | first compile s |")
-    lines = [head, "|---|---|---|---|---|---|---|---|",
-             (f"| {r['backend']} | {r['device']} | {r['cell_graphs']} / {r['cell_graph_breaks']} | {r['deq_graphs']} / "
-              f"{r['deq_graph_breaks']} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | {r['ratio']:.2f} | {r['compile_s']:.0f} |")]
+    head = (
+        "| backend | device | cell: graphs / breaks | DEQ forward: graphs / breaks | eager step ms | compiled step ms "
+        "| compiled/eager | first compile s |"
+    )
+    lines = [
+        head,
+        "|---|---|---|---|---|---|---|---|",
+        (
+            f"| {r['backend']} | {r['device']} | {r['cell_graphs']} / {r['cell_graph_breaks']} | {r['deq_graphs']} / "
+            f"{r['deq_graph_breaks']} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | {r['ratio']:.2f} | {r['compile_s']:.0f} |"
+        ),
+    ]
     if r["break_reasons"]:
         lines += ["", "graph breaks of the DEQ forward (first reasons): " + "; ".join(r["break_reasons"])]
     return "\n".join(lines)
@@ -195,14 +236,25 @@ def bench_amp(device: str, steps: int, warmup: int) -> list[dict[str, Any]]:
         model = _model(dev, tol=1e-2)
         ms = _step_ms(model, x, y, steps, warmup, amp=dt)
         g = torch.cat([p.grad.flatten().float() for p in model.parameters()])
-        rows.append({"dtype": name, "tol": 1e-2, "step_ms": ms, "cosine": float(g @ g32 / (g.norm() * g32.norm())),
-                     "converged": float(model.last_info.converged.float().mean())})
+        rows.append(
+            {
+                "dtype": name,
+                "tol": 1e-2,
+                "step_ms": ms,
+                "cosine": float(g @ g32 / (g.norm() * g32.norm())),
+                "converged": float(model.last_info.converged.float().mean()),
+            }
+        )
     return rows
 
 
 def _amp_table(rows: list[dict[str, Any]], device: str) -> str:
-    lines = [f"device {device}; fp16 would use a GradScaler in the trainer (CUDA only)", "",
-             "| autocast | forward tol | step ms | gradient cosine to float32 | forward converged |", "|---|---|---|---|---|"]
+    lines = [
+        f"device {device}; fp16 would use a GradScaler in the trainer (CUDA only)",
+        "",
+        "| autocast | forward tol | step ms | gradient cosine to float32 | forward converged |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(f"| {r['dtype']} | {r['tol']:g} | {r['step_ms']:.1f} | {r['cosine']:.4f} | {r['converged']:.2f} |")
     return "\n".join(lines)
@@ -210,8 +262,9 @@ def _amp_table(rows: list[dict[str, Any]], device: str) -> str:
 
 # -- command ---------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deqkit.apps.bench.scale", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m deqkit.apps.bench.scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("what", choices=("scaling", "compile", "amp", "all"))
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--nproc", default="1,2", help="process counts of the scaling table")
@@ -227,14 +280,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.what in ("scaling", "all"):
         nprocs = [int(n) for n in args.nproc.split(",")]
-        print("### Scaling (DDP)\n\n" + _scaling_table(bench_scaling(nprocs, args.batch, args.steps, args.warmup, args.device),
-                                                      args.batch) + "\n", flush=True)
+        print(
+            "### Scaling (DDP)\n\n"
+            + _scaling_table(bench_scaling(nprocs, args.batch, args.steps, args.warmup, args.device), args.batch)
+            + "\n",
+            flush=True,
+        )
     if args.what in ("compile", "all"):
-        print("### Compiled cell\n\n" + _compile_table(bench_compile(args.backend, args.device, args.steps, args.warmup)) + "\n",
-              flush=True)
+        print(
+            "### Compiled cell\n\n" + _compile_table(bench_compile(args.backend, args.device, args.steps, args.warmup)) + "\n",
+            flush=True,
+        )
     if args.what in ("amp", "all"):
-        print("### Mixed precision\n\n" + _amp_table(bench_amp(args.device, args.steps, args.warmup), args.device) + "\n",
-              flush=True)
+        print(
+            "### Mixed precision\n\n" + _amp_table(bench_amp(args.device, args.steps, args.warmup), args.device) + "\n",
+            flush=True,
+        )
     return 0
 
 

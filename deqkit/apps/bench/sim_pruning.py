@@ -81,13 +81,22 @@ def _baseline(args: Any, model: str, xtr: Tensor, ytr: Tensor, seed: int, name: 
 
 def _nnz(net: nn.Module, model: str, p: int) -> int:
     if model == "cnn":
-        return sum(int((lay.weight.abs() >= 1e-6).sum()) + int((lay.bias.abs() >= 1e-6).sum())
-                   for lay in cnn_layers(net, (p,)).layers)
+        return sum(
+            int((lay.weight.abs() >= 1e-6).sum()) + int((lay.bias.abs() >= 1e-6).sum()) for lay in cnn_layers(net, (p,)).layers
+        )
     return baseline_nonzeros(net)
 
 
-def _row(net: nn.Module, nnz: int, ref: int, test: tuple[Tensor, Tensor], attack: tuple[Tensor, Tensor], args: Any,
-         seed: int, extra: dict | None = None) -> dict:
+def _row(
+    net: nn.Module,
+    nnz: int,
+    ref: int,
+    test: tuple[Tensor, Tensor],
+    attack: tuple[Tensor, Tensor],
+    args: Any,
+    seed: int,
+    extra: dict | None = None,
+) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         row = {"accuracy": accuracy(net, *test), "density": nnz / ref}
@@ -131,18 +140,37 @@ def run_one(args: Any, name: str, model: str, seed: int, log=print) -> dict:
         sim = res.model.eval()
         sim_nnz = count_nonzeros(sim)["total"]
         gain = certified_linf_gain(sim)
-        out = {"SIM": _row(sim, sim_nnz, ref, test, attack, args, seed,
-                           {"lam": res.lam, "fit_s": fit_s, "certified_gain": gain.gain if gain.certified else None})}
+        out = {
+            "SIM": _row(
+                sim,
+                sim_nnz,
+                ref,
+                test,
+                attack,
+                args,
+                seed,
+                {"lam": res.lam, "fit_s": fit_s, "certified_gain": gain.gain if gain.certified else None},
+            )
+        }
         tuned = finetune(copy.deepcopy(sim), xtr, ytr, epochs=args.ft_epochs, lr=args.ft_lr, seed=seed)
         out["SIM+ft"] = _row(tuned, count_nonzeros(tuned)["total"], ref, test, attack, args, seed)
         if args.input_radius is not None or args.output_radius is not None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
-                rob = fit_sim(states, density=d, debias=True, input_radius=args.input_radius,
-                              output_radius=args.output_radius, **fit_kw)
+                rob = fit_sim(
+                    states, density=d, debias=True, input_radius=args.input_radius, output_radius=args.output_radius, **fit_kw
+                )
             g = certified_linf_gain(rob.model)
-            out["SIM-robust"] = _row(rob.model.eval(), count_nonzeros(rob.model)["total"], ref, test, attack, args, seed,
-                                     {"lam": rob.lam, "certified_gain": g.gain if g.certified else None})
+            out["SIM-robust"] = _row(
+                rob.model.eval(),
+                count_nonzeros(rob.model)["total"],
+                ref,
+                test,
+                attack,
+                args,
+                seed,
+                {"lam": rob.lam, "certified_gain": g.gain if g.certified else None},
+            )
         # pruning to the density SIM reached (matched), then with the same fine-tuning budget
         pruned = magnitude_prune(net, res.density or d, count=count, reference=ref)
         pr_nnz = _nnz(pruned, model, p)
@@ -150,16 +178,22 @@ def run_one(args: Any, name: str, model: str, seed: int, log=print) -> dict:
         pft = masked_finetune(copy.deepcopy(pruned), xtr, ytr, epochs=args.ft_epochs, lr=args.ft_lr, seed=seed)
         out["prune+ft"] = _row(pft, _nnz(pft, model, p), ref, test, attack, args, seed)
         rows[key] = out
-        log(f"  {name}/{model} seed {seed} density {key}: " + ", ".join(
-            f"{k} {100 * v['accuracy']:.2f}% @ {100 * v['density']:.1f}%" for k, v in out.items()), file=sys.stderr)
+        log(
+            f"  {name}/{model} seed {seed} density {key}: "
+            + ", ".join(f"{k} {100 * v['accuracy']:.2f}% @ {100 * v['density']:.1f}%" for k, v in out.items()),
+            file=sys.stderr,
+        )
     return rows
 
 
 def format_table(name: str, model: str, runs: list[dict], args: Any) -> str:
     """Mean over seeds: one line per (density, method), the baseline first."""
     cols = ["accuracy", "density"] + [f"{a}@{e:g}" for a in ("fgsm", "pgd") for e in args.eps]
-    head = f"{name}/{model} ({len(runs)} seed{'s' if len(runs) != 1 else ''})\n{'target':>7} {'method':>11}" + "".join(
-        f"{c:>10}" for c in cols) + f"{'gain':>9}"
+    head = (
+        f"{name}/{model} ({len(runs)} seed{'s' if len(runs) != 1 else ''})\n{'target':>7} {'method':>11}"
+        + "".join(f"{c:>10}" for c in cols)
+        + f"{'gain':>9}"
+    )
 
     def mean(rows: list[dict], c: str) -> float:
         return sum(r[c] for r in rows) / len(rows)
@@ -181,7 +215,7 @@ def format_table(name: str, model: str, runs: list[dict], args: Any) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m deqkit.apps.bench.sim_pruning", description=__doc__.split("\n")[0])
-    lst = lambda t: (lambda s: [t(v) for v in s.split(",") if v])
+    lst = lambda t: lambda s: [t(v) for v in s.split(",") if v]
     p.add_argument("--datasets", type=lst(str), default=["digits", "synthetic"], help="digits, synthetic, fashion-mnist, …")
     p.add_argument("--models", type=lst(str), default=["mlp"], help="mlp and/or cnn (cnn: image data sets only)")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0 … N−1")

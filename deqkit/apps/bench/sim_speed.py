@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -63,20 +64,31 @@ def bench_sim_speed(cfg: SimSpeedConfig, log: Callable[[str], None] = print) -> 
     opts = {"tol_gap_abs": cfg.cvxpy_tol, "tol_gap_rel": cfg.cvxpy_tol, "tol_feas": cfg.cvxpy_tol}
     ref = solve_rows_cvxpy(phi, z[:k], cfg.lam, radius=st.kappa, n_constrained=n, solver_opts=opts)
     gap = (res.objective[:k].numpy() - ref.objective) / np.abs(ref.objective)
-    out = {"phi_shape": tuple(phi.shape), "rows": z.shape[0], "admm_s": t_admm, "admm_converged": int(res.converged.sum()),
-           "admm_max_steps": int(res.nstep.max()), "cvxpy_rows": k, "cvxpy_s_per_row": ref.time_s / k,
-           "gap_max": float(gap.max()), "gap_min": float(gap.min()), "cvxpy_status": set(ref.status)}
+    out = {
+        "phi_shape": tuple(phi.shape),
+        "rows": z.shape[0],
+        "admm_s": t_admm,
+        "admm_converged": int(res.converged.sum()),
+        "admm_max_steps": int(res.nstep.max()),
+        "cvxpy_rows": k,
+        "cvxpy_s_per_row": ref.time_s / k,
+        "gap_max": float(gap.max()),
+        "gap_min": float(gap.min()),
+        "cvxpy_status": set(ref.status),
+    }
     log(format_sim_speed(cfg, out))
     return out
 
 
 def format_sim_speed(cfg: SimSpeedConfig, r: dict[str, Any]) -> str:
     per_row, rows = r["cvxpy_s_per_row"], r["rows"]
-    return "\n".join([
-        f"Phi {r['phi_shape']}, {rows} (A,B) rows, lam={cfg.lam}",
-        f"ADMM (all {rows} rows, incl. eigendecomposition): {r['admm_s']:.2f} s, "
-        f"converged {r['admm_converged']}/{rows}, steps max {r['admm_max_steps']}",
-        f"CVXPY/Clarabel (tol {cfg.cvxpy_tol:g}): {per_row:.2f} s/row over {r['cvxpy_rows']} rows -> {per_row * rows:.1f} s for all rows",
-        f"speed-up: {per_row * rows / r['admm_s']:.1f}x; ADMM objective rel. gap on those rows: "
-        f"max {r['gap_max']:.2e}, min {r['gap_min']:.2e}; CVXPY status {r['cvxpy_status']}",
-    ])
+    return "\n".join(
+        [
+            f"Phi {r['phi_shape']}, {rows} (A,B) rows, lam={cfg.lam}",
+            f"ADMM (all {rows} rows, incl. eigendecomposition): {r['admm_s']:.2f} s, "
+            f"converged {r['admm_converged']}/{rows}, steps max {r['admm_max_steps']}",
+            f"CVXPY/Clarabel (tol {cfg.cvxpy_tol:g}): {per_row:.2f} s/row over {r['cvxpy_rows']} rows -> {per_row * rows:.1f} s for all rows",
+            f"speed-up: {per_row * rows / r['admm_s']:.1f}x; ADMM objective rel. gap on those rows: "
+            f"max {r['gap_max']:.2e}, min {r['gap_min']:.2e}; CVXPY status {r['cvxpy_status']}",
+        ]
+    )

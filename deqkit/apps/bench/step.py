@@ -4,7 +4,8 @@ work behind it, its memory and the gradient's cosine to Exact."""
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -21,8 +22,20 @@ __all__ = ["TITLE", "STEP_ESTIMATORS", "bench_step", "format_step_table", "step_
 TITLE = "## DEQ gradient estimators: step cost"
 
 #: estimators of the step-cost table, keys of :data:`deqkit.apps.compare.ESTIMATOR_PRESETS`
-STEP_ESTIMATORS = ("exact", "exact-default", "exact-broyden", "exact-warm", "exact-precond", "unrolled", "neumann", "jacobian-free", "shine",
-                   "shine-opa", "broyden-reuse", "shine-refine")
+STEP_ESTIMATORS = (
+    "exact",
+    "exact-default",
+    "exact-broyden",
+    "exact-warm",
+    "exact-precond",
+    "unrolled",
+    "neumann",
+    "jacobian-free",
+    "shine",
+    "shine-opa",
+    "broyden-reuse",
+    "shine-refine",
+)
 
 _PER_ROUND = ("fwd_ms", "bwd_ms", "total_ms", "fwd_steps", "fwd_converged", "bwd_vjps", "bwd_iters", "n_fallback")
 
@@ -36,8 +49,10 @@ class _StepRun:
         # OPA presets swap in a Broyden with outer-problem awareness
         self.solvers = {name: cfg.solver(opa_freq=OPA_FREQ.get(name)) for name in estimators}
         self.model = build_model(cfg, self.grads[estimators[0]])
-        self.rows = {name: {"estimator": name, "label": preset_label(name, self.grads[name]), **{k: [] for k in _PER_ROUND}}
-                     for name in estimators}
+        self.rows = {
+            name: {"estimator": name, "label": preset_label(name, self.grads[name]), **{k: [] for k in _PER_ROUND}}
+            for name in estimators
+        }
         self.warm: set[str] = set()
 
     def use(self, name: str) -> None:
@@ -121,18 +136,41 @@ def bench_step(
 
 
 def format_step_table(cfg: BenchConfig, rows: Sequence[dict[str, Any]]) -> str:
-    head = ["estimator", "fwd ms", "bwd ms", "total ms", "bwd ÷ Exact", "fwd steps", "bwd VJPs (iters)", "graph KB", "peak KB", "cos to Exact"]
+    head = [
+        "estimator",
+        "fwd ms",
+        "bwd ms",
+        "total ms",
+        "bwd ÷ Exact",
+        "fwd steps",
+        "bwd VJPs (iters)",
+        "graph KB",
+        "peak KB",
+        "cos to Exact",
+    ]
     body = []
     for r in rows:
         vj = f"{r['bwd_vjps']:g}" + (f" ({r['bwd_iters']:.1f})" if r.get("bwd_iters") is not None else "")
         if r.get("n_fallback"):
             vj += f", {r['n_fallback']:g} fallback"
-        body.append([
-            r["label"], fmt_range(r["fwd_ms"]), fmt_range(r["bwd_ms"]), fmt_range(r["total_ms"]), f"{r['bwd_vs_exact']:.2f}",
-            f"{r['fwd_steps']:.1f}", vj, kb(r["graph_bytes"]) if "graph_bytes" in r else "-",
-            kb(r["peak_bytes"]) if "peak_bytes" in r else "-", f"{r['cosine']:.4f}" if "cosine" in r else "-",
-        ])
-    return f"{cfg.name}: {cfg.describe()}; forward converged {med([r['fwd_converged'] for r in rows]):.0%} of samples\n\n" + md_table(head, body)
+        body.append(
+            [
+                r["label"],
+                fmt_range(r["fwd_ms"]),
+                fmt_range(r["bwd_ms"]),
+                fmt_range(r["total_ms"]),
+                f"{r['bwd_vs_exact']:.2f}",
+                f"{r['fwd_steps']:.1f}",
+                vj,
+                kb(r["graph_bytes"]) if "graph_bytes" in r else "-",
+                kb(r["peak_bytes"]) if "peak_bytes" in r else "-",
+                f"{r['cosine']:.4f}" if "cosine" in r else "-",
+            ]
+        )
+    return (
+        f"{cfg.name}: {cfg.describe()}; forward converged {med([r['fwd_converged'] for r in rows]):.0%} of samples\n\n"
+        + md_table(head, body)
+    )
 
 
 def step_targets(rows: Sequence[dict[str, Any]]) -> list[str]:

@@ -9,8 +9,9 @@ Sections: ``step`` (:mod:`.step`), ``memory`` (:mod:`.memory`), ``torchdeq`` (:m
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -70,7 +71,11 @@ def _print_targets(targets: list[str]) -> None:
 
 
 def _run_step(cfg: SuiteConfig) -> list:
-    configs = [_QUICK, BenchConfig("hard-quick", width=128, init_scale=0.7, tol=1e-6, max_iter=40, batch=16)] if cfg.quick else [REFERENCE, HARD]
+    configs = (
+        [_QUICK, BenchConfig("hard-quick", width=128, init_scale=0.7, tol=1e-6, max_iter=40, batch=16)]
+        if cfg.quick
+        else [REFERENCE, HARD]
+    )
     out = []
     for bcfg in configs:
         print(f"\n== step cost: {bcfg.name} ==")
@@ -125,7 +130,11 @@ def _run_sim_speed(cfg: SuiteConfig) -> dict:
 
 
 RUNNERS: dict[str, Callable[[SuiteConfig], Any]] = {
-    "step": _run_step, "memory": _run_memory, "torchdeq": _run_torchdeq, "accuracy": _run_accuracy, "sim-speed": _run_sim_speed,
+    "step": _run_step,
+    "memory": _run_memory,
+    "torchdeq": _run_torchdeq,
+    "accuracy": _run_accuracy,
+    "sim-speed": _run_sim_speed,
 }
 
 
@@ -176,7 +185,10 @@ def _render_accuracy(res: list, head: str) -> str:
 
 
 RENDERERS: dict[str, Callable[[Any, str], str]] = {
-    "step": _render_step, "memory": _render_memory, "torchdeq": _render_torchdeq, "accuracy": _render_accuracy,
+    "step": _render_step,
+    "memory": _render_memory,
+    "torchdeq": _render_torchdeq,
+    "accuracy": _render_accuracy,
 }
 
 

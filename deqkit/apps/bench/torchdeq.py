@@ -4,8 +4,9 @@ backward, Unrolled against the phantom gradient)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +20,15 @@ from .config import REFERENCE, BenchConfig, build_model, digits_batch
 from .measure import interleaved, quiet, zero_grads
 from .report import fmt_range, mark, md_table, med, ratio
 
-__all__ = ["TITLE", "INSTALL_HINT", "torchdeq_available", "bench_torchdeq", "format_torchdeq_tables", "torchdeq_targets", "TORCHDEQ_NOTES"]
+__all__ = [
+    "TITLE",
+    "INSTALL_HINT",
+    "torchdeq_available",
+    "bench_torchdeq",
+    "format_torchdeq_tables",
+    "torchdeq_targets",
+    "TORCHDEQ_NOTES",
+]
 
 #: this section's heading in BENCHMARKS.md
 TITLE = "## Against torchdeq"
@@ -92,7 +101,9 @@ def _forward_rows(cell: nn.Module, u0: Tensor, s: TorchDEQSettings, repeats: int
     fwd: dict[str, dict[str, Any]] = {}
     for mode, (tol, cap) in {"to tol": (s.f_tol, s.f_max_iter), "fixed": (1e-30, s.fixed_iters)}.items():
         # "fixed": an absolute tol of 1e-30 (an absolute tol is never raised to the dtype floor) runs to the cap
-        ours = Anderson(memory=6, regularization=1e-4, damping=1.0, tol=tol, max_iter=cap, stop_mode="rel" if mode == "to tol" else "abs")
+        ours = Anderson(
+            memory=6, regularization=1e-4, damping=1.0, tol=tol, max_iter=cap, stop_mode="rel" if mode == "to tol" else "abs"
+        )
         res: dict[str, dict[str, Any]] = {"deqkit": {"ms": []}, "torchdeq": {"ms": []}}
 
         def run(lib: str, ours: Anderson = ours, tol: float = tol, cap: int = cap, res: dict = res) -> None:
@@ -102,7 +113,9 @@ def _forward_rows(cell: nn.Module, u0: Tensor, s: TorchDEQSettings, repeats: int
                 if lib == "deqkit":
                     z = ours(f, torch.zeros_like(u0)).z
                 else:
-                    z, _, _ = their_anderson(f, torch.zeros_like(u0), max_iter=cap, tol=tol, stop_mode="rel", m=6, lam=1e-4, tau=1.0)
+                    z, _, _ = their_anderson(
+                        f, torch.zeros_like(u0), max_iter=cap, tol=tol, stop_mode="rel", m=6, lam=1e-4, tau=1.0
+                    )
                 dt = synced_perf_counter(u0.device) - t0
                 fz = cell(z, u0)
                 rel = ((fz - z).norm(dim=1) / fz.norm(dim=1)).max()
@@ -126,16 +139,35 @@ def _step_layers(cell: nn.Module, s: TorchDEQSettings) -> tuple[dict[str, tuple[
         return DEQ(cell, solver, grad, on_failure="ignore")
 
     def theirs(**kw: Any) -> nn.Module:
-        return get_deq(core="sliced", f_solver="counted_anderson", f_max_iter=s.f_max_iter, f_tol=s.f_tol, f_stop_mode="rel",
-                       b_max_iter=s.b_max_iter, b_tol=s.b_tol, b_stop_mode="abs", **kw)
+        return get_deq(
+            core="sliced",
+            f_solver="counted_anderson",
+            f_max_iter=s.f_max_iter,
+            f_tol=s.f_tol,
+            f_stop_mode="rel",
+            b_max_iter=s.b_max_iter,
+            b_tol=s.b_tol,
+            b_stop_mode="abs",
+            **kw,
+        )
 
     fixed_point = FixedPoint(tol=s.b_tol, max_iter=s.b_max_iter, stop_mode="abs")
     anderson = Anderson(memory=6, regularization=1e-4, tol=s.b_tol, max_iter=s.b_max_iter, stop_mode="abs")
-    default_theirs = get_deq(core="sliced", f_solver="counted_anderson", f_max_iter=s.f_max_iter, f_tol=s.f_tol, f_stop_mode="rel",
-                             ift=True, b_solver="counted_fixed_point_iter")  # its backward defaults: fixed point, abs 1e-6, cap 40
+    default_theirs = get_deq(
+        core="sliced",
+        f_solver="counted_anderson",
+        f_max_iter=s.f_max_iter,
+        f_tol=s.f_tol,
+        f_stop_mode="rel",
+        ift=True,
+        b_solver="counted_fixed_point_iter",
+    )  # its backward defaults: fixed point, abs 1e-6, cap 40
     pairs = {
         DEFAULT_PAIR: (ours(Exact(on_failure="ignore")), default_theirs),
-        "Exact, fixed-point backward": (ours(Exact(fixed_point, on_failure="ignore")), theirs(ift=True, b_solver="counted_fixed_point_iter")),
+        "Exact, fixed-point backward": (
+            ours(Exact(fixed_point, on_failure="ignore")),
+            theirs(ift=True, b_solver="counted_fixed_point_iter"),
+        ),
         "Exact, Anderson backward": (ours(Exact(anderson, on_failure="ignore")), theirs(ift=True, b_solver="counted_anderson")),
         "Unrolled(5, 0.5) / phantom grad=5, tau=0.5": (ours(Unrolled(5, 0.5)), theirs(grad=5, tau=0.5)),
     }
@@ -180,7 +212,9 @@ class _StepTimer:
             s["bwd_iters"] = info.backward.vjps if info.backward is not None else 0
         else:
             s["fwd_evals"] = fwd_evals
-            s["bwd_iters"] = (self.counters["anderson"].n - fwd_evals) + self.counters["fixed_point_iter"].n if "Exact" in pair else 5
+            s["bwd_iters"] = (
+                (self.counters["anderson"].n - fwd_evals) + self.counters["fixed_point_iter"].n if "Exact" in pair else 5
+            )
         s["grad"] = torch.cat([p.grad.reshape(-1).double() for p in self.model.parameters()])
 
 
@@ -194,8 +228,12 @@ def reference_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     import copy
 
     m64 = copy.deepcopy(model).double()
-    deq = DEQ(m64.cell, Anderson(memory=6, tol=1e-12, max_iter=500, stop_mode="rel"),
-              Exact(GMRES(tol=1e-10, max_iter=1000), match_forward=False, on_failure="warn"), on_failure="warn")
+    deq = DEQ(
+        m64.cell,
+        Anderson(memory=6, tol=1e-12, max_iter=500, stop_mode="rel"),
+        Exact(GMRES(tol=1e-10, max_iter=1000), match_forward=False, on_failure="warn"),
+        on_failure="warn",
+    )
     u = m64.injection(x.double())
     z, _ = deq(u)
     nn.functional.cross_entropy(m64.head(z), y).backward()
@@ -212,12 +250,16 @@ def _step_rows(stats: dict[str, dict[str, Any]], pairs: list[str], reference: Op
     for pair in pairs:
         ours_s = stats[f"{pair}|deqkit"]
         th = stats.get(f"{pair}|torchdeq")
-        rows.append({
-            "pair": pair, "ours": ours_s, "theirs": th,
-            "total_ratio": ratio(med(ours_s["total_ms"]), med(th["total_ms"])) if th else float("nan"),
-            "bwd_ratio": ratio(med(ours_s["bwd_ms"]), med(th["bwd_ms"])) if th else float("nan"),
-            "grad_cos": _cos(ours_s["grad"], th["grad"]) if th else float("nan"),
-        })
+        rows.append(
+            {
+                "pair": pair,
+                "ours": ours_s,
+                "theirs": th,
+                "total_ratio": ratio(med(ours_s["total_ms"]), med(th["total_ms"])) if th else float("nan"),
+                "bwd_ratio": ratio(med(ours_s["bwd_ms"]), med(th["bwd_ms"])) if th else float("nan"),
+                "grad_cos": _cos(ours_s["grad"], th["grad"]) if th else float("nan"),
+            }
+        )
     ref = stats[f"{GMRES_ROW}|deqkit"]["grad"]  # the tightest of the lot
     for r in rows:
         r["ours_cos_gmres"] = _cos(r["ours"]["grad"], ref)
@@ -266,25 +308,58 @@ def bench_torchdeq(
     zero_grads(model)
     reference = reference_gradient(model, x, y)
     zero_grads(model)
-    result = {"forward": fwd, "step": _step_rows(timer.stats, list(pairs) + list(extra), reference),
-              "version": getattr(torchdeq, "__version__", "0.1.0"), "cfg": cfg, "settings": asdict(settings)}
+    result = {
+        "forward": fwd,
+        "step": _step_rows(timer.stats, list(pairs) + list(extra), reference),
+        "version": getattr(torchdeq, "__version__", "0.1.0"),
+        "cfg": cfg,
+        "settings": asdict(settings),
+    }
     log(format_torchdeq_tables(result))
     return result
 
 
 def format_torchdeq_tables(res: dict[str, Any]) -> str:
     s = res["settings"]
-    head = ["forward Anderson (m=6, λ=1e-4, rel)", "deqkit ms", "torchdeq ms", "deqkit ÷ torchdeq", "f-evals (ours / theirs)",
-            "ms per f-eval (ours / theirs)", "max rel residual (ours / theirs)"]
+    head = [
+        "forward Anderson (m=6, λ=1e-4, rel)",
+        "deqkit ms",
+        "torchdeq ms",
+        "deqkit ÷ torchdeq",
+        "f-evals (ours / theirs)",
+        "ms per f-eval (ours / theirs)",
+        "max rel residual (ours / theirs)",
+    ]
     body = []
-    for mode, label in (("to tol", f"to tol {s['f_tol']:g}, cap {s['f_max_iter']}"), ("fixed", f"fixed {s['fixed_iters']} iterations")):
+    for mode, label in (
+        ("to tol", f"to tol {s['f_tol']:g}, cap {s['f_max_iter']}"),
+        ("fixed", f"fixed {s['fixed_iters']} iterations"),
+    ):
         o, t = res["forward"][mode]["deqkit"], res["forward"][mode]["torchdeq"]
-        body.append([label, fmt_range(o["ms"]), fmt_range(t["ms"]), f"{ratio(med(o['ms']), med(t['ms'])):.2f}",
-                     f"{o['fevals']} / {t['fevals']}", f"{o['ms_per_eval']:.3f} / {t['ms_per_eval']:.3f}", f"{o['rel']:.1e} / {t['rel']:.1e}"])
+        body.append(
+            [
+                label,
+                fmt_range(o["ms"]),
+                fmt_range(t["ms"]),
+                f"{ratio(med(o['ms']), med(t['ms'])):.2f}",
+                f"{o['fevals']} / {t['fevals']}",
+                f"{o['ms_per_eval']:.3f} / {t['ms_per_eval']:.3f}",
+                f"{o['rel']:.1e} / {t['rel']:.1e}",
+            ]
+        )
     t1 = md_table(head, body)
-    head2 = ["training step", "deqkit fwd / bwd / total ms", "torchdeq fwd / bwd / total ms", "total ÷", "bwd ÷",
-             "fwd evals (ours / theirs)", "bwd iters (ours / theirs)", "cos(ours, theirs)", "cos to GMRES (ours / theirs)",
-             "grad rel err to ref (ours / theirs)"]
+    head2 = [
+        "training step",
+        "deqkit fwd / bwd / total ms",
+        "torchdeq fwd / bwd / total ms",
+        "total ÷",
+        "bwd ÷",
+        "fwd evals (ours / theirs)",
+        "bwd iters (ours / theirs)",
+        "cos(ours, theirs)",
+        "cos to GMRES (ours / theirs)",
+        "grad rel err to ref (ours / theirs)",
+    ]
     body2 = []
     for r in res["step"]:
         o, t = r["ours"], r["theirs"]
@@ -292,15 +367,25 @@ def format_torchdeq_tables(res: dict[str, Any]) -> str:
         def trip(d: dict[str, Any]) -> str:
             return f"{med(d['fwd_ms']):.2f} / {med(d['bwd_ms']):.2f} / {fmt_range(d['total_ms'])}"
 
-        body2.append([
-            r["pair"], trip(o), trip(t) if t else "-", f"{r['total_ratio']:.2f}" if t else "-", f"{r['bwd_ratio']:.2f}" if t else "-",
-            f"{o['fwd_evals']} / {t['fwd_evals']}" if t else f"{o['fwd_evals']}", f"{o['bwd_iters']} / {t['bwd_iters']}" if t else f"{o['bwd_iters']}",
-            f"{r['grad_cos']:.6f}" if t else "-", f"{r['ours_cos_gmres']:.6f} / {r['theirs_cos_gmres']:.6f}" if t else f"{r['ours_cos_gmres']:.6f}",
-            (f"{r['ours_err']:.1e} / {r['theirs_err']:.1e}" if t else f"{r['ours_err']:.1e}") if "ours_err" in r else "-",
-        ])
+        body2.append(
+            [
+                r["pair"],
+                trip(o),
+                trip(t) if t else "-",
+                f"{r['total_ratio']:.2f}" if t else "-",
+                f"{r['bwd_ratio']:.2f}" if t else "-",
+                f"{o['fwd_evals']} / {t['fwd_evals']}" if t else f"{o['fwd_evals']}",
+                f"{o['bwd_iters']} / {t['bwd_iters']}" if t else f"{o['bwd_iters']}",
+                f"{r['grad_cos']:.6f}" if t else "-",
+                f"{r['ours_cos_gmres']:.6f} / {r['theirs_cos_gmres']:.6f}" if t else f"{r['ours_cos_gmres']:.6f}",
+                (f"{r['ours_err']:.1e} / {r['theirs_err']:.1e}" if t else f"{r['ours_err']:.1e}") if "ours_err" in r else "-",
+            ]
+        )
     t2 = md_table(head2, body2)
-    return (f"{res['cfg'].name}: torchdeq {res['version']}, {res['cfg'].describe().split(', `Broyden')[0]}, batch {res['cfg'].batch}; both libraries: Anderson "
-            f"forward to rel tol {s['f_tol']:g} (cap {s['f_max_iter']}), backward abs tol {s['b_tol']:g} (cap {s['b_max_iter']})\n\n{t1}\n\n{t2}")
+    return (
+        f"{res['cfg'].name}: torchdeq {res['version']}, {res['cfg'].describe().split(', `Broyden')[0]}, batch {res['cfg'].batch}; both libraries: Anderson "
+        f"forward to rel tol {s['f_tol']:g} (cap {s['f_max_iter']}), backward abs tol {s['b_tol']:g} (cap {s['b_max_iter']})\n\n{t1}\n\n{t2}"
+    )
 
 
 def torchdeq_targets(res: dict[str, Any]) -> list[str]:
@@ -308,7 +393,9 @@ def torchdeq_targets(res: dict[str, Any]) -> list[str]:
     f = res["forward"]
     for mode, label in (("fixed", "same iterations"), ("to tol", "same tolerance")):
         v = ratio(med(f[mode]["deqkit"]["ms"]), med(f[mode]["torchdeq"]["ms"]))
-        out.append(f"forward Anderson ≤ 1.0 × torchdeq ({label}, {f[mode]['deqkit']['fevals']} vs {f[mode]['torchdeq']['fevals']} f-evals): {v:.2f}× — {mark(v <= 1.0)}")
+        out.append(
+            f"forward Anderson ≤ 1.0 × torchdeq ({label}, {f[mode]['deqkit']['fevals']} vs {f[mode]['torchdeq']['fevals']} f-evals): {v:.2f}× — {mark(v <= 1.0)}"
+        )
     by = {r["pair"]: r for r in res["step"]}
     for pair in ("Exact, fixed-point backward", "Exact, Anderson backward"):
         r = by[pair]
