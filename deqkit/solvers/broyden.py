@@ -305,8 +305,9 @@ class Broyden(Solver):
             state.best_z = torch.where(better[:, None], z, state.best_z)
             state.best_g = torch.where(better[:, None], g, state.best_g)
             # restart: H ← −I for the bad samples, which step again from their best iterate
-            state.H.U.masked_fill_(bad[:, None, None], 0)
-            state.H.V.masked_fill_(bad[:, None, None], 0)
+            if bool(bad.any()):  # a rare event: skip two full passes over U, V when no sample restarts
+                state.H.U.masked_fill_(bad[:, None, None], 0)
+                state.H.V.masked_fill_(bad[:, None, None], 0)
             state.restart = bad
             state.n_restart = state.n_restart + bad.long()
             z, g = torch.where(bad[:, None], state.best_z, z), torch.where(bad[:, None], state.best_g, g)
@@ -372,8 +373,9 @@ class Broyden(Solver):
         state.n_capped = state.n_capped + capped.long()
         # divergence safeguard: a step far beyond the problem's initial scale is not trusted
         far = active & ((z + p).norm(dim=1) > self.divergence_ratio * state.scale0)
-        state.H.U.masked_fill_(far[:, None, None], 0)
-        state.H.V.masked_fill_(far[:, None, None], 0)
+        if bool(far.any()):  # a rare event: skip two full passes over U, V when no step is that far
+            state.H.U.masked_fill_(far[:, None, None], 0)
+            state.H.V.masked_fill_(far[:, None, None], 0)
         p = torch.where(far[:, None], g, p)
         state.n_restart = state.n_restart + far.long()
         if not self.line_search:
