@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import deqkit as dk
-from deqkit.estimators import Adaptive, AdaptiveStats
 from deqkit.errors import OptionError
+from deqkit.estimators import Adaptive, AdaptiveStats
 
 F64 = torch.float64
 D, P, B = 16, 5, 8
@@ -66,7 +66,7 @@ def test_adaptive_switches_when_the_cell_becomes_ill_conditioned_and_back():
     assert [d.switched for d in switches] == ["to-exact"], est.history
     assert switches[0].cosine < est.threshold
     assert est.mode == "exact"
-    assert all(i.backward.decision.used == "exact" for i in infos[switches[0].step:])  # exact after the switch
+    assert all(i.backward.decision.used == "exact" for i in infos[switches[0].step :])  # exact after the switch
     cell.rho.fill_(0.3)  # easy again: back to the cheap gradient at the next check (cosine >= recover)
     train_steps(deq, 4, seed=2)
     assert [d.switched for d in est.history if d.switched] == ["to-exact", "to-cheap"] and est.mode == "cheap"
@@ -99,7 +99,10 @@ def test_adaptive_uses_shine_with_a_broyden_forward_and_exact_gradient_on_checks
     # a check step's gradient is the exact one
     x = randn(B, P, seed=7)
     grads = {}
-    for name, grad in (("adaptive", Adaptive(exact=dk.Exact(tol=1e-12, max_iter=300))), ("exact", dk.Exact(dk.Dense(), match_forward=False))):
+    for name, grad in (
+        ("adaptive", Adaptive(exact=dk.Exact(tol=1e-12, max_iter=300))),
+        ("exact", dk.Exact(dk.Dense(), match_forward=False)),
+    ):
         cell.zero_grad()
         z, _ = dk.DEQ(cell, dk.Broyden(tol=1e-12, max_iter=100), grad, state_shape=(D,))(x)
         (z.sum() + 0.5 * (z * z).sum()).backward()

@@ -30,8 +30,9 @@ def _digits(device: torch.device, n: int = 64) -> tuple[torch.Tensor, torch.Tens
 
 def _reference(grad: str, tol: float, device: torch.device) -> DEQClassifier:
     torch.manual_seed(0)
-    model = DEQClassifier.mlp(64, 64, 10, init_scale=0.25, solver=Broyden(memory=30, tol=tol, max_iter=30),
-                              grad=ESTIMATORS[grad](), on_failure="ignore")
+    model = DEQClassifier.mlp(
+        64, 64, 10, init_scale=0.25, solver=Broyden(memory=30, tol=tol, max_iter=30), grad=ESTIMATORS[grad](), on_failure="ignore"
+    )
     return model.to(device).train()
 
 

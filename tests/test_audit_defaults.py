@@ -2,8 +2,15 @@
 
 A default is part of every number produced without options (BENCHMARKS.md, the CLI tables): a
 changed default must be a deliberate edit of this table, not a silent drift (the mutation run
-found default values that no test pinned). One table; the lead renames keys here at the refactor
-(``rtol`` → ``tol``, ``opa`` → ``opa_freq``, ``on_fail`` → ``on_failure`` …).
+found default values that no test pinned). One table, in the 0.2 names (docs/guide/migration.md:
+``rtol`` → ``tol``, ``opa`` → ``opa_freq``, ``on_fail``/``on_nonconvergence`` → ``on_failure``,
+``eps_rel``/``eps_abs`` → ``tol``/``tol_abs``, ``reject_rtol`` → ``reject_tol``).
+
+Defaults changed on purpose at the 0.2 refactor (asserted here at their new values):
+``Exact()``'s linear solver is ``AutoAdjoint`` (Picard steps switching to GMRES; was ``GMRES``)
+and ``Exact(match_forward=True)`` lets the adjoint tolerance follow the forward residual;
+``fit_sim``'s λ is scale-free (``lam_scale="normalized"``; 0.1 solved the paper's program, now
+``lam_scale="paper"``).
 """
 
 from __future__ import annotations
@@ -29,12 +36,24 @@ class _Cell(nn.Module):
 DEFAULTS = [
     ("FixedPoint", dk.FixedPoint, dict(damping=1.0, tol=1e-4, max_iter=50, stop_mode="rel")),
     ("Anderson", dk.Anderson, dict(memory=6, regularization=1e-4, damping=1.0, tol=1e-4, max_iter=50, stop_mode="rel")),
-    ("Broyden", dk.Broyden, dict(memory=20, opa_freq=None, line_search=False, line_search_steps=4, tol=1e-4,
-                                  max_iter=50, stop_mode="rel")),
+    (
+        "Broyden",
+        dk.Broyden,
+        dict(memory=20, opa_freq=None, line_search=False, line_search_steps=4, tol=1e-4, max_iter=50, stop_mode="rel"),
+    ),
     ("GMRES", dk.GMRES, dict(restart=20, tol=1e-6, max_iter=60, stop_mode="rel")),
     ("Dense", dk.Dense, dict(max_dim=4096, tol=1e-6, stop_mode="rel")),
-    ("Exact", dk.Exact, dict(tol=None, max_iter=None, on_failure="warn", warm_start="default")),
-    ("Exact.linear_solver", lambda: dk.Exact().linear_solver, dict(restart=20, tol=1e-6, max_iter=60)),
+    (
+        "Exact",
+        dk.Exact,
+        dict(tol=None, max_iter=None, on_failure="warn", warm_start="default", match_forward=True, forward_factor=1.0),
+    ),
+    # 0.2: the default adjoint solver is AutoAdjoint (was GMRES(restart=20, tol=1e-6, max_iter=60))
+    (
+        "Exact.linear_solver",
+        lambda: dk.Exact().linear_solver,
+        dict(restart=20, tol=1e-6, max_iter=60, stop_mode="rel", probe=3, switch_rate=0.9),
+    ),
     ("Unrolled", dk.Unrolled, dict(k=5, damping=0.5)),
     ("Neumann", dk.Neumann, dict(k=5, damping=0.5)),
     ("JacobianFree", dk.JacobianFree, dict(k=1, damping=1.0)),
@@ -42,18 +61,61 @@ DEFAULTS = [
     ("WarmExact", dk.WarmExact, dict(warm_start="shine+inverse", on_failure="warn")),
     ("WarmExact.linear_solver", lambda: dk.WarmExact().linear_solver, dict(memory=30, tol=1e-6, max_iter=60)),
     ("DEQ.solver", lambda: dk.DEQ(_Cell()).solver, dict(memory=6, tol=1e-4, max_iter=40)),
-    ("DEQ", lambda: dk.DEQ(_Cell()), dict(init="zeros", eval_max_iter=None, on_nonconvergence="warn")),
-    ("bilevel.Exact", bilevel.Exact, dict(rtol=1e-10, max_iter=1000, warm_start=True, on_fail="warn")),
-    ("bilevel.SHINE", bilevel.SHINE, dict(refine=0, opa=None)),
-    ("bilevel.HOAG", lambda: bilevel.HOAG(bilevel.Exact()),
-     dict(outer_steps=30, tol_init=1e-3, tol_decrease=0.78, lam_bounds=(-12.0, 12.0), reject_rtol=0.0, warm_start=True)),
-    ("bilevel.HOAG.solver", lambda: bilevel.HOAG(bilevel.Exact()).solver, dict(memory=30, max_iter=1000)),
-    ("bilevel.HOAG.solver(opa)", lambda: bilevel.HOAG(bilevel.SHINE(opa=5)).solver, dict(memory=60)),
-    ("bilevel.LBFGS", bilevel.LBFGS, dict(memory=30, tol=1e-6, max_iter=1000, line_search="wolfe", max_ls_evals=25,
-                                          opa_step=1e-3, curvature_eps=1e-10, on_fail="warn")),
-    ("sim.BatchedADMM", BatchedADMM, dict(rho=1.0, max_iter=1000, eps_abs=1e-7, eps_rel=1e-5, mode="relaxed",
-                                          adaptive_rho=True, mu=10.0, tau=2.0, check_every=10, alpha=1.0,
-                                          zero_tol=1e-6, rank_tol=1e-10)),
+    ("DEQ", lambda: dk.DEQ(_Cell()), dict(init="zeros", eval_max_iter=None, on_failure="warn")),
+    (
+        "bilevel.ExactHypergradient",
+        bilevel.ExactHypergradient,
+        dict(tol=1e-10, max_iter=1000, warm_start=True, on_failure="warn"),
+    ),
+    ("bilevel.SHINEHypergradient", bilevel.SHINEHypergradient, dict(refine=0, opa_freq=None)),
+    (
+        "bilevel.HOAG",
+        lambda: bilevel.HOAG(bilevel.ExactHypergradient()),
+        dict(
+            outer_steps=30,
+            tol_init=1e-3,
+            tol_decrease=0.78,
+            lam_bounds=(-12.0, 12.0),
+            reject_tol=0.0,
+            warm_start=True,
+            on_failure="warn",
+        ),
+    ),
+    ("bilevel.HOAG.solver", lambda: bilevel.HOAG(bilevel.ExactHypergradient()).solver, dict(memory=30, max_iter=1000)),
+    ("bilevel.HOAG.solver(opa)", lambda: bilevel.HOAG(bilevel.SHINEHypergradient(opa_freq=5)).solver, dict(memory=60)),
+    (
+        "bilevel.LBFGS",
+        bilevel.LBFGS,
+        dict(
+            memory=30,
+            tol=1e-6,
+            max_iter=1000,
+            line_search="wolfe",
+            max_ls_evals=25,
+            opa_step=1e-3,
+            curvature_eps=1e-10,
+            on_failure="warn",
+        ),
+    ),
+    (
+        "sim.BatchedADMM",
+        BatchedADMM,
+        dict(
+            rho=1.0,
+            max_iter=1000,
+            tol_abs=1e-7,
+            tol=1e-5,
+            mode="relaxed",
+            adaptive_rho=True,
+            mu=10.0,
+            tau=2.0,
+            check_every=10,
+            alpha=1.0,
+            zero_tol=1e-6,
+            rank_tol=1e-10,
+            on_failure="warn",
+        ),
+    ),
 ]
 
 
@@ -62,3 +124,22 @@ def test_documented_defaults(make, expected):
     obj = make()
     got = {k: getattr(obj, k) for k in expected}
     assert got == expected
+
+
+def test_exact_default_adjoint_solver_is_auto_adjoint():
+    """0.2: ``Exact()`` solves the adjoint with ``AutoAdjoint`` (was ``GMRES``), its tolerance
+    following the forward residual (``match_forward=True``, capped at 1e-2)."""
+    est = dk.Exact()
+    assert type(est.linear_solver) is dk.AutoAdjoint
+    assert est.MATCHED_TOL_CAP == 1e-2
+
+
+def test_fit_sim_documented_defaults():
+    """0.2: ``fit_sim``'s λ is scale-free by default (``lam_scale="normalized"``; ``"paper"`` is the 0.1 program)."""
+    import inspect
+
+    from deqkit.sim import fit_sim
+
+    params = inspect.signature(fit_sim).parameters
+    got = {k: params[k].default for k in ("method", "mode", "zero_tol", "lam_scale", "penalty", "on_failure")}
+    assert got == dict(method="admm", mode="relaxed", zero_tol=1e-6, lam_scale="normalized", penalty="uniform", on_failure="warn")

@@ -7,9 +7,8 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 import conftest
+import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -20,8 +19,14 @@ def _run(tmp_path, body, flag):
     env["PYTHONPATH"] = os.pathsep.join([TESTS, os.path.dirname(TESTS), env.get("PYTHONPATH", "")])
     if flag is not None:
         env["DEQKIT_REQUIRE_ALL"] = flag
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider", "-rs", "test_probe.py"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider", "-rs", "test_probe.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 IN_TEST = """

@@ -76,8 +76,13 @@ def test_write_replaces_only_own_sections(tmp_path):
     path = tmp_path / "BENCHMARKS.md"
     other = "## Someone else's section\n\nkeep me\n\n```\n## not a heading inside a fence\n```\n"
     path.write_text(other + "\n## Memory against forward depth\n\nold numbers\n\n## Another section\n\ntext\n")
-    bench.write_sections(str(path), {bench.SECTIONS["memory"]: "## Memory against forward depth\n\nnew numbers\n",
-                                     bench.SECTIONS["step"]: "## DEQ gradient estimators: step cost\n\nstep\n"})
+    bench.write_sections(
+        str(path),
+        {
+            bench.SECTIONS["memory"]: "## Memory against forward depth\n\nnew numbers\n",
+            bench.SECTIONS["step"]: "## DEQ gradient estimators: step cost\n\nstep\n",
+        },
+    )
     text = path.read_text()
     assert text.startswith(other)
     assert "old numbers" not in text and "new numbers" in text

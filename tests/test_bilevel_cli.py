@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
+from deqkit.bilevel import load_hpo_dataset, logistic_hpo_problem
 from deqkit.cli import hpo as cli
 from deqkit.cli import main
-from deqkit.bilevel import load_hpo_dataset, logistic_hpo_problem
 
 
 def _dense_cosine_to_exact(problem, lam):
@@ -23,15 +23,28 @@ def _dense_cosine_to_exact(problem, lam):
         x = x - torch.linalg.solve(hess(x), g)
     v = torch.autograd.functional.jacobian(problem.outer, x)
     cross = torch.autograd.functional.jacobian(
-        lambda l: torch.autograd.functional.jacobian(lambda x: problem.inner(x, l), x, create_graph=True), lam)
+        lambda l: torch.autograd.functional.jacobian(lambda x: problem.inner(x, l), x, create_graph=True), lam
+    )
     g_exact = -cross.T @ torch.linalg.solve(hess(x), v)
     g_jfb = -cross.T @ v
     return float(g_jfb @ g_exact / (g_jfb.norm() * g_exact.norm()))
 
 
 def test_hpo_cli_writes_plot_and_json(tmp_path, capsys):
-    rc = main(["hpo", "--dataset", "breast_cancer", "--outer-steps", "3", "--grad",
-                   "exact,shine-opa,jacobian-free", "--out", str(tmp_path), "--no-progress"])
+    rc = main(
+        [
+            "hpo",
+            "--dataset",
+            "breast_cancer",
+            "--outer-steps",
+            "3",
+            "--grad",
+            "exact,shine-opa,jacobian-free",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "shine-opa" in out and "cos(exact)" in out
@@ -63,8 +76,7 @@ def test_hpo_subparser_registration_and_validation():
     parser = argparse.ArgumentParser(prog="deqkit")
     sub = parser.add_subparsers(dest="command")
     cli.add_subparser(sub)
-    args = parser.parse_args(["hpo", "--dataset", "digits", "--grad", "shine,exact",
-                              "--per-feature"])
+    args = parser.parse_args(["hpo", "--dataset", "digits", "--grad", "shine,exact", "--per-feature"])
     assert args.func is cli.run and args.grad == ["shine", "exact"] and args.per_feature
     with pytest.raises(SystemExit):
         parser.parse_args(["hpo", "--grad", "shine-opaa"])

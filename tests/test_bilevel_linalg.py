@@ -5,13 +5,20 @@ import warnings
 import pytest
 import torch
 
-from deqkit.bilevel import (LBFGS, BilevelProblem, ExactHypergradient, JacobianFreeHypergradient,
-                            LBFGSInverse, SecantMemory, SHINEHypergradient, dense_bfgs_inverse,
-                            two_loop)
+from deqkit.bilevel import (
+    LBFGS,
+    BilevelProblem,
+    ExactHypergradient,
+    JacobianFreeHypergradient,
+    LBFGSInverse,
+    SecantMemory,
+    SHINEHypergradient,
+    dense_bfgs_inverse,
+    two_loop,
+)
 from deqkit.errors import ConvergenceError, ConvergenceWarning, NonFiniteError, OptionError
 from deqkit.inverse import InverseEstimate
 from deqkit.linear import CG
-
 
 
 @pytest.fixture(autouse=True)
@@ -87,8 +94,7 @@ def test_two_loop_equals_dense_bfgs_inverse():
     # secant condition of the newest pair, and an explicit γ
     torch.testing.assert_close(H @ y[-1], s[-1], rtol=1e-10, atol=1e-12)
     v = torch.randn(n, generator=g)
-    torch.testing.assert_close(two_loop(s, y, v, gamma=0.37),
-                               dense_bfgs_inverse(s, y, gamma=0.37) @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(two_loop(s, y, v, gamma=0.37), dense_bfgs_inverse(s, y, gamma=0.37) @ v, rtol=1e-10, atol=1e-12)
     # n A-conjugate exact pairs of a quadratic: BFGS recovers A⁻¹ exactly
     s = list(torch.linalg.eigh(A).eigenvectors.T)
     y = [A @ si for si in s]
@@ -140,14 +146,17 @@ def test_options_validated():
         CG(max_iter=2.5)
 
 
-@pytest.mark.parametrize("make, typo, hint", [
-    (lambda **kw: LBFGS(**kw), "memroy", "memory"),
-    (lambda **kw: ExactHypergradient(**kw), "tolerance", "tol"),
-    (lambda **kw: ExactHypergradient(**kw), "on_fail", "on_failure"),
-    (lambda **kw: SHINEHypergradient(**kw), "opa", "opa_freq"),
-    (lambda **kw: SecantMemory(3, **kw), "curvature_epsilon", "curvature_eps"),
-    (lambda **kw: CG(**kw), "rtol", "tol"),
-])
+@pytest.mark.parametrize(
+    "make, typo, hint",
+    [
+        (lambda **kw: LBFGS(**kw), "memroy", "memory"),
+        (lambda **kw: ExactHypergradient(**kw), "tolerance", "tol"),
+        (lambda **kw: ExactHypergradient(**kw), "on_fail", "on_failure"),
+        (lambda **kw: SHINEHypergradient(**kw), "opa", "opa_freq"),
+        (lambda **kw: SecantMemory(3, **kw), "curvature_epsilon", "curvature_eps"),
+        (lambda **kw: CG(**kw), "rtol", "tol"),
+    ],
+)
 def test_typo_option_did_you_mean(make, typo, hint):
     with pytest.raises(OptionError, match=f"unknown option '{typo}'.*Did you mean '{hint}'"):
         make(**{typo: 1})
@@ -176,13 +185,11 @@ def test_inner_failures_recorded_or_raised():
     assert not res.converged and res.nstep == 2
     with pytest.raises(ConvergenceError):
         LBFGS(tol=1e-12, max_iter=2, on_failure="raise").solve(pb, lam)
-    bad = BilevelProblem(lambda x, lam: (x * x).sum() * torch.tensor(float("nan")),
-                         lambda x: x.sum(), torch.ones(3))
+    bad = BilevelProblem(lambda x, lam: (x * x).sum() * torch.tensor(float("nan")), lambda x: x.sum(), torch.ones(3))
     with pytest.raises(NonFiniteError):
         LBFGS().solve(bad, torch.tensor(0.0))
     # non-positive-definite Hessian met by CG
-    concave = BilevelProblem(lambda x, lam: -(x * x).sum() * torch.exp(lam),
-                             lambda x: x.sum(), torch.ones(3))
+    concave = BilevelProblem(lambda x, lam: -(x * x).sum() * torch.exp(lam), lambda x: x.sum(), torch.ones(3))
     fake = LBFGS(on_failure="ignore", max_iter=1).solve(concave, torch.tensor(0.0))
     with pytest.raises(NonFiniteError, match="curvature"):
         ExactHypergradient().hypergradient(concave, torch.tensor(0.0), fake)
@@ -251,7 +258,7 @@ def test_cg_class_matches_dense_solve_batched_per_sample_stop():
     assert float(true_rel[[0, 2, 3]].max()) < 1e-10
     # a batch equals its samples solved one by one (a frozen sample does not change)
     for i in (0, 3):
-        one = CG(tol=1e-12, max_iter=500).solve(lambda x, i=i: x @ A[i].T, b[i:i + 1])
+        one = CG(tol=1e-12, max_iter=500).solve(lambda x, i=i: x @ A[i].T, b[i : i + 1])
         assert int(one.nstep[0]) == int(res.nstep[i])
         torch.testing.assert_close(one.z[0], res.z[i], rtol=1e-10, atol=1e-12)
     # abs stop mode
@@ -274,8 +281,7 @@ def test_cg_solve_adjoint_protocol():
     assert res.converged.all() and res.solver == "cg"
     # the shape of v is kept (rows of any shape), and a warm start from the answer needs no step
     v4 = v.view(B, 3, 3)
-    res4 = CG(tol=1e-12, max_iter=100).solve_adjoint(lambda w: vjp(w.reshape(B, d)).view(B, 3, 3), v4,
-                                                      w0=w_true.view(B, 3, 3))
+    res4 = CG(tol=1e-12, max_iter=100).solve_adjoint(lambda w: vjp(w.reshape(B, d)).view(B, 3, 3), v4, w0=w_true.view(B, 3, 3))
     assert res4.z.shape == v4.shape and int(res4.nstep.max()) <= 1
     assert res.time_s >= 0
     with pytest.raises(OptionError, match="does not take preconditioner="):

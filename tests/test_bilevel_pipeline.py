@@ -6,9 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deqkit.bilevel import (HOAG, LBFGS, BilevelProblem, ExactHypergradient,
-                            JacobianFreeHypergradient, SHINEHypergradient, hypergradient_cosine,
-                            load_hpo_dataset, logistic_hpo_problem, make_hypergradient)
+from deqkit.bilevel import (
+    HOAG,
+    LBFGS,
+    BilevelProblem,
+    ExactHypergradient,
+    JacobianFreeHypergradient,
+    SHINEHypergradient,
+    hypergradient_cosine,
+    load_hpo_dataset,
+    logistic_hpo_problem,
+    make_hypergradient,
+)
 from deqkit.errors import OptionError
 
 DT = torch.float64
@@ -20,7 +29,7 @@ def _logreg(seed, n=300, d=40):
     A[:, : d // 2] *= 3.0  # anisotropic: H far from a multiple of I
     xt = torch.randn(d, generator=g, dtype=DT)
     b = torch.sign(A @ xt + 2 * torch.randn(n, generator=g, dtype=DT))
-    Av, bv, At, bt = A[: n // 3], b[: n // 3], A[n // 3:], b[n // 3:]
+    Av, bv, At, bt = A[: n // 3], b[: n // 3], A[n // 3 :], b[n // 3 :]
 
     def inner(x, lam):
         return F.softplus(-bt * (At @ x)).sum() + 0.5 * (torch.exp(lam) * x * x).sum()
@@ -130,8 +139,8 @@ def test_hoag_decreases_validation_loss_and_records():
 
 def test_make_hypergradient_registry_and_options():
     from deqkit._options import validated_options
-    from deqkit.bilevel import (HYPERGRADIENT_NAMES, HYPERGRADIENTS, HypergradientEstimator, WEstimate,
-                                register_hypergradient)
+    from deqkit.bilevel import HYPERGRADIENT_NAMES, HYPERGRADIENTS, HypergradientEstimator, WEstimate, register_hypergradient
+
     assert set(HYPERGRADIENT_NAMES) <= set(HYPERGRADIENTS.names())
     assert make_hypergradient("exact", tol=1e-8).tol == 1e-8
     refine = make_hypergradient("shine-refine")
@@ -170,6 +179,7 @@ def test_make_hypergradient_registry_and_options():
 
 def test_hoag_result_protocol_and_failure_policy():
     from deqkit.errors import ConvergenceError, ConvergenceWarning
+
     pb = _logreg(2, n=120, d=10)
     lam0 = torch.tensor(0.0, dtype=DT)
     res = HOAG(ExactHypergradient(), outer_steps=3).run(pb, lam0)
@@ -184,6 +194,7 @@ def test_hoag_result_protocol_and_failure_policy():
     with pytest.raises(ConvergenceError):
         HOAG(ExactHypergradient(), solver=capped, outer_steps=2, on_failure="raise").run(pb, lam0)
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         HOAG(ExactHypergradient(), solver=capped, outer_steps=2, on_failure="ignore").run(pb, lam0)

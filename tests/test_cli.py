@@ -21,7 +21,9 @@ def _one_thread():
 
 def test_compare_writes_table_json_csv_and_plot(tmp_path, capsys):
     out = tmp_path / "cmp"
-    rc = main(["compare", "--subset", "200", "--epochs", "1", "--grad", "exact,unrolled,shine-opa", "--out", str(out), "--no-progress"])
+    rc = main(
+        ["compare", "--subset", "200", "--epochs", "1", "--grad", "exact,unrolled,shine-opa", "--out", str(out), "--no-progress"]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "cos to exact" in printed and "Unrolled(5, 0.5)" in printed
@@ -40,7 +42,20 @@ def test_compare_writes_table_json_csv_and_plot(tmp_path, capsys):
 
 def test_train_then_resume(tmp_path, capsys):
     out = tmp_path / "t"
-    args = ["train", "--subset", "150", "--epochs", "1", "--grad", "unrolled", "--grad-opts", "k=3,damping=0.5", "--out", str(out), "--no-progress"]
+    args = [
+        "train",
+        "--subset",
+        "150",
+        "--epochs",
+        "1",
+        "--grad",
+        "unrolled",
+        "--grad-opts",
+        "k=3,damping=0.5",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert (out / "last.pt").exists()
     lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -154,8 +169,13 @@ def test_a_bad_number_is_one_error_line_and_exit_2(command, value, capsys):
 def test_the_command_line_gives_one_line_and_exit_2():
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     for value in ("abc", "inf"):
-        proc = subprocess.run([sys.executable, "-m", "deqkit", "train", "--grad-opts", f"tol={value}"],
-                              capture_output=True, text=True, env=env, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "deqkit", "train", "--grad-opts", f"tol={value}"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert proc.returncode == 2
         assert proc.stderr.startswith("deqkit: error: ") and proc.stderr.count("\n") == 1, proc.stderr
 
@@ -165,7 +185,10 @@ def test_parse_options_numbers_words_and_errors():
 
     assert parse_options("k=3, damping=0.5", "--grad-opts", Unrolled) == {"k": 3, "damping": 0.5}
     assert parse_options("stop-mode=abs,line_search=true,opa_freq=none", "--solver-opts") == {
-        "stop_mode": "abs", "line_search": True, "opa_freq": None}
+        "stop_mode": "abs",
+        "line_search": True,
+        "opa_freq": None,
+    }
     assert parse_options("", "--grad-opts") == {}
     for text, message in [
         ("tol=abc", "tol must be a finite number"),

@@ -65,10 +65,18 @@ def test_trainer_compile_cell_keeps_checkpoint_keys(tmp_path) -> None:
 
     def run(compile_cell: bool, out: str) -> dict:
         torch.manual_seed(0)
-        model = DEQClassifier.mlp(64, 16, 10, solver=Broyden(memory=20, tol=1e-5, max_iter=30), grad=Exact(on_failure="ignore"),
-                                  on_failure="ignore")
-        cfg = TrainConfig(epochs=1, batch_size=16, lr=1e-2, progress=False, compile_cell=compile_cell, compile_backend=BACKEND,
-                          checkpoint_dir=out)
+        model = DEQClassifier.mlp(
+            64, 16, 10, solver=Broyden(memory=20, tol=1e-5, max_iter=30), grad=Exact(on_failure="ignore"), on_failure="ignore"
+        )
+        cfg = TrainConfig(
+            epochs=1,
+            batch_size=16,
+            lr=1e-2,
+            progress=False,
+            compile_cell=compile_cell,
+            compile_backend=BACKEND,
+            checkpoint_dir=out,
+        )
         Trainer(model, data, None, cfg).fit()
         return model.state_dict()
 

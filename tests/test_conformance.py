@@ -11,7 +11,8 @@ class (see the end of this file) runs the same functions on it.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -82,7 +83,7 @@ class DenseInverse(InverseEstimate):
     def apply_left(self, v: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bi,bij->bj", v, self.M)
 
-    def transpose(self) -> "DenseInverse":
+    def transpose(self) -> DenseInverse:
         return DenseInverse(self.M.transpose(1, 2))
 
     def dense(self) -> torch.Tensor:
@@ -327,19 +328,24 @@ def test_linear_solver_conforms(name, factory):
     assert isinstance(dk.make_linear_solver(name), factory)
 
 
-@pytest.mark.parametrize("est_name, est, solver_name, solver", compatible_pairs(), ids=[f"{e}-{s}" for e, _, s, _ in compatible_pairs()])
+@pytest.mark.parametrize(
+    "est_name, est, solver_name, solver", compatible_pairs(), ids=[f"{e}-{s}" for e, _, s, _ in compatible_pairs()]
+)
 def test_estimator_with_solver_conforms(est_name, est, solver_name, solver):
     check_estimator(est, solver)
 
 
-@pytest.mark.parametrize("est_name, est, solver_name, solver", incompatible_pairs(), ids=[f"{e}-{s}" for e, _, s, _ in incompatible_pairs()])
+@pytest.mark.parametrize(
+    "est_name, est, solver_name, solver", incompatible_pairs(), ids=[f"{e}-{s}" for e, _, s, _ in incompatible_pairs()]
+)
 def test_estimator_refuses_a_solver_without_inverse(est_name, est, solver_name, solver):
     with pytest.raises(OptionError, match="keeps none"):
         dk.DEQ(TanhCell(), tight_solver(solver), tight_estimator(est), state_shape=(D,))
 
 
 @pytest.mark.parametrize(
-    "est_name, est", [(n, f) for n, f in ESTIMATORS.items() if accepts(f, "k") and accepts(f, "damping")],
+    "est_name, est",
+    [(n, f) for n, f in ESTIMATORS.items() if accepts(f, "k") and accepts(f, "damping")],
     ids=[n for n, f in ESTIMATORS.items() if accepts(f, "k") and accepts(f, "damping")],
 )
 def test_truncated_estimators_approach_exact_as_k_grows(est_name, est):

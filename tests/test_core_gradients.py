@@ -45,8 +45,13 @@ def test_exact_linear_cell_closed_form(forward, linear, linear_problem):
     ``dL/dA = Σ_b w_bᵀ z*_b``, ``dL/dB = Σ_b w_bᵀ x_b``, ``dL/dx = w B``."""
     cell, x, c = linear_problem
     d = cell.A.shape[0]
-    deq = DEQ(cell, tight_forward_solvers()[forward], Exact(tight_linear_solvers()[linear], on_failure="raise"),
-              state_shape=(d,), on_failure="raise")
+    deq = DEQ(
+        cell,
+        tight_forward_solvers()[forward],
+        Exact(tight_linear_solvers()[linear], on_failure="raise"),
+        state_shape=(d,),
+        on_failure="raise",
+    )
     z, g, gx, info = _grads(deq, x, c)
 
     A, Bm = cell.A.detach(), cell.B.detach()
@@ -74,7 +79,9 @@ def test_exact_dense_cost_and_stats(linear_problem):
 @pytest.mark.parametrize("warm_start", ["default", "jfb"])
 def test_exact_warm_start_same_answer(warm_start, linear_problem):
     cell, x, c = linear_problem
-    deq = DEQ(cell, Anderson(tol=1e-12, max_iter=100), Exact(GMRES(tol=1e-12, max_iter=100), warm_start=warm_start), state_shape=(8,))
+    deq = DEQ(
+        cell, Anderson(tol=1e-12, max_iter=100), Exact(GMRES(tol=1e-12, max_iter=100), warm_start=warm_start), state_shape=(8,)
+    )
     _, g, gx, _ = _grads(deq, x, c)
     ref = DEQ(cell, Anderson(tol=1e-12, max_iter=100), Exact(Dense()), state_shape=(8,))
     _, g_ref, gx_ref, _ = _grads(ref, x, c)
@@ -225,8 +232,17 @@ def test_neumann_k1_is_damped_jfb(lam):
 
 @pytest.mark.parametrize(
     "estimator",
-    [Exact(), Exact(Dense()), Exact(FixedPoint(tol=1e-8, max_iter=200)), Unrolled(5, 0.5), Unrolled(3, 1.0),
-     Neumann(5, 0.5), JacobianFree(), make_estimator("jfb"), make_estimator("neumann", k=2)],
+    [
+        Exact(),
+        Exact(Dense()),
+        Exact(FixedPoint(tol=1e-8, max_iter=200)),
+        Unrolled(5, 0.5),
+        Unrolled(3, 1.0),
+        Neumann(5, 0.5),
+        JacobianFree(),
+        make_estimator("jfb"),
+        make_estimator("neumann", k=2),
+    ],
     ids=lambda e: repr(e),
 )
 def test_estimator_value_is_solver_result(estimator):

@@ -12,9 +12,27 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PKG = ROOT / "deqkit"
 #: modules of the application layer, which the library core must not import
-APPS = ("deqkit.bench", "deqkit.compare", "deqkit.cli", "deqkit.train", "deqkit.sim.cli", "deqkit.bilevel.cli", "deqkit.sim.bench_speed")
-CORE = ("deqkit.solvers", "deqkit.linear", "deqkit.estimators", "deqkit.deq", "deqkit.inverse", "deqkit.registry",
-        "deqkit.results", "deqkit.errors", "deqkit._options", "deqkit.diagnostics")
+APPS = (
+    "deqkit.bench",
+    "deqkit.compare",
+    "deqkit.cli",
+    "deqkit.train",
+    "deqkit.sim.cli",
+    "deqkit.bilevel.cli",
+    "deqkit.sim.bench_speed",
+)
+CORE = (
+    "deqkit.solvers",
+    "deqkit.linear",
+    "deqkit.estimators",
+    "deqkit.deq",
+    "deqkit.inverse",
+    "deqkit.registry",
+    "deqkit.results",
+    "deqkit.errors",
+    "deqkit._options",
+    "deqkit.diagnostics",
+)
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -66,7 +84,7 @@ def test_no_import_cycle_in_the_package():
         stack.append(u)
         for v in sorted(graph[u]):
             if state.get(v) == 1:
-                cycles.append(stack[stack.index(v):] + [v])
+                cycles.append(stack[stack.index(v) :] + [v])
             elif not state.get(v):
                 dfs(v, stack)
         stack.pop()

@@ -60,11 +60,14 @@ def test_line_search_keeps_each_accepted_step_a_sufficient_decrease():
     assert len(seen) == 1 + int(res.nstep[0]) - 1 + res.extra["line_search_evals"]
 
 
-@pytest.mark.parametrize("kw, message", [
-    ({"line_search": "yes"}, "line_search must be True or False"),
-    ({"line_search_steps": 0}, "line_search_steps must be an integer >= 1"),
-    ({"line_serach": True}, "Did you mean 'line_search'"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"line_search": "yes"}, "line_search must be True or False"),
+        ({"line_search_steps": 0}, "line_search_steps must be an integer >= 1"),
+        ({"line_serach": True}, "Did you mean 'line_search'"),
+    ],
+)
 def test_line_search_options_are_validated(kw, message):
     with pytest.raises(ValueError, match=message):
         Broyden(**kw)

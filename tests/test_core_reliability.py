@@ -227,7 +227,9 @@ def _flat_grad(model):
     return torch.cat([p.grad.reshape(-1).float() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("grad", [Exact, lambda: Unrolled(k=5, damping=0.5), JacobianFree, SHINE], ids=["Exact", "Unrolled", "JFB", "SHINE"])
+@pytest.mark.parametrize(
+    "grad", [Exact, lambda: Unrolled(k=5, damping=0.5), JacobianFree, SHINE], ids=["Exact", "Unrolled", "JFB", "SHINE"]
+)
 def test_bfloat16_gradients_agree_with_float32(grad):
     x32 = torch.randn(16, 12, generator=torch.Generator().manual_seed(3))
     target = torch.randn(16, 12, generator=torch.Generator().manual_seed(4))
@@ -327,7 +329,9 @@ def test_broyden_with_a_float32_tolerance_below_epsilon_converges_at_the_floor()
     assert res.all_converged and float(res.z.abs().max()) < 10
 
 
-@pytest.mark.parametrize("fn", [lambda z: z + 0.1 * torch.tanh(3 - z), lambda z: z - 0.5 * torch.atan(z - 3)], ids=["tanh", "atan"])
+@pytest.mark.parametrize(
+    "fn", [lambda z: z + 0.1 * torch.tanh(3 - z), lambda z: z - 0.5 * torch.atan(z - 3)], ids=["tanh", "atan"]
+)
 def test_broyden_never_reports_a_far_away_iterate_as_converged(fn):
     # g = f(z) − z is flat far from the root z = 3: secant steps jump out to |z| ~ 1e4..1e6,
     # where ‖g‖ / ‖f(z)‖ is tiny only because ‖f(z)‖ is huge
@@ -384,6 +388,8 @@ def test_autocast_cells_solve_under_the_dtype_policy():
         z.float().sum().backward()
     assert bool(info.converged.all()) and info.forward.tol == min_tol(torch.bfloat16)
     # forward and adjoint tolerances raised to bfloat16's floor (one warning each), no convergence warnings
-    assert sorted(type(w.message).__name__ for w in caught) == ["PrecisionWarning", "PrecisionWarning"], [str(w.message) for w in caught]
+    assert sorted(type(w.message).__name__ for w in caught) == ["PrecisionWarning", "PrecisionWarning"], [
+        str(w.message) for w in caught
+    ]
     assert info.backward.solve.tol == min_tol(torch.bfloat16) and bool(info.backward.converged.all())
     assert all(torch.isfinite(p.grad).all() for p in cell.parameters())

@@ -7,7 +7,17 @@ import warnings
 
 import pytest
 import torch
-from conftest import F64, FORWARD_NAMES, ConvCell, LinearCell, TanhCell, randn, rel_err, tight_forward_solvers, tight_linear_solvers
+from conftest import (
+    F64,
+    FORWARD_NAMES,
+    ConvCell,
+    LinearCell,
+    TanhCell,
+    randn,
+    rel_err,
+    tight_forward_solvers,
+    tight_linear_solvers,
+)
 
 import deqkit.inverse as dk_inverse
 from deqkit import DEQ, GMRES, Anderson, Broyden, BroydenState, Dense, Exact, FixedPoint, SolverResult
@@ -407,7 +417,9 @@ def test_anderson_with_full_memory_terminates_like_gmres_on_a_linear_map(regular
     A = torch.randn(d, d, generator=g, dtype=torch.float64)
     A = 0.5 * A / torch.linalg.matrix_norm(A, 2)
     x = torch.randn(4, d, generator=g, dtype=torch.float64)
-    res = Anderson(memory=10, regularization=regularization, tol=1e-12, max_iter=60)(lambda z: z @ A.T + x, torch.zeros(4, d, dtype=torch.float64))
+    res = Anderson(memory=10, regularization=regularization, tol=1e-12, max_iter=60)(
+        lambda z: z @ A.T + x, torch.zeros(4, d, dtype=torch.float64)
+    )
     assert res.converged.all()
     assert int(res.nstep.max()) <= d + 4
     fp = FixedPoint(tol=1e-12, max_iter=60)(lambda z: z @ A.T + x, torch.zeros(4, d, dtype=torch.float64))

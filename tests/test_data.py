@@ -154,9 +154,7 @@ def test_digits_shapes_and_dtypes(no_network: None) -> None:
     assert flat.flat and flat.train.tensors[0].shape == (1374, 64)
     assert flat.train.tensors[0].dtype == torch.float64
     # flattening is only a reshape
-    torch.testing.assert_close(
-        flat.train.tensors[0].float(), s.train.tensors[0].reshape(1374, -1), rtol=1e-5, atol=1e-5
-    )
+    torch.testing.assert_close(flat.train.tensors[0].float(), s.train.tensors[0].reshape(1374, -1), rtol=1e-5, atol=1e-5)
     # 70/15/15 on request
     s70 = load_dataset("digits", val_fraction=0.15 / 0.85)
     assert s70.sizes == {"train": 1258, "val": 269, "test": 270}
@@ -422,9 +420,7 @@ def test_missing_fashion_mnist_gives_helpful_error(tmp_path: Path, no_network: N
         load_dataset("fashion-mnist", data_dir=tmp_path / "nope")
 
 
-def test_missing_default_fashion_mnist_dir(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: None
-) -> None:
+def test_missing_default_fashion_mnist_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: None) -> None:
     monkeypatch.setattr(data, "FASHION_MNIST_DIRS", (tmp_path / "usr-share",))
     with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist", cache_dir=tmp_path / "cache")
@@ -471,9 +467,7 @@ def test_download_verifies_checksums(tmp_path: Path, monkeypatch: pytest.MonkeyP
         data.download_fashion_mnist(dest)
     assert not dest.exists() or not any(dest.iterdir())
     # matching checksums: the files land and load
-    monkeypatch.setattr(
-        data, "FASHION_MNIST_MD5", {k: hashlib.md5(v).hexdigest() for k, v in blobs.items()}
-    )
+    monkeypatch.setattr(data, "FASHION_MNIST_MD5", {k: hashlib.md5(v).hexdigest() for k, v in blobs.items()})
     monkeypatch.setattr(data, "FASHION_MNIST_DIRS", (tmp_path / "none",))
     s = load_dataset("fashion-mnist", cache_dir=tmp_path / "cache", download=True)
     assert s.sizes["test"] == 10 and len(calls) == 5
@@ -499,9 +493,7 @@ def test_mnist5k(no_network: None) -> None:
     assert raw.min() > -1e-5 and raw.max() < 1 + 1e-5
 
 
-def test_mnist1d_generated_offline_and_cached(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: None
-) -> None:
+def test_mnist1d_generated_offline_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: None) -> None:
     pytest.importorskip("mnist1d")
     monkeypatch.setenv("DEQKIT_CACHE", str(tmp_path))
     np.random.seed(123)

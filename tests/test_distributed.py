@@ -42,17 +42,29 @@ def _data(dtype: torch.dtype) -> TensorDataset:
 
 def _model(dtype: torch.dtype, grad: str, tol: float) -> DEQClassifier:
     """A contractive MLP DEQ (no layer norm: every sample's solve converges to ``tol``)."""
-    estimator = {"exact": lambda: Exact(tol=1e-10 if dtype == torch.float64 else 1e-6, max_iter=100),
-                 "shine": SHINE, "unrolled": lambda: Unrolled(k=5)}[grad]()
+    estimator = {
+        "exact": lambda: Exact(tol=1e-10 if dtype == torch.float64 else 1e-6, max_iter=100),
+        "shine": SHINE,
+        "unrolled": lambda: Unrolled(k=5),
+    }[grad]()
     torch.manual_seed(0)
-    model = DEQClassifier.mlp(IN_DIM, WIDTH, CLASSES, solver=Broyden(memory=30, tol=tol, max_iter=60),
-                              grad=estimator, on_failure="ignore", norm=None)
+    model = DEQClassifier.mlp(
+        IN_DIM, WIDTH, CLASSES, solver=Broyden(memory=30, tol=tol, max_iter=60), grad=estimator, on_failure="ignore", norm=None
+    )
     return model.to(dtype)
 
 
 def _config(**kw) -> TrainConfig:
-    base = {"epochs": 2, "batch_size": 16, "lr": 0.1, "optimizer": "sgd", "momentum": 0.5, "schedule": "none", "seed": 3,
-            "progress": False}
+    base = {
+        "epochs": 2,
+        "batch_size": 16,
+        "lr": 0.1,
+        "optimizer": "sgd",
+        "momentum": 0.5,
+        "schedule": "none",
+        "seed": 3,
+        "progress": False,
+    }
     return TrainConfig(**{**base, **kw})
 
 
@@ -120,8 +132,9 @@ def _straggler_worker(out_dir: str) -> None:
         steps: list[int] = []
         agreed: list[int] = []
 
-        DistributedTrainer(model, _data(torch.float64), None, _config(max_steps=2), callbacks=[_Record(model, steps, agreed)],
-                           sync_stop=sync).fit()
+        DistributedTrainer(
+            model, _data(torch.float64), None, _config(max_steps=2), callbacks=[_Record(model, steps, agreed)], sync_stop=sync
+        ).fit()
         out[f"sync={sync}"] = [steps, agreed]
     # a step with a quorum: all ranks stop together once half of the global batch has stopped
     model = _model(torch.float64, "exact", tol)
@@ -235,8 +248,9 @@ def _sim_states():
 def _sim_fit(admm_cls, **fit_options):
     from deqkit.sim import fit_sim
 
-    return fit_sim(_sim_states(), 0.05, admm_ab=admm_cls(max_iter=5000), admm_cd=admm_cls(max_iter=5000),
-                   on_failure="ignore", **fit_options)
+    return fit_sim(
+        _sim_states(), 0.05, admm_ab=admm_cls(max_iter=5000), admm_cd=admm_cls(max_iter=5000), on_failure="ignore", **fit_options
+    )
 
 
 def _sharded_admm_worker(out_dir: str) -> None:

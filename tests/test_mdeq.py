@@ -80,7 +80,9 @@ def test_deq_stabiliser_options():
     # Jacobian regularisation: a loss term with its graph to the cell, in training only
     deq.jac_reg = JacobianRegularizer(1.0, probes=2)
     _, info = deq(u)
-    assert info.jac_loss is not None and info.jac_loss.requires_grad and info.jac_fro == pytest.approx(float(info.jac_loss.detach()))
+    assert (
+        info.jac_loss is not None and info.jac_loss.requires_grad and info.jac_fro == pytest.approx(float(info.jac_loss.detach()))
+    )
     deq.eval()
     with torch.no_grad():
         assert deq(u)[1].jac_loss is None
@@ -115,9 +117,20 @@ def test_deq_stabiliser_options():
 
 def test_trainer_reports_stability_and_applies_the_stabilisers(tiny, tmp_path):
     model = _mdeq(grad=Unrolled(3, 0.5))
-    cfg = TrainConfig(epochs=2, batch_size=32, lr=3e-3, seed=0, progress=False, jac_reg_weight=0.5, monitor_every=1,
-                      pretrain_steps=2, pretrain_depth=3, fpc_iterates=3, random_max_iter=(20, 30),
-                      checkpoint_dir=str(tmp_path / "c"))
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=32,
+        lr=3e-3,
+        seed=0,
+        progress=False,
+        jac_reg_weight=0.5,
+        monitor_every=1,
+        pretrain_steps=2,
+        pretrain_depth=3,
+        fpc_iterates=3,
+        random_max_iter=(20, 30),
+        checkpoint_dir=str(tmp_path / "c"),
+    )
     history = Trainer(model, tiny.train, tiny.val, cfg).fit()
     first, second = history
     assert first["pretrain_steps"] == 2 and second["pretrain_steps"] == 0
@@ -131,8 +144,12 @@ def test_trainer_reports_stability_and_applies_the_stabilisers(tiny, tmp_path):
     # after fit the DEQ's per-step settings are back
     assert model.deq.unrolled_depth is None and model.deq.spectral_radius_iters == 0
     with pytest.raises(OptionError, match="head"):
-        Trainer(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), tiny.train, None,
-                TrainConfig(epochs=1, progress=False, fpc_iterates=2)).fit()
+        Trainer(
+            torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)),
+            tiny.train,
+            None,
+            TrainConfig(epochs=1, progress=False, fpc_iterates=2),
+        ).fit()
 
 
 def test_jacobian_regularisation_reaches_the_parameters(tiny):
@@ -140,7 +157,9 @@ def test_jacobian_regularisation_reaches_the_parameters(tiny):
     weights = []
     for w in (0.0, 5.0):
         model = _mdeq()
-        cfg = TrainConfig(epochs=1, batch_size=32, lr=3e-3, seed=0, progress=False, jac_reg_weight=w, max_steps=1, monitor_every=0)
+        cfg = TrainConfig(
+            epochs=1, batch_size=32, lr=3e-3, seed=0, progress=False, jac_reg_weight=w, max_steps=1, monitor_every=0
+        )
         Trainer(model, tiny.train, None, cfg).fit()
         weights.append(torch.cat([p.detach().flatten() for p in model.cell.parameters()]))
     assert not torch.allclose(weights[0], weights[1])
@@ -162,9 +181,32 @@ def test_diverging_training_is_reported(tiny, tmp_path, capsys):
 
 def test_cli_train_mdeq_with_stabilisers(tmp_path, capsys):
     out = tmp_path / "m"
-    args = ["train", "--model", "mdeq", "--mdeq-channels", "8,16", "--subset", "64", "--epochs", "1", "--batch-size", "32",
-            "--jac-reg", "0.5", "--pretrain-steps", "1", "--random-max-iter", "10,20", "--fpc", "2", "--monitor-every", "1",
-            "--out", str(out), "--no-progress"]
+    args = [
+        "train",
+        "--model",
+        "mdeq",
+        "--mdeq-channels",
+        "8,16",
+        "--subset",
+        "64",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--jac-reg",
+        "0.5",
+        "--pretrain-steps",
+        "1",
+        "--random-max-iter",
+        "10,20",
+        "--fpc",
+        "2",
+        "--monitor-every",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "epoch 1/1" in text and "spectral radius" in text and "test accuracy" in text

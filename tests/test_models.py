@@ -198,7 +198,9 @@ def test_spectral_norm_cell_is_one_fixed_map_per_call_and_trains_with_every_esti
 
     torch.manual_seed(0)
     for est in [dk.Exact(), dk.Neumann(3, 0.5), dk.Unrolled(3, 0.5), dk.SHINE(refine=2)]:
-        m = dk.DEQClassifier.mlp(16, 32, 4, spectral_norm=True, solver=dk.Broyden(tol=1e-5, max_iter=60), grad=est, on_failure="ignore")
+        m = dk.DEQClassifier.mlp(
+            16, 32, 4, spectral_norm=True, solver=dk.Broyden(tol=1e-5, max_iter=60), grad=est, on_failure="ignore"
+        )
         m.train()
         x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
         for _ in range(2):

@@ -46,7 +46,9 @@ def param_grad(cell_cls, A, B, x, loss, solver, grad, *, pass_loss=False):
 
 
 def exact_grad(cell_cls, A, B, x, loss):
-    g, _ = param_grad(cell_cls, A, B, x, loss, dk.Broyden(tol=1e-13, max_iter=300, memory=300, stop_mode="abs"), dk.Exact(dk.Dense()))
+    g, _ = param_grad(
+        cell_cls, A, B, x, loss, dk.Broyden(tol=1e-13, max_iter=300, memory=300, stop_mode="abs"), dk.Exact(dk.Dense())
+    )
     return g
 
 
@@ -103,7 +105,14 @@ def test_plain_shine_on_a_linear_problem_is_close_not_exact_but_opa_makes_it_exa
     ref = exact_grad(LinearCell, A, B, x, loss)
     plain, _ = param_grad(LinearCell, A, B, x, loss, dk.Broyden(memory=40, tol=1e-13, max_iter=40, stop_mode="abs"), dk.SHINE())
     opa, info = param_grad(
-        LinearCell, A, B, x, loss, dk.Broyden(memory=80, tol=1e-13, max_iter=40, stop_mode="abs", opa_freq=1), dk.SHINE(), pass_loss=True
+        LinearCell,
+        A,
+        B,
+        x,
+        loss,
+        dk.Broyden(memory=80, tol=1e-13, max_iter=40, stop_mode="abs", opa_freq=1),
+        dk.SHINE(),
+        pass_loss=True,
     )
     assert info.converged.all()
     assert 0.01 < rel(plain, ref) < 0.5  # close (cosine high) but not exact
@@ -170,7 +179,9 @@ def test_opa_raises_the_mean_cosine_on_seeded_random_problems():
         loss = lambda z, c=c: ((z - c) ** 2).sum()  # noqa: E731
         ref = exact_grad(TanhCell, A, B, x, loss)
         g0, _ = param_grad(TanhCell, A, B, x, loss, dk.Broyden(memory=30, tol=1e-5, max_iter=30), dk.SHINE(), pass_loss=True)
-        g1, _ = param_grad(TanhCell, A, B, x, loss, dk.Broyden(memory=30, tol=1e-5, max_iter=30, opa_freq=5), dk.SHINE(), pass_loss=True)
+        g1, _ = param_grad(
+            TanhCell, A, B, x, loss, dk.Broyden(memory=30, tol=1e-5, max_iter=30, opa_freq=5), dk.SHINE(), pass_loss=True
+        )
         plain.append(cos(g0, ref))
         opa.append(cos(g1, ref))
     mean_plain, mean_opa = sum(plain) / len(plain), sum(opa) / len(opa)

@@ -69,9 +69,16 @@ def test_admm_reports_nonconvergence_and_nonfinite():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"mode": "exact"}, "'relaxed', 'equality'"), ({"rho": 0.0}, "rho"), ({"on_failure": "log"}, "'warn'"),
-     ({"max_iter": 0}, "max_iter"), ({"tol": 0, "tol_abs": 0}, "cannot both be 0"), ({"alpha": 2.0}, "alpha"),
-     ({"tau": 1.0}, "tau"), ({"adaptive_rho": 1}, "adaptive_rho")],
+    [
+        ({"mode": "exact"}, "'relaxed', 'equality'"),
+        ({"rho": 0.0}, "rho"),
+        ({"on_failure": "log"}, "'warn'"),
+        ({"max_iter": 0}, "max_iter"),
+        ({"tol": 0, "tol_abs": 0}, "cannot both be 0"),
+        ({"alpha": 2.0}, "alpha"),
+        ({"tau": 1.0}, "tau"),
+        ({"adaptive_rho": 1}, "adaptive_rho"),
+    ],
 )
 def test_admm_validates_options(kwargs, match):
     with pytest.raises(OptionError, match=match) as info:

@@ -22,12 +22,38 @@ def test_cli_sim_tiny_run(tmp_path, capsys):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"
-    rc = run_sim([
-        "--dataset", "digits", "--hidden", "8", "--samples", "150", "--lam", "0.1,1", "--epochs", "2",
-        "--n-test", "80", "--n-attack", "16", "--pgd-steps", "2", "--eps", "0,0.05",
-        "--max-iter-ab", "300", "--max-iter-cd", "300", "--penalty", "standardized", "--out", str(out),
-        "--baseline", str(tmp_path / "base.pt"),
-    ])
+    rc = run_sim(
+        [
+            "--dataset",
+            "digits",
+            "--hidden",
+            "8",
+            "--samples",
+            "150",
+            "--lam",
+            "0.1,1",
+            "--epochs",
+            "2",
+            "--n-test",
+            "80",
+            "--n-attack",
+            "16",
+            "--pgd-steps",
+            "2",
+            "--eps",
+            "0,0.05",
+            "--max-iter-ab",
+            "300",
+            "--max-iter-cd",
+            "300",
+            "--penalty",
+            "standardized",
+            "--out",
+            str(out),
+            "--baseline",
+            str(tmp_path / "base.pt"),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "baseline" in text and "SIM λ=0.1" in text
@@ -42,11 +68,33 @@ def test_cli_sim_tiny_run(tmp_path, capsys):
 def test_cli_sim_feedforward_debias_run(tmp_path, capsys):
     pytest.importorskip("sklearn")
     out = tmp_path / "out"
-    rc = run_sim([
-        "--dataset", "digits", "--hidden", "8,4", "--samples", "150", "--lam", "0.3", "--epochs", "2",
-        "--n-test", "80", "--n-attack", "0", "--structure", "feedforward", "--no-output-skip", "--debias",
-        "--finetune-epochs", "2", "--no-plot", "--out", str(out),
-    ])
+    rc = run_sim(
+        [
+            "--dataset",
+            "digits",
+            "--hidden",
+            "8,4",
+            "--samples",
+            "150",
+            "--lam",
+            "0.3",
+            "--epochs",
+            "2",
+            "--n-test",
+            "80",
+            "--n-attack",
+            "0",
+            "--structure",
+            "feedforward",
+            "--no-output-skip",
+            "--debias",
+            "--finetune-epochs",
+            "2",
+            "--no-plot",
+            "--out",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0 and "SIM λ=0.3 +ft2" in captured.out and "epoch 2/2" in captured.err
     res = json.loads((out / "sim_results.json").read_text())
@@ -147,8 +195,23 @@ def test_cli_states_see_raw_unit_interval_inputs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(job, "collect_states", spy)
     with pytest.raises(Stop):
-        run_sim(["--dataset", "digits", "--hidden", "8", "--samples", "50", "--epochs", "0",
-                  "--n-attack", "0", "--no-plot", "--out", str(tmp_path)])
+        run_sim(
+            [
+                "--dataset",
+                "digits",
+                "--hidden",
+                "8",
+                "--samples",
+                "50",
+                "--epochs",
+                "0",
+                "--n-attack",
+                "0",
+                "--no-plot",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     u = seen["u"]
     assert u.shape == (50, 64) and u.min() >= 0 and u.max() <= 1 and u.max() > 0.99
 
@@ -171,9 +234,29 @@ def _assert_same_row(a, b, rel=1e-6):
 
 def test_cli_sim_resume_keeps_finished_lambdas(tmp_path, monkeypatch, capsys):
     pytest.importorskip("sklearn")
-    base = ["--dataset", "digits", "--hidden", "8", "--samples", "150", "--lam", "0.1,1", "--epochs", "2",
-            "--n-test", "80", "--n-attack", "12", "--pgd-steps", "2", "--eps", "0,0.05", "--no-plot",
-            "--baseline", str(tmp_path / "base.pt")]
+    base = [
+        "--dataset",
+        "digits",
+        "--hidden",
+        "8",
+        "--samples",
+        "150",
+        "--lam",
+        "0.1,1",
+        "--epochs",
+        "2",
+        "--n-test",
+        "80",
+        "--n-attack",
+        "12",
+        "--pgd-steps",
+        "2",
+        "--eps",
+        "0,0.05",
+        "--no-plot",
+        "--baseline",
+        str(tmp_path / "base.pt"),
+    ]
     assert run_sim(base + ["--out", str(tmp_path / "full")]) == 0
     full = json.loads((tmp_path / "full" / "sim_results.json").read_text())
     assert full["complete"] and [r["lam"] for r in full["sim"]] == [0.1, 1.0]

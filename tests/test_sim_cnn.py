@@ -33,8 +33,9 @@ def _cnn(in_shape=(1, 8, 8), channels=(3, 4), stride=2, padding=1, kernel=3, see
     return make_cnn(in_shape, channels, q=5, kernel_size=kernel, stride=stride, padding=padding).double().eval()
 
 
-@pytest.mark.parametrize("in_shape, stride, padding, kernel", [((1, 8, 8), 2, 1, 3), ((2, 9, 7), 1, 0, 3),
-                                                               ((1, 10, 10), 2, 2, 4)])
+@pytest.mark.parametrize(
+    "in_shape, stride, padding, kernel", [((1, 8, 8), 2, 1, 3), ((2, 9, 7), 1, 0, 3), ((1, 10, 10), 2, 2, 4)]
+)
 def test_cnn_converts_to_an_implicit_model_that_reproduces_it(in_shape, stride, padding, kernel):
     net = _cnn(in_shape, stride=stride, padding=padding, kernel=kernel)
     model = cnn_to_implicit(net, in_shape)
@@ -74,12 +75,12 @@ def test_receptive_field_support_matches_a_brute_force_dependency_check():
     for skip in (False, True):
         ab, cd = cnn_support(net, in_shape, skip_inputs=skip)
         # stacking: layer 2's units first (rows 0..n2), then layer 1's; columns [X (same order) | U | 1]
-        assert torch.equal(ab[n2:, n:n + p], dep1)  # layer 1 reads its input pixels
+        assert torch.equal(ab[n2:, n : n + p], dep1)  # layer 1 reads its input pixels
         assert not ab[n2:, :n].any()  # ... and no state
         assert torch.equal(ab[:n2, n2:n], dep2)  # layer 2 reads layer-1 units in its field
         assert not ab[:n2, :n2].any()  # no lateral or self edges
-        assert torch.equal(ab[:n2, n:n + p], dep21 if skip else torch.zeros_like(dep21))
-        assert ab[:, -1].all() and cd[:, -1].all() and cd[:, :n2].all() and not cd[:, n2:n + p].any()
+        assert torch.equal(ab[:n2, n : n + p], dep21 if skip else torch.zeros_like(dep21))
+        assert ab[:, -1].all() and cd[:, -1].all() and cd[:, :n2].all() and not cd[:, n2 : n + p].any()
     assert 0 < dep2.double().mean() < 0.5  # the fields are local: the check is not trivial
 
 
@@ -120,9 +121,16 @@ def test_cnn_density_target():
     assert abs(res.density - 0.5) <= 0.02
 
 
-@pytest.mark.parametrize("layer, match", [
-    (nn.MaxPool2d(2), "MaxPool2d"), (nn.BatchNorm2d(3), "BatchNorm2d"), (nn.Conv2d(3, 3, 3, groups=3), "groups=1"),
-    (nn.Conv2d(3, 3, 3, dilation=2), "dilation=1"), (nn.Tanh(), "Tanh")])
+@pytest.mark.parametrize(
+    "layer, match",
+    [
+        (nn.MaxPool2d(2), "MaxPool2d"),
+        (nn.BatchNorm2d(3), "BatchNorm2d"),
+        (nn.Conv2d(3, 3, 3, groups=3), "groups=1"),
+        (nn.Conv2d(3, 3, 3, dilation=2), "dilation=1"),
+        (nn.Tanh(), "Tanh"),
+    ],
+)
 def test_unsupported_layers_get_a_clear_error(layer, match):
     net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), layer, nn.ReLU(), nn.Flatten(), nn.Linear(12, 2))
     with pytest.raises(OptionError, match=match):
@@ -139,10 +147,38 @@ def test_cli_model_cnn_run(tmp_path):
     from deqkit.cli import sim as cli
 
     out = tmp_path / "out"
-    args = cli.add_arguments(argparse.ArgumentParser()).parse_args([
-        "--dataset", "digits", "--model", "cnn", "--channels", "2,3", "--samples", "120", "--density", "0.5",
-        "--epochs", "2", "--n-test", "60", "--n-attack", "20", "--eps", "0.05", "--attacks", "fgsm", "--no-plot",
-        "--out", str(out), "--no-progress", "--input-radius", "2", "--output-radius", "5"])
+    args = cli.add_arguments(argparse.ArgumentParser()).parse_args(
+        [
+            "--dataset",
+            "digits",
+            "--model",
+            "cnn",
+            "--channels",
+            "2,3",
+            "--samples",
+            "120",
+            "--density",
+            "0.5",
+            "--epochs",
+            "2",
+            "--n-test",
+            "60",
+            "--n-attack",
+            "20",
+            "--eps",
+            "0.05",
+            "--attacks",
+            "fgsm",
+            "--no-plot",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--input-radius",
+            "2",
+            "--output-radius",
+            "5",
+        ]
+    )
     assert cli.run(args) == 0
     res = json.loads((out / "sim_results.json").read_text())
     (row,) = res["sim"]

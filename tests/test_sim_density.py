@@ -33,9 +33,28 @@ def test_cli_density_run_carries_the_chosen_lam(tmp_path):
     from deqkit.cli import sim as cli
 
     out = tmp_path / "out"
-    args = cli.add_arguments(__import__("argparse").ArgumentParser()).parse_args([
-        "--dataset", "digits", "--hidden", "8", "--samples", "150", "--density", "0.5", "--epochs", "2",
-        "--n-test", "60", "--n-attack", "0", "--no-plot", "--out", str(out), "--no-progress"])
+    args = cli.add_arguments(__import__("argparse").ArgumentParser()).parse_args(
+        [
+            "--dataset",
+            "digits",
+            "--hidden",
+            "8",
+            "--samples",
+            "150",
+            "--density",
+            "0.5",
+            "--epochs",
+            "2",
+            "--n-test",
+            "60",
+            "--n-attack",
+            "0",
+            "--no-plot",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert cli.run(args) == 0
     res = json.loads((out / "sim_results.json").read_text())
     (row,) = res["sim"]
@@ -87,8 +106,7 @@ def test_orthogonal_design_fit_is_soft_thresholding(lam_scale):
     st, phi = _orthogonal_states()
     m = phi.shape[0]
     lam = 0.3 if lam_scale == "normalized" else 40.0
-    res = fit_sim(st, lam, lam_scale=lam_scale, admm_ab=BatchedADMM(**TIGHT), admm_cd=BatchedADMM(**TIGHT),
-                  on_failure="raise")
+    res = fit_sim(st, lam, lam_scale=lam_scale, admm_ab=BatchedADMM(**TIGHT), admm_cd=BatchedADMM(**TIGHT), on_failure="raise")
     s_ab, s_cd = lam_factors(st, lam_scale)
     for rows, t, s in (("AB", st.Z.T, s_ab), ("CD", st.Y.T, s_cd)):
         corr = t @ phi
@@ -102,8 +120,9 @@ def test_orthogonal_design_fit_is_soft_thresholding(lam_scale):
 @pytest.mark.parametrize("target", [0.2, 0.5, 0.9])
 def test_density_search_on_known_lasso_path(target):
     st, phi = _orthogonal_states(seed=1)
-    res = fit_sim(st, density=target, density_tol=0.005, admm_ab=BatchedADMM(**TIGHT), admm_cd=BatchedADMM(**TIGHT),
-                  on_failure="raise")
+    res = fit_sim(
+        st, density=target, density_tol=0.005, admm_ab=BatchedADMM(**TIGHT), admm_cd=BatchedADMM(**TIGHT), on_failure="raise"
+    )
     # the λ it reports gives, in closed form, the density it reports, within the target's tolerance
     exact = _closed_form_nnz(st, phi, res.lam, "normalized") / 200
     assert exact == pytest.approx(res.density, abs=1 / 200)
@@ -128,6 +147,7 @@ def test_search_lam_brackets_and_reports_a_miss():
     assert out.density in (0.8, 0.0)
     # a linear path in log λ: the secant finds it in few solves
     import math
+
     lin = search_lam(lambda lam: max(0.0, min(1.0, -math.log10(lam) / 6)), 0.5, 1.0, tol=1e-3)
     assert lin.converged and lin.nstep <= 6 and abs(lin.density - 0.5) <= 1e-3
 

@@ -5,9 +5,9 @@ import warnings
 import pytest
 import torch
 
+from deqkit.cli import sim as cli
 from deqkit.errors import ConvergenceWarning
 from deqkit.sim import BatchedADMM, collect_states, count_nonzeros, fit_sim, make_mlp
-from deqkit.cli import sim as cli
 
 
 def _states(seed=0, m=60, p=6):
@@ -25,8 +25,14 @@ def test_input_weight_admm_matches_cvxpy():
     states = _states()
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        ours = fit_sim(states, 0.05, lam_scale="paper", input_weight=3.0,
-                       admm_ab=BatchedADMM(max_iter=5000), admm_cd=BatchedADMM(max_iter=5000))
+        ours = fit_sim(
+            states,
+            0.05,
+            lam_scale="paper",
+            input_weight=3.0,
+            admm_ab=BatchedADMM(max_iter=5000),
+            admm_cd=BatchedADMM(max_iter=5000),
+        )
     ref = fit_sim(states, 0.05, lam_scale="paper", method="cvxpy", input_weight=3.0)
     assert ours.converged and ref.converged
     assert abs(ours.objective - ref.objective) <= 1e-3 * abs(ref.objective)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from deqkit.errors import ConvergenceWarning
-from deqkit.sim import BatchedADMM, ImplicitModel, collect_states, count_nonzeros, finetune, fit_sim, mlp_to_implicit
 from deqkit.estimators import Exact
+from deqkit.sim import BatchedADMM, ImplicitModel, collect_states, finetune, fit_sim, mlp_to_implicit
 from deqkit.solvers import FixedPoint
 
 
@@ -56,13 +56,16 @@ def test_unsupported_layers_are_refused():
     net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).double()
     u = torch.randn(5, 3, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(mlp_to_implicit(net, solver=FixedPoint(tol=1e-13, max_iter=20, stop_mode="abs"))(u), net(u), rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            mlp_to_implicit(net, solver=FixedPoint(tol=1e-13, max_iter=20, stop_mode="abs"))(u), net(u), rtol=0, atol=1e-12
+        )
 
 
 def test_wellposed_fixed_point_is_unique():
     torch.manual_seed(1)
-    model = ImplicitModel(30, 6, 2, kappa=0.9, init="random", dtype=torch.float64,
-                          solver=FixedPoint(tol=1e-11, max_iter=2000, stop_mode="abs"))
+    model = ImplicitModel(
+        30, 6, 2, kappa=0.9, init="random", dtype=torch.float64, solver=FixedPoint(tol=1e-11, max_iter=2000, stop_mode="abs")
+    )
     with torch.no_grad():
         model.A.mul_(10)  # then project: rows on the κ-sphere, a genuinely recurrent A
     model.project_wellposed()
@@ -78,8 +81,16 @@ def test_wellposed_fixed_point_is_unique():
 
 def test_implicit_gradient_matches_unrolled_autograd_and_fine_tuning_works():
     torch.manual_seed(2)
-    model = ImplicitModel(12, 5, 3, kappa=0.8, init="random", dtype=torch.float64,
-                          solver=FixedPoint(tol=1e-12, max_iter=500, stop_mode="abs"), grad=Exact(tol=1e-11, max_iter=200))
+    model = ImplicitModel(
+        12,
+        5,
+        3,
+        kappa=0.8,
+        init="random",
+        dtype=torch.float64,
+        solver=FixedPoint(tol=1e-12, max_iter=500, stop_mode="abs"),
+        grad=Exact(tol=1e-11, max_iter=200),
+    )
     u = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 3, (6,))
     loss = nn.functional.cross_entropy(model(u), y)
@@ -116,8 +127,13 @@ def test_sim_with_zero_lambda_reproduces_baseline_states():
     states = collect_states(net, u)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        res = fit_sim(states, 0.0, lam_scale="paper", admm_ab=BatchedADMM(max_iter=20000, tol_abs=1e-10, tol=1e-9),
-                      admm_cd=BatchedADMM(max_iter=20000, tol_abs=1e-10, tol=1e-9))
+        res = fit_sim(
+            states,
+            0.0,
+            lam_scale="paper",
+            admm_ab=BatchedADMM(max_iter=20000, tol_abs=1e-10, tol=1e-9),
+            admm_cd=BatchedADMM(max_iter=20000, tol_abs=1e-10, tol=1e-9),
+        )
     assert res.model.is_wellposed()
     with torch.no_grad():
         torch.testing.assert_close(res.model(u), net(u), rtol=0, atol=1e-4)

@@ -190,7 +190,9 @@ def test_admm_on_failure_raise_warn_ignore():
 def test_fit_sim_on_failure_governs_the_whole_fit():
     st = _states()
     capped = {"admm_ab": BatchedADMM(max_iter=3, on_failure="raise"), "admm_cd": BatchedADMM(max_iter=3)}
-    with pytest.raises(ConvergenceError, match=r"fit_sim\(lam=0.1\): rows of \(A, B\): ADMM: .* did not reach.*; rows of \(C, D\)"):
+    with pytest.raises(
+        ConvergenceError, match=r"fit_sim\(lam=0.1\): rows of \(A, B\): ADMM: .* did not reach.*; rows of \(C, D\)"
+    ):
         fit_sim(st, 0.1, lam_scale="paper", on_failure="raise", **capped)
     with pytest.warns(ConvergenceWarning, match=r"fit_sim\(lam=0.1\)") as rec:
         res = fit_sim(st, 0.1, lam_scale="paper", **capped)  # the ADMMs' own on_failure is not consulted
@@ -225,7 +227,9 @@ def test_admm_result_has_the_core_fields_and_residual_at_most_one_means_converge
 
 def test_sim_result_summarises_its_solves():
     st = _states()
-    res = fit_sim(st, 0.05, lam_scale="paper", debias=True, admm_ab=BatchedADMM(max_iter=5000), admm_cd=BatchedADMM(max_iter=5000))
+    res = fit_sim(
+        st, 0.05, lam_scale="paper", debias=True, admm_ab=BatchedADMM(max_iter=5000), admm_cd=BatchedADMM(max_iter=5000)
+    )
     assert isinstance(res, SIMResult)
     _check_core_fields(res)
     assert set(res.solves) == {"ab", "cd", "refit_ab", "refit_cd"}

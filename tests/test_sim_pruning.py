@@ -66,9 +66,36 @@ def test_sim_pruning_benchmark_smoke(tmp_path, capsys):
 
     from deqkit.apps.bench import sim_pruning
 
-    rc = sim_pruning.main(["--datasets", "digits", "--models", "mlp,cnn", "--densities", "0.5", "--hidden", "8",
-                           "--channels", "2,3", "--epochs", "2", "--samples", "150", "--ft-epochs", "1", "--n-test", "60",
-                           "--n-attack", "20", "--eps", "0.05", "--pgd-steps", "2", "--out", str(tmp_path)])
+    rc = sim_pruning.main(
+        [
+            "--datasets",
+            "digits",
+            "--models",
+            "mlp,cnn",
+            "--densities",
+            "0.5",
+            "--hidden",
+            "8",
+            "--channels",
+            "2,3",
+            "--epochs",
+            "2",
+            "--samples",
+            "150",
+            "--ft-epochs",
+            "1",
+            "--n-test",
+            "60",
+            "--n-attack",
+            "20",
+            "--eps",
+            "0.05",
+            "--pgd-steps",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "digits/mlp" in out and "digits/cnn" in out and "prune+ft" in out
     res = json.loads((tmp_path / "sim_pruning.json").read_text())

@@ -86,8 +86,9 @@ def test_certified_bound_holds_on_every_test_point_against_attacks(which):
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            model = _tight(fit_sim(collect_states(net, u), 0.01, input_radius=0.5, output_radius=1.0,
-                                   structure="feedforward").model)
+            model = _tight(
+                fit_sim(collect_states(net, u), 0.01, input_radius=0.5, output_radius=1.0, structure="feedforward").model
+            )
     gain = certified_linf_gain(model)
     assert gain.certified and 0 < gain.gain < float("inf")
     ut, yt = u[:40], y[:40]
@@ -95,9 +96,11 @@ def test_certified_bound_holds_on_every_test_point_against_attacks(which):
         y0 = model(ut)
     worst = 0.0
     for eps in (0.01, 0.05, 0.2):
-        advs = [fgsm(model, ut, yt, eps, clip=None),
-                pgd(model, ut, yt, eps, steps=10, clip=None, seed=0),
-                pgd(model, ut, y0, eps, steps=20, clip=None, seed=1, loss_fn=_output_change_loss(y0))]
+        advs = [
+            fgsm(model, ut, yt, eps, clip=None),
+            pgd(model, ut, yt, eps, steps=10, clip=None, seed=0),
+            pgd(model, ut, y0, eps, steps=20, clip=None, seed=1, loss_fn=_output_change_loss(y0)),
+        ]
         for adv in advs:
             assert float((adv - ut).abs().max()) <= eps + 1e-12
             with torch.no_grad():
@@ -158,8 +161,9 @@ def test_certified_accuracy_is_below_clean_and_falls_with_eps():
     with torch.no_grad():
         pred = model(adv).argmax(1)
     g = gain.per_output
-    margin_ok = ((out.gather(1, y[:, None]) - out > (g[y][:, None] + g[None, :]) * eps)
-                 | F.one_hot(y, out.shape[1]).bool()).all(1)
+    margin_ok = ((out.gather(1, y[:, None]) - out > (g[y][:, None] + g[None, :]) * eps) | F.one_hot(y, out.shape[1]).bool()).all(
+        1
+    )
     assert bool((pred[margin_ok] == y[margin_ok]).all())
 
 

@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
-from deqkit.errors import ConvergenceWarning
 from deqkit.cli import sim as cli
+from deqkit.errors import ConvergenceWarning
 from deqkit.sim import BatchedADMM, States, collect_states, fit_sim, make_mlp, structure_support
 from deqkit.sim.reference import solve_rows_cvxpy
 
@@ -143,11 +143,17 @@ def test_debias_matches_cvxpy_least_squares_on_the_same_support():
     n = st.X.shape[1]
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        ours = fit_sim(st, 0.1, lam_scale="paper", debias=True, structure="feedforward",
-                       admm_ab=BatchedADMM(**TIGHT), admm_cd=BatchedADMM(**TIGHT))
+        ours = fit_sim(
+            st,
+            0.1,
+            lam_scale="paper",
+            debias=True,
+            structure="feedforward",
+            admm_ab=BatchedADMM(**TIGHT),
+            admm_cd=BatchedADMM(**TIGHT),
+        )
     for lasso, refit, targets, radius in ((ours.ab, ours.refit_ab, st.Z, 0.99), (ours.cd, ours.refit_cd, st.Y, None)):
-        ref = solve_rows_cvxpy(st.phi, targets.T, 0.0, radius=radius, n_constrained=n if radius else 0,
-                               support=lasso.beta != 0)
+        ref = solve_rows_cvxpy(st.phi, targets.T, 0.0, radius=radius, n_constrained=n if radius else 0, support=lasso.beta != 0)
         assert all(s == "optimal" for s in ref.status)
         torch.testing.assert_close(refit.beta, torch.as_tensor(ref.beta), rtol=0, atol=1e-5)
 
@@ -155,8 +161,15 @@ def test_debias_matches_cvxpy_least_squares_on_the_same_support():
 def test_debias_needs_the_relaxed_program():
     _, _, st = _states()
     with pytest.raises(ValueError, match="mode='relaxed'"):
-        fit_sim(st, 0.1, lam_scale="paper", mode="equality", debias=True,
-                admm_ab=BatchedADMM(mode="equality"), admm_cd=BatchedADMM(mode="equality"))
+        fit_sim(
+            st,
+            0.1,
+            lam_scale="paper",
+            mode="equality",
+            debias=True,
+            admm_ab=BatchedADMM(mode="equality"),
+            admm_cd=BatchedADMM(mode="equality"),
+        )
     args = cli.add_arguments(argparse.ArgumentParser()).parse_args(["--debias", "--mode", "equality"])
     with pytest.raises(ValueError, match="--debias"):
         cli.run(args)

@@ -212,6 +212,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny, tmp_path, monkeypa
             p.add_(1.0)
 
     if failure == "replace":
+
         def broken_replace(src, dst):
             raise OSError("disk full (simulated)")
 
@@ -239,9 +240,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny, tmp_path, monkeypa
 
 def test_nonconvergence_is_counted_not_warned(tiny, tmp_path):
     torch.manual_seed(0)
-    model = DEQClassifier.mlp(
-        64, 32, 10, solver=Anderson(tol=1e-10, max_iter=3), grad=Exact(max_iter=2, tol=1e-10)
-    )
+    model = DEQClassifier.mlp(64, 32, 10, solver=Anderson(tol=1e-10, max_iter=3), grad=Exact(max_iter=2, tol=1e-10))
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         trainer = Trainer(model, tiny.train, tiny.val, _cfg(tmp_path, epochs=1, checkpoint_dir=None))
@@ -311,7 +310,8 @@ def test_rng_state_round_trip():
 
     import numpy as np
 
-    from deqkit.train.checkpoint import rng_state as _rng_state, set_rng_state as _set_rng_state
+    from deqkit.train.checkpoint import rng_state as _rng_state
+    from deqkit.train.checkpoint import set_rng_state as _set_rng_state
 
     state = _rng_state()
     first = (torch.rand(3), np.random.rand(3), random.random())
@@ -360,7 +360,9 @@ def test_adjoint_time_is_reported_only_where_it_is_measured(tiny, tmp_path):
 def test_resume_with_a_swapped_estimator_warns(tiny, tmp_path):
     cfg = _cfg(tmp_path, epochs=1)
     Trainer(_model(), tiny.train, None, cfg).fit()
-    assert torch.load(tmp_path / "ckpt" / CHECKPOINT_NAME, weights_only=True)["deqs"][0].endswith("grad=Unrolled(k=5, damping=0.5)")
+    assert torch.load(tmp_path / "ckpt" / CHECKPOINT_NAME, weights_only=True)["deqs"][0].endswith(
+        "grad=Unrolled(k=5, damping=0.5)"
+    )
     with pytest.warns(UserWarning, match=r"DEQ solver/estimator: .*Unrolled.* -> .*Exact"):
         Trainer(_model(grad=Exact()), tiny.train, None, cfg).fit(resume=True)
     with warnings.catch_warnings():

@@ -46,7 +46,7 @@ class _FlatCell(nn.Module):
 
 
 def _loss_tuple(z):
-    return (z[0].sin().sum() + (z[1] ** 2).sum() * 0.3)
+    return z[0].sin().sum() + (z[1] ** 2).sum() * 0.3
 
 
 def _loss_flat(z):
@@ -57,7 +57,11 @@ ESTIMATORS = ["exact", "unrolled", "neumann", "jacobian-free", "shine", "broyden
 
 
 def _solver(name):
-    return Broyden(tol=1e-11, max_iter=200) if name in ("shine", "broyden-reuse", "exact-warm") else Anderson(tol=1e-11, max_iter=200)
+    return (
+        Broyden(tol=1e-11, max_iter=200)
+        if name in ("shine", "broyden-reuse", "exact-warm")
+        else Anderson(tol=1e-11, max_iter=200)
+    )
 
 
 def _run(deq, x, loss_fn, params):
@@ -84,8 +88,9 @@ def test_tuple_state_equals_the_flattened_solve(name):
     assert it.unpack is not None and iff.unpack is None
 
 
-@pytest.mark.parametrize("solver", [FixedPoint(tol=1e-10, max_iter=300), Anderson(tol=1e-10, max_iter=100),
-                                    Broyden(tol=1e-10, max_iter=100)])
+@pytest.mark.parametrize(
+    "solver", [FixedPoint(tol=1e-10, max_iter=300), Anderson(tol=1e-10, max_iter=100), Broyden(tol=1e-10, max_iter=100)]
+)
 def test_every_solver_takes_a_tuple_and_a_list(solver):
     torch.manual_seed(0)
     cell = _TupleCell()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import copy
 import json
 import os
 import random
@@ -37,27 +36,59 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
-CORE_TESTS = ["tests/test_audit_defaults.py", "tests/test_audit_core.py", "tests/test_core_gradients.py",
-              "tests/test_core_solvers.py", "tests/test_core_line_search.py", "tests/test_core_errors.py",
-              "tests/test_shine.py", "tests/properties/test_prop_solvers.py"]
-BILEVEL_TESTS = ["tests/test_audit_defaults.py", "tests/test_audit_bilevel.py", "tests/test_bilevel_linalg.py",
-                 "tests/test_bilevel_pipeline.py"]
-SIM_TESTS = ["tests/test_audit_defaults.py", "tests/test_audit_sim.py", "tests/test_sim_admm.py", "tests/test_sim_structure.py", "tests/test_sim_input_weight.py",
-             "tests/test_sim_projection.py", "tests/test_sim_model.py"]
+CORE_TESTS = [
+    "tests/test_audit_defaults.py",
+    "tests/test_audit_core.py",
+    "tests/test_core_gradients.py",
+    "tests/test_core_solvers.py",
+    "tests/test_core_line_search.py",
+    "tests/test_core_errors.py",
+    "tests/test_shine.py",
+    "tests/test_exact_policy.py",
+    "tests/test_conformance.py",
+    "tests/properties/test_prop_solvers.py",
+]
+SHINE_TESTS = ["tests/test_audit_defaults.py", "tests/test_audit_core.py", "tests/test_shine.py"]
+BILEVEL_TESTS = [
+    "tests/test_audit_defaults.py",
+    "tests/test_audit_bilevel.py",
+    "tests/test_bilevel_linalg.py",
+    "tests/test_bilevel_pipeline.py",
+]
+SIM_TESTS = [
+    "tests/test_audit_defaults.py",
+    "tests/test_audit_sim.py",
+    "tests/test_sim_admm.py",
+    "tests/test_sim_structure.py",
+    "tests/test_sim_input_weight.py",
+    "tests/test_sim_projection.py",
+    "tests/test_sim_model.py",
+]
 TRAIN_TESTS = ["tests/test_audit_train.py", "tests/test_train.py"]
 
-# The modules that produce reported numbers, and the tests that guard them (the lead updates this
-# table when the module layout changes; paths are relative to the repository root).
+# The modules that produce reported numbers, and the tests that guard them (update this table when
+# the module layout changes; paths are relative to the repository root). 0.2 layout: solvers/,
+# linear/, estimators/ and train/ are packages; CG moved from bilevel to linear/cg.py.
 TARGETS: dict[str, dict] = {
-    "deqkit/solvers.py": {"tests": CORE_TESTS},
+    "deqkit/solvers/base.py": {"tests": CORE_TESTS},
+    "deqkit/solvers/tracking.py": {"tests": CORE_TESTS},
+    "deqkit/solvers/fixed_point.py": {"tests": CORE_TESTS},
+    "deqkit/solvers/anderson.py": {"tests": CORE_TESTS},
+    "deqkit/solvers/broyden.py": {"tests": CORE_TESTS},
+    "deqkit/linear/base.py": {"tests": CORE_TESTS},
     "deqkit/linear/gmres.py": {"tests": CORE_TESTS},
     "deqkit/linear/dense.py": {"tests": CORE_TESTS},
-    "deqkit/linear/base.py": {"tests": CORE_TESTS},
-    "deqkit/estimators.py": {"tests": CORE_TESTS},
-    "deqkit/shine.py": {"tests": ["tests/test_audit_defaults.py", "tests/test_audit_core.py", "tests/test_shine.py"]},
+    "deqkit/linear/auto.py": {"tests": CORE_TESTS},
+    "deqkit/linear/fixed_point.py": {"tests": CORE_TESTS},
+    "deqkit/linear/cg.py": {"tests": [*BILEVEL_TESTS, "tests/test_conformance.py"]},
+    "deqkit/estimators/base.py": {"tests": CORE_TESTS},
+    "deqkit/estimators/exact.py": {"tests": CORE_TESTS},
+    "deqkit/estimators/phantom.py": {"tests": CORE_TESTS},
+    "deqkit/estimators/shine.py": {"tests": SHINE_TESTS},
     "deqkit/deq.py": {"tests": CORE_TESTS},
     "deqkit/diagnostics.py": {"tests": ["tests/test_audit_core.py"], "functions": ["_cos", "_run", "gradient_quality"]},
     "deqkit/bilevel/hypergrad.py": {"tests": BILEVEL_TESTS},
@@ -65,16 +96,40 @@ TARGETS: dict[str, dict] = {
     "deqkit/bilevel/lbfgs.py": {"tests": BILEVEL_TESTS},
     "deqkit/sim/fit.py": {"tests": SIM_TESTS},
     "deqkit/sim/admm.py": {"tests": SIM_TESTS},
-    "deqkit/train.py": {"tests": TRAIN_TESTS,
-                        "functions": ["_rng_state", "_set_rng_state", "_epoch_generator", "atomic_torch_save",
-                                      "_checkpoint", "save_checkpoint", "load_checkpoint", "_on_interrupt"]},
+    "deqkit/train/checkpoint.py": {
+        "tests": TRAIN_TESTS,
+        "functions": ["rng_state", "set_rng_state", "epoch_generator", "atomic_torch_save"],
+    },
+    "deqkit/train/loop.py": {
+        "tests": TRAIN_TESTS,
+        "functions": ["_checkpoint", "save_checkpoint", "load_checkpoint", "_on_interrupt"],
+    },
     "deqkit/_io.py": {"tests": TRAIN_TESTS, "functions": ["atomic_open"]},
 }
 
-SWAP_CMP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
-            ast.NotEq: ast.Eq, ast.Is: ast.IsNot, ast.IsNot: ast.Is, ast.In: ast.NotIn, ast.NotIn: ast.In}
-SWAP_BIN = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult,
-            ast.FloorDiv: ast.Div, ast.Mod: ast.FloorDiv, ast.BitAnd: ast.BitOr, ast.BitOr: ast.BitAnd}
+SWAP_CMP = {
+    ast.Lt: ast.LtE,
+    ast.LtE: ast.Lt,
+    ast.Gt: ast.GtE,
+    ast.GtE: ast.Gt,
+    ast.Eq: ast.NotEq,
+    ast.NotEq: ast.Eq,
+    ast.Is: ast.IsNot,
+    ast.IsNot: ast.Is,
+    ast.In: ast.NotIn,
+    ast.NotIn: ast.In,
+}
+SWAP_BIN = {
+    ast.Add: ast.Sub,
+    ast.Sub: ast.Add,
+    ast.Mult: ast.Div,
+    ast.Div: ast.Mult,
+    ast.Pow: ast.Mult,
+    ast.FloorDiv: ast.Div,
+    ast.Mod: ast.FloorDiv,
+    ast.BitAnd: ast.BitOr,
+    ast.BitOr: ast.BitAnd,
+}
 MESSAGE_CALLS = {"warn", "warning", "print", "write"}
 MESSAGE_NAMES = {"owner", "msg", "message", "what"}  # names that only feed error/warning messages
 
@@ -159,12 +214,19 @@ def _points(tree: ast.AST, source: str, functions: list[str] | None) -> list[tup
             out.append((node, "unary", None))
         elif isinstance(node, ast.Constant) and type(node.value) in (int, float, bool):
             out.append((node, "constant", None))
-        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], (ast.Name, ast.Attribute)) \
-                and not (isinstance(node.value, ast.Constant) and node.value.value is None) \
-                and getattr(node.targets[0], "id", None) not in MESSAGE_NAMES:
+        elif (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], (ast.Name, ast.Attribute))
+            and not (isinstance(node.value, ast.Constant) and node.value.value is None)
+            and getattr(node.targets[0], "id", None) not in MESSAGE_NAMES
+        ):
             out.append((node, "assign-none", None))
-        elif isinstance(node, ast.Return) and node.value is not None and not (
-                isinstance(node.value, ast.Constant) and node.value.value is None):
+        elif (
+            isinstance(node, ast.Return)
+            and node.value is not None
+            and not (isinstance(node.value, ast.Constant) and node.value.value is None)
+        ):
             out.append((node, "return-none", None))
     return out
 
@@ -195,20 +257,29 @@ def _unary_fix(tree: ast.AST) -> ast.AST:
     return ast.fix_missing_locations(Strip().visit(tree))
 
 
+def _describe(node: Any, kind: str, payload: Any) -> str:
+    """A short description of the mutation ``kind`` at ``node``."""
+    if kind == "compare":
+        return f"{type(node.ops[payload]).__name__}→{SWAP_CMP[type(node.ops[payload])].__name__}"
+    if kind == "binop":
+        return f"{type(node.op).__name__}→{SWAP_BIN[type(node.op)].__name__}"
+    return {
+        "augassign": lambda: f"{type(node.op).__name__}= swapped",
+        "boolop": lambda: f"{type(node.op).__name__} swapped",
+        "unary": lambda: f"{type(node.op).__name__} removed",
+        "constant": lambda: f"{node.value!r} nudged",
+        "assign-none": lambda: "value → None",
+        "return-none": lambda: "return None",
+    }[kind]()
+
+
 def enumerate_mutants(module: str, spec: dict) -> list[Mutant]:
     source = (ROOT / module).read_text()
     tree = ast.parse(source)
     lines = source.splitlines()
     mutants = []
     for i, (node, kind, payload) in enumerate(_points(tree, source, spec.get("functions"))):
-        desc = {"compare": lambda: f"{type(node.ops[payload]).__name__}→{SWAP_CMP[type(node.ops[payload])].__name__}",
-                "binop": lambda: f"{type(node.op).__name__}→{SWAP_BIN[type(node.op)].__name__}",
-                "augassign": lambda: f"{type(node.op).__name__}= swapped",
-                "boolop": lambda: f"{type(node.op).__name__} swapped",
-                "unary": lambda: f"{type(node.op).__name__} removed",
-                "constant": lambda: f"{node.value!r} nudged",
-                "assign-none": lambda: "value → None",
-                "return-none": lambda: "return None"}[kind]()
+        desc = _describe(node, kind, payload)
         mutants.append(Mutant(module, i, node.lineno, kind, lines[node.lineno - 1].strip()[:100], desc))
     return mutants
 
@@ -232,8 +303,15 @@ def _pytest(tests: list[str], pythonpath: Path, timeout: float, show_failure: bo
     try:
         # a background launch (nohup, `&`) ignores SIGINT, and Python then installs no KeyboardInterrupt
         # handler: give the tests the default disposition (the trainer's Ctrl-C tests rely on it)
-        proc = subprocess.run(cmd, cwd=pythonpath, env=env, capture_output=True, text=True, timeout=timeout,
-                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = subprocess.run(
+            cmd,
+            cwd=pythonpath,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
     except subprocess.TimeoutExpired:
         return "timeout", time.perf_counter() - t0
     status = "survived" if proc.returncode == 0 else "killed"
@@ -259,21 +337,44 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--timeout-factor", type=float, default=6.0)
-    ap.add_argument("--min-timeout", type=float, default=180.0,
-                    help="per-mutant timeout floor in seconds (a loaded machine slows the tests several-fold)")
+    ap.add_argument(
+        "--min-timeout",
+        type=float,
+        default=180.0,
+        help="per-mutant timeout floor in seconds (a loaded machine slows the tests several-fold)",
+    )
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--only", nargs="*", default=None, help="restrict to these module paths")
     ap.add_argument("--list", action="store_true", help="list the sampled mutants and exit")
     ap.add_argument("--report", default="runs/mutation-report.json", help="write the results as JSON here")
     ap.add_argument("--from-report", default=None, help="rerun only the survivors (and timeouts) of this JSON report")
-    ap.add_argument("--budget-min", type=float, default=45.0,
-                    help="start no new mutant after this many minutes (the rest are reported as not run)")
+    ap.add_argument(
+        "--budget-min",
+        type=float,
+        default=45.0,
+        help="start no new mutant after this many minutes (the rest are reported as not run)",
+    )
     args = ap.parse_args(argv)
 
+    unknown = [m for m in args.only or [] if m not in TARGETS]
+    if unknown:
+        print(f"mutation: --only {unknown} not in TARGETS: {list(TARGETS)}", file=sys.stderr)
+        return 2
     targets = {m: s for m, s in TARGETS.items() if args.only is None or m in args.only}
     missing = [m for m in targets if not (ROOT / m).is_file()]
+    missing += [t for s in targets.values() for t in s["tests"] if not (ROOT / t).is_file()]
+    missing += [
+        f"{m}::{f}"
+        for m, s in targets.items()
+        if (ROOT / m).is_file()
+        for f in s.get("functions", [])
+        if not _function_lines(ast.parse((ROOT / m).read_text()), [f])
+    ]
     if missing:
-        print(f"mutation: modules not found (update TARGETS in {__file__}): {missing}", file=sys.stderr)
+        print(
+            f"mutation: modules, test files or functions not found (update TARGETS in {__file__}): {sorted(set(missing))}",
+            file=sys.stderr,
+        )
         return 2
     per_module = {m: enumerate_mutants(m, s) for m, s in targets.items()}
     total = sum(len(v) for v in per_module.values())
@@ -282,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         sample = [m for v in per_module.values() for m in v]
     else:
         sample = []
-        for mod, muts in per_module.items():  # stratified: proportional share, at least one
+        for muts in per_module.values():  # stratified: proportional share, at least one
             k = max(1, round(args.mutants * len(muts) / total))
             sample += rng.sample(muts, min(k, len(muts)))
     if args.from_report:
@@ -290,8 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         keep = {(m["module"], m["index"], m["line"]) for m in old["mutants"] if m["status"] in ("survived", "timeout")}
         sample = [m for v in per_module.values() for m in v if (m.module, m.index, m.line) in keep]
         if len(sample) != len(keep):
-            print(f"mutation: {len(keep) - len(sample)} survivors of {args.from_report} no longer match the source",
-                  file=sys.stderr)
+            print(
+                f"mutation: {len(keep) - len(sample)} survivors of {args.from_report} no longer match the source", file=sys.stderr
+            )
     print(f"mutation: {total} mutants in {len(targets)} modules; running {len(sample)} (seed {args.seed})", flush=True)
     if args.list:
         for m in sample:
@@ -345,8 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     killed = [m for m in done if m.status in ("killed", "timeout")]
     survived = [m for m in done if m.status == "survived"]
     frac = len(killed) / max(len(done), 1)
-    print(f"\nmutation: {len(killed)}/{len(done)} killed ({100 * frac:.1f} %), "
-          f"{sum(m.status == 'timeout' for m in done)} by timeout; {elapsed:.0f} s wall")
+    print(
+        f"\nmutation: {len(killed)}/{len(done)} killed ({100 * frac:.1f} %), "
+        f"{sum(m.status == 'timeout' for m in done)} by timeout; {elapsed:.0f} s wall"
+    )
     by_module: dict[str, list[int]] = {}
     for m in done:
         k = by_module.setdefault(m.module, [0, 0])
@@ -360,9 +464,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {m.module}:{m.line} [{m.kind}] {m.mutated}: {m.original}")
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(json.dumps({
-            "seed": args.seed, "sampled": len(done), "total": total, "killed": len(killed),
-            "killed_fraction": frac, "wall_s": elapsed, "mutants": [asdict(m) for m in done]}, indent=1))
+        Path(args.report).write_text(
+            json.dumps(
+                {
+                    "seed": args.seed,
+                    "sampled": len(done),
+                    "total": total,
+                    "killed": len(killed),
+                    "killed_fraction": frac,
+                    "wall_s": elapsed,
+                    "mutants": [asdict(m) for m in done],
+                },
+                indent=1,
+            )
+        )
     return 0 if frac >= args.threshold else 1
 
 

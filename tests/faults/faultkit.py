@@ -61,8 +61,15 @@ def child_env() -> dict[str, str]:
 
 def start(argv: Sequence[str], cwd: Path) -> subprocess.Popen:
     """``python -m deqkit argv`` as a child process (its own session, pipes for the output)."""
-    return subprocess.Popen([sys.executable, "-m", "deqkit", *argv], cwd=cwd, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "deqkit", *argv],
+        cwd=cwd,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def kill_at(proc: subprocess.Popen, trigger: Path, delay_s: float, sig: int, timeout_s: float = 240.0) -> bool:
@@ -109,7 +116,6 @@ def fault_seeds() -> list[int]:
 
 
 SIGNALS = {"kill-9": signal.SIGKILL, "sigterm": signal.SIGTERM}
-
 
 
 @pytest.fixture(autouse=True)

@@ -88,13 +88,25 @@ def test_bad_number_through_main(command, capsys, tmp_path):
 
 
 KEY_VALUE_CASES = [
-    ("train", "--solver-opts", "tol=abc"), ("train", "--solver-opts", "tol=inf"), ("train", "--solver-opts", "tol=nan"),
-    ("train", "--solver-opts", "tol=-1e-4"), ("train", "--solver-opts", "max_iter=1.5"), ("train", "--solver-opts", "max_iter=-3"),
-    ("train", "--solver-opts", "memory=abc"), ("train", "--solver-opts", "tol"), ("train", "--solver-opts", "tolx=1e-4"),
-    ("train", "--grad-opts", "damping=abc"), ("train", "--grad-opts", "damping=inf"), ("train", "--grad-opts", "k=-1"),
-    ("compare", "--solver-opts", "tol=abc"), ("compare", "--solver-opts", "tol=1e999"), ("compare", "--solver-opts", "memory=0"),
+    ("train", "--solver-opts", "tol=abc"),
+    ("train", "--solver-opts", "tol=inf"),
+    ("train", "--solver-opts", "tol=nan"),
+    ("train", "--solver-opts", "tol=-1e-4"),
+    ("train", "--solver-opts", "max_iter=1.5"),
+    ("train", "--solver-opts", "max_iter=-3"),
+    ("train", "--solver-opts", "memory=abc"),
+    ("train", "--solver-opts", "tol"),
+    ("train", "--solver-opts", "tolx=1e-4"),
+    ("train", "--grad-opts", "damping=abc"),
+    ("train", "--grad-opts", "damping=inf"),
+    ("train", "--grad-opts", "k=-1"),
+    ("compare", "--solver-opts", "tol=abc"),
+    ("compare", "--solver-opts", "tol=1e999"),
+    ("compare", "--solver-opts", "memory=0"),
     ("compare", "--solver-opts", "opa_freq=3"),
-    ("hpo", "--grad-opts", "refine=abc"), ("hpo", "--grad-opts", "opa_freq=nan"), ("hpo", "--grad-opts", "refine=-2"),
+    ("hpo", "--grad-opts", "refine=abc"),
+    ("hpo", "--grad-opts", "opa_freq=nan"),
+    ("hpo", "--grad-opts", "refine=-2"),
     ("hpo", "--grad-opts", "damping=1"),
 ]
 
@@ -104,7 +116,9 @@ def test_bad_key_value_option_is_one_line(command, flag, text, capsys, tmp_path)
     extra = ["--grad", "neumann"] if "damping" in text or "k=" in text else []
     if command == "hpo":
         extra = ["--grad", "shine-refine,shine-opa", "--outer-steps", "1"]
-    rc, _, err = cli([command, flag, text, *extra, "--epochs", "1"] if command != "hpo" else [command, flag, text, *extra], capsys)
+    rc, _, err = cli(
+        [command, flag, text, *extra, "--epochs", "1"] if command != "hpo" else [command, flag, text, *extra], capsys
+    )
     assert_one_error_line(rc, err)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))  # refused before any work
 
@@ -146,8 +160,25 @@ def test_device_auto_works_in_every_command(capsys, tmp_path):
     from deqkit.apps.common import resolve_device
 
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    rc, _, err = cli(["compare", "--device", "auto", "--grad", "jacobian-free", "--epochs", "1", "--subset", "64",
-                        "--width", "8", "--out", "c", "--no-progress"], capsys)
+    rc, _, err = cli(
+        [
+            "compare",
+            "--device",
+            "auto",
+            "--grad",
+            "jacobian-free",
+            "--epochs",
+            "1",
+            "--subset",
+            "64",
+            "--width",
+            "8",
+            "--out",
+            "c",
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert rc == 0, err
     rc, _out, err = cli(["train", "--device", "auto", "--epochs", "1", "--subset", "64", "--width", "8", "--out", "t"], capsys)
     assert rc == 0, err

@@ -119,8 +119,20 @@ def test_metrics_log_write_fails(disk_full, capsys, tmp_path):
 
 
 def test_compare_results_write_fails(disk_full, capsys, tmp_path):
-    argv = ["compare", "--epochs", "1", "--subset", "64", "--width", "8", "--grad", "jacobian-free", "--no-progress",
-            "--out", "o"]
+    argv = [
+        "compare",
+        "--epochs",
+        "1",
+        "--subset",
+        "64",
+        "--width",
+        "8",
+        "--grad",
+        "jacobian-free",
+        "--no-progress",
+        "--out",
+        "o",
+    ]
     rc, _, err = cli(argv, capsys)
     assert rc == 0
     old = (tmp_path / "o" / "results.json").read_bytes()
@@ -141,8 +153,28 @@ def test_hpo_results_write_fails(disk_full, capsys, tmp_path):
 
 
 def test_sim_results_write_fails(disk_full, capsys, tmp_path):
-    argv = ["sim", "--hidden", "8", "--samples", "100", "--lam", "0.3,1", "--epochs", "1", "--n-test", "50",
-            "--n-attack", "0", "--no-plot", "--max-iter-ab", "50", "--max-iter-cd", "50", "--out", "o"]
+    argv = [
+        "sim",
+        "--hidden",
+        "8",
+        "--samples",
+        "100",
+        "--lam",
+        "0.3,1",
+        "--epochs",
+        "1",
+        "--n-test",
+        "50",
+        "--n-attack",
+        "0",
+        "--no-plot",
+        "--max-iter-ab",
+        "50",
+        "--max-iter-cd",
+        "50",
+        "--out",
+        "o",
+    ]
     state = disk_full("sim_results.json", budget=300, after=1)  # the second λ's write
     rc, _, err = cli(argv, capsys)
     assert state["fired"] == 1

@@ -38,14 +38,45 @@ from faultkit import (
 )
 
 JOBS = {
-    "train": (["train", "--epochs", "10", "--subset", "256", "--width", "16", "--batch-size", "32", "--no-progress"],
-              "last.pt", 1.0),
-    "compare": (["compare", "--grad", "exact,shine", "--epochs", "3", "--subset", "192", "--width", "16", "--no-progress"],
-                "checkpoints/exact/last.pt", 1.5),
-    "sim": (["sim", "--hidden", "8", "--samples", "150", "--lam", "0.1,0.3,1", "--epochs", "2", "--n-test", "80",
-             "--n-attack", "0", "--no-plot", "--max-iter-ab", "300", "--max-iter-cd", "300"], "sim_results.json", 1.0),
-    "hpo": (["hpo", "--grad", "exact,shine,jacobian-free", "--outer-steps", "12", "--no-progress"],
-            "hpo_breast_cancer.json", 0.8),
+    "train": (
+        ["train", "--epochs", "10", "--subset", "256", "--width", "16", "--batch-size", "32", "--no-progress"],
+        "last.pt",
+        1.0,
+    ),
+    "compare": (
+        ["compare", "--grad", "exact,shine", "--epochs", "3", "--subset", "192", "--width", "16", "--no-progress"],
+        "checkpoints/exact/last.pt",
+        1.5,
+    ),
+    "sim": (
+        [
+            "sim",
+            "--hidden",
+            "8",
+            "--samples",
+            "150",
+            "--lam",
+            "0.1,0.3,1",
+            "--epochs",
+            "2",
+            "--n-test",
+            "80",
+            "--n-attack",
+            "0",
+            "--no-plot",
+            "--max-iter-ab",
+            "300",
+            "--max-iter-cd",
+            "300",
+        ],
+        "sim_results.json",
+        1.0,
+    ),
+    "hpo": (
+        ["hpo", "--grad", "exact,shine,jacobian-free", "--outer-steps", "12", "--no-progress"],
+        "hpo_breast_cancer.json",
+        0.8,
+    ),
 }
 CASES = [(job, sig, seed) for job in JOBS for sig in SIGNALS for seed in fault_seeds()]
 

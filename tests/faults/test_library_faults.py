@@ -141,7 +141,9 @@ def test_nonfinite_cell_output_is_an_error_with_solver_specific_advice(solver_cl
 
 @pytest.mark.parametrize("solver_cls", SOLVERS)
 def test_nonfinite_cell_output_with_freeze_is_recorded(solver_cls):  # expected: recorded
-    z, info = DEQ(Exploding(), solver_cls(on_nonfinite="freeze", max_iter=60, tol=1e-8), on_failure="ignore", check_batch_coupling=False)(_x())
+    z, info = DEQ(
+        Exploding(), solver_cls(on_nonfinite="freeze", max_iter=60, tol=1e-8), on_failure="ignore", check_batch_coupling=False
+    )(_x())
     assert info.forward.nonfinite.tolist() == [True, False, False, False]
     assert not bool(info.converged[0]) and bool(info.converged[1:].all())
     assert torch.isfinite(z).all()  # the frozen sample keeps its best finite iterate
@@ -226,11 +228,19 @@ DEQ_CASES = {
     "1-D x": (lambda: DEQ(Cell())(_x()[0]), OptionError, r"no batch dimension.*x\[None\]"),
     "0-d x": (lambda: DEQ(Cell())(torch.tensor(1.0, dtype=F64)), OptionError, "no batch dimension"),
     "z0 batch": (lambda: DEQ(Cell())(_x(), z0=torch.zeros(2, 6, dtype=F64)), OptionError, "batch size 2"),
-    "z0 state_shape": (lambda: DEQ(Cell(), state_shape=(6,))(_x(), z0=torch.zeros(4, 3, 2, dtype=F64)), OptionError, "state_shape"),
+    "z0 state_shape": (
+        lambda: DEQ(Cell(), state_shape=(6,))(_x(), z0=torch.zeros(4, 3, 2, dtype=F64)),
+        OptionError,
+        "state_shape",
+    ),
     "z0 integer": (lambda: DEQ(Cell())(_x(), z0=torch.zeros(4, 6, dtype=torch.long)), OptionError, "floating-point"),
     "z0 0-d": (lambda: DEQ(Cell())(_x(), z0=torch.tensor(0.0, dtype=F64)), OptionError, "batch dimension"),
     "init wrong batch": (lambda: DEQ(Cell(), init=lambda x: torch.zeros(1, 6, dtype=F64))(_x()), OptionError, "init policy"),
-    "x float32, cell float64": (lambda: DEQ(Cell())(_x().float()), OptionError, "dtype torch.float32 but the cell's parameters are torch.float64"),
+    "x float32, cell float64": (
+        lambda: DEQ(Cell())(_x().float()),
+        OptionError,
+        "dtype torch.float32 but the cell's parameters are torch.float64",
+    ),
     "x on another device": (lambda: DEQ(Cell())(torch.zeros(4, 6, dtype=F64, device="meta")), OptionError, "x is on meta"),
     "z0 on another device": (
         lambda: DEQ(Cell())(_x(), z0=torch.zeros(4, 6, dtype=F64, device="meta")),
@@ -300,18 +310,28 @@ LINEAR_CASES = {
     "v integer": (lambda s: s.solve_adjoint(_vjp, torch.ones(2, 3, dtype=torch.long)), OptionError, "floating-point"),
     "v 0-d": (lambda s: s.solve_adjoint(_vjp, torch.tensor(1.0, dtype=F64)), OptionError, r"shape \(B, \.\.\.\)"),
     "v nan": (lambda s: s.solve_adjoint(_vjp, torch.full((2, 3), float("nan"), dtype=F64)), NonFiniteError, "incoming gradient"),
-    "w0 shape": (lambda s: s.solve_adjoint(_vjp, torch.ones(2, 3, dtype=F64), w0=torch.zeros(2, 2, dtype=F64)), OptionError, "w0 must have the shape"),
+    "w0 shape": (
+        lambda s: s.solve_adjoint(_vjp, torch.ones(2, 3, dtype=F64), w0=torch.zeros(2, 2, dtype=F64)),
+        OptionError,
+        "w0 must have the shape",
+    ),
     "w0 device": (
         lambda s: s.solve_adjoint(_vjp, torch.ones(2, 3, dtype=F64), w0=torch.zeros(2, 3, dtype=F64, device="meta")),
         OptionError,
         "w0 is on meta",
     ),
-    "unknown option": (lambda s: s.solve_adjoint(_vjp, torch.ones(2, 3, dtype=F64), tolerance=1e-3), OptionError, "Did you mean 'tol'"),
+    "unknown option": (
+        lambda s: s.solve_adjoint(_vjp, torch.ones(2, 3, dtype=F64), tolerance=1e-3),
+        OptionError,
+        "Did you mean 'tol'",
+    ),
     "vjp NaN": (lambda s: s.solve_adjoint(lambda u: u * float("nan"), torch.ones(2, 3, dtype=F64)), NonFiniteError, "NaN"),
 }
 
 
-@pytest.mark.parametrize("linear", [lambda: GMRES(), lambda: Dense(), lambda: Exact(Anderson()).adjoint], ids=["GMRES", "Dense", "Anderson"])
+@pytest.mark.parametrize(
+    "linear", [lambda: GMRES(), lambda: Dense(), lambda: Exact(Anderson()).adjoint], ids=["GMRES", "Dense", "Anderson"]
+)
 @pytest.mark.parametrize("case", list(LINEAR_CASES))
 def test_wrong_input_into_a_linear_solver_is_one_clear_error(linear, case):  # expected: error
     call, err, pattern = LINEAR_CASES[case]

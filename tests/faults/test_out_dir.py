@@ -13,8 +13,26 @@ from faultkit import assert_one_error_line, cli, run_in_tmp  # noqa: F401 (an au
 SMALL = {
     "train": ["train", "--epochs", "1", "--subset", "64", "--width", "8", "--no-progress"],
     "compare": ["compare", "--epochs", "1", "--subset", "64", "--width", "8", "--grad", "jacobian-free", "--no-progress"],
-    "sim": ["sim", "--hidden", "8", "--samples", "100", "--lam", "1", "--epochs", "1", "--n-test", "50", "--n-attack", "0",
-            "--no-plot", "--max-iter-ab", "50", "--max-iter-cd", "50"],
+    "sim": [
+        "sim",
+        "--hidden",
+        "8",
+        "--samples",
+        "100",
+        "--lam",
+        "1",
+        "--epochs",
+        "1",
+        "--n-test",
+        "50",
+        "--n-attack",
+        "0",
+        "--no-plot",
+        "--max-iter-ab",
+        "50",
+        "--max-iter-cd",
+        "50",
+    ],
     "hpo": ["hpo", "--grad", "exact", "--outer-steps", "2", "--no-progress"],
 }
 

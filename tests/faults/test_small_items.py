@@ -56,8 +56,15 @@ def test_help_shows_every_default():
                 missing.append((command, action.option_strings[-1]))
     assert missing == []
     help_text = " ".join(sub.choices["train"].format_help().split())
-    for shown in ("training epochs (default: 10)", "samples per step (default: 64)", "(default: 0.002)", "(default: broyden)",
-                  "(default: exact)", "random seed (default: 0)", "(default: cpu)"):
+    for shown in (
+        "training epochs (default: 10)",
+        "samples per step (default: 64)",
+        "(default: 0.002)",
+        "(default: broyden)",
+        "(default: exact)",
+        "random seed (default: 0)",
+        "(default: cpu)",
+    ):
         assert shown in help_text, shown
 
 
@@ -96,10 +103,15 @@ def test_metrics_log_mirrors_the_checkpoint_after_a_crash(capsys, tmp_path):
 def test_makefile_torch_install_routes(tmp_path):
     """Expected: the plain install is pip's default index; TORCH_INDEX_URL goes to --index-url
     (for the CPU-only build); no host name is hard-coded."""
+
     def dry(*extra):
-        res = subprocess.run(["make", "-n", "-C", str(ROOT), "install", f"VENV={tmp_path}/v", *extra], check=False,
-                             capture_output=True,
-                             text=True, timeout=60)
+        res = subprocess.run(
+            ["make", "-n", "-C", str(ROOT), "install", f"VENV={tmp_path}/v", *extra],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         return next(ln for ln in res.stdout.splitlines() if "torch==" in ln)
 
     assert "--index-url" not in dry()

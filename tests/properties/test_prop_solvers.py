@@ -37,6 +37,7 @@ def forward_solvers():
 def adjoint_solvers():
     return {
         "gmres": dk.GMRES(restart=30, tol=1e-12, max_iter=300),
+        "auto": dk.AutoAdjoint(restart=30, tol=1e-12, max_iter=300),  # 0.2's default adjoint solver
         "fixed-point": dk.FixedPoint(tol=1e-13, max_iter=500),
         "anderson": dk.Anderson(memory=6, tol=1e-13, max_iter=300),
         "broyden": dk.Broyden(memory=60, tol=1e-13, max_iter=300),
@@ -56,7 +57,7 @@ def neumann(k):
 
 
 def make_deq(cell, solver, grad, state_shape):
-    return dk.DEQ(cell, solver, grad, state_shape=state_shape, on_nonconvergence="raise")
+    return dk.DEQ(cell, solver, grad, state_shape=state_shape, on_failure="raise")
 
 
 # -- random problems -------------------------------------------------------------------------------
@@ -78,13 +79,15 @@ class FlatTanhCell(nn.Module):
         return out.view(z.shape[0], *self.shape)
 
 
-problems = st.fixed_dictionaries({
-    "shape": st.lists(st.integers(1, 4), min_size=1, max_size=3).filter(lambda s: 2 <= math.prod(s) <= 24),
-    "p": st.integers(1, 5),
-    "batch": st.integers(1, 4),
-    "rho": st.floats(0.05, 0.7),
-    "seed": st.integers(0, 10**6),
-})
+problems = st.fixed_dictionaries(
+    {
+        "shape": st.lists(st.integers(1, 4), min_size=1, max_size=3).filter(lambda s: 2 <= math.prod(s) <= 24),
+        "p": st.integers(1, 5),
+        "batch": st.integers(1, 4),
+        "rho": st.floats(0.05, 0.7),
+        "seed": st.integers(0, 10**6),
+    }
+)
 
 
 def _setup(pr):
