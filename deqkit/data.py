@@ -52,7 +52,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Optional, Union
+from typing import Any, BinaryIO, Optional, Union, cast
 
 import numpy as np
 import torch
@@ -215,7 +215,7 @@ def resolve_cache_dir(cache_dir: Optional[PathLike] = None) -> Path:
 def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     """Write through ``write(fileobj)`` to a temporary file next to ``path``, then rename."""
     with atomic_open(path, "wb") as fh:
-        write(fh)
+        write(cast(BinaryIO, fh))  # opened in binary mode
 
 
 def _rng(seed: int, stream: int) -> np.random.Generator:
@@ -278,7 +278,7 @@ def _load_digits() -> _Raw:
         raise ImportError(
             "the 'digits' data set needs scikit-learn: pip install scikit-learn (or pip install 'deqkit[train]')"
         ) from exc
-    d = load_digits()
+    d = cast(Any, load_digits())  # a Bunch (the stubs' overloads also allow a tuple)
     x = np.asarray(d.images, dtype=np.float32)[:, None]  # (1797, 1, 8, 8), values 0..16
     return _Raw(x, np.asarray(d.target, np.int64), None, None, scale=16.0, num_classes=10)
 
@@ -493,7 +493,7 @@ def _generate_mnist1d(num_samples: Optional[int] = None) -> dict[str, np.ndarray
     """
     from mnist1d.data import get_dataset_args, make_dataset
 
-    args = get_dataset_args()
+    args = cast(Any, get_dataset_args())  # an ObjectView with attribute access
     if num_samples is not None:
         args.num_samples = int(num_samples)
     np_state, py_state = np.random.get_state(), random.getstate()
@@ -525,7 +525,7 @@ def _load_mnist1d(cache_dir: Optional[PathLike], num_samples: Optional[int] = No
     if arrays is None:
         arrays = _generate_mnist1d(num_samples)
         try:
-            _atomic_write(path, lambda fh: np.savez(fh, **arrays))
+            _atomic_write(path, lambda fh: np.savez(fh, **cast(dict[str, Any], arrays)))
         except OSError as exc:
             warnings.warn(
                 f"could not cache mnist1d at {path} ({exc}); it will be regenerated next time",

@@ -6,7 +6,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -410,7 +410,8 @@ class DEQ(nn.Module):
         given_z0 = z0 is not None
         self._check_input(x, given_z0)
         _per_call_reset(self.cell)
-        z0 = self.initial_state(x) if z0 is None else z0
+        # the init policy's state (a tensor, or a tuple/list of them that is packed below)
+        z0 = cast(Tensor, self.initial_state(x)) if z0 is None else z0
         self._check_state(x, z0, given_z0)
         packer = StatePacker(z0) if isinstance(z0, (tuple, list)) else None
         if packer is not None:

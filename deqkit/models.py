@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -88,8 +88,9 @@ class _ScaledSpectralNorm(nn.Module):
         self.scale = float(scale)
 
     def forward(self, z: Tensor) -> Tensor:
-        out = torch.nn.functional.linear(z, self.linear.weight) * self.scale
-        return out if self.linear.bias is None else out + self.linear.bias
+        out = torch.nn.functional.linear(z, cast(Tensor, self.linear.weight)) * self.scale
+        bias = cast(Optional[Tensor], self.linear.bias)
+        return out if bias is None else out + bias
 
 
 def _small_linear(
@@ -338,8 +339,9 @@ class DEQClassifier(nn.Module):
         (``Broyden(opa_freq=k)``, SHINE-OPA, Ramzi et al. ICLR 2022) uses; other solvers ignore it.
         :class:`~deqkit.train.Trainer` passes it.
         """
-        use_loss = target is not None and self.training
-        loss_fn = (lambda z: torch.nn.functional.cross_entropy(self.head(z), target)) if use_loss else None
+        loss_fn = (
+            (lambda z: torch.nn.functional.cross_entropy(self.head(z), target)) if target is not None and self.training else None
+        )
         z, info = self.deq(self.injection(x), loss_fn=loss_fn)
         self.last_info = info
         logits = self.head(z)

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from torch import nn
 
 from ..data import Splits, load_dataset
 from ..errors import OptionError
@@ -156,7 +155,7 @@ def build_classifier(
     grad: GradientEstimator,
     seed: int,
     **options: Any,
-) -> nn.Module:
+) -> DEQClassifier:
     """The seeded DEQ classifier (the same weights for every call with the same arguments).
 
     Forward non-convergence is counted by the trainer, not warned about per batch

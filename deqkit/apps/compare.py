@@ -27,6 +27,7 @@ from ..diagnostics import format_table, gradient_quality
 from ..errors import OptionError
 from ..estimators import SHINE, Adaptive, BroydenReuse, Exact, GradientEstimator, JacobianFree, Neumann, Unrolled, WarmExact
 from ..linear import GMRES
+from ..models import DEQClassifier
 from ..solvers import Broyden, Solver
 from ..train import TrainConfig, Trainer
 from .common import MODELS, build_classifier, load_splits, prepare_out, resolve_device, set_threads
@@ -194,7 +195,7 @@ def _run_one(
     return row
 
 
-def _gradient_quality(model: nn.Module, grad: GradientEstimator, x: torch.Tensor, y: torch.Tensor) -> Any:
+def _gradient_quality(model: DEQClassifier, grad: GradientEstimator, x: torch.Tensor, y: torch.Tensor) -> Any:
     """``grad``'s gradient against a tight Exact one at the model's final weights, on ``(x, y)``."""
     loss_fn = lambda z: nn.functional.cross_entropy(model.head(z), y)  # noqa: E731
     with torch.no_grad():

@@ -33,6 +33,7 @@ from ..sim.attacks import accuracy, robust_accuracy
 from ..sim.baseline import make_mlp, train_mlp
 from ..sim.cnn import cnn_layers, cnn_support, collect_cnn_states, make_cnn
 from ..sim.fit import baseline_nonzeros, count_nonzeros, finetune, fit_sim
+from ..sim.model import ImplicitModel
 from ..sim.robust import certified_linf_gain
 from ..sim.states import collect_states
 
@@ -220,14 +221,20 @@ def resumed_rows(path: Path, results: dict) -> dict:
     return {row_key(r): r for r in old.get("sim", [])}
 
 
-def _gain(model: nn.Module) -> float | None:
+def _gain(model: ImplicitModel) -> float | None:
     """The model's certified ℓ∞ gain (:func:`deqkit.sim.robust.certified_linf_gain`); ``None`` if not certified."""
     g = certified_linf_gain(model)
     return g.gain if g.certified else None
 
 
 def _evaluate(
-    model: nn.Module, lam: float, res: Any, finetune_epochs: int, test: tuple[Tensor, Tensor], base_nnz: int, robust: Robustness
+    model: ImplicitModel,
+    lam: float,
+    res: Any,
+    finetune_epochs: int,
+    test: tuple[Tensor, Tensor],
+    base_nnz: int,
+    robust: Robustness,
 ) -> dict:
     """The results row of one fitted (or fine-tuned) implicit model."""
     with warnings.catch_warnings(record=True) as fwd_warn:
@@ -310,7 +317,7 @@ class SimJob:
         self.log(f"baseline {arch} ({self.how}): test accuracy {100 * base_acc:.2f}%, non-zeros {base_nnz}")
         return results
 
-    def _fit(self, target: float, warm: Optional[nn.Module]) -> Any:
+    def _fit(self, target: float, warm: Optional[ImplicitModel]) -> Any:
         """One fit: at λ = ``target``, or (``--density``) at the λ the search finds for density ``target``."""
         o = self.opts
         by_density = bool(o.density)
@@ -342,7 +349,7 @@ class SimJob:
             print(f"  warning: {w.message}", file=sys.stderr)
         return res
 
-    def _finetuned_row(self, model: nn.Module, lam: float, res: Any, base_nnz: int) -> dict:
+    def _finetuned_row(self, model: ImplicitModel, lam: float, res: Any, base_nnz: int) -> dict:
         o = self.opts
         tuned = copy.deepcopy(model)
         progress = (

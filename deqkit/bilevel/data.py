@@ -17,6 +17,7 @@ on purpose; the split arguments (``val_fraction``, ``test_fraction``, ``seed``) 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -55,12 +56,12 @@ def _raw(name: str, seed: int, n_samples: int, n_features: int):
     if name == "breast_cancer":
         from sklearn.datasets import load_breast_cancer
 
-        d = load_breast_cancer()
+        d = cast(Any, load_breast_cancer())  # a Bunch (the stubs' overloads also allow a tuple)
         return d.data, d.target
     if name == "digits":
         from sklearn.datasets import load_digits
 
-        d = load_digits()
+        d = cast(Any, load_digits())  # a Bunch (the stubs' overloads also allow a tuple)
         return d.data, (d.target >= 5).astype(int)
     if name == "synthetic":
         from sklearn.datasets import make_classification

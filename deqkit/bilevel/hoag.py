@@ -256,6 +256,7 @@ class HOAG:
         along (the stored one after a rejection, when λ returns to the last accepted point)."""
         loss, g = hg.outer_loss, hg.grad
         if st.old is not None:
+            assert st.L_lam is not None  # set by the first outer step, which stored st.old
             if loss > st.old[2] * (1.0 + self.reject_tol) + 1e-15:
                 st.n_rej += 1
                 st.L_lam *= 2.0
@@ -264,12 +265,16 @@ class HOAG:
                 return False, st.old[1]
             st.L_lam *= 0.95
         st.old = (st.lam.clone(), g, loss)
+        assert st.inner is not None  # set by _outer_step before this call
         st.x = st.inner.x
         st.w = hg.w
         return True, g
 
     def _finish(self, st: _Run) -> HOAGResult:
         inner, hg = st.inner, st.hg
+        # outer_steps >= 1 (validated), so the first step set these
+        assert inner is not None and hg is not None
+        assert st.lam_eval is not None and st.best_lam is not None
         converged = bool(inner.converged and hg.converged)
         result = HOAGResult(
             lam=st.lam_eval,

@@ -324,6 +324,7 @@ def _wolfe(phi, f0, d0, t1, c1=1e-4, c2=0.9, max_evals=25):
             return out if out is not None else (t, f, g, False)
         t_prev, f_prev, d_prev = t, f, d
         t = 2.0 * t
+    assert best is not None  # max_evals >= 2, and every pass that does not return sets it
     return best[0], best[1], best[2], False
 
 

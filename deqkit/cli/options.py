@@ -132,9 +132,9 @@ class Number:
         except (TypeError, ValueError):
             value = None
         bad = value is None or (self.kind is float and not math.isfinite(value))
-        if not bad and self.low is not None:
+        if not bad and value is not None and self.low is not None:
             bad = value < self.low or (self.low_open and value == self.low)
-        if not bad and self.high is not None:
+        if not bad and value is not None and self.high is not None:
             bad = value > self.high or (self.high_open and value == self.high)
         if bad:
             raise argparse.ArgumentTypeError(f"expected {self.describe()}, got {text!r}")

@@ -123,11 +123,12 @@ class ShardedADMM(BatchedADMM):
         factor: Factorization | None = None,
         weights: Tensor | None = None,
         support: Tensor | None = None,
+        block_ball: tuple[int, int, Any] | None = None,
     ) -> ADMMResult:
         rank, world = self._world()
         rows = targets.shape[0] if isinstance(targets, Tensor) and targets.ndim == 2 else 0
         if world == 1 or rows < world:
-            return super()._solve(phi, targets, lam, radius, n_constrained, beta0, factor, weights, support)
+            return super()._solve(phi, targets, lam, radius, n_constrained, beta0, factor, weights, support, block_ball)
         sl = row_shard(rows, rank, world)
         if factor is None:
             factor = self.factorize(phi)  # every rank, the same Φ: no need to broadcast
@@ -141,6 +142,7 @@ class ShardedADMM(BatchedADMM):
             factor,
             weights,
             _rows(support, sl, rows),
+            None if block_ball is None else (block_ball[0], block_ball[1], _rows(block_ball[2], sl, rows)),
         )
         return self._gather(local, rows, world)
 

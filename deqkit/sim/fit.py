@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -440,7 +440,7 @@ def _lasso(
     weights: Tensor | None,
     zero_tol: float,
     factor,
-    beta0: dict[str, Tensor | None],
+    beta0: Mapping[str, Tensor | None],
 ) -> tuple[dict[str, BlockResult], dict[str, Tensor]]:
     """The lasso solve of each block at ``lam`` (in ``lam_scale`` units)."""
     results: dict[str, BlockResult] = {}
@@ -733,6 +733,7 @@ def fit_sim(
     elapsed = time.perf_counter() - t0
     msg = _failure_message(float(lam), results, blocks)
     if search is not None and not search.converged:
+        assert density is not None  # a search runs only for density=...
         miss = (
             f"fit_sim(density={density:g}): the λ search reached {100 * search.density:.2f}% non-zeros "
             f"(target {100 * density:g}% ± {100 * density_tol:g}) after {search.nstep} solves; raise max_evals, "

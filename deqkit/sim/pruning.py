@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,8 @@ __all__ = ["magnitude_prune", "masked_finetune", "prunable_weights"]
 
 def prunable_weights(net: nn.Module) -> list[nn.Parameter]:
     """The weight tensors of ``net``'s ``Linear`` and ``Conv2d`` layers (biases are not pruned)."""
-    return [m.weight for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    # the stubs type ``weight`` as Tensor; on these layers it is their Parameter
+    return [cast(nn.Parameter, m.weight) for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
 @validated_options
@@ -95,6 +97,7 @@ def masked_finetune(
             opt.zero_grad()
             F.cross_entropy(net(u[idx]), y[idx]).backward()
             for w, mk in zip(weights, masks):
+                assert w.grad is not None  # every pruned weight takes part in the loss just differentiated
                 w.grad.mul_(mk)
             opt.step()
             with torch.no_grad():

@@ -14,7 +14,7 @@ import os
 import random
 import warnings
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import numpy as np
 import torch
@@ -81,7 +81,9 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 def rng_state() -> dict[str, Any]:
     """The RNG states of torch (and CUDA, when initialised), numpy and python, as tensors and
     plain values (loadable with ``torch.load(weights_only=True)``)."""
-    np_state = np.random.get_state()
+    # legacy=True (numpy's default) on the MT19937 global generator: the 5-tuple form, which the
+    # stub's first overload (a call without ``legacy``) types as the dict form
+    np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     py_version, py_internal, py_gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),

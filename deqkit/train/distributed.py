@@ -61,8 +61,9 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -194,21 +195,23 @@ def launch(
     terminating the processes) when they have not all finished within ``timeout_s`` seconds, and
     ``torch.multiprocessing.ProcessRaisedException`` / ``ProcessExitedException`` when one fails.
     """
-    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import start_processes
 
     nproc = check_int("launch", "nproc", nproc)
     backend = backend or default_backend()
     ctimeout = timeout_s if collective_timeout_s is None else collective_timeout_s
-    ctx = mp.start_processes(
+    ctx = start_processes(
         _worker, args=(fn, nproc, free_port(), backend, args, ctimeout, threads), nprocs=nproc, join=False, start_method="spawn"
     )
+    assert ctx is not None  # join=False: start_processes returns the ProcessContext
     deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=0.5):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"launch: the {nproc} processes did not finish within {timeout_s:g} s (terminated).")
     finally:
-        for p in ctx.processes:
+        # torch builds the list as ``[None] * nprocs`` then fills in every process
+        for p in cast("list[BaseProcess]", ctx.processes):
             if p.is_alive():
                 p.terminate()
                 p.join(5)

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ...estimators import GradientEstimator
+from ...models import DEQClassifier
 from ...solvers import Broyden, Solver
 from ..common import build_classifier
 
@@ -67,7 +68,7 @@ def digits_batch(batch: int, seed: int = 0, dtype: torch.dtype = torch.float32) 
 
 def build_model(
     cfg: BenchConfig, grad: GradientEstimator, solver: Optional[Solver] = None, dtype: torch.dtype = torch.float32
-) -> nn.Module:
+) -> DEQClassifier:
     """The seeded classifier (same weights for every call with the same ``cfg``)."""
     model = build_classifier("mlp", (64,), 10, cfg.width, solver or cfg.solver(), grad, cfg.seed, init_scale=cfg.init_scale)
     return model.to(dtype)

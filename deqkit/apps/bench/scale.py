@@ -27,12 +27,13 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 
 from ...estimators import Exact
+from ...models import DEQClassifier
 from .config import REFERENCE, build_model, digits_batch
 
 __all__ = ["bench_amp", "bench_compile", "bench_scaling", "main"]
@@ -43,7 +44,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _model(device: torch.device, tol: float | None = None) -> torch.nn.Module:
+def _model(device: torch.device, tol: float | None = None) -> DEQClassifier:
     model = build_model(REFERENCE, Exact(on_failure="ignore"), REFERENCE.solver(tol=tol)).to(device)
     return model.train()
 
@@ -80,6 +81,7 @@ def _scaling_worker(out: str, batch: int, steps: int, warmup: int, device_name: 
         dist.all_reduce(t, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
         if i >= warmup:
             times.append(float(t))
+            assert model.last_info is not None  # set by the forward call above
             iters.append(float(model.last_info.nstep.float().mean()))
     it = torch.tensor(statistics.mean(iters), dtype=torch.float64)
     per_rank = [torch.zeros((), dtype=torch.float64) for _ in range(world)]
@@ -229,13 +231,14 @@ def bench_amp(device: str, steps: int, warmup: int) -> list[dict[str, Any]]:
     rows = []
     base = _model(dev)
     ref_ms = _step_ms(base, x, y, steps, warmup)
-    g32 = torch.cat([p.grad.flatten() for p in base.parameters()])
+    g32 = torch.cat([cast(torch.Tensor, p.grad).flatten() for p in base.parameters()])
     rows.append({"dtype": "float32", "tol": REFERENCE.tol, "step_ms": ref_ms, "cosine": 1.0, "converged": 1.0})
     dtypes = [("bf16", torch.bfloat16)] + ([("fp16", torch.float16)] if dev.type == "cuda" else [])
     for name, dt in dtypes:
         model = _model(dev, tol=1e-2)
         ms = _step_ms(model, x, y, steps, warmup, amp=dt)
-        g = torch.cat([p.grad.flatten().float() for p in model.parameters()])
+        g = torch.cat([cast(torch.Tensor, p.grad).flatten().float() for p in model.parameters()])
+        assert model.last_info is not None  # set by the steps above
         rows.append(
             {
                 "dtype": name,

@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -214,7 +214,7 @@ def format_table(name: str, model: str, runs: list[dict], args: Any) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m deqkit.apps.bench.sim_pruning", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m deqkit.apps.bench.sim_pruning", description=cast(str, __doc__).split("\n")[0])
     lst = lambda t: lambda s: [t(v) for v in s.split(",") if v]
     p.add_argument("--datasets", type=lst(str), default=["digits", "synthetic"], help="digits, synthetic, fashion-mnist, …")
     p.add_argument("--models", type=lst(str), default=["mlp"], help="mlp and/or cnn (cnn: image data sets only)")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +15,7 @@ from ..._timing import synced_perf_counter
 from ...deq import DEQ
 from ...estimators import Exact, GradientEstimator, Unrolled
 from ...linear import GMRES
+from ...models import DEQClassifier
 from ...solvers import Anderson, FixedPoint
 from .config import REFERENCE, BenchConfig, build_model, digits_batch
 from .measure import interleaved, quiet, zero_grads
@@ -178,7 +179,7 @@ def _step_layers(cell: nn.Module, s: TorchDEQSettings) -> tuple[dict[str, tuple[
 class _StepTimer:
     """Times one training step of a ``"<pair>|<library>"`` key and keeps its gradient."""
 
-    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, pairs: dict, extra: dict, counters: dict) -> None:
+    def __init__(self, model: DEQClassifier, x: Tensor, y: Tensor, pairs: dict, extra: dict, counters: dict) -> None:
         self.model, self.x, self.y, self.pairs, self.extra, self.counters = model, x, y, pairs, extra, counters
         self.stats: dict[str, dict[str, Any]] = {}
 
@@ -215,14 +216,14 @@ class _StepTimer:
             s["bwd_iters"] = (
                 (self.counters["anderson"].n - fwd_evals) + self.counters["fixed_point_iter"].n if "Exact" in pair else 5
             )
-        s["grad"] = torch.cat([p.grad.reshape(-1).double() for p in self.model.parameters()])
+        s["grad"] = torch.cat([cast(Tensor, p.grad).reshape(-1).double() for p in self.model.parameters()])
 
 
 def _cos(a: Tensor, b: Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()))
 
 
-def reference_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+def reference_gradient(model: DEQClassifier, x: Tensor, y: Tensor) -> Tensor:
     """The parameter gradient of the step's loss on a float64 copy of ``model``: forward Anderson to
     relative 1e-12, adjoint GMRES to relative 1e-10 (not matched to the forward)."""
     import copy
@@ -237,7 +238,7 @@ def reference_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     u = m64.injection(x.double())
     z, _ = deq(u)
     nn.functional.cross_entropy(m64.head(z), y).backward()
-    return torch.cat([p.grad.reshape(-1) for p in m64.parameters()])
+    return torch.cat([cast(Tensor, p.grad).reshape(-1) for p in m64.parameters()])
 
 
 def _rel_err(a: Tensor, ref: Tensor) -> float:
