@@ -107,7 +107,9 @@ def apply_spectral_norm(
     Miyato et al., "Spectral Normalization for Generative Adversarial Networks", ICLR 2018.
 
     Args:
-        module, names, types: as :func:`apply_weight_norm`.
+        module: as :func:`apply_weight_norm`.
+        names: as :func:`apply_weight_norm`.
+        types: as :func:`apply_weight_norm`.
         scale: the spectral norm kept (``< 1`` for a contractive linear map).
         n_power_iterations: power-iteration steps per weight evaluation (in training mode;
             once per DEQ call).

@@ -274,14 +274,18 @@ class DistributedTrainer(Trainer):
     with the same model (same seed), data and config.
 
     Args:
-        model, train_set, val_set, config, callbacks: as for :class:`~deqkit.train.Trainer`;
-            ``config.batch_size`` is the global batch (all ranks together). Callbacks run on
-            every rank.
+        model: as for :class:`~deqkit.train.Trainer`.
+        train_set: as for :class:`~deqkit.train.Trainer`.
+        val_set: as for :class:`~deqkit.train.Trainer`.
+        config: as for :class:`~deqkit.train.Trainer`; ``config.batch_size`` is the global
+            batch (all ranks together).
+        callbacks: as for :class:`~deqkit.train.Trainer`; they run on every rank.
         sync_stop: ``True``/``False`` sets ``sync_stop`` of every DEQ in the model (cross-rank
             agreement on the forward stop); ``None`` (default) leaves the DEQs as they are.
         sync_quorum: with ``sync_stop=True``, the fraction of the global batch that must have
             stopped before all ranks stop.
-        find_unused_parameters, static_graph: passed to ``DistributedDataParallel``.
+        find_unused_parameters: passed to ``DistributedDataParallel``.
+        static_graph: passed to ``DistributedDataParallel``.
         group: the process group (default: the world).
     """
 
