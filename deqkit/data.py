@@ -60,7 +60,7 @@ from torch.utils.data import TensorDataset
 
 from ._idx import IDXFormatError, read_idx, write_idx
 from ._io import atomic_open
-from ._options import check_choice, check_int, check_number
+from ._options import check_choice, check_int, check_number, validated_options
 from .errors import OptionError
 
 __all__ = [
@@ -649,6 +649,7 @@ class _Converter:
         return TensorDataset(xt, torch.from_numpy(np.asarray(y, np.int64).copy()))
 
 
+@validated_options
 def load_dataset(
     name: str = "digits",
     *,

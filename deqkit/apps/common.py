@@ -7,6 +7,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -71,8 +72,25 @@ def prepare_out(
         for name in entries:
             if any(fnmatch.fnmatch(name, pat) for pat in OUTPUT_PATTERNS):
                 _remove(path / name, out)
+    if resume and path.is_dir():
+        _remove_stale_temporaries(path)
     _probe_writable(path, out)
     return path
+
+
+#: the temporaries of deqkit's atomic writes (``.<name>.<12 hex>.tmp``, see ``deqkit._io``)
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete what a killed run left of an atomic write (``kill -9`` mid-write cannot clean up; the
+    file it was replacing is intact, so its temporary is garbage)."""
+    for entry in path.rglob(".*.tmp"):
+        if _TEMPORARY.match(entry.name) and entry.is_file():
+            try:
+                entry.unlink()
+            except OSError:
+                pass  # not ours to fight over; the run goes on
 
 
 def _remove(target: Path, out: Any) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -175,7 +176,13 @@ def same_sim(ref: Path, out: Path, kept: set) -> None:
     assert [r["lam"] for r in ra["sim"]] == [r["lam"] for r in rb["sim"]]
     for x, y in zip(ra["sim"], rb["sim"]):
         if x["lam"] in kept:  # kept from the killed run: computed exactly as the uninterrupted run did
-            assert {k: v for k, v in x.items() if k != "solve_time_s"} == {k: v for k, v in y.items() if k != "solve_time_s"}
+            # the same computation in another process: equal up to the last bits of BLAS reductions
+            assert x.keys() == y.keys()
+            for k in x.keys() - {"solve_time_s"}:
+                if isinstance(x[k], float) and isinstance(y[k], float):
+                    assert x[k] == pytest.approx(y[k], rel=1e-12, abs=1e-15), k
+                else:
+                    assert x[k] == y[k], k
         else:  # a cold-started solve of the same program
             assert abs(x["accuracy"] - y["accuracy"]) <= 0.02 and x["wellposed"] == y["wellposed"]
 
@@ -195,12 +202,17 @@ def test_kill_then_resume(job, sig, seed, children, workdir, capsys):
         assert last.startswith("deqkit: terminated (SIGTERM)") and "--resume" in last, last
     else:
         assert res["rc"] == -9
-    assert not list(out.rglob("*.tmp")), "a temporary file was left"
+    leftovers = list(out.rglob("*.tmp"))
+    if sig == "sigterm":
+        assert not leftovers, "a temporary file was left after a clean SIGTERM exit"
+    else:  # kill -9 mid-write cannot clean up: only deqkit's hidden temporaries, removed by --resume below
+        assert all(re.match(r"^\..+\.[0-9a-f]{12}\.tmp$", p.name) for p in leftovers), leftovers
     kept = set()
     if job == "sim" and (out / "sim_results.json").exists():
         kept = {r["lam"] for r in json.loads((out / "sim_results.json").read_text())["sim"]}
     rc, _, err = cli([*JOBS[job][0], "--out", str(out), "--resume"], capsys)
     assert rc == 0, err
+    assert not list(out.rglob("*.tmp")), "--resume left a temporary file of the killed run"
     {"train": same_train, "compare": same_compare, "hpo": same_hpo}.get(job, lambda a, b: same_sim(a, b, kept))(ref, out)
 
 
