@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 from .._options import check_int, check_number
-from .options import Number, add_parser, ints, nonneg_int, positive_float, positive_int
+from .options import Number, add_parser, ints, nonneg_int, pick, positive_float, positive_int
 
 DESCRIPTION = """\
 deqkit benchmarks: step cost per gradient estimator, memory against forward depth, torchdeq
@@ -60,25 +60,9 @@ def config(args: argparse.Namespace) -> Any:
     check_number(owner, "--lam", args.lam, low=0.0)
     check_number(owner, "--cvxpy-tol", args.cvxpy_tol, low=0.0, low_open=True)
     sim = SimSpeedConfig(
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        hidden=args.hidden,
-        samples=args.samples,
-        lam=args.lam,
-        cvxpy_rows=args.cvxpy_rows,
-        cvxpy_tol=args.cvxpy_tol,
-        baseline=args.baseline,
-        epochs=args.epochs,
+        **pick(args, "dataset", "data_dir", "hidden", "samples", "lam", "cvxpy_rows", "cvxpy_tol", "baseline", "epochs")
     )
-    return SuiteConfig(
-        section=args.section,
-        quick=args.quick,
-        repeats=args.repeats,
-        seeds=args.seeds,
-        threads=args.threads,
-        write=args.write,
-        sim_speed=sim,
-    )
+    return SuiteConfig(**pick(args, "section", "quick", "repeats", "seeds", "threads", "write"), sim_speed=sim)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -56,6 +56,7 @@ __all__ = [
     "comma_list",
     "finite_float",
     "floats",
+    "fraction",
     "ints",
     "nonneg_int",
     "positive_float",
@@ -149,6 +150,8 @@ positive_int = Number(int, low=1)
 nonneg_int = Number(int, low=0)
 positive_float = Number(float, low=0.0, low_open=True)
 finite_float = Number(float)
+#: a fraction in (0, 1]
+fraction = Number(float, low=0.0, high=1.0, low_open=True)
 
 
 def add_parser(subparsers: Any, name: str, *, help: str, description: str) -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from .options import (
     add_output_group,
     add_parser,
     add_runtime_group,
+    fraction,
     nonneg_int,
     parse_options,
     pick,
@@ -113,7 +114,7 @@ def _scale_flags(g: argparse._ArgumentGroup) -> None:
     )
     g.add_argument(
         "--sync-quorum",
-        type=Number(float, low=0.0, high=1.0, low_open=True),
+        type=fraction,
         default=1.0,
         help="with --sync-stop: stop every rank once this fraction of the global batch has stopped",
     )
@@ -149,12 +150,7 @@ def _stabiliser_flags(g: argparse._ArgumentGroup) -> None:
         metavar="W",
         help="Jacobian regularisation weight (Hutchinson ||df/dz||_F^2/d at z*; 0: off)",
     )
-    g.add_argument(
-        "--jac-reg-freq",
-        type=Number(float, low=0.0, high=1.0, low_open=True),
-        default=1.0,
-        help="fraction of steps it is applied on",
-    )
+    g.add_argument("--jac-reg-freq", type=fraction, default=1.0, help="fraction of steps it is applied on")
     g.add_argument("--jac-reg-probes", type=positive_int, default=1, help="Gaussian probes (VJPs) per estimate")
     g.add_argument(
         "--pretrain-steps",

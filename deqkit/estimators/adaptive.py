@@ -10,11 +10,11 @@ import torch
 from torch import Tensor
 
 from .._options import check_fraction, check_int, validated_options
-from ..errors import NonFiniteError, OptionError
+from ..errors import OptionError
 from ..inverse import InverseEstimate
 from ..registry import register_estimator
 from ..solvers.base import SolverResult
-from .base import AdjointEstimator, BackwardStats, CellFn, GradientEstimator, Vjp, straight_through
+from .base import AdjointEstimator, BackwardStats, CellFn, GradientEstimator, Vjp, finish_backward, straight_through
 from .exact import Exact
 from .phantom import Unrolled
 from .shine import SHINE
@@ -246,15 +246,7 @@ class Adaptive(GradientEstimator):
                 w = cheap.compute_w(vf, vjp, result, inner)
                 stats.refine, stats.n_fallback = inner.refine, inner.n_fallback
                 decision.n_fallback = inner.n_fallback
-            if not torch.isfinite(w).all():
-                raise NonFiniteError(
-                    f"{type(self).__name__}: the backward pass produced NaN/Inf in the adjoint w. "
-                    f"Check that the forward solve converged (info.converged) and the loss is finite."
-                )
-            assert stats.time_s is not None
-            stats.time_s += time.perf_counter() - start
-            info.backward = stats
-            return w.reshape(shape).to(v.dtype)
+            return finish_backward(self, w, v, shape, stats, info, start)
 
         f_out.register_hook(hook)
         return straight_through(result.z, f_out)

@@ -77,6 +77,27 @@ class BackwardStats:
         return None if self.solve is None else self.solve.converged
 
 
+def finish_backward(
+    owner: object, w: Tensor, v: Tensor, shape: torch.Size, stats: BackwardStats, info: DEQInfo, start: float
+) -> Tensor:
+    """The end of an estimator's backward hook: ``w`` checked finite, the call timed into ``stats``
+    (recorded as ``info.backward``), ``w`` returned in the shape ``shape`` and ``v``'s dtype."""
+    if not torch.isfinite(w).all():
+        if not torch.isfinite(v).all():  # only on the error path: no extra sync otherwise
+            raise NonFiniteError(
+                f"{type(owner).__name__}: the incoming gradient dL/dz* contains NaN/Inf: the loss or the layers "
+                f"after the DEQ produced it (check the loss is finite; with fp16 loss scaling, lower the scale)."
+            )
+        raise NonFiniteError(
+            f"{type(owner).__name__}: the backward pass produced NaN/Inf in the adjoint w. "
+            f"Check that the forward solve converged (info.converged) and the loss is finite."
+        )
+    assert stats.time_s is not None
+    stats.time_s += time.perf_counter() - start
+    info.backward = stats
+    return w.reshape(shape).to(v.dtype)
+
+
 class GradientEstimator:
     """Base class. :meth:`attach` is the one call a :class:`~deqkit.DEQ` makes.
 
@@ -200,20 +221,7 @@ class AdjointEstimator(GradientEstimator):
                 return None
             start = time.perf_counter()
             w = self.compute_w(v.reshape(B, -1), vjp, result, stats)
-            if not torch.isfinite(w).all():
-                if not torch.isfinite(v).all():  # only on the error path: no extra sync otherwise
-                    raise NonFiniteError(
-                        f"{type(self).__name__}: the incoming gradient dL/dz* contains NaN/Inf: the loss or the layers "
-                        f"after the DEQ produced it (check the loss is finite; with fp16 loss scaling, lower the scale)."
-                    )
-                raise NonFiniteError(
-                    f"{type(self).__name__}: the backward pass produced NaN/Inf in the adjoint w. "
-                    f"Check that the forward solve converged (info.converged) and the loss is finite."
-                )
-            assert stats.time_s is not None
-            stats.time_s += time.perf_counter() - start
-            info.backward = stats
-            return w.reshape(shape).to(v.dtype)
+            return finish_backward(self, w, v, shape, stats, info, start)
 
         f_out.register_hook(hook)  # the VJPs use their own graph, so they never re-enter this hook
         return straight_through(result.z, f_out)

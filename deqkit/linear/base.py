@@ -32,7 +32,7 @@ from torch import Tensor
 from .._options import check_choice, check_int, check_positive, options_repr, validated_options
 from ..errors import NonFiniteError, OptionError
 from ..inverse import InverseEstimate
-from ..solvers.base import STOP_MODES, SolverResult
+from ..solvers.base import STOP_MODES, SolverResult, call_settings
 from ..solvers.precision import autocast_dtype, coarsest, resolve_tol, state_dtype
 
 __all__ = ["Fn", "LinearSolver"]
@@ -208,10 +208,8 @@ class LinearSolver:
     # -- helpers for subclasses -------------------------------------------------------------
     def _settings(self, tol: Optional[float], max_iter: Optional[int]) -> tuple[float, int]:
         """This call's ``(tol, max_iter)``: the overrides (validated) or the solver's own."""
-        owner = type(self).__name__
-        tol = self.tol if tol is None else check_positive(owner, "tol", tol)
-        max_iter = self.max_iter if max_iter is None else check_int(owner, "max_iter", max_iter)
-        return tol, max_iter
+        steps, tolerance = call_settings(self, max_iter, tol)
+        return tolerance, steps
 
     def _refuse_options(self, preconditioner: Any = None, inverse: Any = None) -> None:
         """An :class:`~deqkit.errors.OptionError` for a per-call option this solver does not take."""

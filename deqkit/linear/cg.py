@@ -163,12 +163,7 @@ class CG(LinearSolver):
         ``inverse`` (a preconditioner for CG must itself be symmetric positive definite, which a
         Broyden inverse estimate is not).
         """
-        for opt, val in (("preconditioner", preconditioner), ("inverse", inverse)):
-            if val is not None:
-                raise OptionError(
-                    f"{type(self).__name__}.solve_adjoint does not take {opt}= (accepts_{opt} is False); "
-                    "use GMRES for a preconditioned adjoint solve."
-                )
+        self._refuse_options(preconditioner, inverse)
         shape, B = v.shape, v.shape[0]
         vf = v.reshape(B, -1)
 

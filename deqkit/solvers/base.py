@@ -137,6 +137,17 @@ class Problem:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+def call_settings(owner: Any, max_iter: Optional[int], tol: Optional[float]) -> tuple[int, float]:
+    """One call's ``(max_iter, tol)``: the per-call overrides (validated) or ``owner``'s own settings.
+
+    Shared by the forward solvers and the linear (adjoint) solvers.
+    """
+    name = type(owner).__name__
+    steps: int = owner.max_iter if max_iter is None else check_int(name, "max_iter", max_iter)
+    tolerance: float = owner.tol if tol is None else check_positive(name, "tol", tol)
+    return steps, tolerance
+
+
 class Solver:
     """Base class of the forward fixed-point solvers (see the module docstring for the protocol).
 
@@ -273,10 +284,7 @@ class Solver:
             raise NonFiniteError(f"{owner}: the initial state z0 contains NaN or Inf values.")
 
     def _settings(self, max_iter: Optional[int], tol: Optional[float]) -> tuple[int, float]:
-        owner = type(self).__name__
-        max_iter = self.max_iter if max_iter is None else check_int(owner, "max_iter", max_iter)
-        tol = self.tol if tol is None else check_positive(owner, "tol", tol)
-        return max_iter, tol
+        return call_settings(self, max_iter, tol)
 
     def _check_call_options(self, options: dict[str, Any]) -> dict[str, Any]:
         valid = ("max_iter", "tol", *self.call_options)

@@ -127,3 +127,13 @@ def test_interrupt_messages_are_true():
     assert msg.startswith("deqkit: terminated (SIGTERM)") and "--resume" in msg
     assert "--resume" in interrupt_message(ns(command="train", out="runs/train"), False)
     assert build_parser().parse_args(["hpo", "--out", "h", "--resume"]).resume  # the flag it names exists
+
+
+def test_sim_samples_beyond_the_training_split_are_refused(capsys):
+    """Expected (item 11): ``--samples`` larger than the training split is one error line, not a silent
+    clamp recorded as the number asked for."""
+    from faultkit import assert_one_error_line
+
+    rc, _, err = cli(["sim", "--samples", "100000", "--hidden", "8", "--epochs", "1", "--lam", "1", "--out", "s"], capsys)
+    assert_one_error_line(rc, err, contains="--samples 100000", only=False)
+    assert "training split has only" in err
