@@ -305,12 +305,14 @@ class Broyden(Solver):
             state.best_z = torch.where(better[:, None], z, state.best_z)
             state.best_g = torch.where(better[:, None], g, state.best_g)
             # restart: H ← −I for the bad samples, which step again from their best iterate
-            if bool(bad.any()):  # a rare event: skip two full passes over U, V when no sample restarts
+            if bool(bad.any()):  # a rare event: no full passes over U, V (or the iterates) when no sample restarts
                 state.H.U.masked_fill_(bad[:, None, None], 0)
                 state.H.V.masked_fill_(bad[:, None, None], 0)
-            state.restart = bad
-            state.n_restart = state.n_restart + bad.long()
-            z, g = torch.where(bad[:, None], state.best_z, z), torch.where(bad[:, None], state.best_g, g)
+                state.restart = bad
+                state.n_restart = state.n_restart + bad.long()
+                z, g = torch.where(bad[:, None], state.best_z, z), torch.where(bad[:, None], state.best_g, g)
+            else:
+                state.restart = None
         state.z_prev, state.g_prev = z, g
         state.n_seen += 1
         if self.opa_freq is not None and state.loss_grad is not None and state.n_seen % self.opa_freq == 0:
