@@ -22,7 +22,7 @@ from .models import ConvCell, DEQClassifier, MLPCell
 from .registry import register_estimator, register_linear_solver, register_solver
 from .solvers import Anderson, Broyden, BroydenState, FixedPoint, Solver, SolverResult, make_solver
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DEQ",
