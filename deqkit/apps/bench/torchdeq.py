@@ -63,7 +63,7 @@ class _Counter:
 
 def _register_counting_solvers() -> dict[str, _Counter]:
     """torchdeq solvers wrapped (through its public ``register_solver``) to count the function evaluations."""
-    from torchdeq.solver import get_solver, register_solver
+    from torchdeq.solver import get_solver, register_solver  # pyright: ignore[reportMissingImports]  (optional: pip install deqkit[bench])
 
     counters: dict[str, _Counter] = {}
     for name in ("anderson", "fixed_point_iter"):
@@ -96,7 +96,7 @@ class TorchDEQSettings:
 
 def _forward_rows(cell: nn.Module, u0: Tensor, s: TorchDEQSettings, repeats: int) -> dict[str, dict[str, Any]]:
     """The forward Anderson solve alone (no graph), to tolerance and at a fixed iteration count."""
-    from torchdeq.solver import get_solver
+    from torchdeq.solver import get_solver  # pyright: ignore[reportMissingImports]  (optional: pip install deqkit[bench])
 
     their_anderson = get_solver("anderson")
     fwd: dict[str, dict[str, Any]] = {}
@@ -133,7 +133,7 @@ def _forward_rows(cell: nn.Module, u0: Tensor, s: TorchDEQSettings, repeats: int
 
 def _step_layers(cell: nn.Module, s: TorchDEQSettings) -> tuple[dict[str, tuple[Any, Any]], dict[str, Any]]:
     """The (deqkit, torchdeq) layer pairs of the training-step table, and deqkit-only extras."""
-    from torchdeq import get_deq
+    from torchdeq import get_deq  # pyright: ignore[reportAttributeAccessIssue]  (optional: pip install deqkit[bench])
 
     def ours(grad: GradientEstimator) -> DEQ:
         solver = Anderson(memory=6, regularization=1e-4, tol=s.f_tol, max_iter=s.f_max_iter, stop_mode="rel")
