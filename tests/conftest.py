@@ -204,3 +204,13 @@ def test_device() -> torch.device:
 requires_cuda_run = pytest.mark.skipif(
     TEST_DEVICE != "cuda", reason="CUDA-only test: run with DEQKIT_TEST_DEVICE=cuda on a machine with a GPU"
 )
+
+
+@pytest.fixture
+def one_thread():
+    """One torch CPU thread for the test (small problems: a second thread only adds contention on
+    a shared 2-core machine); the previous count is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

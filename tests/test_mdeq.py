@@ -15,13 +15,7 @@ from deqkit.nn import MDEQCell, MDEQStem, branch_sizes
 from deqkit.regularizers import JacobianRegularizer
 from deqkit.train import TrainConfig, Trainer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: a second thread only adds contention
 
 
 @pytest.fixture(scope="module")

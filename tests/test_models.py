@@ -6,14 +6,7 @@ import torch
 from deqkit import DEQ, Anderson, DEQInfo, Exact, Unrolled
 from deqkit.models import ConvCell, DEQClassifier, MLPCell
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: a second thread only adds contention on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: a second thread only adds contention
 
 
 def _mlp(grad=None, **kw):

@@ -19,13 +19,7 @@ from deqkit.sim.cnn import (
 )
 from deqkit.solvers import Anderson
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: a second thread only adds contention
 
 
 def _cnn(in_shape=(1, 8, 8), channels=(3, 4), stride=2, padding=1, kernel=3, seed=0):

@@ -17,13 +17,7 @@ from deqkit.sim.states import States
 TIGHT = dict(tol=1e-10, tol_abs=1e-12, max_iter=5000)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small dense solves: one thread avoids oversubscription on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: a second thread only adds contention
 
 
 def test_cli_density_run_carries_the_chosen_lam(tmp_path):

@@ -10,13 +10,7 @@ from deqkit.errors import OptionError
 from deqkit.sim import baseline_nonzeros, make_mlp
 from deqkit.sim.pruning import magnitude_prune, masked_finetune, prunable_weights
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: a second thread only adds contention
 
 
 def _net():

@@ -23,13 +23,7 @@ from deqkit.sim import (
 from deqkit.sim.robust import certified_accuracy, certified_linf_gain
 from deqkit.solvers import Anderson
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: a second thread only adds contention
 
 
 def _tight(model):

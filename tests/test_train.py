@@ -13,13 +13,7 @@ from deqkit.data import load_dataset
 from deqkit.models import DEQClassifier
 from deqkit.train import CHECKPOINT_NAME, Callback, TrainConfig, Trainer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: a second thread only adds contention
 
 
 @pytest.fixture(scope="module")
