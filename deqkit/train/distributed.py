@@ -57,6 +57,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import faulthandler
+import gc
 import os
 import socket
 import time
@@ -169,12 +171,16 @@ def _worker(
             "LOCAL_WORLD_SIZE": str(world),
         }
     )
+    faulthandler.enable()  # a crash in native code (SIGABRT, SIGSEGV) prints the Python stack
     if threads is not None:
         torch.set_num_threads(threads)
     init_distributed(backend, timeout_s=timeout_s)
     try:
         fn(*args)
     finally:
+        # DDP wrappers left in reference cycles hold the process group; collected during interpreter
+        # shutdown, the gloo backend's threads were torn down out of order (std::terminate, SIGABRT).
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
 
