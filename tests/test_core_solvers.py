@@ -462,3 +462,34 @@ def test_solve_adjoint_typo_gets_did_you_mean(make):
     v = torch.ones(2, 3, dtype=F64)
     with pytest.raises(ValueError, match="Did you mean 'preconditioner'"):
         make().solve_adjoint(lambda u: 0.5 * u, v, preconditoner=None)
+
+
+@pytest.mark.parametrize("damping", [1.0, 0.6])
+def test_anderson_first_two_steps_match_the_closed_form(damping):
+    """Anderson's hooks on a linear map ``f(z) = Az + b`` (float64, no regularisation): step 1 is the
+    damped Picard step; step 2 mixes the two iterates with the weights ``α`` minimising
+    ``‖α₀g₀ + α₁g₁‖`` under ``α₀ + α₁ = 1`` (closed form ``α₁ = −⟨g₀, g₁ − g₀⟩/‖g₁ − g₀‖²``), which a
+    second Picard step would not give."""
+    from deqkit.solvers.base import Problem
+
+    g = torch.Generator().manual_seed(4)
+    B, d = 3, 7
+    A = 0.5 * torch.randn(B, d, d, generator=g, dtype=torch.float64) / d**0.5
+    b = torch.randn(B, d, generator=g, dtype=torch.float64)
+    f = lambda z: torch.einsum("bij,bj->bi", A, z) + b  # noqa: E731
+    solver = Anderson(memory=5, regularization=0.0, damping=damping)
+    z0 = torch.randn(B, d, generator=g, dtype=torch.float64)
+    state = solver.init(Problem(f, z0.shape, max_iter=10, tol=1e-8), z0, f(z0))
+    active = torch.ones(B, dtype=torch.bool)
+    solver.observe(state, z0, f(z0), active)
+    z1 = solver.step(state, z0, f(z0), active)
+    torch.testing.assert_close(z1, z0 + damping * (f(z0) - z0), rtol=1e-13, atol=1e-13)
+    solver.observe(state, z1, f(z1), active)
+    z2 = solver.step(state, z1, f(z1), active)
+    g0, g1 = f(z0) - z0, f(z1) - z1
+    a1 = -((g0 * (g1 - g0)).sum(1) / ((g1 - g0) ** 2).sum(1)).unsqueeze(1)
+    a0 = 1 - a1
+    want = a0 * (z0 + damping * g0) + a1 * (z1 + damping * g1)
+    torch.testing.assert_close(z2, want, rtol=1e-9, atol=1e-9)
+    picard = z1 + damping * g1
+    assert float((z2 - picard).abs().max()) > 1e-3, "the second step must differ from a Picard step"

@@ -58,6 +58,7 @@ BILEVEL_TESTS = [
     "tests/test_audit_bilevel.py",
     "tests/test_bilevel_linalg.py",
     "tests/test_bilevel_pipeline.py",
+    "tests/test_line_search_trace.py",
 ]
 SIM_TESTS = [
     "tests/test_audit_defaults.py",
