@@ -118,3 +118,61 @@ def test_adaptive_is_registered_and_validates_its_options():
         Adaptive(cheap=dk.Exact)  # a class, not an estimator
     with pytest.raises(OptionError, match="did you mean|Did you mean"):
         Adaptive(check_evry=3)
+
+
+class _Decisions:
+    """Each training step's Adaptive decision, read from the model after the step."""
+
+    def __init__(self, model) -> None:
+        self.model, self.decisions = model, []
+
+    def on_step_end(self, trainer, step):
+        self.decisions.append(getattr(self.model.last_info.backward, "decision", None))
+
+    def on_epoch_end(self, trainer, record):
+        pass
+
+
+def test_trainer_epoch_record_sums_the_adaptive_decisions():
+    """The epoch record's adaptive_* fields are the step decisions' counts (checks, their mean
+    cosine, the share of exact steps, switches), and None for a model without Adaptive."""
+    from torch.utils.data import TensorDataset
+
+    from deqkit.models import DEQClassifier
+    from deqkit.train import TrainConfig, Trainer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 6, generator=g)
+    y = (x[:, 0] > 0).long()
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05, progress=False, seed=0)
+    records = {}
+    for name, grad in (("adaptive", Adaptive(check_every=2, threshold=0.999, recover=0.9999)), ("exact", dk.Exact())):
+        torch.manual_seed(0)
+        model = DEQClassifier.mlp(6, 12, 2, grad=grad, on_failure="ignore")
+        rec = _Decisions(model)
+        records[name] = (Trainer(model, TensorDataset(x, y), None, cfg, callbacks=[rec]).fit()[-1], rec.decisions)
+    record, decisions = records["adaptive"]
+    assert len(decisions) == record["steps"] == 6
+    checks = [d for d in decisions if d.checked]
+    assert record["adaptive_checks"] == len(checks) >= 3
+    assert record["adaptive_cosine"] == pytest.approx(sum(d.cosine for d in checks) / len(checks), rel=1e-12)
+    assert record["adaptive_exact_share"] == pytest.approx(sum(d.used == "exact" for d in decisions) / 6, rel=1e-12)
+    assert record["adaptive_switches"] == sum(d.switched is not None for d in decisions)
+    assert 0 < record["adaptive_exact_share"] < 1 or record["adaptive_switches"] > 0
+    exact_record = records["exact"][0]
+    assert all(
+        exact_record[k] is None for k in ("adaptive_checks", "adaptive_cosine", "adaptive_exact_share", "adaptive_switches")
+    )
+
+
+def test_cli_train_with_the_adaptive_estimator_logs_its_decisions(tmp_path, capsys):
+    import json
+
+    from deqkit.cli import main
+
+    out = tmp_path / "a"
+    argv = ["train", "--subset", "150", "--epochs", "1", "--grad", "adaptive", "--grad-opts", "check_every=3"]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["adaptive_checks"] >= 1 and record["adaptive_exact_share"] > 0
+    assert f"adaptive: {record['adaptive_checks']} checks" in capsys.readouterr().out

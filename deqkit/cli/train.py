@@ -29,7 +29,6 @@ every epoch and resumes (--resume) exactly where it stopped."""
 SOLVERS = ("fixed-point", "anderson", "broyden")
 #: the forward solver options ``--solver-opts`` is merged over
 SOLVER_OPTS_DEFAULT = "tol=1e-4,max_iter=30"
-ESTIMATORS = ("exact", "unrolled", "neumann", "jacobian-free", "shine", "broyden-reuse", "exact-warm")
 
 
 def add_classifier_groups(
@@ -72,7 +71,9 @@ def _solver_flags(g: argparse._ArgumentGroup) -> None:
         default=SOLVER_OPTS_DEFAULT,
         help="its options key=value,..., merged over the default, e.g. memory=20,tol=1e-5",
     )
-    g.add_argument("--grad", default="exact", help="gradient estimator: " + ", ".join(ESTIMATORS))
+    from ..estimators import ESTIMATORS  # the registry: estimators registered by the user are accepted too
+
+    g.add_argument("--grad", default="exact", help="gradient estimator: " + ", ".join(ESTIMATORS.names()))
     g.add_argument("--grad-opts", default="", help="its options key=value,..., e.g. k=5,damping=0.5")
 
 
@@ -252,6 +253,11 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
         f"spectral radius {fmt(record.get('spectral_radius'), '.3f')} (max {fmt(record.get('spectral_radius_max'), '.3f')})  "
         f"{record['epoch_s']:.0f}s"
     )
+    if record.get("adaptive_checks") is not None:  # an Adaptive estimator: its checks and switches
+        line += (
+            f"  adaptive: {record['adaptive_checks']} checks, cosine {fmt(record['adaptive_cosine'], '.3f')}, "
+            f"exact on {record['adaptive_exact_share']:.0%} of steps, {record['adaptive_switches']} switches"
+        )
     conv, rho = record["fwd_converged"], record.get("spectral_radius_max")
     if (conv is not None and conv < UNSTABLE_BELOW) or (rho is not None and rho >= 1.0):
         line += (

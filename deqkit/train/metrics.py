@@ -38,6 +38,11 @@ _SUMMED = (
     "bwd_ms",
     "adjoint_ms",
     "adjoint_timed",
+    "adaptive_steps",
+    "adaptive_checks",
+    "adaptive_exact_steps",
+    "adaptive_switches",
+    "adaptive_cos_sum",
 )
 
 
@@ -148,11 +153,24 @@ def step_stats(infos: list[DEQInfo]) -> dict[str, Any]:
         "bwd_vjps": 0,
         "adjoint_ms": 0.0,
         "adjoint_timed": 0,
+        "adaptive_steps": 0,
+        "adaptive_checks": 0,
+        "adaptive_exact_steps": 0,
+        "adaptive_switches": 0,
+        "adaptive_cos_sum": 0.0,
     }
     for info in infos:
         bwd = info.backward
         if bwd is None:
             continue
+        decision = getattr(bwd, "decision", None)  # an Adaptive estimator's step (AdaptiveStats)
+        if decision is not None:
+            stats["adaptive_steps"] += 1
+            stats["adaptive_exact_steps"] += int(decision.used == "exact")
+            stats["adaptive_switches"] += int(decision.switched is not None)
+            if decision.checked and decision.cosine is not None:
+                stats["adaptive_checks"] += 1
+                stats["adaptive_cos_sum"] += decision.cosine
         if bwd.time_s is not None:  # None: not separable from the backward (Unrolled)
             stats["adjoint_ms"] += 1e3 * bwd.time_s
             stats["adjoint_timed"] += 1
@@ -219,10 +237,26 @@ class Metrics:
             "val_fwd_steps": None if val is None else val["fwd_steps"],
             "val_fwd_converged": None if val is None else val["fwd_converged"],
             "val_fwd_unconverged": None if val is None else val["fwd_unconverged"],
+            **_adaptive_record(a),
             "steps": int(steps),
             "epoch_s": a["epoch_s"],
             "elapsed_s": elapsed_s,
         }
+
+
+def _adaptive_record(a: dict[str, float]) -> dict[str, Any]:
+    """An :class:`~deqkit.estimators.Adaptive` estimator's epoch (the names of its
+    :meth:`~deqkit.estimators.Adaptive.metrics`): checks against the exact gradient, their mean
+    cosine, the share of steps that used the exact gradient, and mode switches (``None`` when no
+    DEQ of the model used one)."""
+    if not a.get("adaptive_steps"):
+        return {"adaptive_checks": None, "adaptive_cosine": None, "adaptive_exact_share": None, "adaptive_switches": None}
+    return {
+        "adaptive_checks": int(a["adaptive_checks"]),
+        "adaptive_cosine": _mean(a["adaptive_cos_sum"], a["adaptive_checks"]),
+        "adaptive_exact_share": a["adaptive_exact_steps"] / a["adaptive_steps"],
+        "adaptive_switches": int(a["adaptive_switches"]),
+    }
 
 
 def evaluation_record(loss_sum: float, correct: int, n: int, solves: dict[str, float]) -> dict[str, Any]:
