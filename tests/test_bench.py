@@ -27,7 +27,7 @@ def _finite(*values: float) -> bool:
 
 
 def test_step_rows_and_numbers():
-    names = ("exact", "exact-warm", "unrolled", "shine", "broyden-reuse")
+    names = ("exact-gmres", "exact-warm", "unrolled", "shine", "broyden-reuse")
     rows = bench.bench_step(TINY, names, repeats=1, log=lambda s: None)
     assert [r["estimator"] for r in rows] == list(names)
     for r in rows:

@@ -22,6 +22,8 @@ def test_krylov_bench_reports_cost_per_step():
 
 def test_compare_presets_include_the_default_exact_and_adaptive():
     assert isinstance(compare.ESTIMATOR_PRESETS["adaptive"](), Adaptive)
-    assert isinstance(compare.ESTIMATOR_PRESETS["exact-default"](), Exact)
+    default, gmres = compare.ESTIMATOR_PRESETS["exact"](), compare.ESTIMATOR_PRESETS["exact-gmres"]()
+    assert isinstance(default, Exact) and type(default.adjoint) is type(Exact().adjoint)  # what Exact() gives
+    assert type(gmres.adjoint).__name__ == "GMRES" and type(default.adjoint).__name__ != "GMRES"
     assert compare.OPA_FREQ["adaptive"] == 5
-    assert compare.CompareConfig(estimators=["adaptive", "exact-default"]).solver("adaptive").opa_freq == 5
+    assert compare.CompareConfig(estimators=["adaptive", "exact"]).solver("adaptive").opa_freq == 5

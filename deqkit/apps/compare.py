@@ -34,7 +34,8 @@ from .common import MODELS, build_classifier, load_splits, prepare_out, resolve_
 
 #: the estimators ``deqkit compare`` knows, by name (each a factory: a fresh object per run)
 ESTIMATOR_PRESETS: dict[str, Callable[[], GradientEstimator]] = {
-    "exact": lambda: Exact(GMRES(tol=1e-6, max_iter=60)),
+    "exact": Exact,  # the library default: AutoAdjoint, tolerance matched to the forward's residual
+    "exact-gmres": lambda: Exact(GMRES(tol=1e-6, max_iter=60)),
     "exact-broyden": lambda: Exact(Broyden(memory=30, tol=1e-6, max_iter=60)),
     "exact-warm": WarmExact,  # the Broyden adjoint above, started from −vH and the forward Hᵀ
     "exact-precond": lambda: WarmExact(GMRES(tol=1e-6, max_iter=60)),  # GMRES, the forward −H as preconditioner
@@ -51,9 +52,7 @@ DEFAULT_ESTIMATORS = ("exact", "unrolled", "neumann", "jacobian-free", "shine", 
 #: presets whose forward Broyden adds outer-problem-aware updates every this many steps
 OPA_FREQ = {"shine-opa": 5}
 
-# the library's default exact gradient (AutoAdjoint, tolerance matched to the forward), and the
-# adaptive estimator (SHINE + OPA on the Broyden forward, exact checks every 20 steps)
-ESTIMATOR_PRESETS["exact-default"] = Exact
+# the adaptive estimator (SHINE + OPA on the Broyden forward, exact checks every 20 steps)
 ESTIMATOR_PRESETS["adaptive"] = Adaptive
 OPA_FREQ["adaptive"] = 5
 

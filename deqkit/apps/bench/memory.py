@@ -70,7 +70,7 @@ def _bptt_rows(cfg: BenchConfig, caps: Sequence[int], x: Tensor, y: Tensor) -> l
     """Naive BPTT through the same cell (``cap`` Picard iterations with autograd)."""
     rows = []
     for cap in caps:
-        model = build_model(cfg, ESTIMATOR_PRESETS["exact"]())
+        model = build_model(cfg, ESTIMATOR_PRESETS["exact-gmres"]())
         unrolled = BPTT(model.cell, cap)
 
         def loss() -> Tensor:
@@ -104,7 +104,7 @@ def bench_memory(
     """
     x, y, _ = digits_batch(cfg.batch, cfg.seed)
     with quiet():
-        rows = _deq_rows(cfg, "Exact (GMRES)", "exact", caps, x, y)
+        rows = _deq_rows(cfg, "Exact (GMRES)", "exact-gmres", caps, x, y)
         rows += _deq_rows(cfg, "SHINE(fallback)", "shine", caps, x, y)
         rows += _bptt_rows(cfg, caps, x, y)
     log(format_memory_table(cfg, rows))
