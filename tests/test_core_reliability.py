@@ -393,3 +393,34 @@ def test_autocast_cells_solve_under_the_dtype_policy():
     ]
     assert info.backward.solve.tol == min_tol(torch.bfloat16) and bool(info.backward.converged.all())
     assert all(torch.isfinite(p.grad).all() for p in cell.parameters())
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["runaway", "far", "clean"],
+)
+def test_broyden_sync_free_safeguards_give_the_same_solve(case, monkeypatch):
+    """On an accelerator Broyden applies its restart/divergence masks without reading them on the
+    host (``_may_hold`` is always true); on the CPU it reads them and skips the masked passes when
+    no sample is flagged. Both paths give bit-identical solves, on problems where the safeguards
+    fire (``runaway``: the float32 precision floor; ``far``: flat maps) and where they do not."""
+    import deqkit.solvers.broyden as broyden_module
+
+    if case == "runaway":
+        fn, z0 = _mlp_problem(0)
+        solver = Broyden(tol=1e-12, stop_mode="abs", max_iter=200)
+    elif case == "far":
+        fn, z0 = (lambda z: z + 0.1 * torch.tanh(3 - z)), torch.linspace(-6, 6, 25)[:, None]
+        solver = Broyden(memory=10, max_iter=100)
+    else:
+        fn, z0 = (lambda z: 0.5 * torch.tanh(z) + 1.0), torch.linspace(-1, 1, 8)[:, None]
+        solver = Broyden(memory=10, max_iter=50, tol=1e-6)
+    with torch.no_grad():
+        host = solver(fn, z0)
+        monkeypatch.setattr(broyden_module, "_may_hold", lambda mask: True)
+        device = solver(fn, z0)
+    fired = int(host.extra["n_restart"].sum())
+    assert (fired > 0) == (case != "clean"), fired
+    torch.testing.assert_close(device.z, host.z, rtol=0, atol=0)
+    assert device.nstep.tolist() == host.nstep.tolist()
+    assert device.extra["n_restart"].tolist() == host.extra["n_restart"].tolist()
