@@ -82,6 +82,15 @@ def test_bad_options_give_one_clear_line(argv, message, capsys):
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv", [["train", "--epoch", "3"], ["sim", "--lam-sc", "paper"], ["compare", "--subs", "9"]])
+def test_abbreviated_flags_are_usage_errors(argv, capsys):
+    """``--epoch 3`` is not taken for ``--epochs 3``: a flag added later cannot change an old command."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert f"unrecognized arguments: {' '.join(argv[1:])}" in capsys.readouterr().err
+
+
 def test_missing_data_gives_one_clear_line(tmp_path, capsys):
     assert main(["sim", "--dataset", "mnist", "--data-dir", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err

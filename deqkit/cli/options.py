@@ -95,7 +95,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 class Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose usage errors are one line, ``deqkit: error: ...``, exit status 2
-    (the same form as the errors raised after parsing), naming the command's ``--help``."""
+    (the same form as the errors raised after parsing), naming the command's ``--help``.
+
+    Flags must be spelled in full (``allow_abbrev=False``): ``--epoch 3`` is an error, not
+    ``--epochs 3``, so a flag added later cannot silently change what an old command line means."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
         self.exit(2, f"deqkit: error: {' '.join(message.split())} (see: {self.prog} --help)\n")
