@@ -280,11 +280,18 @@ class DEQ(nn.Module):
         keep_iterates: when ``> 0``, ``info.iterates`` holds that many detached solver iterates,
             evenly spaced, ``z*`` last (for fixed-point correction).
         random_max_iter: ``(low, high)``: in training, each call's iteration cap is drawn
-            uniformly from ``[low, high]`` (torch's global generator, so seeded runs repeat).
+            uniformly from ``[low, high]`` (from ``decision_generator``, see below).
         unrolled_depth: when set, training-mode calls do not solve: they return ``f`` iterated
             this many times from ``z0`` with the full autograd graph (unrolled pre-training);
             ``info.forward`` reports the residual of the last iterate. Set it back to ``None``
             to switch to the implicit gradient.
+
+    The training-time random decisions (the ``random_max_iter`` cap, whether ``jac_reg`` fires)
+    are drawn from the attribute ``decision_generator`` (a ``torch.Generator``), or from torch's
+    global generator while it is ``None`` (the default; seeded runs repeat). :class:`~deqkit.train.Trainer`
+    and :class:`~deqkit.train.distributed.DistributedTrainer` set it, for each step only, to
+    :func:`~deqkit.train.checkpoint.step_generator` ``(seed, global_step)``: every rank of a
+    data-parallel run then takes the same decisions, and a resumed run those of an uninterrupted one.
 
     States may be tensors or tuples/lists of tensors (one per resolution of a multiscale cell):
     the DEQ packs a tuple into one flat ``(B, d)`` state for the solver and the estimator and
@@ -353,6 +360,9 @@ class DEQ(nn.Module):
         if self.check_batch_coupling:
             _refuse_batch_statistics(cell)
         self._set_stabilisers(jac_reg, spectral_radius_iters, keep_iterates, random_max_iter, unrolled_depth)
+        #: draws the training-time decisions (the ``random_max_iter`` cap, whether ``jac_reg``
+        #: fires); ``None``: torch's global generator. The trainers set it to the step's generator.
+        self.decision_generator: Optional[torch.Generator] = None
 
     def _set_stabilisers(
         self,
@@ -421,7 +431,8 @@ class DEQ(nn.Module):
         max_iter = self.eval_max_iter if (not self.training and self.eval_max_iter is not None) else None
         if self.training and self.random_max_iter is not None:
             lo, hi = self.random_max_iter
-            max_iter = int(torch.randint(lo, hi + 1, ()))
+            gen = self.decision_generator
+            max_iter = int(torch.randint(lo, hi + 1, (), generator=gen, device=None if gen is None else gen.device))
         wants_loss = self.training and self.solver.needs_loss_grad
         call_options: dict[str, Any] = {"loss_grad": _gradient_of(loss_fn)} if wants_loss and loss_fn is not None else {}
         if wants_loss and loss_fn is None and not self._warned_no_opa:
@@ -592,7 +603,7 @@ class DEQ(nn.Module):
         """Jacobian regularisation (training) and the spectral-radius monitor, at ``z*``."""
         from .regularizers import hutchinson_frobenius, spectral_radius
 
-        if self.jac_reg is not None and self.training and torch.is_grad_enabled() and self.jac_reg.fires():
+        if self.jac_reg is not None and self.training and torch.is_grad_enabled() and self.jac_reg.fires(self.decision_generator):
             est = hutchinson_frobenius(fn, result.z.detach(), probes=self.jac_reg.probes, create_graph=True)
             info.jac_loss = est.mean()
             info.jac_fro = float(info.jac_loss.detach())

@@ -162,8 +162,9 @@ class JacobianRegularizer:
 
     Args:
         weight: the loss weight (the paper's MDEQ runs use a few tenths).
-        freq: the fraction of training calls it is computed on (drawn from torch's global
-            generator, so seeded runs repeat); 1 = every call.
+        freq: the fraction of training calls it is computed on; 1 = every call. Each call's
+            draw comes from the DEQ's ``decision_generator`` (the trainers set it to the step's
+            generator, a function of ``(seed, global_step)``), else torch's global generator.
         probes: Gaussian probes (VJPs) per estimate.
         warmup: fraction of training over which the weight ramps linearly from 0 (0 = none).
         stop: fraction of training after which the weight is 0 (1 = never switched off).
@@ -187,9 +188,18 @@ class JacobianRegularizer:
             f"warmup={self.warmup}, stop={self.stop})"
         )
 
-    def fires(self) -> bool:
-        """Whether this call computes the term (always with ``freq=1``)."""
-        return self.freq >= 1.0 or bool(torch.rand(()) < self.freq)
+    def fires(self, generator: Optional[torch.Generator] = None) -> bool:
+        """Whether this call computes the term (always with ``freq=1``, drawing nothing).
+
+        Args:
+            generator: draws the decision (default: torch's global generator). Under data
+                parallelism every rank must decide alike: the trainers pass the step's
+                :func:`~deqkit.train.checkpoint.step_generator` (through ``DEQ.decision_generator``).
+        """
+        if self.freq >= 1.0:
+            return True
+        device = None if generator is None else generator.device
+        return bool(torch.rand((), generator=generator, device=device) < self.freq)
 
     def weight_at(self, progress: float) -> float:
         """The weight at ``progress`` ∈ [0, 1] of training (warm-up ramp, switched off after ``stop``)."""

@@ -121,3 +121,60 @@ def test_sim_speed_section(capsys):
     out = bench.bench_sim_speed(cfg, log=lambda s: None)
     assert out["rows"] == 8 and out["cvxpy_rows"] == 1 and _finite(out["admm_s"], out["gap_max"])
     assert out["cvxpy_status"] == {"optimal"}
+
+
+TINY_PRUNING = [
+    "--pruning-datasets",
+    "digits",
+    "--pruning-hidden",
+    "8",
+    "--pruning-epochs",
+    "2",
+    "--pruning-samples",
+    "150",
+    "--pruning-ft-epochs",
+    "1",
+    "--pruning-n-test",
+    "60",
+    "--pruning-n-attack",
+    "20",
+    "--pruning-pgd-steps",
+    "2",
+]
+
+
+def test_cli_sim_pruning_section(tmp_path, capsys):
+    """``deqkit bench --section sim-pruning`` at a tiny setting prints the benchmark's table and writes its JSON."""
+    pytest.importorskip("sklearn")
+    import json
+
+    argv = ["bench", "--section", "sim-pruning", *TINY_PRUNING, "--pruning-densities", "0.5", "--pruning-out", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "== SIM against magnitude pruning" in out and "the full benchmark: python -m deqkit.apps.bench.sim_pruning" in out
+    table = out[out.index("digits/mlp (1 seed)") :].splitlines()
+    assert table[1].split()[:4] == ["target", "method", "accuracy", "density"]
+    rows = {line.split()[1]: line.split() for line in table[2:] if line.strip().startswith(("-", "50%"))}
+    assert set(rows) == {"baseline", "SIM", "SIM+ft", "prune", "prune+ft"}
+    assert all(_finite(*map(float, r[2:4])) for r in rows.values())
+    assert abs(float(rows["SIM"][3]) - 50) <= 2 and rows["prune"][3] == rows["SIM"][3]  # matched density
+    assert "digits/mlp" in json.loads((tmp_path / "sim_pruning.json").read_text())["runs"]
+
+
+def test_cli_sim_pruning_defaults_and_bad_density(capsys):
+    from deqkit.cli.bench import config
+    from deqkit.cli.dispatch import build_parser
+
+    cfg = config(build_parser().parse_args(["bench", "--section", "sim-pruning"]))
+    assert cfg.wanted() == ["sim-pruning"] and cfg.sim_pruning == bench.SimPruningConfig()
+    small = bench.SimPruningConfig()
+    assert small.datasets == ["digits", "synthetic"] and small.models == ["mlp"] and small.seeds == 1
+    args = small.args()  # the benchmark module's own flags, its defaults where the section sets none
+    assert args.densities == [0.7, 0.5, 0.3] and args.hidden == [64, 32, 16] and args.epochs is None
+    # every flag reaches the benchmark
+    given = config(build_parser().parse_args(["bench", "--section", "sim-pruning", *TINY_PRUNING, "--pruning-out", "o"]))
+    want = dict(datasets=["digits"], hidden=[8], epochs=2, samples=150, ft_epochs=1, n_test=60, n_attack=20, pgd_steps=2, out="o")
+    assert given.sim_pruning == bench.SimPruningConfig(**want)
+    assert {k: getattr(given.sim_pruning.args(), k) for k in want} == want
+    assert main(["bench", "--section", "sim-pruning", "--pruning-densities", "1.5"]) == 2
+    assert "--pruning-densities must lie in (0, 1]" in capsys.readouterr().err

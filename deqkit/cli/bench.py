@@ -7,12 +7,14 @@ import argparse
 from typing import Any
 
 from .._options import check_int, check_number
-from .options import Number, add_parser, ints, nonneg_int, pick, positive_float, positive_int
+from .options import Number, add_parser, comma_list, floats, ints, nonneg_int, pick, positive_float, positive_int
 
 DESCRIPTION = """\
 deqkit benchmarks: step cost per gradient estimator, memory against forward depth, torchdeq
-side by side, accuracy over seeds (--section all runs these four) and the SIM solver speed
-(--section sim-speed). --write refreshes this suite's sections of BENCHMARKS.md in place."""
+side by side, accuracy over seeds (--section all runs these four), the SIM solver speed
+(--section sim-speed) and SIM against magnitude pruning (--section sim-pruning, a small run:
+digits and synthetic, MLP, 1 seed, 3 densities, under a minute). --write refreshes this suite's
+sections of BENCHMARKS.md in place."""
 
 
 def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
@@ -38,8 +40,48 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
         "--cvxpy-rows", type=positive_int, default=8, help="rows solved by CVXPY (the time is extrapolated to all rows)"
     )
     g.add_argument("--cvxpy-tol", type=positive_float, default=1e-6, help="Clarabel gap/feasibility tolerance")
+    _add_sim_pruning_group(p)
     p.set_defaults(func=run)
     return p
+
+
+def _add_sim_pruning_group(p: argparse.ArgumentParser) -> None:
+    from ..apps.bench.sim_pruning import FULL_COMMAND, PRUNING_DATASETS, SimPruningConfig
+
+    d = SimPruningConfig()
+
+    g = p.add_argument_group(
+        "sim-pruning section",
+        "SIM against global magnitude pruning at matched density: clean, FGSM and PGD accuracy\n"
+        "(--data-dir as above). The defaults are a small run (under a minute); the full benchmark:\n"
+        f"  {FULL_COMMAND}",
+    )
+    g.add_argument("--pruning-datasets", type=comma_list(PRUNING_DATASETS), default=d.datasets, help="comma list of data sets")
+    g.add_argument("--pruning-models", type=comma_list(("mlp", "cnn")), default=d.models, help="mlp and/or cnn (image data only)")
+    g.add_argument("--pruning-seeds", type=positive_int, default=d.seeds, help="seeds 0 … N−1")
+    g.add_argument("--pruning-densities", type=floats, default=d.densities, help="target densities in (0, 1], comma list")
+    g.add_argument("--pruning-hidden", type=ints, default=None, help="MLP hidden widths (None: 64,32,16; synthetic 64,32)")
+    g.add_argument("--pruning-epochs", type=positive_int, default=None, help="baseline epochs (None: deqkit sim's per data set)")
+    g.add_argument("--pruning-samples", type=positive_int, default=None, help="state samples (None: 1000 digits, 2000 others)")
+    g.add_argument(
+        "--pruning-ft-epochs", type=nonneg_int, default=d.ft_epochs, help="fine-tuning epochs, the same for SIM and pruning"
+    )
+    g.add_argument("--pruning-n-test", type=positive_int, default=None, help="test samples (None: the whole test split)")
+    g.add_argument("--pruning-n-attack", type=positive_int, default=d.n_attack, help="test samples attacked by FGSM/PGD")
+    g.add_argument("--pruning-pgd-steps", type=positive_int, default=d.pgd_steps, help="PGD steps")
+    g.add_argument("--pruning-out", default=d.out, help="directory of sim_pruning.json")
+
+
+def _sim_pruning_config(args: argparse.Namespace) -> Any:
+    from ..apps.bench import SimPruningConfig
+    from ..errors import OptionError
+
+    bad = [d for d in args.pruning_densities if not 0 < d <= 1]
+    if bad:
+        raise OptionError(f"deqkit bench: --pruning-densities must lie in (0, 1], got {bad}.")
+    names = ("datasets", "models", "seeds", "densities", "hidden", "epochs", "samples", "ft_epochs", "n_test", "n_attack")
+    opts = {n: getattr(args, f"pruning_{n}") for n in (*names, "pgd_steps", "out")}
+    return SimPruningConfig(**opts, data_dir=args.data_dir)
 
 
 def config(args: argparse.Namespace) -> Any:
@@ -62,7 +104,11 @@ def config(args: argparse.Namespace) -> Any:
     sim = SimSpeedConfig(
         **pick(args, "dataset", "data_dir", "hidden", "samples", "lam", "cvxpy_rows", "cvxpy_tol", "baseline", "epochs")
     )
-    return SuiteConfig(**pick(args, "section", "quick", "repeats", "seeds", "threads", "write"), sim_speed=sim)
+    return SuiteConfig(
+        **pick(args, "section", "quick", "repeats", "seeds", "threads", "write"),
+        sim_speed=sim,
+        sim_pruning=_sim_pruning_config(args),
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ __all__ = [
     "rng_state",
     "seed_everything",
     "set_rng_state",
+    "step_generator",
     "warn_on_changed_settings",
 ]
 
@@ -76,6 +77,15 @@ def seed_everything(seed: int) -> None:
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The generator that shuffles epoch ``epoch`` (0-based): a function of ``(seed, epoch)`` only."""
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def step_generator(seed: int, global_step: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator every rank builds identically for step ``global_step`` of a run seeded ``seed``.
+
+    Draw from it every random decision that must agree across ranks (whether this step adds a
+    Jacobian penalty, a randomised iteration cap, ...): a function of ``(seed, global_step)``
+    only, so a resumed run draws what an uninterrupted one drew."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + 7_919 * global_step + 1) % (2**63 - 1))
 
 
 def rng_state() -> dict[str, Any]:

@@ -21,9 +21,11 @@ What the trainer guarantees
 * **Random decisions that must agree across ranks** are drawn from generators every rank builds
   from the same numbers: the data order (``epoch_generator(seed, epoch)``) and, for per-step
   choices such as whether to apply a Jacobian penalty or a randomised iteration cap,
-  :func:`step_generator` ``(seed, global_step)``. A decision drawn from a per-rank generator
-  makes ranks build different graphs (DDP then waits for gradients that never come) or do
-  different work. Per-sample randomness (dropout masks outside the cell) may differ by rank.
+  :func:`step_generator` ``(seed, global_step)``: the trainer hands each step's generator to every
+  DEQ (``DEQ.decision_generator``), which draws its randomised iteration cap and whether its
+  Jacobian penalty fires from it. A decision drawn from a per-rank generator makes ranks build
+  different graphs (DDP then waits for gradients that never come) or do different work.
+  Per-sample randomness (dropout masks outside the cell) may differ by rank.
 * **Gradients reach the parameters through ``.backward()``**, which is what DDP all-reduces: every
   estimator of :mod:`deqkit.estimators` takes its vector–Jacobian products with
   ``torch.autograd.grad`` *with respect to the state only* and hands the adjoint to the cell's
@@ -76,7 +78,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from .._options import check_bool, check_fraction, check_int, validated_options
 from ..deq import DEQ
 from ..errors import OptionError
-from .checkpoint import atomic_torch_save, epoch_generator
+from .checkpoint import atomic_torch_save, epoch_generator, step_generator
 from .config import TrainConfig
 from .loop import PathLike, Trainer, _InterruptGuard
 from .metrics import Callback, Metrics, MetricsLog
@@ -223,14 +225,6 @@ def launch(
                 p.join(5)
                 if p.is_alive():
                     p.kill()
-
-
-def step_generator(seed: int, global_step: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A generator every rank builds identically for step ``global_step`` of a run seeded ``seed``.
-
-    Draw from it every random decision that must agree across ranks (whether this step adds a
-    Jacobian penalty, a randomised iteration cap, ...)."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + 7_919 * global_step + 1) % (2**63 - 1))
 
 
 class EpochShardSampler(DistributedSampler):

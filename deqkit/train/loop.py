@@ -55,6 +55,7 @@ from .checkpoint import (
     rng_state,
     seed_everything,
     set_rng_state,
+    step_generator,
     warn_on_changed_settings,
 )
 from .config import TrainConfig
@@ -639,6 +640,7 @@ class _Stabilisers:
         self.model, self.config = model, config
         self._saved: list[tuple[Any, int, Optional[int]]] = []
         self._jac_reg: Any = None
+        self._saved_generators: list[tuple[Any, Optional[torch.Generator]]] = []
 
     def _deqs(self) -> list[Any]:
         from .metrics import deqs
@@ -683,11 +685,27 @@ class _Stabilisers:
                 deq.spectral_radius_iters = cfg.monitor_iters
             if pretrain:
                 deq.unrolled_depth = cfg.pretrain_depth
+        self._set_decision_generator(global_step)
+
+    def _set_decision_generator(self, global_step: Optional[int]) -> None:
+        """The step's random decisions (iteration cap, Jacobian penalty) come from a generator
+        that is a function of ``(seed, global_step)``: the same on every rank and under resume.
+        ``None``: put back the DEQs' own generators after the step."""
+        if global_step is None:
+            for deq, gen in self._saved_generators:
+                deq.decision_generator = gen
+            self._saved_generators = []
+            return
+        step_gen = step_generator(self.config.seed, global_step)
+        self._saved_generators = [(deq, deq.decision_generator) for deq in self._deqs()]
+        for deq, _ in self._saved_generators:
+            deq.decision_generator = step_gen
 
     def after_step(self) -> None:
         for deq, iters, depth in self._saved:
             deq.spectral_radius_iters, deq.unrolled_depth = iters, depth
         self._saved = []
+        self._set_decision_generator(None)
 
     def extra_loss(self, infos: list[DEQInfo], y: Tensor, progress: float) -> Optional[Tensor]:
         """Jacobian regularisation and fixed-point correction terms of this step (``None``: none)."""

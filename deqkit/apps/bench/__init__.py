@@ -5,6 +5,7 @@
 - :mod:`.torchdeq`: side by side with torchdeq 0.1.0;
 - :mod:`.accuracy`: ``deqkit compare`` over seeds, at equal epochs and equal wall-clock;
 - :mod:`.sim_speed`: the SIM batched ADMM against CVXPY;
+- :mod:`.sim_pruning`: SIM against magnitude pruning at matched density (clean and attacked accuracy);
 - :mod:`.measure`: how time and memory are measured; :mod:`.report`: BENCHMARKS.md sections;
 - :mod:`.suite`: running sections, the job behind ``deqkit bench``.
 """
@@ -14,6 +15,7 @@ from .config import HARD, REFERENCE, BenchConfig, build_model, digits_batch
 from .measure import peak_allocated_bytes, saved_tensor_bytes
 from .memory import BPTT, bench_memory, format_memory_table, memory_targets
 from .report import md_table, replace_sections, write_sections
+from .sim_pruning import SimPruningConfig, bench_sim_pruning
 from .sim_speed import SimSpeedConfig, bench_sim_speed
 from .step import STEP_ESTIMATORS, bench_step, format_step_table, step_targets
 from .suite import SECTIONS, SuiteConfig, render_sections, run_suite
@@ -28,11 +30,13 @@ __all__ = [
     "REFERENCE",
     "SECTIONS",
     "STEP_ESTIMATORS",
+    "SimPruningConfig",
     "SimSpeedConfig",
     "SuiteConfig",
     "accuracy_targets",
     "bench_accuracy",
     "bench_memory",
+    "bench_sim_pruning",
     "bench_sim_speed",
     "bench_step",
     "bench_torchdeq",

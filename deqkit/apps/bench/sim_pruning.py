@@ -15,18 +15,23 @@ counted in its unrolled, implicit form for both methods):
 
 Prints one table per data set/architecture (mean over seeds) and writes ``sim_pruning.json``
 (atomically, after every seed, so an interrupted run keeps what finished).
+
+``deqkit bench --section sim-pruning`` runs a small version (:class:`SimPruningConfig`'s
+defaults); :data:`FULL_COMMAND` is the full one.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Optional, cast
 
 import torch
 from torch import Tensor, nn
@@ -40,11 +45,18 @@ from ...sim.fit import baseline_nonzeros, count_nonzeros, finetune, fit_sim
 from ...sim.pruning import magnitude_prune, masked_finetune
 from ...sim.robust import certified_linf_gain
 from ...sim.states import collect_states
-from ..sim import defaults, image_shape, load_data
+from ..sim import DATASETS, defaults, image_shape, load_data
 
-__all__ = ["main", "run"]
+__all__ = ["FULL_COMMAND", "SimPruningConfig", "bench_sim_pruning", "main", "run"]
 
 METHODS = ("SIM", "SIM+ft", "SIM-robust", "prune", "prune+ft")
+#: data sets the benchmark knows (``synthetic``: sklearn's ``make_classification``)
+PRUNING_DATASETS = (*DATASETS, "synthetic")
+#: the full benchmark (all data sets, both architectures, 3 seeds, 3 densities; hours on a CPU)
+FULL_COMMAND = (
+    "python -m deqkit.apps.bench.sim_pruning --datasets digits,synthetic,fashion-mnist --models mlp,cnn "
+    "--seeds 3 --densities 0.7,0.5,0.3 --ft-epochs 5"
+)
 
 
 def synthetic(seed: int = 0) -> tuple[Tensor, ...]:
@@ -257,6 +269,60 @@ def run(args: Any, log=print) -> dict:
                 atomic_write_bytes(out / "sim_pruning.json", json.dumps(results, indent=1).encode())
             log(format_table(name, model, runs, args))
     return results
+
+
+@dataclass
+class SimPruningConfig:
+    """Settings of ``deqkit bench --section sim-pruning`` (the flags of this module that it sets).
+
+    The defaults are a small run: the MLP rows of the full benchmark (digits and synthetic, one
+    seed, densities 0.7, 0.5, 0.3; this module's fine-tuning and attack settings), under a
+    minute on one CPU thread.
+    ``None`` keeps this module's own default (``epochs``: ``deqkit sim``'s per data set;
+    ``samples``: 1000 digits, 2000 others; ``hidden``: 64,32,16; ``n_test``: the whole test split).
+    """
+
+    datasets: list[str] = field(default_factory=lambda: ["digits", "synthetic"])
+    models: list[str] = field(default_factory=lambda: ["mlp"])
+    seeds: int = 1
+    densities: list[float] = field(default_factory=lambda: [0.7, 0.5, 0.3])
+    hidden: Optional[list[int]] = None
+    epochs: Optional[int] = None
+    samples: Optional[int] = None
+    ft_epochs: int = 5
+    n_test: Optional[int] = None
+    n_attack: int = 300
+    pgd_steps: int = 10
+    data_dir: Optional[str] = None
+    out: str = "runs/sim_pruning"
+
+    def args(self) -> argparse.Namespace:
+        """This module's parsed flags for these settings (its defaults elsewhere)."""
+        ns = parser().parse_args([])
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                setattr(ns, f.name, list(value) if isinstance(value, list) else value)
+        return ns
+
+    def command(self) -> str:
+        """The equivalent ``python -m deqkit.apps.bench.sim_pruning`` command line."""
+        parts = ["python -m deqkit.apps.bench.sim_pruning"]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                text = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) if isinstance(value, list) else value
+                parts.append(f"--{f.name.replace('_', '-')} {text}")
+        return " ".join(parts)
+
+
+def bench_sim_pruning(cfg: SimPruningConfig, log: Any = print) -> dict:
+    """Run the benchmark with ``cfg``'s settings: prints its tables, writes ``<out>/sim_pruning.json``."""
+    for name in cfg.datasets:
+        if name not in PRUNING_DATASETS:
+            raise OptionError(f"sim_pruning: unknown data set {name!r}; choose from {', '.join(PRUNING_DATASETS)}.")
+    log(f"({cfg.command()}; the full benchmark: {FULL_COMMAND})")
+    return run(cfg.args(), log)
 
 
 def main(argv: list[str] | None = None) -> int:

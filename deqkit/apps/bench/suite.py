@@ -3,7 +3,7 @@ their sections of BENCHMARKS.md (``--write``).
 
 Sections: ``step`` (:mod:`.step`), ``memory`` (:mod:`.memory`), ``torchdeq`` (:mod:`.torchdeq`),
 ``accuracy`` (:mod:`.accuracy`) — the four BENCHMARKS.md sections, ``all`` — and ``sim-speed``
-(:mod:`.sim_speed`, printed only). How time and memory are measured: :mod:`.measure`.
+(:mod:`.sim_speed`) and ``sim-pruning`` (:mod:`.sim_pruning`, a small run by default), printed only. How time and memory are measured: :mod:`.measure`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from .config import HARD, REFERENCE, BenchConfig
 from .krylov import KRYLOV_NOTES, bench_krylov, format_krylov_table, krylov_targets
 from .memory import MEMORY_NOTES, bench_memory, format_memory_table, memory_targets
 from .report import header, write_sections
+from .sim_pruning import SimPruningConfig, bench_sim_pruning
 from .sim_speed import SimSpeedConfig, bench_sim_speed
 from .step import STEP_NOTES, bench_step, format_step_table, step_targets
 from .torchdeq import INSTALL_HINT, TORCHDEQ_NOTES, bench_torchdeq, format_torchdeq_tables, torchdeq_targets
@@ -30,8 +31,8 @@ __all__ = ["SECTIONS", "SuiteConfig", "run_suite", "render_sections", "SECTION_N
 #: the BENCHMARKS.md sections this suite owns: ``--section`` name → heading
 SECTIONS: dict[str, str] = {"step": step.TITLE, "memory": memory.TITLE, "torchdeq": torchdeq.TITLE, "accuracy": accuracy.TITLE}
 
-#: ``--section`` choices: the BENCHMARKS.md sections, ``sim-speed`` and ``all`` (the former)
-SECTION_NAMES = (*SECTIONS, "sim-speed", "all")
+#: ``--section`` choices: the BENCHMARKS.md sections, ``sim-speed``, ``sim-pruning`` and ``all`` (the former)
+SECTION_NAMES = (*SECTIONS, "sim-speed", "sim-pruning", "all")
 _QUICK = BenchConfig("reference-quick", batch=16)
 
 
@@ -46,6 +47,7 @@ class SuiteConfig:
     threads: int = 1
     write: Optional[str] = None
     sim_speed: SimSpeedConfig = field(default_factory=SimSpeedConfig)
+    sim_pruning: SimPruningConfig = field(default_factory=SimPruningConfig)
 
     @property
     def rounds(self) -> int:
@@ -129,12 +131,18 @@ def _run_sim_speed(cfg: SuiteConfig) -> dict:
     return bench_sim_speed(cfg.sim_speed)
 
 
+def _run_sim_pruning(cfg: SuiteConfig) -> dict:
+    print("\n== SIM against magnitude pruning at matched density ==")
+    return bench_sim_pruning(cfg.sim_pruning)
+
+
 RUNNERS: dict[str, Callable[[SuiteConfig], Any]] = {
     "step": _run_step,
     "memory": _run_memory,
     "torchdeq": _run_torchdeq,
     "accuracy": _run_accuracy,
     "sim-speed": _run_sim_speed,
+    "sim-pruning": _run_sim_pruning,
 }
 
 
