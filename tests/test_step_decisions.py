@@ -135,6 +135,22 @@ def test_trainer_puts_the_deqs_own_generator_back():
     assert caps[0] == caps[1] == int(torch.randint(LOW, HIGH + 1, (), generator=torch.Generator().manual_seed(3)))
 
 
+def test_a_step_that_raises_still_puts_the_deqs_settings_back():
+    """A step whose loss is non-finite raises NonFiniteError; the DEQ's own generator and per-step
+    settings are restored all the same (a caller that catches the error goes on with them)."""
+    from deqkit.errors import NonFiniteError
+
+    model = _model()
+    own = torch.Generator().manual_seed(0)
+    model.deq.decision_generator = own
+    depth = model.deq.unrolled_depth
+    x, y = _data().tensors
+    bad = torch.utils.data.TensorDataset(torch.full_like(x, float("nan")), y)
+    with pytest.raises(NonFiniteError):
+        Trainer(model, bad, None, _config(max_steps=2, pretrain_steps=1)).fit()
+    assert model.deq.decision_generator is own and model.deq.unrolled_depth == depth
+
+
 # -- two gloo processes: both ranks draw the same caps and penalties ----------------------------------
 def _ddp_worker(out_dir: str) -> None:
     from deqkit.train.distributed import DistributedTrainer, world_info

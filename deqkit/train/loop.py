@@ -305,21 +305,23 @@ class Trainer:
         infos: list[DEQInfo] = []
         self.optimizer.zero_grad(set_to_none=True)
         self._stabilisers.before_step(self._pos["global_step"])
-        t0 = synced_perf_counter(self.device)
-        module = self._train_module()
-        with collect_infos(self.model, infos), autocast(self._amp_dtype, self.device):
-            logits = module(x, target=y) if self._passes_target else module(x)
-            loss = self._loss(logits, y)
-        extra_loss = self._stabilisers.extra_loss(infos, y, self._pos["global_step"] / max(self.total_steps, 1))
-        t1 = synced_perf_counter(self.device)
-        if not torch.isfinite(loss):
-            raise NonFiniteError(
-                f"Trainer: the training loss is {loss.item()} at step {self._pos['global_step'] + 1}. "
-                f"Lower the learning rate, set grad_clip, or use a contractive cell (spectral_norm=True)."
-            )
-        self._backward(loss + extra_loss if extra_loss is not None else loss)
-        t2 = synced_perf_counter(self.device)
-        self._stabilisers.after_step()
+        try:  # the DEQs' own settings come back even when the step raises (a caller may go on)
+            t0 = synced_perf_counter(self.device)
+            module = self._train_module()
+            with collect_infos(self.model, infos), autocast(self._amp_dtype, self.device):
+                logits = module(x, target=y) if self._passes_target else module(x)
+                loss = self._loss(logits, y)
+            extra_loss = self._stabilisers.extra_loss(infos, y, self._pos["global_step"] / max(self.total_steps, 1))
+            t1 = synced_perf_counter(self.device)
+            if not torch.isfinite(loss):
+                raise NonFiniteError(
+                    f"Trainer: the training loss is {loss.item()} at step {self._pos['global_step'] + 1}. "
+                    f"Lower the learning rate, set grad_clip, or use a contractive cell (spectral_norm=True)."
+                )
+            self._backward(loss + extra_loss if extra_loss is not None else loss)
+            t2 = synced_perf_counter(self.device)
+        finally:
+            self._stabilisers.after_step()
         self._update_parameters()
         return {
             **stability_stats(infos),
