@@ -1,7 +1,7 @@
 """deqkit: deep equilibrium and implicit models in PyTorch, every cheap gradient one switch apart."""
 
 from .deq import DEQ, DEQInfo
-from .errors import ConvergenceError, ConvergenceWarning, DEQError, NonFiniteError, OptionError
+from .errors import ConvergenceError, ConvergenceWarning, DEQError, NonFiniteError, OptionError, PrecisionWarning
 from .estimators import (
     SHINE,
     Adaptive,
@@ -61,6 +61,7 @@ __all__ = [
     "register_linear_solver",
     "ConvergenceError",
     "ConvergenceWarning",
+    "PrecisionWarning",
     "DEQError",
     "NonFiniteError",
     "OptionError",

@@ -8,7 +8,9 @@ Every failure is surfaced through one of these classes, in core, ``deqkit.bileve
 - :class:`ConvergenceError` / :class:`ConvergenceWarning` — an iterative solve missed its
   tolerance within its iteration cap (raised or warned according to ``on_failure``);
 - :class:`NonFiniteError` — a solve produced NaN or Inf (always raised unless a solver's own
-  option, such as ``on_nonfinite="freeze"``, says otherwise).
+  option, such as ``on_nonfinite="freeze"``, says otherwise);
+- :class:`PrecisionWarning` — a requested tolerance is below what the dtype resolves (it was
+  raised to the dtype's floor; see :mod:`deqkit.solvers.precision`).
 
 ``on_failure`` is the one spelling of the failure policy everywhere: ``"warn"`` (default),
 ``"raise"`` or ``"ignore"``; whatever the policy, the result object records what happened
@@ -27,6 +29,7 @@ __all__ = [
     "ConvergenceError",
     "NonFiniteError",
     "ConvergenceWarning",
+    "PrecisionWarning",
     "FAILURE_POLICIES",
     "FailurePolicy",
     "apply_failure_policy",
@@ -54,6 +57,10 @@ class NonFiniteError(DEQError):
 
 class ConvergenceWarning(UserWarning):
     """A solve missed its tolerance within its iteration cap (the result is still returned)."""
+
+
+class PrecisionWarning(UserWarning):
+    """A requested tolerance is below what the computation's dtype can resolve (it was raised)."""
 
 
 FailurePolicy = Literal["warn", "raise", "ignore"]

@@ -376,3 +376,35 @@ def test_cg_refuses_non_finite_products(B):
         CG().solve(lambda p: p * float("nan"), b)
     with pytest.raises(NonFiniteError, match="non-positive curvature"):
         CG().solve(lambda p: -p, b)
+
+
+def test_cg_adjoint_follows_the_shared_dtype_policy_and_operand_checks():
+    """CG's adjoint goes through LinearSolver.solve_adjoint like every linear solver: a bfloat16
+    right-hand side is solved in float32 (the VJP sees bfloat16, w comes back in bfloat16), a tol
+    below bfloat16's resolution is raised to it with a PrecisionWarning, and a NaN right-hand side
+    is a NonFiniteError naming the incoming gradient."""
+    import warnings
+
+    from deqkit.errors import NonFiniteError, PrecisionWarning
+    from deqkit.linear import CG
+
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    S = 0.4 * (M + M.T) / float(torch.linalg.matrix_norm(M + M.T, ord=2))  # symmetric, ‖S‖ = 0.4
+    v = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    seen = set()
+
+    def vjp(u):
+        seen.add(u.dtype)
+        return u @ S.to(u.dtype)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = CG(tol=1e-8, max_iter=50).solve_adjoint(vjp, v.bfloat16())
+    assert seen == {torch.bfloat16} and res.z.dtype == torch.bfloat16
+    assert any(issubclass(w.category, PrecisionWarning) and "bfloat16" in str(w.message) for w in caught)
+    assert res.tol >= 4 * 2**-7 and bool(res.converged.all())
+    want = torch.linalg.solve(torch.eye(6, dtype=torch.float64) - S.T, v.T).T  # w (I − S) = v
+    assert float((res.z.double() - want).norm() / want.norm()) < 0.05
+    with pytest.raises(NonFiniteError, match="right-hand side"):
+        CG().solve_adjoint(vjp, torch.full((2, 6), float("nan"), dtype=torch.float64))

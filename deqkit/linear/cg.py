@@ -142,18 +142,12 @@ class CG(LinearSolver):
             f"definite, so conjugate gradient does not apply (use GMRES for a non-symmetric or indefinite system)."
         )
 
-    def solve_adjoint(
-        self,
-        vjp: Fn,
-        v: Tensor,
-        *,
-        w0: Optional[Tensor] = None,
-        tol: Optional[float] = None,
-        max_iter: Optional[int] = None,
-        preconditioner: Any = None,
-        inverse: Any = None,
+    def _solve(
+        self, vjp: Fn, v: Tensor, w0: Optional[Tensor], tol: float, max_iter: int, options: dict[str, Any]
     ) -> SolverResult:
-        """Solve ``w = vjp(w) + v``, i.e. ``A(w) = v`` with ``A(w) = w − vjp(w) = w (I − J)``.
+        """Solve ``w = vjp(w) + v``, i.e. ``A(w) = v`` with ``A(w) = w − vjp(w) = w (I − J)``
+        (called by :meth:`~deqkit.linear.LinearSolver.solve_adjoint`, which checks the operands and
+        applies the dtype policy).
 
         Valid only when ``I − J`` is symmetric positive definite (``J`` symmetric with every
         eigenvalue below 1, e.g. a gradient-descent step on a strongly convex function); a
@@ -163,7 +157,6 @@ class CG(LinearSolver):
         ``inverse`` (a preconditioner for CG must itself be symmetric positive definite, which a
         Broyden inverse estimate is not).
         """
-        self._refuse_options(preconditioner, inverse)
         shape, B = v.shape, v.shape[0]
         vf = v.reshape(B, -1)
 

@@ -29,11 +29,9 @@ from typing import Any, Optional
 
 import torch
 
+from ..errors import PrecisionWarning  # re-exported here, where the dtype policy lives
+
 __all__ = ["PrecisionWarning", "autocast_dtype", "coarsest", "min_tol", "resolve_tol", "state_dtype"]
-
-
-class PrecisionWarning(UserWarning):
-    """A requested tolerance is below what the computation's dtype can resolve (it was raised)."""
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
