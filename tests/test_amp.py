@@ -121,9 +121,10 @@ def test_fp16_gradscaler_trains_on_cuda(tmp_path) -> None:
     assert ckpt["scaler"] is not None and ckpt["scaler"]["scale"] > 0
 
 
-def test_cli_refuses_fp16_on_cpu_in_one_line(capsys) -> None:
+def test_cli_refuses_fp16_on_cpu_in_one_line(capsys, tmp_path) -> None:
     from deqkit.cli import main
 
-    rc = main(["train", "--amp", "fp16", "--device", "cpu", "--subset", "32", "--epochs", "1", "--no-progress", "--nproc", "2"])
+    argv = ["train", "--amp", "fp16", "--device", "cpu", "--subset", "32", "--epochs", "1", "--no-progress", "--nproc", "2"]
+    rc = main([*argv, "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert rc == 2 and "amp='fp16' needs a CUDA device" in err and "Traceback" not in err
