@@ -121,7 +121,9 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     from .config import HARD, REFERENCE
 
-    parser = argparse.ArgumentParser(prog="python -m deqkit.apps.bench.krylov", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m deqkit.apps.bench.krylov", description="GMRES cost per Krylov step against one VJP."
+    )
     parser.add_argument("--steps", type=int, default=20, help="Krylov steps per solve (default 20)")
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds (default 15)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
