@@ -1,12 +1,13 @@
 """Restarted GMRES for the adjoint equation, with the Krylov bookkeeping kept off the critical path.
 
-Per Krylov step the work is one VJP, two block projections against the stacked basis
-(classical Gram–Schmidt with one reorthogonalisation, as batched matrix products), a norm, and
-one Givens rotation of the small least-squares problem (float64; the earlier rotations are
-applied to the new column as one product with their accumulated matrix): no Python loop over
-basis vectors and no host synchronisation. The residual estimate after every step stays on the
-device; *checks* read it, so each sample stops at the first step where it met its target
-whichever step the check ran at, and the next check is scheduled from the observed rate.
+Per Krylov step the work is one VJP, four batched products against the stacked basis (classical
+Gram–Schmidt with one reorthogonalisation), a norm, a division and two stores: no Python loop
+over basis vectors, no host synchronisation and no least-squares work. The small least-squares
+problem is brought up to date only at *checks*: the Hessenberg columns since the previous check
+are rotated by the accumulated orthogonal factor (one product) and the block below gets its own
+float64 QR. That gives the residual estimate after every step, so each sample stops at the first
+step where it met its target whichever step the check ran at; the next check is scheduled from
+the observed rate.
 """
 
 from __future__ import annotations
@@ -24,10 +25,77 @@ from ..registry import register_linear_solver
 from ..solvers.base import SolverResult
 from .base import Fn, LinearSolver, _check_finite, _result
 
-__all__ = ["GMRES", "KrylovRun"]
+__all__ = ["GMRES", "HessenbergQR", "KrylovRun", "arnoldi_step"]
 
 #: the longest stretch of Krylov steps between two checks
 _MAX_CHECK_GAP = 8
+
+
+def arnoldi_step(V: Tensor, Ht: Tensor, j: int, u: Tensor, passes: int = 2) -> Tensor:
+    """Orthogonalise ``u`` ``(B, 1, d)`` against the basis rows ``V[:, :j+1]``, store it normalised as
+    ``V[:, j+1]`` and its Hessenberg column (the projections, then the norm left) as ``Ht[:, j, :j+2]``;
+    returns the new basis vector ``(B, d)`` (contiguous).
+
+    Classical Gram–Schmidt as block products (no loop over basis vectors, no host
+    synchronisation), run ``passes`` times: two is one reorthogonalisation, which keeps the basis
+    orthonormal to working precision ("twice is enough", Giraud, Langou & Rozložník, Comput. Math.
+    Appl. 2005), where one pass loses orthogonality on ill-conditioned Krylov spaces. Each pass
+    after the first updates the accumulated projections ``h`` and projects ``u`` once by them
+    (``u − hV``), so two passes are four batched products. (The second pass runs unconditionally:
+    with ``A = I − J`` and ``J`` contractive ``A v ≈ v``, so the usual test for skipping it, a norm
+    kept above ``1/√2``, fails at nearly every step.) A zero norm (breakdown) stores a zero row;
+    the least squares masks it.
+    """
+    basis = V[:, : j + 1]
+    bt = basis.transpose(1, 2)
+    h = torch.bmm(u, bt)  # (B, 1, j+1)
+    w = torch.baddbmm(u, h, basis, alpha=-1)
+    for _ in range(passes - 1):
+        h = torch.baddbmm(h, w, bt)
+        w = torch.baddbmm(u, h, basis, alpha=-1)
+    # (``out=`` into strided views is slow for the products on CPU; the norm is cheap there)
+    hn = torch.linalg.vector_norm(w, dim=2, keepdim=True, out=Ht[:, j : j + 1, j + 1 : j + 2])  # (B, 1, 1)
+    Ht[:, j, : j + 1] = h.squeeze(1)
+    nxt = (w / hn.clamp_min(torch.finfo(w.dtype).tiny)).squeeze(1)
+    V[:, j + 1] = nxt
+    return nxt
+
+
+class HessenbergQR:
+    """The QR factorisation (float64) of a growing ``(B, j+1, j)`` Hessenberg matrix, extended by
+    blocks of new columns, and the GMRES least-squares residuals it gives.
+
+    ``Qt`` accumulates ``Qᵀ`` and ``R`` the triangular factor. A new block of columns is rotated by
+    ``Qt`` (one product) and the Hessenberg block below the factored rows gets its own QR. The
+    Householder reflectors of a Hessenberg matrix each touch two rows, so the first ``i`` of them
+    are the QR of its leading ``(i+1) × i`` block: with ``g = β Qᵀe₁`` the least-squares residual
+    with the first ``i`` basis vectors is ``‖g[i:]‖`` and its solution solves ``R[:i, :i] y = g[:i]``
+    (Saad, "Iterative Methods for Sparse Linear Systems", §6.5.3, with blocks of rotations).
+    """
+
+    def __init__(self, beta: Tensor, k_max: int) -> None:
+        B, f64 = beta.shape[0], torch.float64
+        self.beta = beta.to(f64)
+        self.Qt = torch.eye(k_max + 1, dtype=f64, device=beta.device).expand(B, k_max + 1, k_max + 1).contiguous()
+        self.R = torch.zeros(B, k_max, k_max, dtype=f64, device=beta.device)
+        self.m = 0  # columns factored
+
+    def update(self, Ht: Tensor, j: int) -> Tensor:
+        """Factor the columns ``m..j-1`` of the Hessenberg matrix (``Ht`` holds column ``i`` as row ``i``); returns ``est`` ``(B, j+1)``, ``est[:, i]`` the
+        least-squares residual with the first ``i`` basis vectors."""
+        m = self.m
+        if j > m:
+            C = torch.bmm(self.Qt[:, : j + 1, : j + 1], Ht[:, m:j, : j + 1].transpose(1, 2).to(torch.float64))
+            self.R[:, :m, m:j] = C[:, :m]
+            Qb, Rb = torch.linalg.qr(C[:, m:], mode="complete")
+            self.R[:, m:j, m:j] = Rb[:, : j - m]
+            self.Qt[:, m : j + 1, : j + 1] = torch.bmm(Qb.transpose(1, 2), self.Qt[:, m : j + 1, : j + 1])
+            self.m = j
+        return self.g(j).square().flip(1).cumsum(1).flip(1).sqrt()
+
+    def g(self, j: int) -> Tensor:
+        """``β Qᵀe₁`` over the first ``j+1`` rows, ``(B, j+1)``."""
+        return self.beta[:, None] * self.Qt[:, : j + 1, 0]
 
 
 class KrylovRun:
@@ -68,59 +136,31 @@ class KrylovRun:
 
     def _cycle(self, r: Tensor, beta: Tensor, active: Tensor, k_max: int) -> Tensor:
         """One Arnoldi cycle of up to ``k_max`` steps from residual ``r``; the step to add to ``y``."""
-        B, d = r.shape
-        dev, f64 = r.device, torch.float64
-        V = r.new_empty(B, k_max + 1, d)  # the orthonormal basis, one row per Krylov vector
+        B = r.shape[0]
+        V = r.new_empty(B, k_max + 1, r.shape[1])  # the orthonormal basis, one row per Krylov vector
         V[:, 0] = r / torch.where(beta > 0, beta, torch.ones_like(beta))[:, None]
-        # the least squares, in float64: Q accumulates the Givens rotations (so a new Hessenberg
-        # column is rotated by one product), R is the rotated Hessenberg, est[:, i] the residual
-        # estimate with i basis vectors
-        Q = torch.eye(k_max + 1, dtype=f64, device=dev).expand(B, k_max + 1, k_max + 1).contiguous()
-        R = torch.zeros(B, k_max, k_max, dtype=f64, device=dev)
-        est = torch.zeros(B, k_max + 1, dtype=f64, device=dev)
-        est[:, 0] = beta
-        b64 = beta.to(f64)
-        tiny = torch.finfo(r.dtype).tiny
+        # the Hessenberg matrix of the Arnoldi relation (transposed), column j filled at step j; its least
+        # squares is brought up to date (float64 QR) only at checks
+        Ht = r.new_zeros(B, k_max, k_max + 1)  # row j: column j
+        ls = HessenbergQR(beta, k_max)
         j = 0  # Krylov steps taken in this cycle
         next_check = min(self.first_check, k_max)
+        vj = V[:, 0].clone()  # the newest basis vector, contiguous for the VJP
         while True:
-            u = self.op(V[:, j])
+            u = self.op(vj).unsqueeze(1)
             self.used += 1
-            basis = V[:, : j + 1]  # (B, j+1, d)
-            bt = basis.transpose(1, 2)
-            u3 = u.unsqueeze(1)
-            h = torch.bmm(u3, bt)  # classical Gram–Schmidt, as block products
-            u3 = u3 - torch.bmm(h, basis)
-            h2 = torch.bmm(u3, bt)  # … and once more ("twice is enough")
-            u3 = u3 - torch.bmm(h2, basis)
-            hn = u3.norm(dim=2, keepdim=True)  # (B, 1, 1)
-            V[:, j + 1] = (u3 / hn.clamp_min(tiny)).squeeze(1)  # hn ≈ 0: breakdown (the LS masks it)
-            # rotate the new Hessenberg column by the previous rotations, then annihilate hn
-            col = torch.bmm(Q[:, : j + 1, : j + 1], (h + h2).to(f64).transpose(1, 2)).squeeze(2)  # (B, j+1)
-            a, b = col[:, j], hn.reshape(B).to(f64)
-            den = torch.hypot(a, b)
-            ok = den > 0
-            safe = torch.where(ok, den, torch.ones_like(den))
-            c = torch.where(ok, a / safe, torch.ones_like(den))
-            s = torch.where(ok, b / safe, torch.zeros_like(den))
-            R[:, :j, j] = col[:, :j]
-            R[:, j, j] = den
-            row = Q[:, j, : j + 1].clone()
-            Q[:, j, : j + 1] = c[:, None] * row
-            Q[:, j + 1, : j + 1] = -s[:, None] * row
-            Q[:, j, j + 1] = s
-            Q[:, j + 1, j + 1] = c
-            est[:, j + 1] = (b64 * Q[:, j + 1, 0]).abs()
+            vj = arnoldi_step(V, Ht, j, u)
             j += 1
             if j < next_check and j < k_max:
                 continue
+            est = ls.update(Ht, j)
             k_s, all_done = self._check(est, j, active)
             if all_done or j >= k_max:
                 break
             next_check = min(k_max, j + self._predict(est, j, active))
         steps = torch.where(active, k_s, torch.zeros_like(k_s))
         self.nstep = self.nstep + steps
-        coeff = self._least_squares(R[:, :j, :j], b64[:, None] * Q[:, :j, 0], steps)
+        coeff = self._least_squares(ls.R[:, :j, :j], ls.g(j)[:, :j], steps)
         return torch.bmm(coeff.to(V.dtype).unsqueeze(1), V[:, :j]).squeeze(1)
 
     def _check(self, est: Tensor, j: int, active: Tensor) -> tuple[Tensor, bool]:
@@ -173,13 +213,18 @@ class GMRES(LinearSolver):
 
     Orthogonalisation is classical Gram–Schmidt with one reorthogonalisation (Giraud, Langou &
     Rozložník, "The loss of orthogonality in the Gram–Schmidt processes", Comput. Math. Appl.
-    2005: "twice is enough"), as two batched products against a preallocated basis. The small
+    2005: "twice is enough"), as batched products against a preallocated basis. The small
     least-squares problem is solved in float64 by a QR factorisation (deterministic, unlike a
-    batched LAPACK ``lstsq``) only at *checks*: one QR gives the residual estimate after every
-    step, so each sample stops at the first step where it met ``tol`` (``nstep`` counts those
-    steps) and its result does not depend on when the check ran; the next check is scheduled
-    from the observed rate (at most ``8`` steps ahead), so there is no host synchronisation per
-    Krylov step. Samples converged at the start of a restart cycle stop changing.
+    batched LAPACK ``lstsq``), extended by the new columns only at *checks*
+    (:class:`HessenbergQR`): it gives the residual estimate after every step, so each sample
+    stops at the first step where it met ``tol`` (``nstep`` counts those steps) and its result
+    does not depend on when the check ran; the next check is scheduled from the observed rate
+    (at most ``8`` steps ahead), so there is no host synchronisation per Krylov step. Samples converged at the start of a restart cycle stop changing.
+
+    The result's residual is the *true* residual ``‖w − wJ − v‖`` of the returned ``w`` (one more
+    VJP at the end of each restart cycle), not the Krylov estimate, and ``converged`` is judged
+    on it; ``nstep`` counts, per sample, the Krylov steps up to the first whose estimate met
+    ``tol`` (the two agree to rounding, as the basis is kept orthonormal).
 
     ``solve_adjoint(..., preconditioner=P)``: a map ``P`` on rows ``(B, d)`` with
     ``P(y) ≈ y (I − J)⁻¹``; GMRES then runs on ``y ↦ P(y)(I − J)`` (right preconditioning, Saad,
