@@ -252,6 +252,8 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
         f"spectral radius {fmt(record.get('spectral_radius'), '.3f')} (max {fmt(record.get('spectral_radius_max'), '.3f')})  "
         f"{record['epoch_s']:.0f}s"
     )
+    if record.get("amp_skipped"):  # the fp16 loss scaler skipped these steps (gradient overflow; scale halved)
+        line += f"  amp skipped {record['amp_skipped']}/{record['steps']} steps (fp16 overflow)"
     conv, rho = record["fwd_converged"], record.get("spectral_radius_max")
     if (conv is not None and conv < UNSTABLE_BELOW) or (rho is not None and rho >= 1.0):
         line += (

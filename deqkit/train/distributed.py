@@ -56,9 +56,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
 import faulthandler
 import gc
+import math
 import os
 import socket
 import time
