@@ -35,6 +35,10 @@ ESTIMATORS = {
     "unrolled": lambda: Unrolled(k=3),
     "adaptive": lambda: Adaptive(check_every=1),
 }
+#: backpropagate through their unrolled steps: no hook, NaN/Inf propagates into the gradients (never a
+#: finite wrong number, tests/faults), which is what the scaler needs and what the trainer's next loss check sees
+UNROLLED = ("jfb", "unrolled")
+HOOKED = sorted(set(ESTIMATORS) - set(UNROLLED))
 
 
 class _Poison(torch.autograd.Function):
@@ -100,7 +104,7 @@ def test_overflow_under_the_scaler_is_skipped_then_training_continues(grad: str)
     _Poison.armed = True
     scaled_backward(scaler, F.cross_entropy(model(x), y))  # must not raise
     assert not loss_scaling_active()
-    assert model.last_info.backward is not None and model.last_info.backward.overflow
+    assert model.last_info.backward is not None and model.last_info.backward.overflow == (grad in HOOKED)
     assert scaler_step(scaler, opt) is True, "the scaler must see the overflow and skip the step"
     assert _same(before, _params(model)), "a skipped step must leave the parameters unchanged"
     assert scaler.get_scale() == 2.0**15
@@ -115,7 +119,7 @@ def test_overflow_under_the_scaler_is_skipped_then_training_continues(grad: str)
     assert scaler.get_scale() == 2.0**15
 
 
-@pytest.mark.parametrize("grad", sorted(ESTIMATORS))
+@pytest.mark.parametrize("grad", HOOKED)
 def test_the_same_nonfinite_gradient_without_a_scaler_still_raises(grad: str) -> None:
     model = _model(grad)
     x, y = _batch()

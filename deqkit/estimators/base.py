@@ -107,6 +107,8 @@ def loss_scaled_backward() -> Iterator[None]:
     does not raise :class:`~deqkit.errors.NonFiniteError`: it returns a ``w`` of NaN, which
     reaches every parameter behind the DEQ, so the scaler sees the overflow and skips the step;
     ``info.backward.overflow`` is set. Outside it, NaN/Inf in the backward raises as always.
+    (:class:`~deqkit.Unrolled` and :class:`~deqkit.JacobianFree` have no adjoint hook: autograd
+    carries NaN/Inf through their unrolled steps into the gradients, in or out of this context.)
     The :class:`~deqkit.train.Trainer` enters it around its scaled backward (``amp="fp16"``);
     in a loop of your own::
 
@@ -141,18 +143,6 @@ def overflow_guard(v: Tensor, compute: Callable[[], Tensor]) -> Tensor:
         if not loss_scaling_active():
             raise
         return torch.full_like(v, float("nan"))
-
-
-def check_incoming(owner: object, v: Optional[Tensor], stats: BackwardStats) -> None:
-    """A backward hook's check of the incoming gradient ``v = dL/dz*`` (estimators without an adjoint
-    hook, :class:`~deqkit.Unrolled`): NaN/Inf raises :class:`~deqkit.errors.NonFiniteError`, except
-    under :func:`loss_scaled_backward`, where it is recorded (``stats.overflow``) and passed on."""
-    if v is None or bool(torch.isfinite(v).all()):
-        return
-    if loss_scaling_active():
-        stats.overflow = True
-        return
-    raise NonFiniteError(_incoming_message(owner))
 
 
 def _incoming_message(owner: object) -> str:

@@ -10,7 +10,7 @@ from torch import Tensor
 from .._options import check_fraction, check_int, validated_options
 from ..registry import register_estimator
 from ..solvers.base import SolverResult
-from .base import AdjointEstimator, BackwardStats, CellFn, GradientEstimator, Vjp, check_incoming, straight_through
+from .base import AdjointEstimator, BackwardStats, CellFn, GradientEstimator, Vjp, straight_through
 
 if TYPE_CHECKING:
     from ..deq import DEQInfo
@@ -85,9 +85,7 @@ class Unrolled(_PhantomOptions, GradientEstimator):
             z = fz if self.damping == 1.0 else self.damping * fz + (1 - self.damping) * z
         if not z.requires_grad:
             return result.z
-        stats = BackwardStats(self.name, time_s=None, vjps=self.k)
-        info.backward = stats
-        z.register_hook(lambda v: check_incoming(self, v, stats))
+        info.backward = BackwardStats(self.name, time_s=None, vjps=self.k)
         return straight_through(result.z, z)
 
     def adjoint_closed_form(self, v: Tensor, J: Tensor, inverse: Optional[Tensor] = None) -> Optional[Tensor]:
