@@ -369,7 +369,10 @@ class Trainer:
         else:
             self.optimizer.step()
         if self.scheduler is not None:
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                if self._amp_skipped:  # the scaler skipped optimizer.step(); the schedule still follows the step count
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                self.scheduler.step()
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> list[dict[str, Any]]:
