@@ -7,10 +7,12 @@
 #    GradScaler), the compiled cell (inductor), and the rest of the suite's device-aware tests;
 # 2. the benchmark rows on CUDA: mixed precision, compiled cell, DDP scaling (NCCL; 1 process,
 #    and 2 when two GPUs are visible);
-# 3. a 1-epoch training run with --device cuda --amp bf16 --compile.
+# 3. a 1-epoch training run with --device cuda --amp bf16 --compile (fp16 + GradScaler, overflow
+#    included, is in the tests of step 1);
+# 4. the benchmark suite's step-cost section on CUDA (python -m deqkit.bench --quick --device cuda).
 # Every step's output goes to OUT_DIR/<step>.txt; a summary line per step is printed at the end.
-# Each step has its own time limit (80+30+90+40+60 s: 300 s at worst), so one hung step cannot
-# take the whole budget. The tests compile with aot_eager; inductor runs in bench-compile and train-cuda.
+# Each step has its own time limit (80+30+90+40+60+40 s: 340 s at worst; the steps usually end well
+# inside their limits), so one hung step cannot take the whole budget. The tests compile with aot_eager; inductor runs in bench-compile and train-cuda.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${1:-gpu_check_out}"
@@ -46,6 +48,7 @@ step bench-compile 90 "$PY" -m deqkit.apps.bench.scale compile --device cuda --b
 if [ "$NGPU" -ge 2 ]; then NPROC="1,2"; else NPROC="1"; fi
 step bench-scaling 40 "$PY" -m deqkit.apps.bench.scale scaling --device cuda --nproc "$NPROC" --steps 10 --warmup 2
 step train-cuda 60 "$PY" -m deqkit train --device cuda --amp bf16 --compile --epochs 1 --subset 512 --out "$OUT/train" --no-progress
+step bench-suite 40 "$PY" -m deqkit.bench --quick --repeats 1 --device cuda --section step
 
 echo
 echo "== summary (outputs in $OUT/)"

@@ -119,6 +119,19 @@ def test_fp16_gradscaler_trains_on_cuda(tmp_path) -> None:
     assert hist[0]["train_loss"] is not None and hist[0]["train_loss"] == hist[0]["train_loss"]
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["scaler"] is not None and ckpt["scaler"]["scale"] > 0
+    assert 0 <= hist[0]["amp_skipped"] < hist[0]["steps"], "the scaler may skip a few overflowed steps, not all"
+
+
+@requires_cuda_run
+def test_fp16_overflow_is_skipped_by_the_scaler_not_raised() -> None:
+    # a scale of 2**40 overflows float16 gradients (max 65504) at once: the DEQ backward must hand the
+    # NaN/Inf to the scaler (skip, halve the scale, count) instead of raising NonFiniteError
+    trainer = _trainer("fp16", "cuda")
+    trainer._scaler = torch.amp.GradScaler("cuda", init_scale=2.0**40)
+    hist = trainer.fit()
+    assert hist[0]["amp_skipped"] >= 1
+    assert trainer._scaler.get_scale() <= 2.0 ** (40 - hist[0]["amp_skipped"])
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
 def test_cli_refuses_fp16_on_cpu_in_one_line(capsys, tmp_path) -> None:

@@ -17,6 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "deqkit"
 APPS = ("deqkit.cli", "deqkit.apps")
+#: ``python -m`` entry points: they run the command line, so they import it
+SHIMS = ("deqkit.__main__", "deqkit.bench")
 
 
 def _module_name(path: Path) -> str:
@@ -25,11 +27,11 @@ def _module_name(path: Path) -> str:
 
 
 def core_modules() -> list[Path]:
-    """Every module of the package outside the applications (and the ``python -m deqkit`` shim)."""
+    """Every module of the package outside the applications (and the ``python -m deqkit`` / ``deqkit.bench`` shims)."""
     out = []
     for path in sorted(PACKAGE.rglob("*.py")):
         name = _module_name(path)
-        if name == "deqkit.__main__" or any(name == a or name.startswith(a + ".") for a in APPS):
+        if name in SHIMS or any(name == a or name.startswith(a + ".") for a in APPS):
             continue
         out.append(path)
     return out

@@ -14,7 +14,8 @@ deqkit benchmarks: step cost per gradient estimator, memory against forward dept
 side by side, accuracy over seeds (--section all runs these four), the SIM solver speed
 (--section sim-speed) and SIM against magnitude pruning (--section sim-pruning, a small run:
 digits and synthetic, MLP, 1 seed, 3 densities, under a minute). --write refreshes this suite's
-sections of BENCHMARKS.md in place."""
+sections of BENCHMARKS.md in place. --device cuda runs every section on the GPU (timers
+synchronised, memory from the CUDA allocator)."""
 
 
 def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
@@ -27,6 +28,7 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=positive_int, default=None, help="interleaved timing rounds (None: 15, --quick 2)")
     g.add_argument("--seeds", type=positive_int, default=10, help="seeds of the accuracy section (0 … N−1)")
     g.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
+    g.add_argument("--device", default="cpu", help="where every section's models and batches live: cpu, cuda, cuda:N or auto")
     g.add_argument("--write", default=None, metavar="BENCHMARKS.md", help="refresh this suite's sections of that file in place")
     g = p.add_argument_group("sim-speed section")
     g.add_argument("--dataset", default="digits", help="data set of the MLP baseline (as for deqkit sim)")
@@ -87,6 +89,7 @@ def _sim_pruning_config(args: argparse.Namespace) -> Any:
 def config(args: argparse.Namespace) -> Any:
     """The :class:`~deqkit.apps.bench.SuiteConfig` of the parsed flags (values checked)."""
     from ..apps.bench import SimSpeedConfig, SuiteConfig
+    from ..apps.common import resolve_device
 
     owner = "deqkit bench"
     for flag, value in (
@@ -101,6 +104,7 @@ def config(args: argparse.Namespace) -> Any:
         check_int(owner, "--repeats", args.repeats)
     check_number(owner, "--lam", args.lam, low=0.0)
     check_number(owner, "--cvxpy-tol", args.cvxpy_tol, low=0.0, low_open=True)
+    device = resolve_device(args.device)  # "cuda" without CUDA: one OptionError line
     sim = SimSpeedConfig(
         **pick(args, "dataset", "data_dir", "hidden", "samples", "lam", "cvxpy_rows", "cvxpy_tol", "baseline", "epochs")
     )
@@ -108,6 +112,7 @@ def config(args: argparse.Namespace) -> Any:
         **pick(args, "section", "quick", "repeats", "seeds", "threads", "write"),
         sim_speed=sim,
         sim_pruning=_sim_pruning_config(args),
+        device=device,
     )
 
 

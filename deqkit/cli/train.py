@@ -258,6 +258,8 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
             f"  adaptive: {record['adaptive_checks']} checks, cosine {fmt(record['adaptive_cosine'], '.3f')}, "
             f"exact on {record['adaptive_exact_share']:.0%} of steps, {record['adaptive_switches']} switches"
         )
+    if record.get("amp_skipped"):  # the fp16 loss scaler skipped these steps (gradient overflow; scale halved)
+        line += f"  amp skipped {record['amp_skipped']}/{record['steps']} steps (fp16 overflow)"
     conv, rho = record["fwd_converged"], record.get("spectral_radius_max")
     if (conv is not None and conv < UNSTABLE_BELOW) or (rho is not None and rho >= 1.0):
         line += (

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..registry import ESTIMATORS, register_estimator
 from .adaptive import Adaptive, AdaptiveDecision, AdaptiveStats  # noqa: E402 (after the estimators it combines)
-from .base import AdjointEstimator, BackwardStats, GradientEstimator, straight_through
+from .base import AdjointEstimator, BackwardStats, GradientEstimator, loss_scaled_backward, loss_scaling_active, straight_through
 from .exact import Exact
 from .phantom import JacobianFree, Neumann, Unrolled
 from .shine import SHINE, BroydenReuse, WarmExact, shine_direction
@@ -35,6 +35,8 @@ __all__ = [
     "AdaptiveStats",
     "shine_direction",
     "straight_through",
+    "loss_scaled_backward",
+    "loss_scaling_active",
     "make_estimator",
     "register_estimator",
 ]

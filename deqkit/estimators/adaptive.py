@@ -14,7 +14,17 @@ from ..errors import OptionError
 from ..inverse import InverseEstimate
 from ..registry import register_estimator
 from ..solvers.base import SolverResult
-from .base import AdjointEstimator, BackwardStats, CellFn, GradientEstimator, Vjp, finish_backward, straight_through
+from .base import (
+    AdjointEstimator,
+    BackwardStats,
+    CellFn,
+    GradientEstimator,
+    Vjp,
+    finish_backward,
+    loss_scaling_active,
+    overflow_guard,
+    straight_through,
+)
 from .exact import Exact
 from .phantom import Unrolled
 from .shine import SHINE
@@ -234,22 +244,36 @@ class Adaptive(GradientEstimator):
                 return None
             start = time.perf_counter()
             vf = v.reshape(B, -1)
-            if decision.used == "exact":
-                inner = BackwardStats(self._exact.name)
-                w = self._exact.compute_w(vf, vjp, result, inner)
-                stats.solve = inner.solve
-                if decision.checked:
-                    self._decide(decision, self._cheap_w(cheap, vf, vjp, result, stats), w)
-            else:
-                inner = BackwardStats(cheap.name)
-                assert isinstance(cheap, AdjointEstimator)
-                w = cheap.compute_w(vf, vjp, result, inner)
-                stats.refine, stats.n_fallback = inner.refine, inner.n_fallback
-                decision.n_fallback = inner.n_fallback
+            w = overflow_guard(vf, lambda: self._w(vf, vjp, result, stats, cheap, decision))
             return finish_backward(self, w, v, shape, stats, info, start)
 
         f_out.register_hook(hook)
         return straight_through(result.z, f_out)
+
+    def _w(
+        self,
+        vf: Tensor,
+        vjp: Vjp,
+        result: SolverResult,
+        stats: AdaptiveStats,
+        cheap: GradientEstimator,
+        decision: AdaptiveDecision,
+    ) -> Tensor:
+        """The adjoint of one backward: the exact one (compared with the cheap one on a check) or the cheap one."""
+        if decision.used == "exact":
+            inner = BackwardStats(self._exact.name)
+            w = self._exact.compute_w(vf, vjp, result, inner)
+            stats.solve = inner.solve
+            # an overflow of fp16 loss scaling (w not finite) decides nothing: the step is skipped
+            if decision.checked and not (loss_scaling_active() and not bool(torch.isfinite(w).all())):
+                self._decide(decision, self._cheap_w(cheap, vf, vjp, result, stats), w)
+        else:
+            inner = BackwardStats(cheap.name)
+            assert isinstance(cheap, AdjointEstimator)
+            w = cheap.compute_w(vf, vjp, result, inner)
+            stats.refine, stats.n_fallback = inner.refine, inner.n_fallback
+            decision.n_fallback = inner.n_fallback
+        return w
 
     def _cheap_w(self, cheap: GradientEstimator, v: Tensor, vjp: Vjp, result: SolverResult, stats: AdaptiveStats) -> Tensor:
         """The cheap estimator's adjoint on this batch (Unrolled: its Neumann series)."""

@@ -23,9 +23,11 @@ Writing an estimator: subclass :class:`AdjointEstimator` and implement
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Optional
 
@@ -41,7 +43,16 @@ from ..solvers.precision import autocast_dtype
 if TYPE_CHECKING:
     from ..deq import DEQInfo
 
-__all__ = ["BackwardStats", "GradientEstimator", "AdjointEstimator", "straight_through", "CellFn", "Vjp"]
+__all__ = [
+    "BackwardStats",
+    "GradientEstimator",
+    "AdjointEstimator",
+    "straight_through",
+    "CellFn",
+    "Vjp",
+    "loss_scaled_backward",
+    "loss_scaling_active",
+]
 
 CellFn = Callable[[Tensor], Tensor]
 Vjp = Callable[[Tensor], Tensor]
@@ -62,6 +73,8 @@ class BackwardStats:
         refine: SHINE's fixed-budget refinement steps (a budget, not a tolerance: its
             ``converged`` flags are not a failure).
         n_fallback: samples that fell back to the Jacobian-free direction (SHINE).
+        overflow: the backward met NaN/Inf inside :func:`loss_scaled_backward` and returned a
+            non-finite ``w`` for the loss scaler to detect (the optimiser step is then skipped).
     """
 
     estimator: str
@@ -70,6 +83,7 @@ class BackwardStats:
     solve: Optional[SolverResult] = None
     refine: Optional[SolverResult] = None
     n_fallback: int = 0
+    overflow: bool = False
 
     @property
     def converged(self) -> Optional[Tensor]:
@@ -77,21 +91,87 @@ class BackwardStats:
         return None if self.solve is None else self.solve.converged
 
 
+# process-wide, not thread-local: autograd runs the backward of CUDA tensors on its own device threads
+_scaling_lock = threading.Lock()
+_scaling_depth = 0
+
+
+@contextlib.contextmanager
+def loss_scaled_backward() -> Iterator[None]:
+    """Declare the backward passes run inside as those of a scaled loss (fp16 ``GradScaler``).
+
+    Dynamic loss scaling (Micikevicius et al., "Mixed Precision Training", ICLR 2018) expects
+    the scaled gradient to overflow now and then: the scaler finds NaN/Inf in the gradients,
+    skips that optimiser step and lowers the scale. Inside this context a DEQ's backward that
+    meets NaN/Inf (in the incoming gradient ``dL/dz*``, the adjoint solve or ``w``) therefore
+    does not raise :class:`~deqkit.errors.NonFiniteError`: it returns a ``w`` of NaN, which
+    reaches every parameter behind the DEQ, so the scaler sees the overflow and skips the step;
+    ``info.backward.overflow`` is set. Outside it, NaN/Inf in the backward raises as always.
+    (:class:`~deqkit.Unrolled` and :class:`~deqkit.JacobianFree` have no adjoint hook: autograd
+    carries NaN/Inf through their unrolled steps into the gradients, in or out of this context.)
+    The :class:`~deqkit.train.Trainer` enters it around its scaled backward (``amp="fp16"``);
+    in a loop of your own::
+
+        with loss_scaled_backward():
+            scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    The flag is process-wide (autograd may run the backward on a device thread).
+    """
+    global _scaling_depth
+    with _scaling_lock:
+        _scaling_depth += 1
+    try:
+        yield
+    finally:
+        with _scaling_lock:
+            _scaling_depth -= 1
+
+
+def loss_scaling_active() -> bool:
+    """Whether a :func:`loss_scaled_backward` context is open (NaN/Inf in a backward is a scaler overflow)."""
+    return _scaling_depth > 0
+
+
+def overflow_guard(v: Tensor, compute: Callable[[], Tensor]) -> Tensor:
+    """``compute()`` (an estimator's ``w`` for the flattened ``v``); under :func:`loss_scaled_backward`
+    a :class:`~deqkit.errors.NonFiniteError` it raises becomes a ``w`` of NaN (see there)."""
+    try:
+        return compute()
+    except NonFiniteError:
+        if not loss_scaling_active():
+            raise
+        return torch.full_like(v, float("nan"))
+
+
+def _incoming_message(owner: object) -> str:
+    return (
+        f"{type(owner).__name__}: the incoming gradient dL/dz* contains NaN/Inf: the loss or the layers "
+        f"after the DEQ produced it (check the loss is finite; under fp16 loss scaling, run the backward inside "
+        f"deqkit.estimators.loss_scaled_backward() so the scaler skips the step)."
+    )
+
+
 def finish_backward(
     owner: object, w: Tensor, v: Tensor, shape: torch.Size, stats: BackwardStats, info: DEQInfo, start: float
 ) -> Tensor:
     """The end of an estimator's backward hook: ``w`` checked finite, the call timed into ``stats``
-    (recorded as ``info.backward``), ``w`` returned in the shape ``shape`` and ``v``'s dtype."""
+    (recorded as ``info.backward``), ``w`` returned in the shape ``shape`` and ``v``'s dtype.
+
+    A non-finite ``w`` raises :class:`~deqkit.errors.NonFiniteError`, except under
+    :func:`loss_scaled_backward`, where it is returned (as NaN) for the loss scaler to detect."""
     if not torch.isfinite(w).all():
-        if not torch.isfinite(v).all():  # only on the error path: no extra sync otherwise
+        if loss_scaling_active():
+            stats.overflow = True
+            w = torch.full_like(w, float("nan"))
+        elif not torch.isfinite(v).all():  # only on the error path: no extra sync otherwise
+            raise NonFiniteError(_incoming_message(owner))
+        else:
             raise NonFiniteError(
-                f"{type(owner).__name__}: the incoming gradient dL/dz* contains NaN/Inf: the loss or the layers "
-                f"after the DEQ produced it (check the loss is finite; with fp16 loss scaling, lower the scale)."
+                f"{type(owner).__name__}: the backward pass produced NaN/Inf in the adjoint w. "
+                f"Check that the forward solve converged (info.converged) and the loss is finite."
             )
-        raise NonFiniteError(
-            f"{type(owner).__name__}: the backward pass produced NaN/Inf in the adjoint w. "
-            f"Check that the forward solve converged (info.converged) and the loss is finite."
-        )
     assert stats.time_s is not None
     stats.time_s += time.perf_counter() - start
     info.backward = stats
@@ -220,7 +300,8 @@ class AdjointEstimator(GradientEstimator):
             if v is None:  # an undefined (zero) incoming gradient stays undefined
                 return None
             start = time.perf_counter()
-            w = self.compute_w(v.reshape(B, -1), vjp, result, stats)
+            vf = v.reshape(B, -1)
+            w = overflow_guard(vf, lambda: self.compute_w(vf, vjp, result, stats))
             return finish_backward(self, w, v, shape, stats, info, start)
 
         f_out.register_hook(hook)  # the VJPs use their own graph, so they never re-enter this hook

@@ -60,7 +60,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .metrics import Callback, Metrics, MetricsLog, collect_infos, evaluation_record, quiet_deqs, solve_stats, step_stats
-from .precision import amp_dtype, autocast, compile_cells, make_grad_scaler
+from .precision import amp_dtype, autocast, compile_cells, make_grad_scaler, scaled_backward, scaler_step
 
 __all__ = ["Trainer", "STABILITY_KEYS", "stability_stats", "stability_record", "stability_postfix"]
 
@@ -178,6 +178,7 @@ class Trainer:
         self.device = config.resolved_device()
         self._amp_dtype = amp_dtype(config.amp, self.device)  # refuses fp16 off CUDA
         self._scaler = make_grad_scaler(config.amp, self.device)
+        self._amp_skipped = 0  # 1 when the GradScaler skipped the last step (overflow)
         self.history: list[dict[str, Any]] = []
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
@@ -324,6 +325,7 @@ class Trainer:
             self._stabilisers.after_step()
         self._update_parameters()
         return {
+            "amp_skipped": self._amp_skipped,
             **stability_stats(infos),
             "loss": float(loss.detach()),
             "correct": int((logits.detach().argmax(dim=1) == y).sum()),
@@ -343,8 +345,8 @@ class Trainer:
         return F.cross_entropy(logits, y)
 
     def _backward(self, loss: Tensor) -> None:
-        """``loss.backward()``, scaled by the GradScaler under ``amp="fp16"``."""
-        (loss if self._scaler is None else self._scaler.scale(loss)).backward()
+        """``loss.backward()``, scaled by the GradScaler under ``amp="fp16"`` (an overflow is then the scaler's to skip)."""
+        scaled_backward(self._scaler, loss)
 
     def _prepare_model(self) -> None:
         """Once the model is on its device: compile its DEQ cells (``config.compile_cell``)."""
@@ -366,12 +368,14 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self._consistent = False
         if self._scaler is not None:
-            self._scaler.step(self.optimizer)
-            self._scaler.update()
+            self._amp_skipped = int(scaler_step(self._scaler, self.optimizer))
         else:
             self.optimizer.step()
         if self.scheduler is not None:
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                if self._amp_skipped:  # the scaler skipped optimizer.step(); the schedule still follows the step count
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+                self.scheduler.step()
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> list[dict[str, Any]]:
@@ -396,7 +400,8 @@ class Trainer:
             over the monitored samples, ``None`` if none was monitored), ``jac_fro`` (mean
             Hutchinson ``‖J‖²_F / d``), ``jac_steps`` (steps that applied Jacobian
             regularisation) and ``pretrain_steps`` (unrolled pre-training steps this epoch; their
-            calls are no solves and are left out of ``fwd_*``).
+            calls are no solves and are left out of ``fwd_*``); ``amp_skipped``: steps the fp16
+            loss scaler skipped because the scaled gradients overflowed (always 0 without one).
 
         Raises:
             KeyboardInterrupt: after saving a checkpoint (see the module docstring).

@@ -184,7 +184,7 @@ def step_stats(infos: list[DEQInfo]) -> dict[str, Any]:
 class Metrics:
     """The running sums of one epoch; :meth:`record` turns them into the epoch's history entry."""
 
-    KEYS = ("loss_sum", "correct", "n", "steps", *_SUMMED, "epoch_s")
+    KEYS = ("loss_sum", "correct", "n", "steps", *_SUMMED, "epoch_s", "amp_skipped")
 
     def __init__(self, state: Optional[dict[str, float]] = None) -> None:
         self.sums = {k: 0.0 for k in self.KEYS}
@@ -199,6 +199,7 @@ class Metrics:
         a["steps"] += 1
         for k in _SUMMED:
             a[k] += s[k]
+        a["amp_skipped"] += s.get("amp_skipped", 0)  # steps the fp16 loss scaler skipped (overflow)
 
     def postfix(self) -> dict[str, str]:
         """The progress bar's short summary."""
@@ -209,6 +210,8 @@ class Metrics:
             out["fwd"] = f"{fwd:.1f}"
             out["conv"] = f"{1 - a['fwd_unconverged'] / a['fwd_samples']:.2f}"
         out["bwd_ms"] = f"{a['bwd_ms'] / max(a['steps'], 1):.1f}"
+        if a["amp_skipped"]:
+            out["skipped"] = str(int(a["amp_skipped"]))
         return out
 
     def record(
@@ -239,6 +242,7 @@ class Metrics:
             "val_fwd_unconverged": None if val is None else val["fwd_unconverged"],
             **_adaptive_record(a),
             "steps": int(steps),
+            "amp_skipped": int(a["amp_skipped"]),
             "epoch_s": a["epoch_s"],
             "elapsed_s": elapsed_s,
         }

@@ -4,7 +4,11 @@
   on CPU and CUDA; no loss scaling is needed (bf16 has float32's exponent range).
 - ``amp="fp16"``: float16 autocast with a ``torch.amp.GradScaler``, CUDA only (CPU float16
   autocast is slow where it exists and unscaled fp16 gradients underflow): asking for it on CPU
-  is an :class:`~deqkit.errors.OptionError`.
+  is an :class:`~deqkit.errors.OptionError`. An overflowed step (NaN/Inf in the scaled gradients)
+  is skipped by the scaler, which then halves the scale; the trainer counts these steps
+  (``amp_skipped`` in each epoch's record). The DEQ backward runs inside
+  :func:`~deqkit.estimators.loss_scaled_backward`, so such an overflow reaches the scaler as a
+  non-finite gradient instead of raising :class:`~deqkit.errors.NonFiniteError`.
 
 The solver's own state (Anderson's Gram matrix, Broyden's low-rank inverse, GMRES's basis) must
 be kept in float32 whatever precision the cell computes in; tolerances below the cell dtype's
@@ -30,8 +34,9 @@ import torch
 from torch import nn
 
 from ..errors import OptionError
+from ..estimators.base import loss_scaled_backward
 
-__all__ = ["AMP_MODES", "amp_dtype", "autocast", "compile_cells", "make_grad_scaler"]
+__all__ = ["AMP_MODES", "amp_dtype", "autocast", "compile_cells", "make_grad_scaler", "scaled_backward", "scaler_step"]
 
 #: the values of ``TrainConfig.amp`` besides ``None``
 AMP_MODES = ("bf16", "fp16")
@@ -83,3 +88,25 @@ def compile_cells(model: nn.Module, backend: str = "inductor") -> int:
     if n == 0:
         raise OptionError("compile: the model contains no DEQ whose cell could be compiled.")
     return n
+
+
+def scaled_backward(scaler: Any | None, loss: torch.Tensor) -> None:
+    """``loss.backward()``; with a ``GradScaler``, the scaled loss's, inside
+    :func:`~deqkit.estimators.loss_scaled_backward` (an overflow is then the scaler's to skip)."""
+    if scaler is None:
+        loss.backward()
+        return
+    with loss_scaled_backward():
+        scaler.scale(loss).backward()
+
+
+def scaler_step(scaler: Any, optimizer: torch.optim.Optimizer) -> bool:
+    """``scaler.step(optimizer)`` and ``scaler.update()``; whether the scaler skipped the step.
+
+    The scaler skips the step exactly when it found NaN/Inf in the unscaled gradients, and then
+    lowers its scale; that lowering is how the skip is read here (one host synchronisation).
+    """
+    before = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return bool(scaler.get_scale() < before)

@@ -76,11 +76,16 @@ def _summary_rows(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def bench_accuracy(
-    sets: Sequence[tuple[str, dict[str, Any]]] = ACCURACY_SETS, seeds: Sequence[int] = (0, 1, 2), **overrides: Any
+    sets: Sequence[tuple[str, dict[str, Any]]] = ACCURACY_SETS,
+    seeds: Sequence[int] = (0, 1, 2),
+    device: str = "cpu",
+    **overrides: Any,
 ) -> list[dict[str, Any]]:
     """Run :func:`deqkit.apps.compare.run_compare` per seed; mean ± std of test accuracy (equal epochs) and of
     validation accuracy at equal wall-clock (the budget of a seed is the shortest training time of any
-    estimator in it; each estimator is read at its last epoch inside that budget)."""
+    estimator in it; each estimator is read at its last epoch inside that budget). ``device``: where
+    ``deqkit compare`` trains (its ``--device``)."""
+    overrides = {**overrides, "device": str(device)}
     out = []
     for label, opts in sets:
         per_seed, skipped = _seed_runs(label, opts, seeds, overrides)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -13,7 +13,10 @@ from ...models import DEQClassifier
 from ...solvers import Broyden, Solver
 from ..common import build_classifier
 
-__all__ = ["BenchConfig", "REFERENCE", "HARD", "digits_batch", "build_model"]
+__all__ = ["BenchConfig", "REFERENCE", "HARD", "digits_batch", "build_model", "DeviceLike"]
+
+#: a device as the sections take it (``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``)
+DeviceLike = Union[str, torch.device]
 
 
 @dataclass(frozen=True)
@@ -53,22 +56,29 @@ REFERENCE = BenchConfig("reference")
 HARD = BenchConfig("hard", width=256, init_scale=0.7, tol=1e-6, max_iter=40)
 
 
-def digits_batch(batch: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, str]:
-    """The first ``batch`` training samples of ``digits`` (64 features); synthetic if scikit-learn is missing."""
+def digits_batch(
+    batch: int, seed: int = 0, dtype: torch.dtype = torch.float32, device: DeviceLike = "cpu"
+) -> tuple[Tensor, Tensor, str]:
+    """The first ``batch`` training samples of ``digits`` (64 features) on ``device``; synthetic if scikit-learn is missing."""
     try:
         from ...data import load_dataset
 
         splits = load_dataset("digits", seed=seed)
         x, y = splits.train[: min(batch, len(splits.train))]
-        return x.to(dtype).clone(), y.clone(), "digits"
+        return x.to(device=device, dtype=dtype).clone(), y.to(device).clone(), "digits"
     except ImportError:  # pragma: no cover - scikit-learn is a dev dependency
         g = torch.Generator().manual_seed(seed)
-        return torch.randn(batch, 64, generator=g, dtype=dtype), torch.randint(0, 10, (batch,), generator=g), "synthetic"
+        x, y = torch.randn(batch, 64, generator=g, dtype=dtype), torch.randint(0, 10, (batch,), generator=g)
+        return x.to(device), y.to(device), "synthetic"
 
 
 def build_model(
-    cfg: BenchConfig, grad: GradientEstimator, solver: Optional[Solver] = None, dtype: torch.dtype = torch.float32
+    cfg: BenchConfig,
+    grad: GradientEstimator,
+    solver: Optional[Solver] = None,
+    dtype: torch.dtype = torch.float32,
+    device: DeviceLike = "cpu",
 ) -> DEQClassifier:
-    """The seeded classifier (same weights for every call with the same ``cfg``)."""
+    """The seeded classifier on ``device`` (same weights for every call with the same ``cfg``: built on the CPU, then moved)."""
     model = build_classifier("mlp", (64,), 10, cfg.width, solver or cfg.solver(), grad, cfg.seed, init_scale=cfg.init_scale)
-    return model.to(dtype)
+    return model.to(device=device, dtype=dtype)

@@ -10,24 +10,24 @@ the true residual at the end of the cycle) over one VJP's time. 1.0 means the Kr
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..._timing import synced_perf_counter
 from ...estimators import Exact
 from ...linear import GMRES
-from .config import BenchConfig, build_model, digits_batch
+from .config import BenchConfig, DeviceLike, build_model, digits_batch
 from .report import mark, md_table, med
 
 __all__ = ["bench_krylov", "format_krylov_table", "krylov_targets", "KRYLOV_NOTES"]
 
 
-def _problem(cfg: BenchConfig) -> tuple[Callable[[Tensor], Tensor], Tensor]:
-    x, y, _ = digits_batch(cfg.batch, cfg.seed)
-    model = build_model(cfg, Exact())
+def _problem(cfg: BenchConfig, device: DeviceLike = "cpu") -> tuple[Callable[[Tensor], Tensor], Tensor]:
+    x, y, _ = digits_batch(cfg.batch, cfg.seed, device=device)
+    model = build_model(cfg, Exact(), device=device)
     with torch.no_grad():
         u = model.injection(x)
         z = model.deq.solver(lambda z: model.cell(z, u), torch.zeros_like(u)).z
@@ -43,19 +43,19 @@ def _problem(cfg: BenchConfig) -> tuple[Callable[[Tensor], Tensor], Tensor]:
     return vjp, v.detach()
 
 
-def bench_krylov(cfg: BenchConfig, *, steps: int = 20, repeats: int = 15) -> dict[str, Any]:
-    """Median ms of one VJP and of a ``steps``-step GMRES solve on ``cfg``; their per-VJP ratio."""
-    vjp, v = _problem(cfg)
+def bench_krylov(cfg: BenchConfig, *, steps: int = 20, repeats: int = 15, device: DeviceLike = "cpu") -> dict[str, Any]:
+    """Median ms of one VJP and of a ``steps``-step GMRES solve on ``cfg`` (on ``device``); their per-VJP ratio."""
+    vjp, v = _problem(cfg, device)
     gmres = GMRES(restart=steps, tol=1e-30, max_iter=steps, stop_mode="abs")  # absolute: never raised to a dtype floor
     vjp_ms, gm_ms = [], []
     used = steps + 1
     for r in range(repeats + 1):  # the first round is a warm-up
-        t0 = time.perf_counter()
+        t0 = synced_perf_counter(v.device)
         for _ in range(steps):
             vjp(v)
-        t1 = time.perf_counter()
+        t1 = synced_perf_counter(v.device)
         res = gmres.solve_adjoint(vjp, v)
-        t2 = time.perf_counter()
+        t2 = synced_perf_counter(v.device)
         used = int(res.nstep.max()) + 1
         if r:
             vjp_ms.append(1e3 * (t1 - t0) / steps)

@@ -6,7 +6,7 @@ saves, and the peak of torch's CPU allocator.
   is warmed up once, then configurations are *interleaved* (A B C … A B C …, the start rotating
   each round) for ``repeats`` rounds; tables give the median and [min, max]. The weights never
   change (no optimiser step), so every round repeats exactly the same work.
-* **Memory** (CPU), two deterministic measures: ``graph`` — the bytes of the distinct tensors
+* **Memory**, two deterministic measures: ``graph`` — the bytes of the distinct tensors
   autograd saves for backward during the forward call (parameters excluded): what a DEQ keeps
   between forward and backward, independent of the allocator and of other processes; and
   ``peak`` — the peak of live tensor bytes allocated by torch's CPU allocator during the whole
@@ -14,7 +14,11 @@ saves, and the peak of torch's CPU allocator.
   ``"Total Allocated"`` counter of ``torch.profiler`` memory events. ``peak`` also sees what
   ``graph`` misses: solver buffers (Broyden's ``U, V``), tensors kept alive by Python closures,
   and the backward's transient buffers (GMRES's Krylov basis). Process RSS is useless at these
-  sizes and ``tracemalloc`` does not see torch.
+  sizes and ``tracemalloc`` does not see torch. On CUDA ``peak`` is the caching allocator's
+  ``torch.cuda.max_memory_allocated`` over the step, above the allocation at its start.
+* **Device**: every section takes ``device`` (``deqkit bench --device cuda``); its model and
+  batch live there, and every timer reads the clock after ``torch.cuda.synchronize``
+  (:func:`deqkit._timing.synced_perf_counter`).
 """
 
 from __future__ import annotations
@@ -95,13 +99,19 @@ def _without_profiler_noise():
                     sys.stderr.write(line)
 
 
-def peak_allocated_bytes(fn: Callable[[], Any]) -> int:
-    """Peak live bytes allocated by torch's CPU allocator while ``fn`` runs, above the start level.
+def peak_allocated_bytes(fn: Callable[[], Any], device: Any = "cpu") -> int:
+    """Peak live bytes allocated by torch's allocator of ``device`` while ``fn`` runs, above the start level.
 
-    Read from the ``"Total Allocated"`` counter of the profiler's memory events (exported as a
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``torch.cuda.reset_peak_memory_stats``, minus
+    ``torch.cuda.memory_allocated`` at the start (the device synchronised at both ends). CPU:
+
+    read from the ``"Total Allocated"`` counter of the profiler's memory events (exported as a
     Chrome trace: the in-memory event list drops most allocation events). Deterministic for a
     deterministic ``fn``. Returns 0 when the profiler recorded no memory event.
     """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return _cuda_peak_bytes(fn, dev)
     from torch.profiler import ProfilerActivity, profile
 
     with _without_profiler_noise():
@@ -129,6 +139,16 @@ def peak_allocated_bytes(fn: Callable[[], Any]) -> int:
     # region allocated and never saw freed): measure from the level just before the first event
     start = events[0]["args"]["Total Allocated"] - events[0]["args"]["Bytes"]
     return int(max(0, max(e["args"]["Total Allocated"] for e in events) - start))
+
+
+def _cuda_peak_bytes(fn: Callable[[], Any], dev: torch.device) -> int:
+    """:func:`peak_allocated_bytes` on a CUDA device: the caching allocator's own peak counter."""
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    start = torch.cuda.memory_allocated(dev)
+    fn()
+    torch.cuda.synchronize(dev)
+    return int(max(0, torch.cuda.max_memory_allocated(dev) - start))
 
 
 @contextlib.contextmanager
@@ -173,7 +193,7 @@ def memory_of_step(model: nn.Module, x: Tensor, y: Tensor, *, opa: bool = False)
     def step() -> None:
         forward().backward()
 
-    peak = peak_allocated_bytes(step)
+    peak = peak_allocated_bytes(step, x.device)
     zero_grads(model)
     return graph, peak
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..compare import ESTIMATOR_PRESETS
-from .config import REFERENCE, BenchConfig, build_model, digits_batch
+from .config import REFERENCE, BenchConfig, DeviceLike, build_model, digits_batch
 from .measure import memory_of_step, peak_allocated_bytes, quiet, saved_tensor_bytes, timed_step, zero_grads
 from .report import kb, mark, md_table, ratio
 
@@ -51,7 +51,9 @@ def _deq_rows(cfg: BenchConfig, method: str, preset: str, caps: Sequence[int], x
     """A DEQ with estimator ``preset``, its forward Broyden run to each cap (unreachable tolerance)."""
     rows = []
     for cap in caps:
-        model = build_model(cfg, ESTIMATOR_PRESETS[preset](), cfg.solver(max_iter=cap, tol=1e-30, stop_mode="abs"))
+        model = build_model(
+            cfg, ESTIMATOR_PRESETS[preset](), cfg.solver(max_iter=cap, tol=1e-30, stop_mode="abs"), device=x.device
+        )
         _, _, info = timed_step(model, x, y)  # warm-up; also gives the step count
         graph, peak = memory_of_step(model, x, y)
         rows.append(
@@ -70,7 +72,7 @@ def _bptt_rows(cfg: BenchConfig, caps: Sequence[int], x: Tensor, y: Tensor) -> l
     """Naive BPTT through the same cell (``cap`` Picard iterations with autograd)."""
     rows = []
     for cap in caps:
-        model = build_model(cfg, ESTIMATOR_PRESETS["exact-gmres"]())
+        model = build_model(cfg, ESTIMATOR_PRESETS["exact-gmres"](), device=x.device)
         unrolled = BPTT(model.cell, cap)
 
         def loss() -> Tensor:
@@ -80,7 +82,7 @@ def _bptt_rows(cfg: BenchConfig, caps: Sequence[int], x: Tensor, y: Tensor) -> l
             ell = loss()
         ell.backward()
         zero_grads(model)
-        peak = peak_allocated_bytes(lambda: loss().backward())
+        peak = peak_allocated_bytes(lambda: loss().backward(), x.device)
         rows.append(
             {
                 "method": "BPTT (Picard, autograd)",
@@ -94,15 +96,19 @@ def _bptt_rows(cfg: BenchConfig, caps: Sequence[int], x: Tensor, y: Tensor) -> l
 
 
 def bench_memory(
-    cfg: BenchConfig = REFERENCE, caps: Sequence[int] = (10, 30, 100), *, log: Callable[[str], None] = print
+    cfg: BenchConfig = REFERENCE,
+    caps: Sequence[int] = (10, 30, 100),
+    *,
+    log: Callable[[str], None] = print,
+    device: DeviceLike = "cpu",
 ) -> list[dict[str, Any]]:
     """Memory of one training step against the forward iteration cap, for Exact, SHINE and naive BPTT.
 
     The forward tolerance is set unreachable (1e-30) so every solve runs exactly ``cap`` steps.
     Row keys: ``method``, ``cap``, ``fwd_steps``, ``graph_bytes``, ``peak_bytes``, ``graph_vs_first``,
-    ``peak_vs_first`` (ratios to the smallest cap).
+    ``peak_vs_first`` (ratios to the smallest cap). Models and batch live on ``device``.
     """
-    x, y, _ = digits_batch(cfg.batch, cfg.seed)
+    x, y, _ = digits_batch(cfg.batch, cfg.seed, device=device)
     with quiet():
         rows = _deq_rows(cfg, "Exact (GMRES)", "exact-gmres", caps, x, y)
         rows += _deq_rows(cfg, "SHINE(fallback)", "shine", caps, x, y)

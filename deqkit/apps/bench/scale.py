@@ -32,8 +32,10 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
+from ...errors import OptionError
 from ...estimators import Exact
 from ...models import DEQClassifier
+from ..common import resolve_device
 from .config import REFERENCE, build_model, digits_batch
 
 __all__ = ["bench_amp", "bench_compile", "bench_scaling", "main"]
@@ -264,7 +266,8 @@ def _amp_table(rows: list[dict[str, Any]], device: str) -> str:
 
 
 # -- command ---------------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m deqkit.apps.bench.scale`` (``scripts/gpu_check.sh`` calls it)."""
     p = argparse.ArgumentParser(
         prog="python -m deqkit.apps.bench.scale", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -277,7 +280,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--backend", default="inductor", help="torch.compile backend")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of this process")
     p.add_argument("--quick", action="store_true", help="5 timed steps, 1 warm-up (a smoke run)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
+    try:
+        args.device = resolve_device(args.device)
+    except OptionError as err:
+        p.error(str(err))
     if args.quick:
         args.steps, args.warmup = 5, 1
     torch.set_num_threads(args.threads)

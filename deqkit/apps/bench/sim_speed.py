@@ -9,7 +9,6 @@ extrapolated per row to all rows) and the ADMM's objective gap on the rows both 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -17,6 +16,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..._timing import synced_perf_counter
 from ...sim.admm import BatchedADMM
 from ...sim.baseline import make_mlp, train_mlp
 from ...sim.reference import solve_rows_cvxpy
@@ -52,18 +52,23 @@ def _states(cfg: SimSpeedConfig) -> Any:
     return collect_states(net.double(), xtr[: cfg.samples].double())
 
 
-def bench_sim_speed(cfg: SimSpeedConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Solve every (A, B) row with the batched ADMM and the first ``cfg.cvxpy_rows`` with CVXPY."""
+def bench_sim_speed(cfg: SimSpeedConfig, log: Callable[[str], None] = print, device: Any = "cpu") -> dict[str, Any]:
+    """Solve every (A, B) row with the batched ADMM (on ``device``) and the first ``cfg.cvxpy_rows`` with CVXPY (CPU).
+
+    The baseline is trained and its states collected on the CPU; the ADMM's inputs are then moved
+    to ``device`` and its time is read after synchronising it.
+    """
     st = _states(cfg)
     phi, z, n = st.phi, st.Z.T, st.X.shape[1]
     admm = BatchedADMM(rho=1.0, max_iter=2000, tol=1e-5, tol_abs=1e-7)
-    t0 = time.perf_counter()
-    res = admm.solve(phi, z, cfg.lam, radius=st.kappa, n_constrained=n)
-    t_admm = time.perf_counter() - t0
+    phi_d, z_d = phi.to(device), z.to(device)
+    t0 = synced_perf_counter(phi_d.device)
+    res = admm.solve(phi_d, z_d, cfg.lam, radius=st.kappa, n_constrained=n)
+    t_admm = synced_perf_counter(phi_d.device) - t0
     k = min(cfg.cvxpy_rows, z.shape[0])
     opts = {"tol_gap_abs": cfg.cvxpy_tol, "tol_gap_rel": cfg.cvxpy_tol, "tol_feas": cfg.cvxpy_tol}
     ref = solve_rows_cvxpy(phi, z[:k], cfg.lam, radius=st.kappa, n_constrained=n, solver_opts=opts)
-    gap = (res.objective[:k].numpy() - ref.objective) / np.abs(ref.objective)
+    gap = (res.objective[:k].cpu().numpy() - ref.objective) / np.abs(ref.objective)
     out = {
         "phi_shape": tuple(phi.shape),
         "rows": z.shape[0],

@@ -12,7 +12,7 @@ from torch import nn
 
 from ...diagnostics import gradient_quality
 from ..compare import ESTIMATOR_PRESETS, OPA_FREQ, preset_label
-from .config import BenchConfig, build_model, digits_batch
+from .config import BenchConfig, DeviceLike, build_model, digits_batch
 from .measure import interleaved, memory_of_step, quiet, timed_step
 from .report import fmt_range, kb, mark, md_table, med, ratio
 
@@ -47,12 +47,12 @@ _PER_ROUND = ("fwd_ms", "bwd_ms", "total_ms", "fwd_steps", "fwd_converged", "bwd
 class _StepRun:
     """One model (same weights) whose estimator and solver are swapped per preset name."""
 
-    def __init__(self, cfg: BenchConfig, estimators: Sequence[str]) -> None:
-        self.x, self.y, _ = digits_batch(cfg.batch, cfg.seed)
+    def __init__(self, cfg: BenchConfig, estimators: Sequence[str], device: DeviceLike = "cpu") -> None:
+        self.x, self.y, _ = digits_batch(cfg.batch, cfg.seed, device=device)
         self.grads = {name: ESTIMATOR_PRESETS[name]() for name in estimators}
         # OPA presets swap in a Broyden with outer-problem awareness
         self.solvers = {name: cfg.solver(opa_freq=OPA_FREQ.get(name)) for name in estimators}
-        self.model = build_model(cfg, self.grads[estimators[0]])
+        self.model = build_model(cfg, self.grads[estimators[0]], device=device)
         self.rows = {
             name: {"estimator": name, "label": preset_label(name, self.grads[name]), **{k: [] for k in _PER_ROUND}}
             for name in estimators
@@ -117,6 +117,7 @@ def bench_step(
     memory: bool = True,
     cosine: bool = True,
     log: Callable[[str], None] = print,
+    device: DeviceLike = "cpu",
 ) -> list[dict[str, Any]]:
     """Step cost of each estimator (keys of ``ESTIMATOR_PRESETS``) on ``cfg``: one row per estimator.
 
@@ -124,10 +125,10 @@ def bench_step(
     milliseconds), ``fwd_steps`` (mean per-sample Broyden steps), ``fwd_converged`` (fraction),
     ``bwd_vjps`` (VJPs or graph evaluations in the backward), ``bwd_iters`` (mean per-sample
     adjoint-solve steps, solve-based estimators only), ``n_fallback``, ``graph_bytes``,
-    ``peak_bytes``, ``cosine``, ``bwd_vs_exact``.
+    ``peak_bytes``, ``cosine``, ``bwd_vs_exact``. Model and batch live on ``device``.
     """
     with quiet():
-        run = _StepRun(cfg, estimators)
+        run = _StepRun(cfg, estimators, device)
         interleaved(estimators, repeats, run)
         out = [run.summary(name, memory) for name in estimators]
         if cosine:

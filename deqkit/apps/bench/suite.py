@@ -48,6 +48,8 @@ class SuiteConfig:
     write: Optional[str] = None
     sim_speed: SimSpeedConfig = field(default_factory=SimSpeedConfig)
     sim_pruning: SimPruningConfig = field(default_factory=SimPruningConfig)
+    #: where every section's models and batches live (``"cpu"``, ``"cuda"``, ``"cuda:N"``)
+    device: str = "cpu"
 
     @property
     def rounds(self) -> int:
@@ -63,6 +65,7 @@ class SuiteConfig:
         c += f" --repeats {self.repeats}" if self.repeats is not None else ""
         c += f" --seeds {self.seeds}" if self.seeds != 10 and not self.quick else ""
         c += f" --threads {self.threads}" if self.threads != 1 else ""
+        c += f" --device {self.device}" if self.device != "cpu" else ""
         c += f" --write {self.write}" if self.write else ""
         return c
 
@@ -81,7 +84,7 @@ def _run_step(cfg: SuiteConfig) -> list:
     out = []
     for bcfg in configs:
         print(f"\n== step cost: {bcfg.name} ==")
-        out.append((bcfg, bench_step(bcfg, repeats=cfg.rounds)))
+        out.append((bcfg, bench_step(bcfg, repeats=cfg.rounds, device=cfg.device)))
         _print_targets(step_targets(out[-1][1]))
     return out
 
@@ -89,7 +92,7 @@ def _run_step(cfg: SuiteConfig) -> list:
 def _run_memory(cfg: SuiteConfig) -> tuple:
     print("\n== memory against forward depth ==")
     bcfg = _QUICK if cfg.quick else REFERENCE
-    rows = bench_memory(bcfg, (5, 10, 20) if cfg.quick else (10, 30, 100))
+    rows = bench_memory(bcfg, (5, 10, 20) if cfg.quick else (10, 30, 100), device=cfg.device)
     _print_targets(memory_targets(rows))
     return bcfg, rows
 
@@ -103,13 +106,13 @@ def _run_torchdeq(cfg: SuiteConfig) -> Optional[dict]:
     runs = []
     for bcfg in configs:
         print(f"\n== against torchdeq: {bcfg.name} ==")
-        res = bench_torchdeq(bcfg, repeats=cfg.rounds)
+        res = bench_torchdeq(bcfg, repeats=cfg.rounds, device=cfg.device)
         if res is None:
             return None
         _print_targets(torchdeq_targets(res))
         runs.append(res)
     print("\n== GMRES cost per Krylov step ==")
-    krylov = [bench_krylov(bcfg, repeats=cfg.rounds) for bcfg in configs]
+    krylov = [bench_krylov(bcfg, repeats=cfg.rounds, device=cfg.device) for bcfg in configs]
     print(format_krylov_table(krylov))
     _print_targets(krylov_targets(krylov))
     return {"runs": runs, "krylov": krylov}
@@ -118,9 +121,11 @@ def _run_torchdeq(cfg: SuiteConfig) -> Optional[dict]:
 def _run_accuracy(cfg: SuiteConfig) -> list:
     print("\n== accuracy (deqkit compare over seeds) ==")
     if cfg.quick:
-        res = bench_accuracy(ACCURACY_SETS[:1], seeds=(0, 1), subset=300, epochs=1, estimators=["exact", "unrolled", "shine"])
+        res = bench_accuracy(
+            ACCURACY_SETS[:1], seeds=(0, 1), subset=300, epochs=1, estimators=["exact", "unrolled", "shine"], device=cfg.device
+        )
     else:
-        res = bench_accuracy(seeds=tuple(range(cfg.seeds)))
+        res = bench_accuracy(seeds=tuple(range(cfg.seeds)), device=cfg.device)
     print(format_accuracy_tables(res))
     _print_targets(accuracy_targets(res))
     return res
@@ -128,7 +133,7 @@ def _run_accuracy(cfg: SuiteConfig) -> list:
 
 def _run_sim_speed(cfg: SuiteConfig) -> dict:
     print("\n== SIM: batched ADMM against CVXPY ==")
-    return bench_sim_speed(cfg.sim_speed)
+    return bench_sim_speed(cfg.sim_speed, device=cfg.device)
 
 
 def _run_sim_pruning(cfg: SuiteConfig) -> dict:
@@ -147,8 +152,10 @@ RUNNERS: dict[str, Callable[[SuiteConfig], Any]] = {
 
 
 def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
-    """Run the sections of ``cfg``; with ``cfg.write``, refresh their BENCHMARKS.md sections."""
+    """Run the sections of ``cfg`` on ``cfg.device``; with ``cfg.write``, refresh their BENCHMARKS.md sections."""
     torch.set_num_threads(cfg.threads)
+    if torch.device(cfg.device).type == "cuda":
+        print(f"device {cfg.device}: {torch.cuda.get_device_name(torch.device(cfg.device))}")
     start = time.perf_counter()
     results = {name: RUNNERS[name](cfg) for name in cfg.wanted()}
     print(f"\n(total {time.perf_counter() - start:.0f} s)")

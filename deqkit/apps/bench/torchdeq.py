@@ -17,7 +17,7 @@ from ...estimators import Exact, GradientEstimator, Unrolled
 from ...linear import GMRES
 from ...models import DEQClassifier
 from ...solvers import Anderson, FixedPoint
-from .config import REFERENCE, BenchConfig, build_model, digits_batch
+from .config import REFERENCE, BenchConfig, DeviceLike, build_model, digits_batch
 from .measure import interleaved, quiet, zero_grads
 from .report import fmt_range, mark, md_table, med, ratio
 
@@ -281,8 +281,9 @@ def bench_torchdeq(
     b_tol: float = 1e-6,
     b_max_iter: int = 40,
     log: Callable[[str], None] = print,
+    device: DeviceLike = "cpu",
 ) -> Optional[dict[str, Any]]:
-    """deqkit against torchdeq 0.1.0 on the same cell, weights, batch and solver settings.
+    """deqkit against torchdeq 0.1.0 on the same cell, weights, batch and solver settings (on ``device``).
 
     Returns ``None`` (after printing how to install it) when torchdeq is not importable; else a
     dict with ``forward`` rows (Anderson to tolerance and at a fixed iteration count), ``step``
@@ -295,8 +296,8 @@ def bench_torchdeq(
 
     settings = TorchDEQSettings(f_tol, f_max_iter, fixed_iters, b_tol, b_max_iter)
     counters = _register_counting_solvers()
-    x, y, _ = digits_batch(cfg.batch, cfg.seed)
-    model = build_model(cfg, Exact())  # supplies injection, cell and head (same weights for both libraries)
+    x, y, _ = digits_batch(cfg.batch, cfg.seed, device=device)
+    model = build_model(cfg, Exact(), device=device)  # supplies injection, cell and head (same weights for both libraries)
     with torch.no_grad():
         u0 = model.injection(x)
     with quiet():
