@@ -52,7 +52,7 @@ DEFAULTS = [
     (
         "Exact.linear_solver",
         lambda: dk.Exact().linear_solver,
-        dict(restart=20, tol=1e-6, max_iter=60, stop_mode="rel", probe=3, switch_rate=0.9),
+        dict(restart=20, tol=1e-6, max_iter=60, stop_mode="rel", probe=3, switch_rate=0.8),
     ),
     ("Unrolled", dk.Unrolled, dict(k=5, damping=0.5)),
     ("Neumann", dk.Neumann, dict(k=5, damping=0.5)),

@@ -47,7 +47,8 @@ class AutoAdjoint(LinearSolver):
         stop_mode: as every linear solver.
         restart: GMRES's basis size.
         probe: Picard steps before the first decision (at least 1).
-        switch_rate: the contraction rate above which GMRES takes over.
+        switch_rate: the contraction rate above which GMRES takes over (the default was chosen
+            by ``tools/bench_switch_rate.py``; its figures are in BENCHMARKS.md).
 
     With ``preconditioner=`` it runs GMRES directly (a right preconditioner needs a Krylov method).
     """
@@ -63,7 +64,7 @@ class AutoAdjoint(LinearSolver):
         stop_mode: str = "rel",
         restart: int = 20,
         probe: int = 3,
-        switch_rate: float = 0.9,
+        switch_rate: float = 0.8,
     ) -> None:
         super().__init__(tol=tol, max_iter=max_iter, stop_mode=stop_mode)
         owner = type(self).__name__
