@@ -178,3 +178,19 @@ def test_cli_sim_pruning_defaults_and_bad_density(capsys):
     assert {k: getattr(given.sim_pruning.args(), k) for k in want} == want
     assert main(["bench", "--section", "sim-pruning", "--pruning-densities", "1.5"]) == 2
     assert "--pruning-densities must lie in (0, 1]" in capsys.readouterr().err
+
+
+def test_section_header_names_today_and_this_machine(monkeypatch):
+    """The command header of a written section carries the run's date and the machine it ran on
+    (not a date or machine frozen in the code)."""
+    import datetime
+    import os
+
+    from deqkit.apps.bench import report
+
+    head = report.header("deqkit bench --section step", 1)
+    assert datetime.date.today().isoformat() in head and f"{os.cpu_count()}-core CPU, no GPU" in head
+    monkeypatch.setattr(report.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(report.torch.cuda, "get_device_name", lambda d: "NVIDIA H200")
+    assert "NVIDIA H200" in report.header("deqkit bench --device cuda", 1, "cuda")
+    assert "no GPU" in report.header("deqkit bench", 1, "cpu")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import math
+import os
 import platform
 import statistics
 from collections.abc import Sequence
@@ -13,8 +15,13 @@ import torch
 
 from ..._io import atomic_write_text
 
-MACHINE = "2-core CPU, no GPU"
-RUN_DATE = "2026-11-23"
+
+def machine(device: str = "cpu") -> str:
+    """The machine a run's figures come from: CPU cores, and the GPU (or "no GPU")."""
+    gpu = "no GPU"
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(torch.device(device))
+    return f"{os.cpu_count()}-core CPU, {gpu}"
 
 
 def med(values: Sequence[float]) -> float:
@@ -46,9 +53,11 @@ def mark(ok: bool) -> str:
     return "**met**" if ok else "**missed**"
 
 
-def header(command: str, threads: int) -> str:
+def header(command: str, threads: int, device: str = "cpu") -> str:
+    """The line above a section's tables: today's date, the machine, the versions, the command."""
     return (
-        f"Command ({RUN_DATE}, {MACHINE}, torch {torch.__version__}, {threads} thread(s), Python {platform.python_version()}):\n\n"
+        f"Command ({datetime.date.today().isoformat()}, {machine(device)}, torch {torch.__version__}, {threads} thread(s), "
+        f"Python {platform.python_version()}):\n\n"
         f"    {command}\n"
     )
 

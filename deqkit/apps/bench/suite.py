@@ -159,7 +159,7 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
     start = time.perf_counter()
     results = {name: RUNNERS[name](cfg) for name in cfg.wanted()}
     print(f"\n(total {time.perf_counter() - start:.0f} s)")
-    sections = render_sections(results, cfg.command(), cfg.threads)
+    sections = render_sections(results, cfg.command(), cfg.threads, cfg.device)
     if cfg.write and sections:
         write_sections(cfg.write, {SECTIONS[k]: v for k, v in sections.items()})
         print(f"wrote sections {', '.join(repr(SECTIONS[k]) for k in sections)} of {cfg.write}")
@@ -207,7 +207,7 @@ RENDERERS: dict[str, Callable[[Any, str], str]] = {
 }
 
 
-def render_sections(results: dict[str, Any], command: str, threads: int) -> dict[str, str]:
+def render_sections(results: dict[str, Any], command: str, threads: int, device: str = "cpu") -> dict[str, str]:
     """Markdown of each BENCHMARKS.md section that has results (keys of :data:`SECTIONS`)."""
-    head = header(command, threads)
+    head = header(command, threads, device)
     return {name: render(results[name], head) for name, render in RENDERERS.items() if name in results}
