@@ -50,6 +50,7 @@ CORE_TESTS = [
     "tests/test_shine.py",
     "tests/test_exact_policy.py",
     "tests/test_conformance.py",
+    "tests/test_gmres_krylov.py",
     "tests/properties/test_prop_solvers.py",
 ]
 SHINE_TESTS = ["tests/test_audit_defaults.py", "tests/test_audit_core.py", "tests/test_shine.py"]
