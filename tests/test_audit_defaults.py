@@ -143,3 +143,18 @@ def test_fit_sim_documented_defaults():
     params = inspect.signature(fit_sim).parameters
     got = {k: params[k].default for k in ("method", "mode", "zero_tol", "lam_scale", "penalty", "on_failure")}
     assert got == dict(method="admm", mode="relaxed", zero_tol=1e-6, lam_scale="normalized", penalty="uniform", on_failure="warn")
+
+
+def test_line_search_and_finetune_documented_defaults():
+    """LBFGS's strong-Wolfe constants (c1 = 1e-4, c2 = 0.9, as its docstring says; the solver
+    calls the search with them) and ``finetune``'s one epoch."""
+    import inspect
+
+    from deqkit.bilevel.lbfgs import LBFGS, _armijo, _wolfe
+    from deqkit.sim import finetune
+
+    wolfe = inspect.signature(_wolfe).parameters
+    assert (wolfe["c1"].default, wolfe["c2"].default) == (1e-4, 0.9)
+    assert inspect.signature(_armijo).parameters["c1"].default == 1e-4
+    assert "c1=1e-4, c2=0.9" in (LBFGS.__doc__ or "")
+    assert inspect.signature(finetune).parameters["epochs"].default == 1

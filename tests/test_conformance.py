@@ -20,6 +20,7 @@ from torch import nn
 
 import deqkit as dk
 from deqkit.errors import OptionError
+from deqkit.estimators import GradientEstimator
 from deqkit.inverse import InverseEstimate
 from deqkit.linear import FixedPointAdjoint
 from deqkit.registry import ESTIMATORS, LINEAR_SOLVERS, SOLVERS
@@ -261,6 +262,8 @@ def check_estimator(est_factory: Callable[..., Any], solver_factory: Callable[..
         assert cosine > 0.5, f"{name}: cosine to the exact gradient {cosine:.3f}"
         H = info.forward.inverse.dense() if info.forward.inverse is not None else None
         w_ref = estimator.adjoint_closed_form(v, J, H)
+        declares = type(estimator).adjoint_closed_form is not GradientEstimator.adjoint_closed_form
+        assert (w_ref is not None) == declares, f"{estimator!r}: a closed form it declares must be returned"
         if w_ref is not None:
             ref = torch.cat([g.flatten() for g in reference_grads(cell, info.forward.z, x, w_ref)])
             assert rel_err(got, ref) < 1e-8, f"{name}: {estimator!r} differs from its closed form"

@@ -205,3 +205,56 @@ def test_a_tight_budget_returns_the_best_sufficient_point_not_a_wolfe_point():
     assert trials == pytest.approx(want_trials, rel=1e-12)
     assert out is not None and not want_ok and out[3] is False
     assert out[0] == pytest.approx(want_t, rel=1e-12)
+
+
+def _run_armijo(phi, t1, max_evals=25):
+    from deqkit.bilevel.lbfgs import _armijo
+
+    trials: list[float] = []
+
+    def wrapped(t):
+        trials.append(t)
+        f, d = phi(t)
+        return f, None, d
+
+    f0, d0 = phi(0.0)
+    return trials, _armijo(wrapped, f0, d0, t1, C1, max_evals)
+
+
+def test_armijo_backtracks_from_a_point_just_above_the_sufficient_decrease_line():
+    """φ(t) = −2t + (1 − 1e-4)t² + t³: φ(1) = −1e-4 lies above the Armijo line f0 + c1·t·φ'(0) =
+    −2e-4 (and |φ'(1)| > |φ'(0)|, so the round-off clause does not apply): the search halves once
+    and accepts t = 1/2 (φ = −0.625)."""
+    a = 1 - 1e-4
+    phi = lambda t: (-2 * t + a * t * t + t**3, -2 + 2 * a * t + 3 * t * t)  # noqa: E731
+    trials, out = _run_armijo(phi, 1.0)
+    assert trials == [1.0, 0.5] and out is not None and out[0] == 0.5 and out[3] is True
+
+
+def test_zoom_keeps_a_trial_without_sufficient_decrease_as_its_upper_end():
+    """First trial t = 1 fails Armijo (φ = 1); the zoom's interpolated trial t = 1/4 has
+    φ = −1e-5, below φ(0) = 0 but above the Armijo line (−2.5e-5): it must become the bracket's
+    upper end, not its lower one (the reference and deqkit then agree on every later trial)."""
+
+    def phi(t: float) -> tuple[float, float]:
+        return (1.0, 1.0) if t >= 0.5 else (-4e-5 * t, -1.0)
+
+    want_trials, want_t, want_ok = reference_wolfe(phi, 1.0, max_evals=6)
+    trials, out = run_deqkit(phi, 1.0, max_evals=6)
+    assert trials[:2] == [1.0, 0.25]
+    assert trials == pytest.approx(want_trials, rel=1e-12)
+    assert all(t < 0.25 for t in trials[2:]), "after 1/4 failed Armijo, the bracket is [0, 1/4]"
+
+
+def test_zoom_stops_when_the_bracket_collapses():
+    """A cliff at t = 3e-14 (slope −1 everywhere, so no Wolfe point exists): from t1 = 1e-14 the
+    bracket shrinks below 1e-16 within a few trials and the search returns the best point with
+    ``wolfe_ok=False`` instead of spending its whole budget."""
+
+    def phi(t: float) -> tuple[float, float]:
+        return (1.0, -1.0) if t >= 3e-14 else (-t, -1.0)
+
+    want_trials, want_t, want_ok = reference_wolfe(phi, 1e-14)
+    trials, out = run_deqkit(phi, 1e-14)
+    assert trials == pytest.approx(want_trials, rel=1e-12, abs=0)
+    assert len(trials) < 25 and out is not None and out[3] is False and not want_ok

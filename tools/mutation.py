@@ -61,6 +61,7 @@ CORE_TESTS = [
     "tests/test_regularizers.py",
     "tests/faults/test_library_faults.py",
     "tests/faults/test_bad_inputs.py",
+    "tests/test_numerics_audit.py",
 ]
 SHINE_TESTS = [
     "tests/test_audit_defaults.py",
@@ -91,6 +92,7 @@ SIM_TESTS = [
     "tests/test_sim_pruning.py",
     "tests/test_sim_options.py",
     "tests/test_sim_attacks.py",
+    "tests/test_numerics_audit.py",
 ]
 TRAIN_TESTS = [
     "tests/test_audit_train.py",
@@ -122,7 +124,7 @@ TARGETS: dict[str, dict] = {
     "deqkit/estimators/shine.py": {"tests": SHINE_TESTS},
     "deqkit/deq.py": {"tests": CORE_TESTS},
     "deqkit/diagnostics.py": {
-        "tests": ["tests/test_audit_core.py", "tests/test_cli.py"],
+        "tests": ["tests/test_audit_core.py", "tests/test_cli.py", "tests/test_numerics_audit.py"],
         "functions": ["_cos", "_run", "gradient_quality"],
     },
     "deqkit/bilevel/hypergrad.py": {"tests": BILEVEL_TESTS},
