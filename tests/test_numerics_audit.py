@@ -323,3 +323,46 @@ def test_a_tuple_state_may_hold_a_one_dimensional_component():
     (a, b), _ = dk.DEQ(Wrap(cell_tuple), dk.Anderson(tol=1e-10, max_iter=100))(x, z0=z0)
     flat, _ = dk.DEQ(Wrap(cell_flat), dk.Anderson(tol=1e-10, max_iter=100))(x, z0=torch.zeros(6, 4, dtype=F64))
     torch.testing.assert_close(torch.cat([a, b[:, None]], 1), flat, rtol=1e-8, atol=1e-9)
+
+
+def test_lbfgs_skips_an_opa_update_along_a_zero_outer_gradient():
+    """An OPA pair needs a direction ``H∇L``; with ``∇L = 0`` there is none: the update is skipped and
+    counted (``n_skipped``), and the inner solve still converges."""
+    from deqkit import bilevel
+    from deqkit.bilevel.lbfgs import LBFGS
+
+    a = torch.tensor([2.0, -1.0, 0.5], dtype=F64)
+    inner = lambda x, lam: 0.5 * ((x - a) ** 2).sum() + 0.5 * torch.exp(lam).sum() * (x**2).sum()  # noqa: E731
+    pb = bilevel.BilevelProblem(inner, lambda x: (x**2).sum(), torch.zeros(3, dtype=F64), name="quadratic")
+    lam = torch.tensor([0.3], dtype=F64)
+    res = LBFGS(tol=1e-10).solve(pb, lam, opa_freq=1, outer_grad=lambda x: torch.zeros_like(x))
+    assert res.converged and res.n_opa == 0 and res.n_skipped >= 1
+    torch.testing.assert_close(res.x, a / (1 + torch.exp(lam)), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, ValueError])
+def test_atomic_open_lets_a_non_os_error_through_unchanged(tmp_path, exc):
+    """An interrupt or a bug inside ``atomic_open`` propagates as itself (only OS errors are
+    reworded); the previous file is unchanged and no temporary file is left."""
+    from deqkit._io import atomic_open
+
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(exc):
+        with atomic_open(path) as fh:
+            fh.write(b"new")
+            raise exc()
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_label_of_a_user_estimator_with_an_unstored_option():
+    """A user's estimator whose constructor takes an option it does not keep as an attribute still
+    has a label (the options it keeps and that differ from their defaults)."""
+    import deqkit as dk
+
+    class TunedExact(dk.Exact):
+        def __init__(self, *, tol: float = 1e-6, note: str = "mine"):
+            super().__init__(tol=tol)
+
+    assert TunedExact().label == "TunedExact"
+    assert TunedExact(tol=1e-3, note="other").label == "TunedExact(tol=0.001)"

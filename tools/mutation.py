@@ -77,6 +77,7 @@ BILEVEL_TESTS = [
     "tests/test_bilevel_linalg.py",
     "tests/test_bilevel_pipeline.py",
     "tests/test_line_search_trace.py",
+    "tests/test_numerics_audit.py",
 ]
 SIM_TESTS = [
     "tests/test_audit_defaults.py",
@@ -101,6 +102,7 @@ TRAIN_TESTS = [
     "tests/faults/test_kill_resume.py",
     "tests/faults/test_corrupt_files.py",
     "tests/faults/test_disk_full.py",
+    "tests/test_numerics_audit.py",
 ]
 
 # The modules that produce reported numbers, and the tests that guard them (update this table when
