@@ -258,3 +258,13 @@ def test_zoom_stops_when_the_bracket_collapses():
     trials, out = run_deqkit(phi, 1e-14)
     assert trials == pytest.approx(want_trials, rel=1e-12, abs=0)
     assert len(trials) < 25 and out is not None and out[3] is False and not want_ok
+
+
+def test_armijo_accepts_a_short_first_trial_on_its_own_sufficient_decrease_line():
+    """φ(t) = −t + 98.9t² + 100t³ from t1 = 0.01: φ(0.01) = −1e-5 is below f0 + c1·t·φ'(0) = −1e-6
+    (and |φ'(0.01)| > |φ'(0)|, so only the Armijo test can accept it): accepted at once. A line
+    that scaled with 1/t instead of t would reject it."""
+    phi = lambda t: (-t + 98.9 * t * t + 100 * t**3, -1 + 197.8 * t + 300 * t * t)  # noqa: E731
+    assert phi(0.01)[0] == pytest.approx(-1e-5, rel=1e-9) and phi(0.01)[1] > 1
+    trials, out = _run_armijo(phi, 0.01)
+    assert trials == [0.01] and out is not None and out[3] is True
