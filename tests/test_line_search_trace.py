@@ -133,7 +133,8 @@ def _smoothstep_slope(s: float) -> float:
     return 6 * s * (1 - s) if 0.0 < s < 1.0 else 0.0
 
 
-def run_deqkit(phi, t1, max_evals=25):
+def _recorded(search, phi, t1, *constants, max_evals=25):
+    """``search`` (deqkit's ``_wolfe`` or ``_armijo``) on ``phi`` from ``t1``: its trial points and its result."""
     trials: list[float] = []
 
     def wrapped(t):
@@ -142,8 +143,11 @@ def run_deqkit(phi, t1, max_evals=25):
         return f, None, d
 
     f0, d0 = phi(0.0)
-    out = _wolfe(wrapped, f0, d0, t1, C1, C2, max_evals)
-    return trials, out
+    return trials, search(wrapped, f0, d0, t1, *constants, max_evals)
+
+
+def run_deqkit(phi, t1, max_evals=25):
+    return _recorded(_wolfe, phi, t1, C1, C2, max_evals=max_evals)
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
@@ -210,15 +214,7 @@ def test_a_tight_budget_returns_the_best_sufficient_point_not_a_wolfe_point():
 def _run_armijo(phi, t1, max_evals=25):
     from deqkit.bilevel.lbfgs import _armijo
 
-    trials: list[float] = []
-
-    def wrapped(t):
-        trials.append(t)
-        f, d = phi(t)
-        return f, None, d
-
-    f0, d0 = phi(0.0)
-    return trials, _armijo(wrapped, f0, d0, t1, C1, max_evals)
+    return _recorded(_armijo, phi, t1, C1, max_evals=max_evals)
 
 
 def test_armijo_backtracks_from_a_point_just_above_the_sufficient_decrease_line():
