@@ -58,7 +58,7 @@ DEFAULTS = [
     ("Neumann", dk.Neumann, dict(k=5, damping=0.5)),
     ("JacobianFree", dk.JacobianFree, dict(k=1, damping=1.0)),
     ("SHINE", dk.SHINE, dict(fallback=False, fallback_ratio=1.8, refine=0)),
-    ("WarmExact", dk.WarmExact, dict(warm_start="shine+inverse", on_failure="warn")),
+    ("WarmExact", dk.WarmExact, dict(warm_start="shine+inverse", on_failure="warn", match_forward=True, forward_factor=1.0)),
     ("WarmExact.linear_solver", lambda: dk.WarmExact().linear_solver, dict(memory=30, tol=1e-6, max_iter=60)),
     ("DEQ.solver", lambda: dk.DEQ(_Cell()).solver, dict(memory=6, tol=1e-4, max_iter=40)),
     ("DEQ", lambda: dk.DEQ(_Cell()), dict(init="zeros", eval_max_iter=None, on_failure="warn")),

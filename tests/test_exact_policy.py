@@ -117,3 +117,26 @@ def test_exact_options_are_validated():
         dk.Exact(match_forward="yes")
     with pytest.raises(dk.OptionError, match="forward_factor"):
         dk.Exact(forward_factor=0.0)
+
+
+@pytest.mark.parametrize("linear_solver", [None, "gmres"], ids=["broyden-adjoint", "gmres-preconditioned"])
+def test_warm_exact_tolerance_follows_the_forward_as_exact_does(linear_solver):
+    """``WarmExact`` is an ``Exact``: the same ``match_forward`` rule, whatever warm start it uses."""
+
+    def backward(grad: dk.GradientEstimator, fwd_tol: float) -> dk.DEQInfo:
+        deq = dk.DEQ(Cell(), dk.Broyden(tol=fwd_tol, max_iter=100), grad, state_shape=(12,))
+        z, info = deq(randn(6, 3, seed=9))
+        z.square().sum().backward()
+        return info
+
+    def make(**kw):
+        return dk.WarmExact(None if linear_solver is None else GMRES(tol=1e-6, max_iter=60), **kw)
+
+    info = backward(make(), fwd_tol=1e-3)
+    reached = float(info.forward.rel_residual.max())
+    assert 1e-6 < reached <= 1e-3
+    solve = info.backward.solve
+    assert solve.tol == pytest.approx(reached) and solve.extra["tol_requested"] == 1e-6 and solve.all_converged
+    full = backward(make(match_forward=False), fwd_tol=1e-3).backward.solve
+    assert full.tol == 1e-6 and full.all_converged
+    assert backward(make(forward_factor=0.1), fwd_tol=1e-3).backward.solve.tol == pytest.approx(0.1 * reached)

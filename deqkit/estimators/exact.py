@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .._options import check_bool, check_choice, check_failure_policy, check_int, check_positive, validated_options
 from ..errors import apply_failure_policy
+from ..inverse import InverseEstimate
 from ..linear import AutoAdjoint, LinearSolver, as_linear_solver
 from ..registry import register_estimator
 from ..solvers.base import Solver, SolverResult
@@ -106,9 +107,26 @@ class Exact(AdjointEstimator):
         return v.clone() if self.warm_start == "jfb" else None
 
     def compute_w(self, v: Tensor, vjp: Vjp, result: SolverResult, stats: BackwardStats) -> Tensor:
+        return self.solve(vjp, v, result, stats, w0=self.initial_guess(v, result))
+
+    def solve(
+        self,
+        vjp: Vjp,
+        v: Tensor,
+        result: SolverResult,
+        stats: BackwardStats,
+        *,
+        w0: Optional[Tensor] = None,
+        preconditioner: Optional[Vjp] = None,
+        inverse: Optional[InverseEstimate] = None,
+    ) -> Tensor:
+        """Solve the adjoint to this call's tolerance (:meth:`adjoint_tol`) from ``w0``, with the
+        linear solver's optional ``preconditioner`` / ``inverse`` estimate; record the solve and
+        apply the failure policy."""
         requested = self.tol if self.tol is not None else self.adjoint.tol
-        tol = self.adjoint_tol(result)
-        sol = self.adjoint.solve_adjoint(vjp, v, w0=self.initial_guess(v, result), tol=tol, max_iter=self.max_iter)
+        sol = self.adjoint.solve_adjoint(
+            vjp, v, w0=w0, tol=self.adjoint_tol(result), max_iter=self.max_iter, preconditioner=preconditioner, inverse=inverse
+        )
         sol.extra.setdefault("tol_requested", requested)
         return self.finish(sol, stats)
 

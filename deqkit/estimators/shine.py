@@ -151,6 +151,10 @@ class WarmExact(Exact):
     start of GMRES (``"shine"``) saves about one step per sample and costs one VJP for the
     initial residual, so it rarely pays. Ramzi et al. (ICLR 2022, arXiv 2106.00553) use ``H`` as
     a warm start; the preconditioned form is ours.
+
+    ``tol``, ``max_iter``, ``on_failure``, ``match_forward`` and ``forward_factor`` are
+    :class:`~deqkit.Exact`'s: by default the adjoint tolerance follows the accuracy the forward
+    solve reached.
     """
 
     needs_inverse = True
@@ -165,6 +169,8 @@ class WarmExact(Exact):
         max_iter: Optional[int] = None,
         on_failure: str = "warn",
         warm_start: Optional[str] = None,
+        match_forward: bool = True,
+        forward_factor: float = 1.0,
     ) -> None:
         owner = type(self).__name__
         if linear_solver is None:
@@ -185,15 +191,19 @@ class WarmExact(Exact):
                 f"{owner}: warm_start='precondition' needs a linear solver that accepts a preconditioner "
                 f"(accepts_preconditioner), e.g. linear_solver=GMRES(...); {adjoint!r} does not."
             )
-        super().__init__(linear_solver, tol=tol, max_iter=max_iter, on_failure=on_failure, warm_start=warm_start)
+        super().__init__(
+            linear_solver,
+            tol=tol,
+            max_iter=max_iter,
+            on_failure=on_failure,
+            warm_start=warm_start,
+            match_forward=match_forward,
+            forward_factor=forward_factor,
+        )
 
     def compute_w(self, v: Tensor, vjp: Vjp, result: SolverResult, stats: BackwardStats) -> Tensor:
         H = forward_inverse(result, type(self).__name__)
         if self.warm_start == "precondition":
-            sol = self.adjoint.solve_adjoint(
-                vjp, v, tol=self.tol, max_iter=self.max_iter, preconditioner=lambda y: shine_direction(y, H)
-            )
-            return self.finish(sol, stats)
+            return self.solve(vjp, v, result, stats, preconditioner=lambda y: shine_direction(y, H))
         inverse = H.transpose() if self.warm_start == "shine+inverse" else None
-        sol = self.adjoint.solve_adjoint(vjp, v, w0=shine_direction(v, H), tol=self.tol, max_iter=self.max_iter, inverse=inverse)
-        return self.finish(sol, stats)
+        return self.solve(vjp, v, result, stats, w0=shine_direction(v, H), inverse=inverse)

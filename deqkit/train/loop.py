@@ -364,8 +364,10 @@ class Trainer:
         assert self.optimizer is not None
         if self._scaler is not None:
             self._scaler.unscale_(self.optimizer)
-        if self.config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip) if self.config.grad_clip is not None else None
+        if self._scaler is None and params:  # (under fp16 loss scaling a non-finite gradient is the scaler's to skip)
+            self._check_finite_gradients(torch.nn.utils.get_total_norm([p.grad for p in params]) if norm is None else norm)
         self._consistent = False
         if self._scaler is not None:
             self._amp_skipped = int(scaler_step(self._scaler, self.optimizer))
@@ -376,6 +378,23 @@ class Trainer:
                 if self._amp_skipped:  # the scaler skipped optimizer.step(); the schedule still follows the step count
                     warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
                 self.scheduler.step()
+
+    def _check_finite_gradients(self, norm: Tensor) -> None:
+        """Refuse an optimiser step on NaN/Inf gradients (the parameters stay as they were).
+
+        The adjoint estimators raise on a non-finite backward themselves; the unrolled ones
+        (``Unrolled``, ``JacobianFree``, pre-training steps) and the layers around the DEQ carry
+        NaN/Inf into the gradients, which this one check per step (the gradient norm) catches."""
+        if bool(torch.isfinite(norm)):
+            return
+        from .metrics import deqs
+
+        names = sorted({type(deq.grad).__name__ for deq in deqs(self.model)})
+        raise NonFiniteError(
+            f"Trainer: the gradients contain NaN/Inf at step {self._pos['global_step'] + 1} (estimator "
+            f"{', '.join(names) or 'none'}); the parameters were not updated. Lower the learning rate, set grad_clip, "
+            f"add Jacobian regularisation (jac_reg), or check the cell's backward is finite where the forward is."
+        )
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> list[dict[str, Any]]:
