@@ -34,7 +34,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -367,7 +367,9 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip) if self.config.grad_clip is not None else None
         if self._scaler is None and params:  # (under fp16 loss scaling a non-finite gradient is the scaler's to skip)
-            self._check_finite_gradients(torch.nn.utils.get_total_norm([p.grad for p in params]) if norm is None else norm)
+            self._check_finite_gradients(
+                torch.nn.utils.get_total_norm([cast(Tensor, p.grad) for p in params]) if norm is None else norm
+            )
         self._consistent = False
         if self._scaler is not None:
             self._amp_skipped = int(scaler_step(self._scaler, self.optimizer))
