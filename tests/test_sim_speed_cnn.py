@@ -15,8 +15,8 @@ import torch
 
 from deqkit.apps.bench import SimSpeedConfig, bench_sim_speed
 from deqkit.apps.bench.sim_speed import format_sim_speed, spread_rows
-from deqkit.cli import build_parser
 from deqkit.cli import bench as bench_cli
+from deqkit.cli import build_parser
 from deqkit.errors import OptionError
 
 TINY = SimSpeedConfig(model="cnn", channels=[2, 4], samples=120, cvxpy_rows=4, epochs=1)

@@ -160,7 +160,7 @@ def _bench_cnn(cfg: SimSpeedConfig, device: Any) -> dict[str, Any]:
     layers = st.state_layers()
     rows = spread_rows(layers, cfg.cvxpy_rows)
     ref = _cvxpy(cfg, st, rows, sup_ab)
-    gap = (res.ab.objective[rows].cpu().numpy() - ref.objective) / np.abs(ref.objective)
+    gap = (torch.as_tensor(res.ab.objective)[rows].cpu().numpy() - ref.objective) / np.abs(ref.objective)
     r = st.X.shape[1]
     return {
         "model": "cnn",
