@@ -31,9 +31,20 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="where every section's models and batches live: cpu, cuda, cuda:N or auto")
     g.add_argument("--write", default=None, metavar="BENCHMARKS.md", help="refresh this suite's sections of that file in place")
     g = p.add_argument_group("sim-speed section")
-    g.add_argument("--dataset", default="digits", help="data set of the MLP baseline (as for deqkit sim)")
+    g.add_argument("--dataset", default="digits", help="data set of the baseline (as for deqkit sim)")
+    g.add_argument(
+        "--model",
+        choices=("mlp", "cnn"),
+        default="mlp",
+        help="baseline (as deqkit sim --model): mlp, or cnn (image data; each row restricted to its receptive "
+        "field for the ADMM and CVXPY alike, CVXPY's rows spread over the layers)",
+    )
     g.add_argument("--data-dir", default=None, help="directory with the four IDX files (fashion-mnist, mnist)")
     g.add_argument("--hidden", type=ints, default=[64, 32, 16], help="hidden widths of the MLP baseline")
+    g.add_argument("--channels", type=ints, default=[8, 16], help="channels of the CNN baseline's convolutions")
+    g.add_argument("--kernel-size", type=positive_int, default=3, help="CNN kernel size")
+    g.add_argument("--stride", type=positive_int, default=2, help="CNN stride")
+    g.add_argument("--padding", type=nonneg_int, default=1, help="CNN zero padding")
     g.add_argument("--epochs", type=nonneg_int, default=10, help="baseline training epochs")
     g.add_argument("--baseline", default=None, help="baseline state_dict to load, if it exists")
     g.add_argument("--samples", type=positive_int, default=1000, help="state samples m")
@@ -106,7 +117,11 @@ def config(args: argparse.Namespace) -> Any:
     check_number(owner, "--cvxpy-tol", args.cvxpy_tol, low=0.0, low_open=True)
     device = resolve_device(args.device)  # "cuda" without CUDA: one OptionError line
     sim = SimSpeedConfig(
-        **pick(args, "dataset", "data_dir", "hidden", "samples", "lam", "cvxpy_rows", "cvxpy_tol", "baseline", "epochs")
+        **pick(
+            args,
+            *("dataset", "data_dir", "hidden", "samples", "lam", "cvxpy_rows", "cvxpy_tol", "baseline", "epochs"),
+            *("model", "channels", "kernel_size", "stride", "padding"),
+        )
     )
     return SuiteConfig(
         **pick(args, "section", "quick", "repeats", "seeds", "threads", "write"),
