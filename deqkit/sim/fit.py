@@ -196,12 +196,18 @@ class _Block:
     block_ball: tuple[int, int, float] | None = None
 
 
+def _grouped(block: _Block) -> bool:
+    """Whether the ADMM solves ``block`` grouped by structural support (:func:`_solve_grouped`):
+    when its rows read less than half of ``Φ``'s columns on average (a CNN's receptive fields)."""
+    return block.support is not None and float(block.support.double().mean()) < 0.5
+
+
 def _solve_block(
     method: str, mode: str, block: _Block, phi: Tensor, lam, *, weights, support, beta0, factor, zero_tol: float
 ) -> tuple[BlockResult, Tensor]:
     """One block of rows by the batched ADMM or by CVXPY, without a failure policy (the fit
     applies its own); returns (result, beta tensor). ``lam`` is in the paper's units (scalar or per row)."""
-    if method == "admm" and block.support is not None and float(block.support.double().mean()) < 0.5:
+    if method == "admm" and _grouped(block):
         res = _solve_grouped(block, phi, lam, weights=weights, support=support, beta0=beta0)
         return res, res.beta
     if method == "admm":
@@ -704,7 +710,8 @@ def fit_sim(
     weights = _penalty_weights(phi, states.X.shape[1], states.U.shape[1], penalty, input_weight)
     reference = density_of if density_of is not None else states.reference_nnz
     t0 = time.perf_counter()
-    factor = admm_ab.factorize(phi) if method == "admm" else None
+    # the eigendecomposition of ΦᵀΦ serves every block solved over all columns (none when all are grouped)
+    factor = admm_ab.factorize(phi) if method == "admm" and not all(_grouped(b) for b in blocks.values()) else None
     search = None
     if density is not None:
         assert reference is not None  # checked above
