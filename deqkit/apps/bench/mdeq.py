@@ -88,12 +88,15 @@ class MDEQBenchConfig:
     ref_tol: float = 1e-10
     ref_max_iter: int = 1000
     torchdeq: bool = True
+    #: forward and backward iteration caps of the torchdeq comparison (both libraries)
+    torchdeq_max_iter: int = 40
     name: str = "mdeq"
 
     @classmethod
     def quick(cls, **changes: Any) -> MDEQBenchConfig:
-        """The smoke run (seconds on a quiet machine): batch 8, 2 warm-up steps, caps 2 and 4, 1 round."""
-        return replace(cls(batch=8, warmup_steps=2, caps=(2, 4), repeats=1, name="mdeq-quick"), **changes)
+        """The smoke run (seconds on a quiet machine): batch 4, 2 warm-up steps, caps 2 and 4, 1 round, torchdeq caps 15."""
+        quick = cls(batch=4, warmup_steps=2, caps=(2, 4), repeats=1, torchdeq_max_iter=15, name="mdeq-quick")
+        return replace(quick, **changes)
 
     def solver(self, opa_freq: Optional[int] = None) -> Broyden:
         return Broyden(memory=self.memory, tol=self.tol, max_iter=self.max_iter, opa_freq=opa_freq)
@@ -101,6 +104,10 @@ class MDEQBenchConfig:
     def capped_solver(self, cap: int) -> Broyden:
         """Broyden run to exactly ``cap`` steps (an absolute tolerance of 1e-30 is never reached)."""
         return Broyden(memory=self.memory, tol=1e-30, max_iter=cap, stop_mode="abs")
+
+    def torchdeq_settings(self) -> TorchDEQSettings:
+        """The torchdeq comparison's solver settings: torchdeq.py's, with the caps ``torchdeq_max_iter``."""
+        return TorchDEQSettings(f_max_iter=self.torchdeq_max_iter, b_max_iter=self.torchdeq_max_iter)
 
     def describe(self) -> str:
         return (
@@ -202,9 +209,17 @@ def bench_mdeq(
     ref, ref_warnings = _reference(model, x, y, cfg)
     log("  estimators on one step ...")
     rows = step_rows(
-        _with(model, Exact(), cfg.solver()), x, y, estimators, cfg.solver, repeats=cfg.repeats, memory=False, cosine=False,
-        keep_grad=True, baseline=BASELINE,
-    )  # fmt: skip
+        _with(model, Exact(), cfg.solver()),
+        x,
+        y,
+        estimators,
+        cfg.solver,
+        repeats=cfg.repeats,
+        memory=False,
+        cosine=False,
+        keep_grad=True,
+        baseline=BASELINE,
+    )
     for r in rows:
         g = r.pop("grad")
         r["ref_cos"], r["ref_err"] = _cos(g, ref), _rel_err(g, ref)
@@ -220,7 +235,7 @@ def bench_mdeq(
     pairs = None
     if cfg.torchdeq and torchdeq_available():
         log("  against torchdeq ...")
-        pairs = step_pairs(_with(model, Exact(), cfg.solver()), x, y, TorchDEQSettings(), cfg.repeats, reference=ref)
+        pairs = step_pairs(_with(model, Exact(), cfg.solver()), x, y, cfg.torchdeq_settings(), cfg.repeats, reference=ref)
     elif cfg.torchdeq:
         log(INSTALL_HINT)
     res = {
@@ -294,7 +309,7 @@ def format_mdeq_tables(res: dict[str, Any]) -> str:
         "",
     ]
     if res["torchdeq"] is not None:
-        s = TorchDEQSettings()
+        s = cfg.torchdeq_settings()
         parts += [
             f"Against torchdeq (its layer takes one tensor state: `f(z_flat) = flatten(cell(unflatten(z_flat), u))`); both "
             f"libraries: Anderson forward to rel tol {s.f_tol:g} (cap {s.f_max_iter}), backward abs tol {s.b_tol:g} "
