@@ -23,18 +23,11 @@ from deqkit.solvers import Anderson
 QUICK = bench.MDEQBenchConfig.quick(tol=1e-6, max_iter=60)
 
 
-@pytest.fixture(autouse=True)
-def _float32_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(old)
-
-
 @pytest.fixture(scope="module")
 def result():
+    """One quick run of the section, shared by the tests below (float32 models whatever the default dtype)."""
     old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
+    torch.set_default_dtype(torch.float32)  # other test modules change the global default dtype
     try:
         return bench.bench_mdeq(QUICK, log=lambda s: None)
     finally:

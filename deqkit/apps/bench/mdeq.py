@@ -34,7 +34,7 @@ from ..common import build_classifier
 from .config import DeviceLike
 from .memory import memory_md, memory_rows, memory_targets
 from .report import fmt_range, mark, md_table
-from .step import step_rows
+from .step import step_rows, vjps_cell
 from .torchdeq import (
     INSTALL_HINT,
     TorchDEQSettings,
@@ -276,9 +276,6 @@ def format_mdeq_tables(res: dict[str, Any]) -> str:
     ]
     body = []
     for r in res["step"]:
-        vj = f"{r['bwd_vjps']:g}" + (f" ({r['bwd_iters']:.1f})" if r.get("bwd_iters") is not None else "")
-        if r.get("n_fallback"):
-            vj += f", {r['n_fallback']:g} fallback"
         body.append(
             [
                 r["label"],
@@ -287,7 +284,7 @@ def format_mdeq_tables(res: dict[str, Any]) -> str:
                 f"{r['bwd_vs_exact']:.2f}",
                 f"{r['fwd_steps']:.1f}",
                 f"{r['fwd_converged']:.0%}",
-                vj,
+                vjps_cell(r),
                 f"{r['ref_cos']:.6f}",
                 f"{r['ref_err']:.1e}",
             ]

@@ -18,7 +18,17 @@ from .config import BenchConfig, DeviceLike, build_model, digits_batch
 from .measure import interleaved, memory_of_step, quiet, timed_step
 from .report import fmt_range, kb, mark, md_table, med, ratio
 
-__all__ = ["TITLE", "STEP_ESTIMATORS", "bench_step", "step_rows", "flat_grad", "format_step_table", "step_targets", "STEP_NOTES"]
+__all__ = [
+    "TITLE",
+    "STEP_ESTIMATORS",
+    "bench_step",
+    "step_rows",
+    "flat_grad",
+    "vjps_cell",
+    "format_step_table",
+    "step_targets",
+    "STEP_NOTES",
+]
 
 #: this section's heading in BENCHMARKS.md
 TITLE = "## DEQ gradient estimators: step cost"
@@ -186,6 +196,14 @@ def step_rows(
     return out
 
 
+def vjps_cell(row: dict[str, Any]) -> str:
+    """The ``bwd VJPs (iters)`` cell of a step row: VJPs, mean per-sample adjoint steps, fallbacks."""
+    vj = f"{row['bwd_vjps']:g}" + (f" ({row['bwd_iters']:.1f})" if row.get("bwd_iters") is not None else "")
+    if row.get("n_fallback"):
+        vj += f", {row['n_fallback']:g} fallback"
+    return vj
+
+
 def format_step_table(cfg: BenchConfig, rows: Sequence[dict[str, Any]]) -> str:
     head = [
         "estimator",
@@ -201,9 +219,6 @@ def format_step_table(cfg: BenchConfig, rows: Sequence[dict[str, Any]]) -> str:
     ]
     body = []
     for r in rows:
-        vj = f"{r['bwd_vjps']:g}" + (f" ({r['bwd_iters']:.1f})" if r.get("bwd_iters") is not None else "")
-        if r.get("n_fallback"):
-            vj += f", {r['n_fallback']:g} fallback"
         body.append(
             [
                 r["label"],
@@ -212,7 +227,7 @@ def format_step_table(cfg: BenchConfig, rows: Sequence[dict[str, Any]]) -> str:
                 fmt_range(r["total_ms"]),
                 f"{r['bwd_vs_exact']:.2f}",
                 f"{r['fwd_steps']:.1f}",
-                vj,
+                vjps_cell(r),
                 kb(r["graph_bytes"]) if "graph_bytes" in r else "-",
                 kb(r["peak_bytes"]) if "peak_bytes" in r else "-",
                 f"{r['cosine']:.4f}" if "cosine" in r else "-",
