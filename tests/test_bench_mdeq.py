@@ -142,3 +142,12 @@ def test_cli_flags_reach_the_config():
     bad = build_parser().parse_args(["bench", "--section", "mdeq", "--mdeq-caps", "10,5"])
     with pytest.raises(OptionError, match="--mdeq-caps"):
         config(bad)
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [({"batch": 0}, "batch"), ({"warmup_steps": -1}, "warmup_steps"), ({"caps": (20, 10)}, "caps"), ({"tol": 0.0}, "tol")],
+)
+def test_config_rejects_bad_values(changes, match):
+    with pytest.raises(OptionError, match=match):
+        bench.MDEQBenchConfig(**changes)

@@ -27,6 +27,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ..._options import check_int, check_positive
+from ...errors import OptionError
 from ...estimators import Exact, GradientEstimator
 from ...models import DEQClassifier
 from ...solvers import Broyden, Solver
@@ -92,6 +94,18 @@ class MDEQBenchConfig:
     torchdeq_max_iter: int = 40
     name: str = "mdeq"
 
+    def __post_init__(self) -> None:
+        owner = "MDEQBenchConfig"
+        for name in ("batch", "max_iter", "memory", "repeats", "ref_max_iter", "torchdeq_max_iter"):
+            check_int(owner, name, getattr(self, name))
+        check_int(owner, "warmup_steps", self.warmup_steps, minimum=0)
+        for name in ("lr", "tol", "ref_tol"):
+            check_positive(owner, name, getattr(self, name))
+        caps = tuple(self.caps)
+        increasing = list(caps) == sorted(set(caps))
+        if not caps or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in caps) or not increasing:
+            raise OptionError(f"{owner}: caps must be increasing positive integers, got {self.caps!r}.")
+
     @classmethod
     def quick(cls, **changes: Any) -> MDEQBenchConfig:
         """The smoke run (seconds on a quiet machine): batch 4, 2 warm-up steps, caps 2 and 4, 1 round, torchdeq caps 15."""
@@ -122,11 +136,14 @@ def mdeq_data(cfg: MDEQBenchConfig, device: DeviceLike = "cpu") -> tuple[Tensor,
     data set is not found (``deqkit.data.load_dataset`` says where it looked)."""
     n = (cfg.warmup_steps + 1) * cfg.batch
     try:
-        from ...data import DatasetNotFoundError, load_dataset
+        from ...data import load_dataset
 
         splits = load_dataset("fashion-mnist", seed=cfg.seed, flatten=False)
         if len(splits.train) < n:
-            raise DatasetNotFoundError(f"fashion-mnist has {len(splits.train)} training images, {n} wanted")
+            raise OptionError(
+                f"MDEQ benchmark: (warmup_steps + 1) × batch = {n} images, but fashion-mnist has {len(splits.train)} "
+                "training images; use fewer warm-up steps or a smaller batch."
+            )
         x, y = splits.train[:n]
         return x.to(device).clone(), y.to(device).clone(), "fashion-mnist"
     except (FileNotFoundError, ImportError) as exc:
