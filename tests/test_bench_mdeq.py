@@ -151,3 +151,20 @@ def test_cli_flags_reach_the_config():
 def test_config_rejects_bad_values(changes, match):
     with pytest.raises(OptionError, match=match):
         bench.MDEQBenchConfig(**changes)
+
+
+def test_suite_hands_device_and_rounds_to_the_section(monkeypatch):
+    seen = {}
+
+    def record(cfg, device="cpu", **kwargs):
+        seen.update(cfg=cfg, device=device)
+        raise KeyboardInterrupt  # stop before anything is measured
+
+    monkeypatch.setattr(suite, "bench_mdeq", record)
+    with pytest.raises(KeyboardInterrupt):
+        suite.run_suite(suite.SuiteConfig(section="mdeq", quick=True, device="cpu"))
+    assert seen["device"] == "cpu"
+    assert seen["cfg"] == bench.MDEQBenchConfig.quick(repeats=2)  # --quick: the quick problem, 2 rounds
+    with pytest.raises(KeyboardInterrupt):
+        suite.run_suite(suite.SuiteConfig(section="mdeq", repeats=5, mdeq=bench.MDEQBenchConfig(batch=16)))
+    assert seen["cfg"] == bench.MDEQBenchConfig(batch=16, repeats=5)
