@@ -25,13 +25,16 @@ QUICK = bench.MDEQBenchConfig.quick(tol=1e-6, max_iter=60)
 
 @pytest.fixture(scope="module")
 def result():
-    """One quick run of the section, shared by the tests below (float32 models whatever the default dtype)."""
-    old = torch.get_default_dtype()
+    """One quick run of the section, shared by the tests below (float32 models whatever the default
+    dtype; one torch thread, as ``deqkit bench`` runs: a second one only adds contention here)."""
+    old, threads = torch.get_default_dtype(), torch.get_num_threads()
     torch.set_default_dtype(torch.float32)  # other test modules change the global default dtype
+    torch.set_num_threads(1)
     try:
         return bench.bench_mdeq(QUICK, log=lambda s: None)
     finally:
         torch.set_default_dtype(old)
+        torch.set_num_threads(threads)
 
 
 def test_step_table_has_every_estimator(result):
@@ -86,7 +89,7 @@ def test_torchdeq_rows(result):
     assert any("SHINE(fallback=True) backward" in t for t in targets)
 
 
-def test_flat_wrapper_has_deqkits_tuple_fixed_point():
+def test_flat_wrapper_has_deqkits_tuple_fixed_point(one_thread):
     torchdeq_solver = pytest.importorskip("torchdeq.solver")
     torch.manual_seed(0)
     model = build_classifier("mdeq", (1, 28, 28), 10, 0, Anderson(tol=1e-10, max_iter=300), Exact(), 0).double()
