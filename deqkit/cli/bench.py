@@ -7,13 +7,16 @@ import argparse
 from typing import Any
 
 from .._options import check_int, check_number
+from ..errors import OptionError
 from .options import Number, add_parser, comma_list, floats, ints, nonneg_int, pick, positive_float, positive_int
 
 DESCRIPTION = """\
 deqkit benchmarks: step cost per gradient estimator, memory against forward depth, torchdeq
 side by side, accuracy over seeds (--section all runs these four), the SIM solver speed
 (--section sim-speed) and SIM against magnitude pruning (--section sim-pruning, a small run:
-digits and synthetic, MLP, 1 seed, 3 densities, under a minute). --write refreshes this suite's
+digits and synthetic, MLP, 1 seed, 3 densities, under a minute), and the multiscale DEQ on
+Fashion-MNIST (--section mdeq: estimators, memory against depth, torchdeq; not part of all).
+--write refreshes this suite's
 sections of BENCHMARKS.md in place. --device cuda runs every section on the GPU (timers
 synchronised, memory from the CUDA allocator)."""
 
@@ -54,6 +57,12 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     )
     g.add_argument("--cvxpy-tol", type=positive_float, default=1e-6, help="Clarabel gap/feasibility tolerance")
     _add_sim_pruning_group(p)
+    g = p.add_argument_group(
+        "mdeq section", "DEQClassifier.mdeq on Fashion-MNIST, trained briefly first (--quick: its own tiny sizes)"
+    )
+    g.add_argument("--mdeq-batch", type=positive_int, default=64, help="batch of the warm-up training and of the measured step")
+    g.add_argument("--mdeq-warmup-steps", type=nonneg_int, default=40, help="Adam steps (Exact()) before measuring")
+    g.add_argument("--mdeq-caps", type=ints, default=[10, 20, 40], help="forward caps of the memory table, comma list")
     p.set_defaults(func=run)
     return p
 
@@ -100,6 +109,7 @@ def _sim_pruning_config(args: argparse.Namespace) -> Any:
 def config(args: argparse.Namespace) -> Any:
     """The :class:`~deqkit.apps.bench.SuiteConfig` of the parsed flags (values checked)."""
     from ..apps.bench import SimSpeedConfig, SuiteConfig
+    from ..apps.bench.mdeq import MDEQBenchConfig
     from ..apps.common import resolve_device
 
     owner = "deqkit bench"
@@ -114,6 +124,9 @@ def config(args: argparse.Namespace) -> Any:
     if args.repeats is not None:
         check_int(owner, "--repeats", args.repeats)
     check_number(owner, "--lam", args.lam, low=0.0)
+    caps = tuple(args.mdeq_caps)
+    if list(caps) != sorted(set(caps)):
+        raise OptionError(f"deqkit bench: --mdeq-caps must be increasing, got {','.join(map(str, caps))}.")
     check_number(owner, "--cvxpy-tol", args.cvxpy_tol, low=0.0, low_open=True)
     device = resolve_device(args.device)  # "cuda" without CUDA: one OptionError line
     sim = SimSpeedConfig(
@@ -127,6 +140,7 @@ def config(args: argparse.Namespace) -> Any:
         **pick(args, "section", "quick", "repeats", "seeds", "threads", "write"),
         sim_speed=sim,
         sim_pruning=_sim_pruning_config(args),
+        mdeq=MDEQBenchConfig(batch=args.mdeq_batch, warmup_steps=args.mdeq_warmup_steps, caps=caps),
         device=device,
     )
 

@@ -3,6 +3,7 @@
 - :mod:`.step`: step cost per gradient estimator (time, solver work, memory, cosine to Exact);
 - :mod:`.memory`: memory against the forward depth, against naive BPTT;
 - :mod:`.torchdeq`: side by side with torchdeq 0.1.0;
+- :mod:`.mdeq`: the multiscale DEQ on Fashion-MNIST (estimators, memory, torchdeq);
 - :mod:`.accuracy`: ``deqkit compare`` over seeds, at equal epochs and equal wall-clock;
 - :mod:`.sim_speed`: the SIM batched ADMM against CVXPY;
 - :mod:`.sim_pruning`: SIM against magnitude pruning at matched density (clean and attacked accuracy);
@@ -12,6 +13,7 @@
 
 from .accuracy import ACCURACY_SETS, accuracy_targets, bench_accuracy, format_accuracy_tables
 from .config import HARD, REFERENCE, BenchConfig, build_model, digits_batch
+from .mdeq import MDEQ_ESTIMATORS, MDEQBenchConfig, bench_mdeq, format_mdeq_tables, mdeq_targets
 from .measure import peak_allocated_bytes, saved_tensor_bytes
 from .memory import BPTT, bench_memory, format_memory_table, memory_targets
 from .report import md_table, replace_sections, write_sections
@@ -27,6 +29,8 @@ __all__ = [
     "BenchConfig",
     "HARD",
     "INSTALL_HINT",
+    "MDEQ_ESTIMATORS",
+    "MDEQBenchConfig",
     "REFERENCE",
     "SECTIONS",
     "STEP_ESTIMATORS",
@@ -35,6 +39,7 @@ __all__ = [
     "SuiteConfig",
     "accuracy_targets",
     "bench_accuracy",
+    "bench_mdeq",
     "bench_memory",
     "bench_sim_pruning",
     "bench_sim_speed",
@@ -43,10 +48,12 @@ __all__ = [
     "build_model",
     "digits_batch",
     "format_accuracy_tables",
+    "format_mdeq_tables",
     "format_memory_table",
     "format_step_table",
     "format_torchdeq_tables",
     "md_table",
+    "mdeq_targets",
     "memory_targets",
     "peak_allocated_bytes",
     "render_sections",

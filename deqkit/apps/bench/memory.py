@@ -9,12 +9,15 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from ...estimators import GradientEstimator
+from ...models import DEQClassifier
+from ...solvers import Solver
 from ..compare import ESTIMATOR_PRESETS
 from .config import REFERENCE, BenchConfig, DeviceLike, build_model, digits_batch
 from .measure import memory_of_step, peak_allocated_bytes, quiet, saved_tensor_bytes, timed_step, zero_grads
 from .report import kb, mark, md_table, ratio
 
-__all__ = ["TITLE", "BPTT", "bench_memory", "format_memory_table", "memory_targets", "MEMORY_NOTES"]
+__all__ = ["TITLE", "BPTT", "bench_memory", "memory_rows", "format_memory_table", "memory_targets", "MEMORY_NOTES"]
 
 #: this section's heading in BENCHMARKS.md
 TITLE = "## Memory against forward depth"
@@ -31,8 +34,14 @@ class BPTT(nn.Module):
         super().__init__()
         self.cell, self.n = cell, int(n)
 
-    def forward(self, u: Tensor, z0: Optional[Tensor] = None) -> Tensor:
-        z = torch.zeros_like(u) if z0 is None else z0
+    def forward(self, u: Any, z0: Optional[Any] = None) -> Any:
+        """``u``: the injection, a tensor or (multiscale cell) a tuple shaped like the state; ``z0`` defaults to zeros like ``u``."""
+        if z0 is not None:
+            z = z0
+        elif isinstance(u, (tuple, list)):
+            z = type(u)(torch.zeros_like(t) for t in u)
+        else:
+            z = torch.zeros_like(u)
         for _ in range(self.n):
             z = self.cell(z, u)
         return z
@@ -47,13 +56,23 @@ def _add_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _deq_rows(cfg: BenchConfig, method: str, preset: str, caps: Sequence[int], x: Tensor, y: Tensor) -> list[dict[str, Any]]:
-    """A DEQ with estimator ``preset``, its forward Broyden run to each cap (unreachable tolerance)."""
+#: ``(estimator, forward solver) ↦`` the seeded model (same weights every call)
+ModelFactory = Callable[[GradientEstimator, Solver], DEQClassifier]
+
+
+def _deq_rows(
+    make_model: ModelFactory,
+    solver_at: Callable[[int], Solver],
+    method: str,
+    preset: str,
+    caps: Sequence[int],
+    x: Tensor,
+    y: Tensor,
+) -> list[dict[str, Any]]:
+    """A DEQ with estimator ``preset``, its forward solver ``solver_at(cap)`` (unreachable tolerance) run to each cap."""
     rows = []
     for cap in caps:
-        model = build_model(
-            cfg, ESTIMATOR_PRESETS[preset](), cfg.solver(max_iter=cap, tol=1e-30, stop_mode="abs"), device=x.device
-        )
+        model = make_model(ESTIMATOR_PRESETS[preset](), solver_at(cap))
         _, _, info = timed_step(model, x, y)  # warm-up; also gives the step count
         graph, peak = memory_of_step(model, x, y)
         rows.append(
@@ -68,11 +87,10 @@ def _deq_rows(cfg: BenchConfig, method: str, preset: str, caps: Sequence[int], x
     return _add_ratios(rows)
 
 
-def _bptt_rows(cfg: BenchConfig, caps: Sequence[int], x: Tensor, y: Tensor) -> list[dict[str, Any]]:
-    """Naive BPTT through the same cell (``cap`` Picard iterations with autograd)."""
+def _bptt_rows(model: DEQClassifier, caps: Sequence[int], x: Tensor, y: Tensor) -> list[dict[str, Any]]:
+    """Naive BPTT through ``model``'s cell (``cap`` Picard iterations with autograd)."""
     rows = []
     for cap in caps:
-        model = build_model(cfg, ESTIMATOR_PRESETS["exact-gmres"](), device=x.device)
         unrolled = BPTT(model.cell, cap)
 
         def loss() -> Tensor:
@@ -83,6 +101,7 @@ def _bptt_rows(cfg: BenchConfig, caps: Sequence[int], x: Tensor, y: Tensor) -> l
         ell.backward()
         zero_grads(model)
         peak = peak_allocated_bytes(lambda: loss().backward(), x.device)
+        zero_grads(model)
         rows.append(
             {
                 "method": "BPTT (Picard, autograd)",
@@ -93,6 +112,22 @@ def _bptt_rows(cfg: BenchConfig, caps: Sequence[int], x: Tensor, y: Tensor) -> l
             }
         )
     return _add_ratios(rows)
+
+
+def memory_rows(
+    make_model: ModelFactory,
+    solver_at: Callable[[int], Solver],
+    caps: Sequence[int],
+    x: Tensor,
+    y: Tensor,
+    methods: Sequence[tuple[str, str]] = (("Exact (GMRES)", "exact-gmres"), ("SHINE(fallback)", "shine")),
+) -> list[dict[str, Any]]:
+    """The rows of :func:`bench_memory` for any model: each ``(label, preset)`` of ``methods`` at
+    every cap, then naive BPTT through the same cell (tensor or tuple state)."""
+    with quiet():
+        rows = [r for label, preset in methods for r in _deq_rows(make_model, solver_at, label, preset, caps, x, y)]
+        rows += _bptt_rows(make_model(ESTIMATOR_PRESETS["exact"](), solver_at(caps[0])), caps, x, y)
+    return rows
 
 
 def bench_memory(
@@ -109,15 +144,26 @@ def bench_memory(
     ``peak_vs_first`` (ratios to the smallest cap). Models and batch live on ``device``.
     """
     x, y, _ = digits_batch(cfg.batch, cfg.seed, device=device)
-    with quiet():
-        rows = _deq_rows(cfg, "Exact (GMRES)", "exact-gmres", caps, x, y)
-        rows += _deq_rows(cfg, "SHINE(fallback)", "shine", caps, x, y)
-        rows += _bptt_rows(cfg, caps, x, y)
+    rows = memory_rows(
+        lambda grad, solver: build_model(cfg, grad, solver, device=device),
+        lambda cap: cfg.solver(max_iter=cap, tol=1e-30, stop_mode="abs"),
+        caps,
+        x,
+        y,
+    )
     log(format_memory_table(cfg, rows))
     return rows
 
 
 def format_memory_table(cfg: BenchConfig, rows: Sequence[dict[str, Any]]) -> str:
+    return (
+        f"{cfg.name} cell (width {cfg.width}, batch {cfg.batch}), forward tol 1e-30 so every solve runs to its cap (a sample stops early only if its float32 residual is exactly 0; `fwd steps` is the per-sample mean)\n\n"
+        + memory_md(rows)
+    )
+
+
+def memory_md(rows: Sequence[dict[str, Any]]) -> str:
+    """The markdown table of :func:`memory_rows`' rows."""
     head = ["method", "forward cap", "fwd steps", "graph KB", "÷ first cap", "peak KB", "÷ first cap"]
     body = [
         [
@@ -131,19 +177,17 @@ def format_memory_table(cfg: BenchConfig, rows: Sequence[dict[str, Any]]) -> str
         ]
         for r in rows
     ]
-    return (
-        f"{cfg.name} cell (width {cfg.width}, batch {cfg.batch}), forward tol 1e-30 so every solve runs to its cap (a sample stops early only if its float32 residual is exactly 0; `fwd steps` is the per-sample mean)\n\n"
-        + md_table(head, body)
-    )
+    return md_table(head, body)
 
 
-def memory_targets(rows: Sequence[dict[str, Any]]) -> list[str]:
+def memory_targets(rows: Sequence[dict[str, Any]], full_from: int = REFERENCE.memory) -> list[str]:
+    """Target lines: every DEQ method's peak flat in the cap, from ``full_from`` (the forward Broyden's ``memory``) on."""
     out = []
-    for method in ("Exact (GMRES)", "SHINE(fallback)"):
+    for method in dict.fromkeys(r["method"] for r in rows if not r["method"].startswith("BPTT")):
         rs = [r for r in rows if r["method"] == method]
-        # from the cap at which Broyden's ring buffer is full (min(memory, max_iter - 1) columns) on,
-        # nothing may grow with the depth; below it the buffer is smaller, so the peak is too
-        full = [r for r in rs if r["cap"] >= 30]
+        # from the cap at which Broyden's ring buffer is (nearly) full (min(memory, max_iter - 1)
+        # columns) on, nothing may grow with the depth; below it the buffer is smaller, so the peak is too
+        full = [r for r in rs if r["cap"] >= full_from]
         if len(full) >= 2:
             v = full[-1]["peak_bytes"] / full[0]["peak_bytes"]
             g = full[-1]["graph_bytes"] / full[0]["graph_bytes"]

@@ -8,15 +8,27 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ...diagnostics import gradient_quality
+from ...models import DEQClassifier
+from ...solvers import Solver
 from ..compare import ESTIMATOR_PRESETS, OPA_FREQ, preset_label
 from .config import BenchConfig, DeviceLike, build_model, digits_batch
 from .measure import interleaved, memory_of_step, quiet, timed_step
 from .report import fmt_range, kb, mark, md_table, med, ratio
 
-__all__ = ["TITLE", "STEP_ESTIMATORS", "bench_step", "format_step_table", "step_targets", "STEP_NOTES"]
+__all__ = [
+    "TITLE",
+    "STEP_ESTIMATORS",
+    "bench_step",
+    "step_rows",
+    "flat_grad",
+    "vjps_cell",
+    "format_step_table",
+    "step_targets",
+    "STEP_NOTES",
+]
 
 #: this section's heading in BENCHMARKS.md
 TITLE = "## DEQ gradient estimators: step cost"
@@ -44,15 +56,32 @@ STEP_ESTIMATORS = (
 _PER_ROUND = ("fwd_ms", "bwd_ms", "total_ms", "fwd_steps", "fwd_converged", "bwd_vjps", "bwd_iters", "n_fallback")
 
 
-class _StepRun:
-    """One model (same weights) whose estimator and solver are swapped per preset name."""
+def flat_grad(model: nn.Module) -> Tensor:
+    """Every parameter's ``.grad`` (zeros where none), flattened and concatenated, in float64."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).double() for p in model.parameters()])
 
-    def __init__(self, cfg: BenchConfig, estimators: Sequence[str], device: DeviceLike = "cpu") -> None:
-        self.x, self.y, _ = digits_batch(cfg.batch, cfg.seed, device=device)
+
+class _StepRun:
+    """One model (same weights) whose estimator and solver are swapped per preset name.
+
+    ``solver_for(opa_freq)``: the forward solver, with OPA every ``opa_freq`` steps when not
+    ``None``. ``keep_grad``: keep each preset's parameter gradient of its last step (``"grad"``).
+    """
+
+    def __init__(
+        self,
+        model: DEQClassifier,
+        x: Tensor,
+        y: Tensor,
+        estimators: Sequence[str],
+        solver_for: Callable[[Optional[int]], Solver],
+        *,
+        keep_grad: bool = False,
+    ) -> None:
+        self.model, self.x, self.y, self.keep_grad = model, x, y, keep_grad
         self.grads = {name: ESTIMATOR_PRESETS[name]() for name in estimators}
         # OPA presets swap in a Broyden with outer-problem awareness
-        self.solvers = {name: cfg.solver(opa_freq=OPA_FREQ.get(name)) for name in estimators}
-        self.model = build_model(cfg, self.grads[estimators[0]], device=device)
+        self.solvers = {name: solver_for(OPA_FREQ.get(name)) for name in estimators}
         self.rows = {
             name: {"estimator": name, "label": preset_label(name, self.grads[name]), **{k: [] for k in _PER_ROUND}}
             for name in estimators
@@ -80,6 +109,8 @@ class _StepRun:
         if back is not None and back.solve is not None:
             r["bwd_iters"].append(float(back.solve.nstep.float().mean()))
         r["n_fallback"].append(back.n_fallback if back is not None else 0)
+        if self.keep_grad:
+            r["grad"] = flat_grad(self.model)
 
     def summary(self, name: str, memory: bool) -> dict[str, Any]:
         """The row of ``name``: medians of the per-round counts (times stay lists), memory."""
@@ -127,17 +158,50 @@ def bench_step(
     adjoint-solve steps, solve-based estimators only), ``n_fallback``, ``graph_bytes``,
     ``peak_bytes``, ``cosine``, ``bwd_vs_exact``. Model and batch live on ``device``.
     """
+    x, y, _ = digits_batch(cfg.batch, cfg.seed, device=device)
+    model = build_model(cfg, ESTIMATOR_PRESETS[estimators[0]](), device=device)
+    out = step_rows(
+        model, x, y, estimators, lambda opa_freq: cfg.solver(opa_freq=opa_freq), repeats=repeats, memory=memory, cosine=cosine
+    )
+    log(format_step_table(cfg, out))
+    return out
+
+
+def step_rows(
+    model: DEQClassifier,
+    x: Tensor,
+    y: Tensor,
+    estimators: Sequence[str],
+    solver_for: Callable[[Optional[int]], Solver],
+    *,
+    repeats: int = 7,
+    memory: bool = True,
+    cosine: bool = True,
+    keep_grad: bool = False,
+    baseline: str = BASELINE,
+) -> list[dict[str, Any]]:
+    """The rows of :func:`bench_step` for any classifier ``model`` (tensor or tuple state) on ``(x, y)``:
+    its estimator and forward solver (``solver_for(opa_freq)``) swapped per preset, weights fixed;
+    ``bwd_vs_exact`` divides by the ``baseline`` preset's backward; ``keep_grad`` adds each row's
+    parameter gradient of its last step (``"grad"``, float64, flat)."""
     with quiet():
-        run = _StepRun(cfg, estimators, device)
+        run = _StepRun(model, x, y, estimators, solver_for, keep_grad=keep_grad)
         interleaved(estimators, repeats, run)
         out = [run.summary(name, memory) for name in estimators]
         if cosine:
             run.add_cosines(out)
-        exact = next((r for r in out if r["estimator"] == BASELINE), None)
+        exact = next((r for r in out if r["estimator"] == baseline), None)
         for r in out:
             r["bwd_vs_exact"] = ratio(med(r["bwd_ms"]), med(exact["bwd_ms"])) if exact else float("nan")
-    log(format_step_table(cfg, out))
     return out
+
+
+def vjps_cell(row: dict[str, Any]) -> str:
+    """The ``bwd VJPs (iters)`` cell of a step row: VJPs, mean per-sample adjoint steps, fallbacks."""
+    vj = f"{row['bwd_vjps']:g}" + (f" ({row['bwd_iters']:.1f})" if row.get("bwd_iters") is not None else "")
+    if row.get("n_fallback"):
+        vj += f", {row['n_fallback']:g} fallback"
+    return vj
 
 
 def format_step_table(cfg: BenchConfig, rows: Sequence[dict[str, Any]]) -> str:
@@ -155,9 +219,6 @@ def format_step_table(cfg: BenchConfig, rows: Sequence[dict[str, Any]]) -> str:
     ]
     body = []
     for r in rows:
-        vj = f"{r['bwd_vjps']:g}" + (f" ({r['bwd_iters']:.1f})" if r.get("bwd_iters") is not None else "")
-        if r.get("n_fallback"):
-            vj += f", {r['n_fallback']:g} fallback"
         body.append(
             [
                 r["label"],
@@ -166,7 +227,7 @@ def format_step_table(cfg: BenchConfig, rows: Sequence[dict[str, Any]]) -> str:
                 fmt_range(r["total_ms"]),
                 f"{r['bwd_vs_exact']:.2f}",
                 f"{r['fwd_steps']:.1f}",
-                vj,
+                vjps_cell(r),
                 kb(r["graph_bytes"]) if "graph_bytes" in r else "-",
                 kb(r["peak_bytes"]) if "peak_bytes" in r else "-",
                 f"{r['cosine']:.4f}" if "cosine" in r else "-",

@@ -2,23 +2,25 @@
 their sections of BENCHMARKS.md (``--write``).
 
 Sections: ``step`` (:mod:`.step`), ``memory`` (:mod:`.memory`), ``torchdeq`` (:mod:`.torchdeq`),
-``accuracy`` (:mod:`.accuracy`) — the four BENCHMARKS.md sections, ``all`` — and ``sim-speed``
-(:mod:`.sim_speed`) and ``sim-pruning`` (:mod:`.sim_pruning`, a small run by default), printed only. How time and memory are measured: :mod:`.measure`.
+``accuracy`` (:mod:`.accuracy`) — the four BENCHMARKS.md sections, ``all`` — and ``mdeq``
+(:mod:`.mdeq`, the multiscale DEQ: a BENCHMARKS.md section of its own, not part of ``all``),
+``sim-speed`` (:mod:`.sim_speed`) and ``sim-pruning`` (:mod:`.sim_pruning`, a small run by default), printed only. How time and memory are measured: :mod:`.measure`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
 
-from . import accuracy, memory, step, torchdeq
+from . import accuracy, mdeq, memory, step, torchdeq
 from .accuracy import ACCURACY_NOTES, ACCURACY_SETS, accuracy_targets, bench_accuracy, format_accuracy_tables
 from .config import HARD, REFERENCE, BenchConfig
 from .krylov import KRYLOV_NOTES, bench_krylov, format_krylov_table, krylov_targets
+from .mdeq import MDEQ_NOTES, MDEQBenchConfig, bench_mdeq, format_mdeq_tables, mdeq_targets
 from .memory import MEMORY_NOTES, bench_memory, format_memory_table, memory_targets
 from .report import header, write_sections
 from .sim_pruning import SimPruningConfig, bench_sim_pruning
@@ -26,13 +28,16 @@ from .sim_speed import SimSpeedConfig, bench_sim_speed
 from .step import STEP_NOTES, bench_step, format_step_table, step_targets
 from .torchdeq import INSTALL_HINT, TORCHDEQ_NOTES, bench_torchdeq, format_torchdeq_tables, torchdeq_targets
 
-__all__ = ["SECTIONS", "SuiteConfig", "run_suite", "render_sections", "SECTION_NAMES"]
+__all__ = ["SECTIONS", "HEADINGS", "SuiteConfig", "run_suite", "render_sections", "SECTION_NAMES"]
 
 #: the BENCHMARKS.md sections this suite owns: ``--section`` name → heading
 SECTIONS: dict[str, str] = {"step": step.TITLE, "memory": memory.TITLE, "torchdeq": torchdeq.TITLE, "accuracy": accuracy.TITLE}
 
-#: ``--section`` choices: the BENCHMARKS.md sections, ``sim-speed``, ``sim-pruning`` and ``all`` (the former)
-SECTION_NAMES = (*SECTIONS, "sim-speed", "sim-pruning", "all")
+#: every section ``--write`` refreshes: those of ``all`` and ``mdeq`` (run only when asked for)
+HEADINGS: dict[str, str] = {**SECTIONS, "mdeq": mdeq.TITLE}
+
+#: ``--section`` choices: the BENCHMARKS.md sections, ``mdeq``, ``sim-speed``, ``sim-pruning`` and ``all`` (the four of :data:`SECTIONS`)
+SECTION_NAMES = (*SECTIONS, "mdeq", "sim-speed", "sim-pruning", "all")
 _QUICK = BenchConfig("reference-quick", batch=16)
 
 
@@ -48,6 +53,8 @@ class SuiteConfig:
     write: Optional[str] = None
     sim_speed: SimSpeedConfig = field(default_factory=SimSpeedConfig)
     sim_pruning: SimPruningConfig = field(default_factory=SimPruningConfig)
+    #: the ``mdeq`` section's problem (``quick`` replaces it by :meth:`MDEQBenchConfig.quick`; ``repeats`` by :attr:`rounds`)
+    mdeq: MDEQBenchConfig = field(default_factory=MDEQBenchConfig)
     #: where every section's models and batches live (``"cpu"``, ``"cuda"``, ``"cuda:N"``)
     device: str = "cpu"
 
@@ -66,6 +73,11 @@ class SuiteConfig:
         c += f" --seeds {self.seeds}" if self.seeds != 10 and not self.quick else ""
         c += f" --threads {self.threads}" if self.threads != 1 else ""
         c += f" --device {self.device}" if self.device != "cpu" else ""
+        if self.section == "mdeq":
+            d, m = MDEQBenchConfig(), self.mdeq
+            c += f" --mdeq-batch {m.batch}" if m.batch != d.batch else ""
+            c += f" --mdeq-warmup-steps {m.warmup_steps}" if m.warmup_steps != d.warmup_steps else ""
+            c += " --mdeq-caps " + ",".join(map(str, m.caps)) if m.caps != d.caps else ""
         c += f" --write {self.write}" if self.write else ""
         return c
 
@@ -131,6 +143,14 @@ def _run_accuracy(cfg: SuiteConfig) -> list:
     return res
 
 
+def _run_mdeq(cfg: SuiteConfig) -> dict:
+    print("\n== multiscale DEQ (MDEQ): estimators, memory, torchdeq ==")
+    mcfg = MDEQBenchConfig.quick() if cfg.quick else cfg.mdeq
+    res = bench_mdeq(replace(mcfg, repeats=cfg.rounds), device=cfg.device)
+    _print_targets(mdeq_targets(res))
+    return res
+
+
 def _run_sim_speed(cfg: SuiteConfig) -> dict:
     print("\n== SIM: batched ADMM against CVXPY ==")
     return bench_sim_speed(cfg.sim_speed, device=cfg.device)
@@ -146,6 +166,7 @@ RUNNERS: dict[str, Callable[[SuiteConfig], Any]] = {
     "memory": _run_memory,
     "torchdeq": _run_torchdeq,
     "accuracy": _run_accuracy,
+    "mdeq": _run_mdeq,
     "sim-speed": _run_sim_speed,
     "sim-pruning": _run_sim_pruning,
 }
@@ -161,8 +182,8 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
     print(f"\n(total {time.perf_counter() - start:.0f} s)")
     sections = render_sections(results, cfg.command(), cfg.threads, cfg.device)
     if cfg.write and sections:
-        write_sections(cfg.write, {SECTIONS[k]: v for k, v in sections.items()})
-        print(f"wrote sections {', '.join(repr(SECTIONS[k]) for k in sections)} of {cfg.write}")
+        write_sections(cfg.write, {HEADINGS[k]: v for k, v in sections.items()})
+        print(f"wrote sections {', '.join(repr(HEADINGS[k]) for k in sections)} of {cfg.write}")
     return results
 
 
@@ -199,15 +220,21 @@ def _render_accuracy(res: list, head: str) -> str:
     return "\n".join(parts + _targets(accuracy_targets(res)) + ["", ACCURACY_NOTES])
 
 
+def _render_mdeq(res: dict, head: str) -> str:
+    parts = [HEADINGS["mdeq"], "", head, format_mdeq_tables(res), "", "Targets:", ""]
+    return "\n".join(parts + _targets(mdeq_targets(res)) + ["", MDEQ_NOTES])
+
+
 RENDERERS: dict[str, Callable[[Any, str], str]] = {
     "step": _render_step,
     "memory": _render_memory,
     "torchdeq": _render_torchdeq,
     "accuracy": _render_accuracy,
+    "mdeq": _render_mdeq,
 }
 
 
 def render_sections(results: dict[str, Any], command: str, threads: int, device: str = "cpu") -> dict[str, str]:
-    """Markdown of each BENCHMARKS.md section that has results (keys of :data:`SECTIONS`)."""
+    """Markdown of each BENCHMARKS.md section that has results (keys of :data:`HEADINGS`)."""
     head = header(command, threads, device)
     return {name: render(results[name], head) for name, render in RENDERERS.items() if name in results}

@@ -4,15 +4,15 @@ backward, Unrolled against the phantom gradient)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, cast
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..._timing import synced_perf_counter
-from ...deq import DEQ
+from ...deq import DEQ, StatePacker
 from ...estimators import Exact, GradientEstimator, Unrolled
 from ...linear import GMRES
 from ...models import DEQClassifier
@@ -20,6 +20,7 @@ from ...solvers import Anderson, FixedPoint
 from .config import REFERENCE, BenchConfig, DeviceLike, build_model, digits_batch
 from .measure import interleaved, quiet, zero_grads
 from .report import fmt_range, mark, md_table, med, ratio
+from .step import flat_grad
 
 __all__ = [
     "TITLE",
@@ -131,13 +132,28 @@ def _forward_rows(cell: nn.Module, u0: Tensor, s: TorchDEQSettings, repeats: int
     return fwd
 
 
-def _step_layers(cell: nn.Module, s: TorchDEQSettings) -> tuple[dict[str, tuple[Any, Any]], dict[str, Any]]:
-    """The (deqkit, torchdeq) layer pairs of the training-step table, and deqkit-only extras."""
+def flat_cell(cell: nn.Module, u: Any) -> tuple[Callable[[Tensor], Tensor], Tensor, Callable[[Tensor], Any]]:
+    """``(f, z0, unpack)`` for a library that takes one tensor state: ``f(z) = cell(z, u)`` and
+    ``z0 = 0`` for a tensor state; for a tuple state (a multiscale cell, ``u`` shaped like it),
+    ``f(z) = flatten(cell(unflatten(z), u))`` on per-sample flat ``(B, d)`` states, with the same
+    packing the DEQ uses, and ``unpack`` back to the tuple."""
+    if not isinstance(u, (tuple, list)):
+        return (lambda z: cell(z, u)), torch.zeros_like(u), (lambda z: z)
+    packer = StatePacker(u)
+    z0 = packer.pack(type(u)(torch.zeros_like(t) for t in u))
+    return (lambda z: packer.pack(cell(packer.unpack(z), u))), z0, packer.unpack
+
+
+def _step_layers(
+    cell: nn.Module, s: TorchDEQSettings, state_shape: Optional[Any] = None
+) -> tuple[dict[str, tuple[Any, Any]], dict[str, Any]]:
+    """The (deqkit, torchdeq) layer pairs of the training-step table, and deqkit-only extras
+    (``state_shape``: the DEQ's, for a tuple state)."""
     from torchdeq import get_deq  # pyright: ignore[reportAttributeAccessIssue]  (optional: pip install deqkit[bench])
 
     def ours(grad: GradientEstimator) -> DEQ:
         solver = Anderson(memory=6, regularization=1e-4, tol=s.f_tol, max_iter=s.f_max_iter, stop_mode="rel")
-        return DEQ(cell, solver, grad, on_failure="ignore")
+        return DEQ(cell, solver, grad, on_failure="ignore", state_shape=state_shape)
 
     def theirs(**kw: Any) -> nn.Module:
         return get_deq(
@@ -188,8 +204,9 @@ class _StepTimer:
         if lib == "deqkit":
             return layer(u)
         layer.train()
-        zs, info = layer(lambda z: self.model.cell(z, u), torch.zeros_like(u))
-        return zs[-1], info
+        f, z0, unpack = flat_cell(self.model.cell, u)
+        zs, info = layer(f, z0)
+        return unpack(zs[-1]), info
 
     def __call__(self, key: str) -> None:
         pair, lib = key.rsplit("|", 1)
@@ -216,29 +233,31 @@ class _StepTimer:
             s["bwd_iters"] = (
                 (self.counters["anderson"].n - fwd_evals) + self.counters["fixed_point_iter"].n if "Exact" in pair else 5
             )
-        s["grad"] = torch.cat([cast(Tensor, p.grad).reshape(-1).double() for p in self.model.parameters()])
+        s["grad"] = flat_grad(self.model)
 
 
 def _cos(a: Tensor, b: Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()))
 
 
-def reference_gradient(model: DEQClassifier, x: Tensor, y: Tensor) -> Tensor:
-    """The parameter gradient of the step's loss on a float64 copy of ``model``: forward Anderson to
-    relative 1e-12, adjoint GMRES to relative 1e-10 (not matched to the forward)."""
+def reference_gradient(model: DEQClassifier, x: Tensor, y: Tensor, *, tol: float = 1e-12, max_iter: int = 500) -> Tensor:
+    """The parameter gradient of the step's loss on a float64 copy of ``model`` (tensor or tuple
+    state): forward Anderson to relative ``tol`` (cap ``max_iter``), adjoint GMRES to relative
+    1e-10 (not matched to the forward). A missed tolerance warns."""
     import copy
 
     m64 = copy.deepcopy(model).double()
     deq = DEQ(
         m64.cell,
-        Anderson(memory=6, tol=1e-12, max_iter=500, stop_mode="rel"),
+        Anderson(memory=6, tol=tol, max_iter=max_iter, stop_mode="rel"),
         Exact(GMRES(tol=1e-10, max_iter=1000), match_forward=False, on_failure="warn"),
         on_failure="warn",
+        state_shape=m64.deq.state_shape,
     )
     u = m64.injection(x.double())
     z, _ = deq(u)
     nn.functional.cross_entropy(m64.head(z), y).backward()
-    return torch.cat([cast(Tensor, p.grad).reshape(-1) for p in m64.parameters()])
+    return flat_grad(m64)
 
 
 def _rel_err(a: Tensor, ref: Tensor) -> float:
@@ -302,23 +321,42 @@ def bench_torchdeq(
         u0 = model.injection(x)
     with quiet():
         fwd = _forward_rows(model.cell, u0, settings, repeats)
-    pairs, extra = _step_layers(model.cell, settings)
-    timer = _StepTimer(model, x, y, pairs, extra, counters)
-    keys = [f"{p}|{lib}" for p in pairs for lib in ("deqkit", "torchdeq")] + [f"{p}|deqkit" for p in extra]
-    with quiet():
-        interleaved(keys, repeats, timer)
-    zero_grads(model)
-    reference = reference_gradient(model, x, y)
-    zero_grads(model)
     result = {
         "forward": fwd,
-        "step": _step_rows(timer.stats, list(pairs) + list(extra), reference),
+        "step": step_pairs(model, x, y, settings, repeats, counters),
         "version": getattr(torchdeq, "__version__", "0.1.0"),
         "cfg": cfg,
         "settings": asdict(settings),
     }
     log(format_torchdeq_tables(result))
     return result
+
+
+def step_pairs(
+    model: DEQClassifier,
+    x: Tensor,
+    y: Tensor,
+    settings: TorchDEQSettings,
+    repeats: int,
+    counters: Optional[dict[str, _Counter]] = None,
+    *,
+    reference: Optional[Tensor] = None,
+) -> list[dict[str, Any]]:
+    """The training-step rows (deqkit against torchdeq, pair by pair) on ``model``'s injection,
+    cell and head (tensor or tuple state: torchdeq gets :func:`flat_cell`), interleaved over
+    ``repeats`` rounds; ``reference``: the float64 gradient every row's error is taken against
+    (default: :func:`reference_gradient`). Needs torchdeq."""
+    counters = _register_counting_solvers() if counters is None else counters
+    pairs, extra = _step_layers(model.cell, settings, model.deq.state_shape)
+    timer = _StepTimer(model, x, y, pairs, extra, counters)
+    keys = [f"{p}|{lib}" for p in pairs for lib in ("deqkit", "torchdeq")] + [f"{p}|deqkit" for p in extra]
+    with quiet():
+        interleaved(keys, repeats, timer)
+    zero_grads(model)
+    if reference is None:
+        reference = reference_gradient(model, x, y)
+        zero_grads(model)
+    return _step_rows(timer.stats, list(pairs) + list(extra), reference)
 
 
 def format_torchdeq_tables(res: dict[str, Any]) -> str:
@@ -350,6 +388,14 @@ def format_torchdeq_tables(res: dict[str, Any]) -> str:
             ]
         )
     t1 = md_table(head, body)
+    return (
+        f"{res['cfg'].name}: torchdeq {res['version']}, {res['cfg'].describe().split(', `Broyden')[0]}, batch {res['cfg'].batch}; both libraries: Anderson "
+        f"forward to rel tol {s['f_tol']:g} (cap {s['f_max_iter']}), backward abs tol {s['b_tol']:g} (cap {s['b_max_iter']})\n\n{t1}\n\n{format_step_pairs(res['step'])}"
+    )
+
+
+def format_step_pairs(rows: Sequence[dict[str, Any]]) -> str:
+    """The markdown table of :func:`step_pairs`' rows."""
     head2 = [
         "training step",
         "deqkit fwd / bwd / total ms",
@@ -363,7 +409,7 @@ def format_torchdeq_tables(res: dict[str, Any]) -> str:
         "grad rel err to ref (ours / theirs)",
     ]
     body2 = []
-    for r in res["step"]:
+    for r in rows:
         o, t = r["ours"], r["theirs"]
 
         def trip(d: dict[str, Any]) -> str:
@@ -383,11 +429,7 @@ def format_torchdeq_tables(res: dict[str, Any]) -> str:
                 (f"{r['ours_err']:.1e} / {r['theirs_err']:.1e}" if t else f"{r['ours_err']:.1e}") if "ours_err" in r else "-",
             ]
         )
-    t2 = md_table(head2, body2)
-    return (
-        f"{res['cfg'].name}: torchdeq {res['version']}, {res['cfg'].describe().split(', `Broyden')[0]}, batch {res['cfg'].batch}; both libraries: Anderson "
-        f"forward to rel tol {s['f_tol']:g} (cap {s['f_max_iter']}), backward abs tol {s['b_tol']:g} (cap {s['b_max_iter']})\n\n{t1}\n\n{t2}"
-    )
+    return md_table(head2, body2)
 
 
 def torchdeq_targets(res: dict[str, Any]) -> list[str]:
@@ -398,7 +440,13 @@ def torchdeq_targets(res: dict[str, Any]) -> list[str]:
         out.append(
             f"forward Anderson ≤ 1.0 × torchdeq ({label}, {f[mode]['deqkit']['fevals']} vs {f[mode]['torchdeq']['fevals']} f-evals): {v:.2f}× — {mark(v <= 1.0)}"
         )
-    by = {r["pair"]: r for r in res["step"]}
+    return out + step_pair_targets(res["step"], res["cfg"].name)
+
+
+def step_pair_targets(rows: Sequence[dict[str, Any]], name: str) -> list[str]:
+    """The target lines on :func:`step_pairs`' rows (``name``: the model, for the default pair's line)."""
+    out = []
+    by = {r["pair"]: r for r in rows}
     for pair in ("Exact, fixed-point backward", "Exact, Anderson backward"):
         r = by[pair]
         out.append(f"{pair}: our step ≤ 0.9 × its IFT step: {r['total_ratio']:.2f}× — {mark(r['total_ratio'] <= 0.9)}")
@@ -406,7 +454,7 @@ def torchdeq_targets(res: dict[str, Any]) -> list[str]:
         r = by[DEFAULT_PAIR]
         acc = r.get("ours_err", float("nan")) <= r.get("theirs_err", float("nan"))
         out.append(
-            f"{res['cfg'].name}: default Exact() step ≤ 0.8 × torchdeq's default IFT step at equal or better accuracy: "
+            f"{name}: default Exact() step ≤ 0.8 × torchdeq's default IFT step at equal or better accuracy: "
             f"{r['total_ratio']:.2f}× (backward {r['bwd_ratio']:.2f}×), gradient rel. error {r.get('ours_err', float('nan')):.1e} vs "
             f"{r.get('theirs_err', float('nan')):.1e} — {mark(r['total_ratio'] <= 0.8 and acc)}"
         )
