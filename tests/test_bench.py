@@ -194,3 +194,28 @@ def test_section_header_names_today_and_this_machine(monkeypatch):
     monkeypatch.setattr(report.torch.cuda, "get_device_name", lambda d: "NVIDIA H200")
     assert "NVIDIA H200" in report.header("deqkit bench --device cuda", 1, "cuda")
     assert "no GPU" in report.header("deqkit bench", 1, "cpu")
+
+
+@pytest.mark.parametrize("module", ["sim_pruning", "krylov", "scale"])
+def test_bench_scripts_run_as_modules_without_a_runpy_warning(module):
+    """``python -m deqkit.apps.bench.<module>``: the package imports no submodule, so runpy does not
+    warn that the module was imported before it ran (and runs a second copy of it)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", f"deqkit.apps.bench.{module}", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_every_public_bench_name_resolves():
+    import deqkit.apps.bench as bench
+
+    for name in bench.__all__:
+        assert getattr(bench, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        bench.nope  # noqa: B018

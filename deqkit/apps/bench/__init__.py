@@ -11,17 +11,21 @@
 - :mod:`.suite`: running sections, the job behind ``deqkit bench``.
 """
 
-from .accuracy import ACCURACY_SETS, accuracy_targets, bench_accuracy, format_accuracy_tables
-from .config import HARD, REFERENCE, BenchConfig, build_model, digits_batch
-from .mdeq import MDEQ_ESTIMATORS, MDEQBenchConfig, bench_mdeq, format_mdeq_tables, mdeq_targets
-from .measure import peak_allocated_bytes, saved_tensor_bytes
-from .memory import BPTT, bench_memory, format_memory_table, memory_targets
-from .report import md_table, replace_sections, write_sections
-from .sim_pruning import SimPruningConfig, bench_sim_pruning
-from .sim_speed import SimSpeedConfig, bench_sim_speed
-from .step import STEP_ESTIMATORS, bench_step, format_step_table, step_targets
-from .suite import SECTIONS, SuiteConfig, render_sections, run_suite
-from .torchdeq import INSTALL_HINT, bench_torchdeq, format_torchdeq_tables, torchdeq_available, torchdeq_targets
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the names, for type checkers; at run time they are imported on first use
+    from .accuracy import ACCURACY_SETS, accuracy_targets, bench_accuracy, format_accuracy_tables
+    from .config import HARD, REFERENCE, BenchConfig, build_model, digits_batch
+    from .mdeq import MDEQ_ESTIMATORS, MDEQBenchConfig, bench_mdeq, format_mdeq_tables, mdeq_targets
+    from .measure import peak_allocated_bytes, saved_tensor_bytes
+    from .memory import BPTT, bench_memory, format_memory_table, memory_targets
+    from .report import md_table, replace_sections, write_sections
+    from .sim_pruning import SimPruningConfig, bench_sim_pruning
+    from .sim_speed import SimSpeedConfig, bench_sim_speed
+    from .step import STEP_ESTIMATORS, bench_step, format_step_table, step_targets
+    from .suite import SECTIONS, SuiteConfig, render_sections, run_suite
+    from .torchdeq import INSTALL_HINT, bench_torchdeq, format_torchdeq_tables, torchdeq_available, torchdeq_targets
 
 __all__ = [
     "ACCURACY_SETS",
@@ -65,3 +69,20 @@ __all__ = [
     "torchdeq_targets",
     "write_sections",
 ]
+
+#: the submodules that define the names above (searched in this order on first use)
+_MODULES = ("accuracy", "config", "mdeq", "measure", "memory", "report", "sim_pruning", "sim_speed", "step", "suite", "torchdeq")
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's submodule on first use (PEP 562): importing this package imports no
+    submodule, so ``python -m deqkit.apps.bench.sim_pruning`` (or ``.krylov``, ``.scale``) finds
+    its module not yet imported."""
+    if name in __all__:
+        for module in _MODULES:
+            mod = importlib.import_module(f".{module}", __name__)
+            if hasattr(mod, name):  # (a name re-imported by another submodule is the same object)
+                value = getattr(mod, name)
+                globals()[name] = value
+                return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
