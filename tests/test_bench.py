@@ -219,3 +219,22 @@ def test_every_public_bench_name_resolves():
         assert getattr(bench, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         bench.nope  # noqa: B018
+
+
+def test_torchdeq_pair_at_equal_forward_accuracy_runs_our_forward_tighter():
+    """The matched pair: deqkit's default Exact() with its forward to torchdeq's reached residual.
+    A tighter forward takes more evaluations and gives a gradient closer to the reference."""
+    pytest.importorskip("torchdeq")
+    from deqkit import Exact
+    from deqkit.apps.bench.config import build_model, digits_batch
+
+    x, y, _ = digits_batch(TINY.batch, TINY.seed)
+    model = build_model(TINY, Exact())
+    settings = torchdeq_section.TorchDEQSettings(f_tol=1e-3, f_max_iter=60, b_max_iter=60)
+    rows = torchdeq_section.step_pairs(model, x, y, settings, 1, matched_f_tol=1e-6)
+    by = {r["pair"]: r for r in rows}
+    default, matched = by[torchdeq_section.DEFAULT_PAIR], by[torchdeq_section.MATCHED_PAIR]
+    assert matched["ours"]["fwd_evals"] > default["ours"]["fwd_evals"]
+    assert matched["ours_err"] < 0.1 * default["ours_err"]
+    lines = torchdeq_section.step_pair_targets(rows, "tiny")
+    assert any(line.startswith("tiny, at equal forward accuracy") for line in lines)

@@ -37,6 +37,8 @@ TITLE = "## Against torchdeq"
 
 #: the row of each library's default exact gradient (deqkit: ``Exact()``; torchdeq: ``ift=True`` with its backward defaults)
 DEFAULT_PAIR = "Exact() default / IFT default"
+#: the default pair again, deqkit's forward run to the residual torchdeq's forward reached (equal forward accuracy)
+MATCHED_PAIR = "Exact() default, forward to torchdeq's residual / IFT default"
 #: the deqkit-only row every gradient's cosine is taken against (GMRES to relative 1e-6, not matched to the forward)
 GMRES_ROW = "Exact, GMRES backward (tol 1e-6)"
 
@@ -145,14 +147,15 @@ def flat_cell(cell: nn.Module, u: Any) -> tuple[Callable[[Tensor], Tensor], Tens
 
 
 def _step_layers(
-    cell: nn.Module, s: TorchDEQSettings, state_shape: Optional[Any] = None
+    cell: nn.Module, s: TorchDEQSettings, state_shape: Optional[Any] = None, matched_f_tol: Optional[float] = None
 ) -> tuple[dict[str, tuple[Any, Any]], dict[str, Any]]:
     """The (deqkit, torchdeq) layer pairs of the training-step table, and deqkit-only extras
-    (``state_shape``: the DEQ's, for a tuple state)."""
+    (``state_shape``: the DEQ's, for a tuple state; ``matched_f_tol``: adds :data:`MATCHED_PAIR`,
+    deqkit's forward to that relative tolerance)."""
     from torchdeq import get_deq  # pyright: ignore[reportAttributeAccessIssue]  (optional: pip install deqkit[bench])
 
-    def ours(grad: GradientEstimator) -> DEQ:
-        solver = Anderson(memory=6, regularization=1e-4, tol=s.f_tol, max_iter=s.f_max_iter, stop_mode="rel")
+    def ours(grad: GradientEstimator, f_tol: float = s.f_tol) -> DEQ:
+        solver = Anderson(memory=6, regularization=1e-4, tol=f_tol, max_iter=s.f_max_iter, stop_mode="rel")
         return DEQ(cell, solver, grad, on_failure="ignore", state_shape=state_shape)
 
     def theirs(**kw: Any) -> nn.Module:
@@ -170,17 +173,19 @@ def _step_layers(
 
     fixed_point = FixedPoint(tol=s.b_tol, max_iter=s.b_max_iter, stop_mode="abs")
     anderson = Anderson(memory=6, regularization=1e-4, tol=s.b_tol, max_iter=s.b_max_iter, stop_mode="abs")
-    default_theirs = get_deq(
-        core="sliced",
-        f_solver="counted_anderson",
-        f_max_iter=s.f_max_iter,
-        f_tol=s.f_tol,
-        f_stop_mode="rel",
-        ift=True,
-        b_solver="counted_fixed_point_iter",
-    )  # its backward defaults: fixed point, abs 1e-6, cap 40
+    def default_theirs() -> nn.Module:  # its backward defaults: fixed point, abs 1e-6, cap 40
+        return get_deq(
+            core="sliced",
+            f_solver="counted_anderson",
+            f_max_iter=s.f_max_iter,
+            f_tol=s.f_tol,
+            f_stop_mode="rel",
+            ift=True,
+            b_solver="counted_fixed_point_iter",
+        )
+
     pairs = {
-        DEFAULT_PAIR: (ours(Exact(on_failure="ignore")), default_theirs),
+        DEFAULT_PAIR: (ours(Exact(on_failure="ignore")), default_theirs()),
         "Exact, fixed-point backward": (
             ours(Exact(fixed_point, on_failure="ignore")),
             theirs(ift=True, b_solver="counted_fixed_point_iter"),
@@ -188,6 +193,8 @@ def _step_layers(
         "Exact, Anderson backward": (ours(Exact(anderson, on_failure="ignore")), theirs(ift=True, b_solver="counted_anderson")),
         "Unrolled(5, 0.5) / phantom grad=5, tau=0.5": (ours(Unrolled(5, 0.5)), theirs(grad=5, tau=0.5)),
     }
+    if matched_f_tol is not None:
+        pairs[MATCHED_PAIR] = (ours(Exact(on_failure="ignore"), f_tol=matched_f_tol), default_theirs())
     extra = {GMRES_ROW: ours(Exact(GMRES(tol=1e-6, max_iter=60), on_failure="ignore", match_forward=False))}
     return pairs, extra
 
@@ -321,9 +328,12 @@ def bench_torchdeq(
         u0 = model.injection(x)
     with quiet():
         fwd = _forward_rows(model.cell, u0, settings, repeats)
+    reached = fwd["to tol"]["torchdeq"]["rel"]  # torchdeq's forward accuracy at the shared tolerance
+    matched = reached if reached < f_tol else None
     result = {
         "forward": fwd,
-        "step": step_pairs(model, x, y, settings, repeats, counters),
+        "step": step_pairs(model, x, y, settings, repeats, counters, matched_f_tol=matched),
+        "matched_f_tol": matched,
         "version": getattr(torchdeq, "__version__", "0.1.0"),
         "cfg": cfg,
         "settings": asdict(settings),
@@ -341,13 +351,14 @@ def step_pairs(
     counters: Optional[dict[str, _Counter]] = None,
     *,
     reference: Optional[Tensor] = None,
+    matched_f_tol: Optional[float] = None,
 ) -> list[dict[str, Any]]:
     """The training-step rows (deqkit against torchdeq, pair by pair) on ``model``'s injection,
     cell and head (tensor or tuple state: torchdeq gets :func:`flat_cell`), interleaved over
     ``repeats`` rounds; ``reference``: the float64 gradient every row's error is taken against
-    (default: :func:`reference_gradient`). Needs torchdeq."""
+    (default: :func:`reference_gradient`); ``matched_f_tol``: adds :data:`MATCHED_PAIR`. Needs torchdeq."""
     counters = _register_counting_solvers() if counters is None else counters
-    pairs, extra = _step_layers(model.cell, settings, model.deq.state_shape)
+    pairs, extra = _step_layers(model.cell, settings, model.deq.state_shape, matched_f_tol)
     timer = _StepTimer(model, x, y, pairs, extra, counters)
     keys = [f"{p}|{lib}" for p in pairs for lib in ("deqkit", "torchdeq")] + [f"{p}|deqkit" for p in extra]
     with quiet():
@@ -457,6 +468,15 @@ def step_pair_targets(rows: Sequence[dict[str, Any]], name: str) -> list[str]:
             f"{name}: default Exact() step ≤ 0.8 × torchdeq's default IFT step at equal or better accuracy: "
             f"{r['total_ratio']:.2f}× (backward {r['bwd_ratio']:.2f}×), gradient rel. error {r.get('ours_err', float('nan')):.1e} vs "
             f"{r.get('theirs_err', float('nan')):.1e} — {mark(r['total_ratio'] <= 0.8 and acc)}"
+        )
+    if MATCHED_PAIR in by:
+        r = by[MATCHED_PAIR]
+        acc = r.get("ours_err", float("nan")) <= r.get("theirs_err", float("nan"))
+        out.append(
+            f"{name}, at equal forward accuracy (deqkit's forward to the residual torchdeq's reached, "
+            f"{r['ours']['fwd_evals']} vs {r['theirs']['fwd_evals']} f-evals): default Exact() step ≤ 0.8 × torchdeq's default "
+            f"IFT step at equal or better accuracy: {r['total_ratio']:.2f}×, gradient rel. error "
+            f"{r.get('ours_err', float('nan')):.1e} vs {r.get('theirs_err', float('nan')):.1e} — {mark(r['total_ratio'] <= 0.8 and acc)}"
         )
     r = by["Unrolled(5, 0.5) / phantom grad=5, tau=0.5"]
     out.append(f"Unrolled step ≤ 1.0 × phantom step: {r['total_ratio']:.2f}× — {mark(r['total_ratio'] <= 1.0)}")
