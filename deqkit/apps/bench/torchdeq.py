@@ -173,6 +173,7 @@ def _step_layers(
 
     fixed_point = FixedPoint(tol=s.b_tol, max_iter=s.b_max_iter, stop_mode="abs")
     anderson = Anderson(memory=6, regularization=1e-4, tol=s.b_tol, max_iter=s.b_max_iter, stop_mode="abs")
+
     def default_theirs() -> nn.Module:  # its backward defaults: fixed point, abs 1e-6, cap 40
         return get_deq(
             core="sliced",
