@@ -332,6 +332,8 @@ def format_mdeq_tables(res: dict[str, Any]) -> str:
             format_step_pairs(res["torchdeq"]),
             "",
         ]
+    elif cfg.torchdeq:
+        parts += [INSTALL_HINT, ""]
     return "\n".join(parts).rstrip("\n")
 
 
