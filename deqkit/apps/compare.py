@@ -140,7 +140,8 @@ def _probe_batch(splits: Splits, cfg: CompareConfig) -> tuple[torch.Tensor, torc
 def _describe(cfg: CompareConfig, splits: Splits) -> str:
     return (
         f"deqkit compare: {cfg.dataset} ({len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test), "
-        f"{cfg.model} width {cfg.width}, Broyden(memory={cfg.memory}, tol={cfg.tol:g}, max_iter={cfg.max_iter}), "
+        + (f"{cfg.model} width {cfg.width}, " if cfg.model != "mdeq" else "mdeq (its default channels; --width does not apply), ")
+        + f"Broyden(memory={cfg.memory}, tol={cfg.tol:g}, max_iter={cfg.max_iter}), "
         f"{cfg.epochs} epochs, seed {cfg.seed}"
     )
 
