@@ -462,22 +462,18 @@ def step_pair_targets(rows: Sequence[dict[str, Any]], name: str) -> list[str]:
     for pair in ("Exact, fixed-point backward", "Exact, Anderson backward"):
         r = by[pair]
         out.append(f"{pair}: our step ≤ 0.9 × its IFT step: {r['total_ratio']:.2f}× — {mark(r['total_ratio'] <= 0.9)}")
-    if DEFAULT_PAIR in by:
-        r = by[DEFAULT_PAIR]
-        acc = r.get("ours_err", float("nan")) <= r.get("theirs_err", float("nan"))
+    for pair, label in (
+        (DEFAULT_PAIR, f"{name}: "),
+        (MATCHED_PAIR, f"{name}, at equal forward accuracy (deqkit's forward to the residual torchdeq's reached): "),
+    ):
+        if pair not in by:
+            continue
+        r = by[pair]
+        ours, theirs = r.get("ours_err", float("nan")), r.get("theirs_err", float("nan"))
         out.append(
-            f"{name}: default Exact() step ≤ 0.8 × torchdeq's default IFT step at equal or better accuracy: "
-            f"{r['total_ratio']:.2f}× (backward {r['bwd_ratio']:.2f}×), gradient rel. error {r.get('ours_err', float('nan')):.1e} vs "
-            f"{r.get('theirs_err', float('nan')):.1e} — {mark(r['total_ratio'] <= 0.8 and acc)}"
-        )
-    if MATCHED_PAIR in by:
-        r = by[MATCHED_PAIR]
-        acc = r.get("ours_err", float("nan")) <= r.get("theirs_err", float("nan"))
-        out.append(
-            f"{name}, at equal forward accuracy (deqkit's forward to the residual torchdeq's reached, "
-            f"{r['ours']['fwd_evals']} vs {r['theirs']['fwd_evals']} f-evals): default Exact() step ≤ 0.8 × torchdeq's default "
-            f"IFT step at equal or better accuracy: {r['total_ratio']:.2f}×, gradient rel. error "
-            f"{r.get('ours_err', float('nan')):.1e} vs {r.get('theirs_err', float('nan')):.1e} — {mark(r['total_ratio'] <= 0.8 and acc)}"
+            f"{label}default Exact() step ≤ 0.8 × torchdeq's default IFT step at equal or better accuracy: "
+            f"{r['total_ratio']:.2f}× (backward {r['bwd_ratio']:.2f}×, f-evals {r['ours']['fwd_evals']} vs "
+            f"{r['theirs']['fwd_evals']}), gradient rel. error {ours:.1e} vs {theirs:.1e} — {mark(r['total_ratio'] <= 0.8 and ours <= theirs)}"
         )
     r = by["Unrolled(5, 0.5) / phantom grad=5, tau=0.5"]
     out.append(f"Unrolled step ≤ 1.0 × phantom step: {r['total_ratio']:.2f}× — {mark(r['total_ratio'] <= 1.0)}")
