@@ -214,3 +214,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN gradient backward: a finite map whose every VJP is NaN."""
+
+    @staticmethod
+    def forward(ctx, z):
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import NaNGradient
 
 from deqkit import Anderson, ConvergenceWarning, Exact, NonFiniteError, Unrolled
 from deqkit.data import load_dataset
@@ -364,25 +365,13 @@ def test_resume_with_a_swapped_estimator_warns(tiny, tmp_path):
         Trainer(_model(), tiny.train, None, cfg).fit(resume=True)
 
 
-class _NaNBackward(torch.autograd.Function):
-    """Identity forward, NaN gradient backward."""
-
-    @staticmethod
-    def forward(ctx, z):
-        return z.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("nan")
-
-
 @pytest.mark.parametrize("grad_clip", [None, 1.0])
 def test_nan_gradients_through_an_unrolled_estimator_stop_training_before_the_update(tiny, tmp_path, grad_clip):
     """``Unrolled`` has no adjoint hook to raise on a NaN backward: the trainer refuses the step."""
     model = _model()
     cell = model.cell
     original = cell.forward
-    cell.forward = lambda z, x: original(_NaNBackward.apply(z), x)  # finite forward, NaN VJP through z
+    cell.forward = lambda z, x: original(NaNGradient.apply(z), x)  # finite forward, NaN VJP through z
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer = Trainer(model, tiny.train, tiny.val, _cfg(tmp_path, epochs=1, checkpoint_dir=None, grad_clip=grad_clip))
     with pytest.raises(NonFiniteError, match=r"gradients contain NaN/Inf at step 1 \(estimator Unrolled\).*not updated"):

@@ -17,6 +17,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import NaNGradient
 from torch import nn
 
 from deqkit import (
@@ -162,23 +163,11 @@ def test_nonfinite_parameters_are_an_error():  # expected: error
 # ---------------------------------------------------------------------------------------------
 
 
-class _PoisonGrad(torch.autograd.Function):
-    """Identity forward, NaN gradient backward."""
-
-    @staticmethod
-    def forward(ctx, z):
-        return z.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("nan")
-
-
 class PoisonedJacobian(Cell):
     """Finite forward; every VJP through ``z`` is NaN (an adjoint that cannot be solved)."""
 
     def forward(self, z, x):
-        return super().forward(_PoisonGrad.apply(z), x)
+        return super().forward(NaNGradient.apply(z), x)
 
 
 @pytest.mark.parametrize("name", [k for k in ADJOINT_ESTIMATORS if k not in ("SHINE", "BroydenReuse")])

@@ -34,6 +34,7 @@ from ...models import DEQClassifier
 from ...solvers import Broyden, Solver
 from ..common import build_classifier
 from .config import DeviceLike
+from .measure import cosine, rel_error
 from .memory import memory_md, memory_rows, memory_targets
 from .report import fmt_range, mark, md_table
 from .step import step_rows, vjps_cell
@@ -192,14 +193,6 @@ def _reference(model: DEQClassifier, x: Tensor, y: Tensor, cfg: MDEQBenchConfig)
     return ref, [str(w.message).splitlines()[0] for w in caught]
 
 
-def _rel_err(g: Tensor, ref: Tensor) -> float:
-    return float((g - ref).norm() / ref.norm())
-
-
-def _cos(g: Tensor, ref: Tensor) -> float:
-    return float(g @ ref / (g.norm() * ref.norm()))
-
-
 def bench_mdeq(
     cfg: MDEQBenchConfig = MDEQBenchConfig(),
     *,
@@ -239,7 +232,7 @@ def bench_mdeq(
     )
     for r in rows:
         g = r.pop("grad")
-        r["ref_cos"], r["ref_err"] = _cos(g, ref), _rel_err(g, ref)
+        r["ref_cos"], r["ref_err"] = cosine(g, ref), rel_error(g, ref)
     log("  memory against forward depth ...")
     mem = memory_rows(
         lambda grad, solver: _with(model, grad, solver),

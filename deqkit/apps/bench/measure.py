@@ -38,7 +38,27 @@ from torch import Tensor, nn
 from ..._timing import synced_perf_counter
 from ...errors import ConvergenceWarning
 
-__all__ = ["saved_tensor_bytes", "peak_allocated_bytes", "quiet", "timed_step", "memory_of_step", "interleaved", "zero_grads"]
+__all__ = [
+    "saved_tensor_bytes",
+    "peak_allocated_bytes",
+    "quiet",
+    "timed_step",
+    "memory_of_step",
+    "interleaved",
+    "zero_grads",
+    "cosine",
+    "rel_error",
+]
+
+
+def cosine(a: Tensor, b: Tensor) -> float:
+    """The cosine of two flat gradients."""
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def rel_error(a: Tensor, ref: Tensor) -> float:
+    """``‖a − ref‖ / ‖ref‖``."""
+    return float((a - ref).norm() / ref.norm())
 
 
 def zero_grads(model: nn.Module) -> None:

@@ -18,7 +18,7 @@ from ...linear import GMRES
 from ...models import DEQClassifier
 from ...solvers import Anderson, FixedPoint
 from .config import REFERENCE, BenchConfig, DeviceLike, build_model, digits_batch
-from .measure import interleaved, quiet, zero_grads
+from .measure import cosine, interleaved, quiet, rel_error, zero_grads
 from .report import fmt_range, mark, md_table, med, ratio
 from .step import flat_grad
 
@@ -158,32 +158,16 @@ def _step_layers(
         solver = Anderson(memory=6, regularization=1e-4, tol=f_tol, max_iter=s.f_max_iter, stop_mode="rel")
         return DEQ(cell, solver, grad, on_failure="ignore", state_shape=state_shape)
 
+    forward = dict(core="sliced", f_solver="counted_anderson", f_max_iter=s.f_max_iter, f_tol=s.f_tol, f_stop_mode="rel")
+
     def theirs(**kw: Any) -> nn.Module:
-        return get_deq(
-            core="sliced",
-            f_solver="counted_anderson",
-            f_max_iter=s.f_max_iter,
-            f_tol=s.f_tol,
-            f_stop_mode="rel",
-            b_max_iter=s.b_max_iter,
-            b_tol=s.b_tol,
-            b_stop_mode="abs",
-            **kw,
-        )
+        return get_deq(**forward, b_max_iter=s.b_max_iter, b_tol=s.b_tol, b_stop_mode="abs", **kw)
 
     fixed_point = FixedPoint(tol=s.b_tol, max_iter=s.b_max_iter, stop_mode="abs")
     anderson = Anderson(memory=6, regularization=1e-4, tol=s.b_tol, max_iter=s.b_max_iter, stop_mode="abs")
 
     def default_theirs() -> nn.Module:  # its backward defaults: fixed point, abs 1e-6, cap 40
-        return get_deq(
-            core="sliced",
-            f_solver="counted_anderson",
-            f_max_iter=s.f_max_iter,
-            f_tol=s.f_tol,
-            f_stop_mode="rel",
-            ift=True,
-            b_solver="counted_fixed_point_iter",
-        )
+        return get_deq(**forward, ift=True, b_solver="counted_fixed_point_iter")
 
     pairs = {
         DEFAULT_PAIR: (ours(Exact(on_failure="ignore")), default_theirs()),
@@ -244,10 +228,6 @@ class _StepTimer:
         s["grad"] = flat_grad(self.model)
 
 
-def _cos(a: Tensor, b: Tensor) -> float:
-    return float(a @ b / (a.norm() * b.norm()))
-
-
 def reference_gradient(model: DEQClassifier, x: Tensor, y: Tensor, *, tol: float = 1e-12, max_iter: int = 500) -> Tensor:
     """The parameter gradient of the step's loss on a float64 copy of ``model`` (tensor or tuple
     state): forward Anderson to relative ``tol`` (cap ``max_iter``), adjoint GMRES to relative
@@ -268,10 +248,6 @@ def reference_gradient(model: DEQClassifier, x: Tensor, y: Tensor, *, tol: float
     return flat_grad(m64)
 
 
-def _rel_err(a: Tensor, ref: Tensor) -> float:
-    return float((a - ref).norm() / ref.norm())
-
-
 def _step_rows(stats: dict[str, dict[str, Any]], pairs: list[str], reference: Optional[Tensor] = None) -> list[dict[str, Any]]:
     """One row per pair: time ratios, gradient agreement, and every gradient against ours with GMRES."""
     rows = []
@@ -285,16 +261,16 @@ def _step_rows(stats: dict[str, dict[str, Any]], pairs: list[str], reference: Op
                 "theirs": th,
                 "total_ratio": ratio(med(ours_s["total_ms"]), med(th["total_ms"])) if th else float("nan"),
                 "bwd_ratio": ratio(med(ours_s["bwd_ms"]), med(th["bwd_ms"])) if th else float("nan"),
-                "grad_cos": _cos(ours_s["grad"], th["grad"]) if th else float("nan"),
+                "grad_cos": cosine(ours_s["grad"], th["grad"]) if th else float("nan"),
             }
         )
     ref = stats[f"{GMRES_ROW}|deqkit"]["grad"]  # the tightest of the lot
     for r in rows:
-        r["ours_cos_gmres"] = _cos(r["ours"]["grad"], ref)
-        r["theirs_cos_gmres"] = _cos(r["theirs"]["grad"], ref) if r["theirs"] else float("nan")
+        r["ours_cos_gmres"] = cosine(r["ours"]["grad"], ref)
+        r["theirs_cos_gmres"] = cosine(r["theirs"]["grad"], ref) if r["theirs"] else float("nan")
         if reference is not None:
-            r["ours_err"] = _rel_err(r["ours"]["grad"], reference)
-            r["theirs_err"] = _rel_err(r["theirs"]["grad"], reference) if r["theirs"] else float("nan")
+            r["ours_err"] = rel_error(r["ours"]["grad"], reference)
+            r["theirs_err"] = rel_error(r["theirs"]["grad"], reference) if r["theirs"] else float("nan")
     return rows
 
 
