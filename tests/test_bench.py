@@ -221,8 +221,8 @@ def test_every_public_bench_name_resolves():
         bench.nope  # noqa: B018
 
 
-def test_torchdeq_pair_at_equal_forward_accuracy_runs_our_forward_tighter():
-    """The matched pair: deqkit's default Exact() with its forward to torchdeq's reached residual.
+def test_torchdeq_matched_pair_runs_our_forward_tighter():
+    """The matched pair: deqkit's default Exact() with its forward to a tighter tolerance.
     A tighter forward takes more evaluations and gives a gradient closer to the reference."""
     if not bench.torchdeq_available():  # an optional extra (deqkit[bench]), not a dev dependency
         pytest.skip("torchdeq is not installed (pip install 'deqkit[bench]')")
@@ -238,4 +238,32 @@ def test_torchdeq_pair_at_equal_forward_accuracy_runs_our_forward_tighter():
     assert matched["ours"]["fwd_evals"] > default["ours"]["fwd_evals"]
     assert matched["ours_err"] < 0.1 * default["ours_err"]
     lines = torchdeq_section.step_pair_targets(rows, "tiny")
-    assert any(line.startswith("tiny, at equal forward accuracy") for line in lines)
+    assert any(line.startswith("tiny, at equal gradient accuracy (deqkit's forward tolerance 1e-06") for line in lines)
+
+
+def test_equal_accuracy_tol_is_the_loosest_ladder_tolerance_matching_torchdeqs_gradient():
+    """The search returns the first ladder tolerance whose gradient error is at most torchdeq's
+    default's, and the one before it on the ladder is not accurate enough."""
+    if not bench.torchdeq_available():
+        pytest.skip("torchdeq is not installed (pip install 'deqkit[bench]')")
+    from deqkit import Exact
+    from deqkit.apps.bench.config import build_model, digits_batch
+
+    x, y, _ = digits_batch(TINY.batch, TINY.seed)
+    model = build_model(TINY, Exact())
+    settings = torchdeq_section.TorchDEQSettings(f_tol=1e-2, f_max_iter=60, b_max_iter=60)
+    reference = torchdeq_section.reference_gradient(model, x, y)
+    ladder = (1.0, 0.1, 0.01, 0.001)
+    tol = torchdeq_section.equal_accuracy_tol(model, x, y, settings, reference, ladder=ladder)
+    assert tol is not None and tol < settings.f_tol  # a loose shared tolerance: deqkit's default is less accurate
+
+    def errors(f_tol: float) -> tuple[float, float]:
+        rows = torchdeq_section.step_pairs(model, x, y, settings, 1, reference=reference, matched_f_tol=f_tol)
+        r = {r["pair"]: r for r in rows}[torchdeq_section.MATCHED_PAIR]
+        return r["ours_err"], r["theirs_err"]
+
+    ours, theirs = errors(tol)
+    assert ours <= theirs
+    looser = ladder[[settings.f_tol * f for f in ladder].index(tol) - 1] * settings.f_tol
+    ours_looser, _ = errors(looser)
+    assert ours_looser > theirs

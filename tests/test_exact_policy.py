@@ -49,6 +49,32 @@ def test_auto_adjoint_picks_by_contraction_and_records_it(radius, policy):
         assert bool((res.nstep >= res.extra["fixed_point_steps"]).all())
 
 
+def test_auto_adjoint_picard_phase_counts_and_freezes_each_sample_on_its_own():
+    """Picard phase, checked against a plain loop: ``nstep`` per sample is the steps up to its
+    first residual under the target, and a sample's ``w`` stops changing there, so it is the same
+    alone as in a batch with a slower sample (the host looks only at scheduled checks)."""
+    d = 12
+    J = torch.cat([jacobians(1, d, 0.1, seed=3), jacobians(1, d, 0.35, seed=4), jacobians(1, d, 0.55, seed=5)])
+    v = randn(3, d, seed=6)
+    vjp = lambda u: torch.einsum("bi,bij->bj", u, J)
+    res = AutoAdjoint(tol=1e-9, max_iter=200).solve_adjoint(vjp, v)
+    assert res.extra["policy"] == "fixed-point" and res.all_converged
+    for i in range(3):  # the plain loop: w ← wJ + v from w = v until ‖wJ + v − w‖ ≤ tol (‖v‖ + eps)
+        w, k = v[i].clone(), 0
+        target = 1e-9 * (v[i].norm() + torch.finfo(F64).eps)
+        while True:
+            nxt = w @ J[i] + v[i]
+            k += 1
+            if (nxt - w).norm() <= target:
+                break
+            w = nxt
+        assert int(res.nstep[i]) == k, (i, res.nstep.tolist(), k)
+        torch.testing.assert_close(res.z[i], w, rtol=0, atol=1e-13)
+        alone = AutoAdjoint(tol=1e-9, max_iter=200).solve_adjoint(lambda u, i=i: u @ J[i], v[i : i + 1])
+        torch.testing.assert_close(alone.z[0], res.z[i], rtol=0, atol=0)
+    assert len(set(res.nstep.tolist())) == 3  # three different stopping steps: the test sees per-sample stopping
+
+
 def test_gmres_stops_each_sample_on_its_own_and_is_deterministic():
     B, d = 5, 40
     J, v = jacobians(B, d, 0.9, seed=3), randn(B, d, seed=4)

@@ -32,8 +32,12 @@ class AutoAdjoint(LinearSolver):
     Models", NeurIPS 2019.
 
     The policy: Picard steps from ``w0`` (default ``w = v``), each giving the residual of the
-    current iterate for free; after ``probe`` steps, per sample, the contraction rate is read off
-    the last residual ratios. When the slowest still-active sample contracts slower than
+    current iterate for free; a sample stops changing at its first residual under ``tol``. A step
+    is one VJP and a few elementwise operations kept on the device; the host reads the residuals
+    only at checks (after the first step, after ``probe`` steps, then when the slowest active
+    sample is forecast to meet ``tol`` at its current rate, at most 8 steps apart), so a step
+    costs little more than its VJP. At a check, per sample, the contraction rate is read off the
+    last residual ratios. When the slowest still-active sample contracts slower than
     ``switch_rate``, or its predicted Picard steps to ``tol`` exceed what is left of ``max_iter``,
     the solve hands over to GMRES, started from the current iterate with its residual already
     known (no extra VJP). ``nstep`` counts both phases per sample; ``result.extra`` records the
@@ -89,31 +93,38 @@ class AutoAdjoint(LinearSolver):
         target = self._gmres.target(vf, tol)
         w = vf.clone() if w0 is None else w0.reshape(B, -1).clone()
         active = torch.ones(B, dtype=torch.bool, device=vf.device)
-        nstep = torch.zeros(B, dtype=torch.long, device=vf.device)
         trace: list[Tensor] = []
         used, rate, switched_at = 0, 0.0, None
+        # Steps keep their bookkeeping on the device; the host looks (one synchronisation) only at
+        # checks: after the first step (an easy or warm-started solve ends there), after the probe,
+        # then when the slowest active sample is forecast to meet its target (at most _MAX_GAP on).
+        next_check, checked = 1, 0
         while True:
-            u = vjp(w.view(shape)).reshape(B, -1)
+            nxt = vf + vjp(w.view(shape)).reshape(B, -1)  # one Picard step
             used += 1
-            r = vf + u - w  # the residual of w, free with the step
+            r = nxt - w  # the residual of w, free with the step
             rn = r.norm(dim=1)
             trace.append(rn)
-            nstep = nstep + active.long()
             active = active & (rn > target)
-            worst_rate, worst_need = self._forecast(trace, target, active)
-            any_active, nonfinite, worst_rate, worst_need = torch.stack(
-                [active.any().double(), (~torch.isfinite(rn).all()).double(), worst_rate, worst_need]
-            ).tolist()
-            if nonfinite:
-                _check_finite(self.name, rn, "residual")
-            if any_active and len(trace) > 1:
-                rate = max(rate, worst_rate)
-            if not any_active or used >= max_iter:
-                break
-            if len(trace) > self.probe and (worst_rate > self.switch_rate or worst_need > max_iter - used):
-                switched_at = used
-                break
-            w = torch.where(active[:, None], vf + u, w)
+            if used >= next_check or used >= max_iter:
+                worst_rate, worst_need = self._forecast(trace, target, active)
+                recent = torch.stack(trace[checked:])
+                any_active, nonfinite, worst_rate, worst_need = torch.stack(
+                    [active.any().double(), (~torch.isfinite(recent).all()).double(), worst_rate, worst_need]
+                ).tolist()
+                checked = used
+                if nonfinite:
+                    _check_finite(self.name, torch.stack(trace), "residual")
+                if any_active and len(trace) > 1:
+                    rate = max(rate, worst_rate)
+                if not any_active or used >= max_iter:
+                    break
+                if len(trace) > self.probe and (worst_rate > self.switch_rate or worst_need > max_iter - used):
+                    switched_at = used
+                    break
+                next_check = max(used + 1, self.probe + 1) if len(trace) <= self.probe else used + _gap(worst_need)
+            w = torch.where(active[:, None], nxt, w)
+        nstep = _steps_to_target(trace, target)
         gmres_steps = 0
         if switched_at is not None:  # GMRES from w, whose residual r is known
             op, _ = GMRES.operator(vjp, shape)
@@ -148,3 +159,19 @@ class AutoAdjoint(LinearSolver):
         need = torch.where(rate >= 1, torch.full_like(need, math.inf), need)
         zero = torch.zeros_like(rate)
         return torch.where(active, rate, zero).max(), torch.where(active, need, zero).max()
+
+
+#: the most Picard steps between two checks
+_MAX_GAP = 8
+
+
+def _gap(need: float) -> int:
+    """Steps to the next check: the forecast steps to the target, at least 1, at most :data:`_MAX_GAP`."""
+    return int(min(_MAX_GAP, max(1, math.ceil(need)))) if math.isfinite(need) else _MAX_GAP
+
+
+def _steps_to_target(trace: list[Tensor], target: Tensor) -> Tensor:
+    """Per sample, the steps up to and including the first whose residual met ``target`` (all of
+    them where none did)."""
+    above = torch.stack(trace) > target  # (steps, B)
+    return (above.long().cumprod(dim=0).sum(dim=0) + 1).clamp(max=len(trace))
