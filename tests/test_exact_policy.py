@@ -75,6 +75,21 @@ def test_auto_adjoint_picard_phase_counts_and_freezes_each_sample_on_its_own():
     assert len(set(res.nstep.tolist())) == 3  # three different stopping steps: the test sees per-sample stopping
 
 
+def test_auto_adjoint_reads_the_residuals_only_at_scheduled_checks(monkeypatch):
+    """The Picard phase's host reads (one per check, where the forecast runs) are few: after the
+    first step, after the probe, then at the forecast convergence step, not once per step."""
+    import deqkit.linear.auto as auto
+
+    calls = []
+    forecast = AutoAdjoint._forecast
+    monkeypatch.setattr(AutoAdjoint, "_forecast", lambda self, *a: calls.append(1) or forecast(self, *a))
+    J, v = jacobians(4, 20, 0.5, seed=7), randn(4, 20, seed=8)
+    res = AutoAdjoint(tol=1e-12, max_iter=200).solve_adjoint(lambda u: torch.einsum("bi,bij->bj", u, J), v)
+    steps = int(res.nstep.max())
+    assert res.all_converged and res.extra["policy"] == "fixed-point" and steps > 20
+    assert len(calls) <= 3 + -(-steps // auto._MAX_GAP), (len(calls), steps)
+
+
 def test_gmres_stops_each_sample_on_its_own_and_is_deterministic():
     B, d = 5, 40
     J, v = jacobians(B, d, 0.9, seed=3), randn(B, d, seed=4)

@@ -542,7 +542,7 @@ Where the two libraries' definitions differ (kept as they are, said here):
   sits just under it; torchdeq runs the whole batch until its worst sample is under it and returns
   one more `f` step, so its typical sample is several times closer to `z*`. Equal largest
   residuals therefore do not give equal gradients, and the forward's accuracy, not the adjoint's,
-  sets the gradient error of both defaults (the GMRES-to-1e-6 row is no closer).
+  sets the gradient error of both defaults (the GMRES-to-1e-6 row is barely closer than the default).
 * The default pair at equal gradient accuracy (`forward tol for torchdeq's gradient accuracy`):
   deqkit's forward tolerance is tightened along the shared tolerance × 1, 0.7, 0.5, 0.3, 0.2, …, 0.01
   until its step's gradient error is at most torchdeq's default's (one untimed step each, on the
