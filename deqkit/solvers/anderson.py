@@ -17,7 +17,7 @@ __all__ = ["Anderson"]
 
 @dataclass
 class _AndersonState:
-    X: Tensor  # (B, m, d) past iterates
+    F: Tensor  # (B, m, d) the map at past iterates, f(x)
     G: Tensor  # (B, m, d) their residuals f(x) − x
     gram: Tensor  # (B, m, m) GGᵀ, updated one row/column per step
     count: int = 0
@@ -64,9 +64,9 @@ class Anderson(Solver):
         return _AndersonState(z.new_zeros(B, m, d), z.new_zeros(B, m, d), z.new_zeros(B, m, m))
 
     def observe(self, state: Any, z: Tensor, fz: Tensor, fresh: Tensor) -> None:
-        slot = state.count % state.X.shape[1]
+        slot = state.count % state.F.shape[1]
         g = fz - z
-        state.X[:, slot] = z
+        state.F[:, slot] = fz
         state.G[:, slot] = g
         col = (state.G * g.unsqueeze(1)).sum(-1)  # (B, m): ⟨g_i, g⟩
         state.gram[:, slot, :] = col
@@ -74,7 +74,7 @@ class Anderson(Solver):
         state.count += 1
 
     def step(self, state: Any, z: Tensor, fz: Tensor, active: Tensor) -> Tensor:
-        n = min(state.count, state.X.shape[1])
+        n = min(state.count, state.F.shape[1])
         if n == 1:
             return z + self.damping * (fz - z)
         gram = state.gram[:, :n, :n]
@@ -84,14 +84,16 @@ class Anderson(Solver):
         scale = gram.diagonal(dim1=1, dim2=2).clamp_min(info.tiny).rsqrt()  # (B, n)
         corr = gram * scale[:, :, None] * scale[:, None, :]
         lam = max(self.regularization, 10 * info.eps)  # a few ulps keep repeated history solvable
-        eye = torch.eye(n, dtype=z.dtype, device=z.device)
+        corr.diagonal(dim1=1, dim2=2).add_(lam)  # corr is a fresh tensor: + λI in place
         # solve_ex: no error check, so no host sync on CUDA; a failure shows up as NaN in the next
         # residual, which the loop reports
-        y = torch.linalg.solve_ex(corr + lam * eye, scale.unsqueeze(-1)).result.squeeze(-1)
+        y = torch.linalg.solve_ex(corr, scale.unsqueeze(-1)).result.squeeze(-1)
         a = y * scale
         alpha = a / a.sum(dim=1, keepdim=True)
-        # Σα f(x_i) = Σα x_i + Σα g_i (elementwise: tiny batched bmm calls are ~3x slower on CPU)
+        # β Σα f(x_i) + (1 − β) Σα x_i = Σα f(x_i) − (1 − β) Σα g_i: one weighted sum when β = 1
+        # (elementwise: tiny batched bmm calls are ~3x slower on CPU)
         w = alpha.unsqueeze(-1)
-        mix_x = (w * state.X[:, :n]).sum(1)
-        mix_g = (w * state.G[:, :n]).sum(1)
-        return mix_x + self.damping * mix_g
+        mix_f = (w * state.F[:, :n]).sum(1)
+        if self.damping == 1.0:
+            return mix_f
+        return mix_f - (1.0 - self.damping) * (w * state.G[:, :n]).sum(1)
