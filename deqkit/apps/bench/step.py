@@ -282,8 +282,9 @@ on these small cells); Unrolled's forward is larger because its k graph evaluati
 time. The reuse estimators' backward is one low-rank product plus the single VJP to the
 parameters that every estimator pays: that VJP and autograd's fixed overhead (~0.3–0.5 ms here)
 are their floor. The `exact-gmres` preset (the "÷ Exact" baseline) is GMRES to 1e-6: each Krylov
-step is one VJP plus two block Gram–Schmidt products against the stacked basis and one Givens
-rotation (see the GMRES per-step table in the torchdeq section); `exact` is `Exact()`: Picard steps on the
+step is one VJP plus four batched Gram–Schmidt products against the stacked basis (the small
+least squares is brought up to date only at scheduled checks; see the GMRES per-step table in the
+torchdeq section); `exact` is `Exact()`: Picard steps on the
 adjoint while they contract fast, GMRES when they do not, to a tolerance matched to the
 forward's residual.
 `peak KB` is dominated by the Broyden buffers `U, V` (batch × width × memory × 2 floats:
