@@ -375,3 +375,18 @@ def test_label_of_a_user_estimator_with_an_unstored_option():
 
     assert TunedExact().label == "TunedExact"
     assert TunedExact(tol=1e-3, note="other").label == "TunedExact(tol=0.001)"
+
+
+def test_label_of_a_user_estimator_that_forwards_kwargs_shows_the_parents_options():
+    """``def __init__(self, **kwargs): super().__init__(**kwargs)``: the parent's options that
+    differ from their defaults appear, as they do for the parent itself."""
+    import deqkit as dk
+
+    class Forwarding(dk.Exact):
+        def __init__(self, *, note: str = "mine", **kwargs):
+            super().__init__(**kwargs)
+            self.note = note
+
+    assert Forwarding(tol=1e-3).label == dk.Exact(tol=1e-3).label.replace("Exact", "Forwarding")
+    assert Forwarding(tol=1e-3, note="x").label == "Forwarding(note=x, auto, tol=0.001)"
+    assert "tol" not in Forwarding().label

@@ -227,11 +227,26 @@ class GradientEstimator:
 
     @property
     def label(self) -> str:
-        """A short name for tables: the class and the options that differ from their defaults."""
-        params = inspect.signature(type(self).__init__).parameters
+        """A short name for tables: the class and the options that differ from their defaults.
+
+        The options are the named parameters of the class's ``__init__`` and, while an
+        ``__init__`` takes ``**kwargs`` (which it forwards), those of the next one up the MRO, so
+        a subclass written ``def __init__(self, **kwargs)`` still shows its parent's options; the
+        nearest class's default counts."""
+        params: dict[str, inspect.Parameter] = {}
+        for cls in type(self).__mro__:
+            if "__init__" not in vars(cls) or cls is object:
+                continue
+            forwards = False
+            for k, p in inspect.signature(vars(cls)["__init__"]).parameters.items():
+                forwards = forwards or p.kind is p.VAR_KEYWORD
+                if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and k != "self":
+                    params.setdefault(k, p)
+            if not forwards:
+                break
         parts = []
         for k, p in params.items():
-            if k == "self" or not hasattr(self, k):
+            if not hasattr(self, k):
                 continue
             val = getattr(self, k)
             if p.default is inspect.Parameter.empty or val != p.default:
