@@ -181,3 +181,23 @@ def test_warm_exact_tolerance_follows_the_forward_as_exact_does(linear_solver):
     full = backward(make(match_forward=False), fwd_tol=1e-3).backward.solve
     assert full.tol == 1e-6 and full.all_converged
     assert backward(make(forward_factor=0.1), fwd_tol=1e-3).backward.solve.tol == pytest.approx(0.1 * reached)
+
+
+def test_backward_amplification_is_the_largest_w_over_v():
+    """``info.backward.amplification``: max over the batch of ‖w‖ / ‖v‖, against the float64
+    closed form ``w = v (I − A)⁻¹`` of a linear cell; ``None`` for JacobianFree (no adjoint hook)."""
+    from conftest import LinearCell
+
+    cell = LinearCell(d=8, p=5, rho=0.9, seed=3)
+    x, z0, c = randn(6, 5, seed=4), torch.zeros(6, 8, dtype=F64), randn(6, 8, seed=5)
+    solver = dk.Anderson(tol=1e-12, max_iter=200)
+    deq = dk.DEQ(cell, solver, dk.Exact(AutoAdjoint(tol=1e-12, max_iter=400), match_forward=False))
+    z, info = deq(x, z0)
+    (z * c).sum().backward()  # v = c per sample
+    w = c @ torch.linalg.inv(torch.eye(8, dtype=F64) - cell.A.detach())
+    expected = float((w.norm(dim=1) / c.norm(dim=1)).max())
+    assert expected > 1.2  # the cell (ρ = 0.9) amplifies, so the value is not a trivial 1
+    assert info.backward.amplification == pytest.approx(expected, rel=1e-8)
+    z, info = dk.DEQ(cell, solver, dk.JacobianFree())(x, z0)
+    (z * c).sum().backward()
+    assert info.backward is None or info.backward.amplification is None

@@ -245,6 +245,7 @@ def test_nonconvergence_is_counted_not_warned(tiny, tmp_path):
     assert rec["bwd_unconverged"] == 200
     assert rec["val_fwd_unconverged"] == len(tiny.val) == ev["fwd_unconverged"]
     assert rec["fwd_steps"] == 3.0
+    assert rec["bwd_amplification"] is not None and rec["bwd_amplification"] > 1.0  # Exact on a contractive cell
     # the model's own policies are restored after training
     policy = getattr(model.deq, "on_failure", None) or model.deq.on_nonconvergence  # the DEQ's name before/after the rename
     assert policy == "warn" and model.deq.grad.on_failure == "warn"

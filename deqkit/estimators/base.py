@@ -75,6 +75,13 @@ class BackwardStats:
         n_fallback: samples that fell back to the Jacobian-free direction (SHINE).
         overflow: the backward met NaN/Inf inside :func:`loss_scaled_backward` and returned a
             non-finite ``w`` for the loss scaler to detect (the optimiser step is then skipped).
+        amplification: the largest ``‖w‖ / ‖v‖`` over the batch: how much the backward scaled up
+            the incoming gradient ``v = dL/dz*`` (``None`` without an adjoint hook, as for
+            :class:`~deqkit.Unrolled` and :class:`~deqkit.JacobianFree`, or when ``w`` is
+            non-finite). The exact adjoint of a cell that contracts at rate ``ρ < 1`` in norm gives at most
+            ``1 / (1 − ρ)``. A large value where the forward did not converge means the exact
+            gradient is dominated by the forward's error: near a non-contractive cell the adjoint
+            equation is nearly singular, and it amplifies the error of ``z*`` with the rest.
     """
 
     estimator: str
@@ -84,6 +91,7 @@ class BackwardStats:
     refine: Optional[SolverResult] = None
     n_fallback: int = 0
     overflow: bool = False
+    amplification: Optional[float] = None
 
     @property
     def converged(self) -> Optional[Tensor]:
@@ -160,8 +168,17 @@ def finish_backward(
     (recorded as ``info.backward``), ``w`` returned in the shape ``shape`` and ``v``'s dtype.
 
     A non-finite ``w`` raises :class:`~deqkit.errors.NonFiniteError`, except under
-    :func:`loss_scaled_backward`, where it is returned (as NaN) for the loss scaler to detect."""
-    if not torch.isfinite(w).all():
+    :func:`loss_scaled_backward`, where it is returned (as NaN) for the loss scaler to detect.
+    ``stats.amplification`` gets the largest ``‖w‖ / ‖v‖`` (one host read, with the check)."""
+    dt = torch.promote_types(torch.promote_types(w.dtype, v.dtype), torch.float32)  # half precision: norms in float32
+    wf, vf = w.reshape(w.shape[0], -1).to(dt), v.reshape(w.shape[0], -1).to(dt)
+    ratio = wf.norm(dim=1) / vf.norm(dim=1).clamp_min(torch.finfo(dt).tiny)
+    finite, amplification = torch.stack(
+        [torch.isfinite(wf).all().float(), ratio.max() if ratio.numel() else ratio.new_zeros(())]
+    ).tolist()
+    if finite:
+        stats.amplification = amplification
+    else:
         if loss_scaling_active():
             stats.overflow = True
             w = torch.full_like(w, float("nan"))

@@ -411,6 +411,8 @@ class Trainer:
             ``fwd_steps`` (mean forward solver steps per sample), ``fwd_converged`` (fraction of
             forward solves that converged), ``fwd_unconverged`` (count), ``bwd_unconverged``
             (adjoint solves of ``Exact`` that missed their tolerance), ``bwd_vjps`` (per step),
+            ``bwd_amplification`` (the epoch's largest ``‖w‖ / ‖v‖``, see
+            :class:`~deqkit.estimators.BackwardStats`; ``None`` without an adjoint hook),
             ``fwd_ms`` / ``bwd_ms`` (wall-clock per step of forward+loss and of
             ``loss.backward()``), ``adjoint_ms`` (of that, the estimator computing ``w``;
             ``None`` for :class:`~deqkit.estimators.Unrolled`, whose ``w`` is autograd's own pass),

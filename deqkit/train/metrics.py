@@ -158,11 +158,14 @@ def step_stats(infos: list[DEQInfo]) -> dict[str, Any]:
         "adaptive_exact_steps": 0,
         "adaptive_switches": 0,
         "adaptive_cos_sum": 0.0,
+        "bwd_amplification": 0.0,
     }
     for info in infos:
         bwd = info.backward
         if bwd is None:
             continue
+        if bwd.amplification is not None:
+            stats["bwd_amplification"] = max(stats["bwd_amplification"], bwd.amplification)
         decision = getattr(bwd, "decision", None)  # an Adaptive estimator's step (AdaptiveStats)
         if decision is not None:
             stats["adaptive_steps"] += 1
@@ -184,7 +187,7 @@ def step_stats(infos: list[DEQInfo]) -> dict[str, Any]:
 class Metrics:
     """The running sums of one epoch; :meth:`record` turns them into the epoch's history entry."""
 
-    KEYS = ("loss_sum", "correct", "n", "steps", *_SUMMED, "epoch_s", "amp_skipped")
+    KEYS = ("loss_sum", "correct", "n", "steps", *_SUMMED, "epoch_s", "amp_skipped", "bwd_amplification")
 
     def __init__(self, state: Optional[dict[str, float]] = None) -> None:
         self.sums = {k: 0.0 for k in self.KEYS}
@@ -200,6 +203,7 @@ class Metrics:
         for k in _SUMMED:
             a[k] += s[k]
         a["amp_skipped"] += s.get("amp_skipped", 0)  # steps the fp16 loss scaler skipped (overflow)
+        a["bwd_amplification"] = max(a["bwd_amplification"], s.get("bwd_amplification", 0.0))  # the epoch's largest
 
     def postfix(self) -> dict[str, str]:
         """The progress bar's short summary."""
@@ -234,6 +238,7 @@ class Metrics:
             "fwd_unconverged": int(a["fwd_unconverged"]),
             "bwd_unconverged": int(a["bwd_unconverged"]),
             "bwd_vjps": _mean(a["bwd_vjps"], steps),
+            "bwd_amplification": a["bwd_amplification"] or None,
             "fwd_ms": _mean(a["fwd_ms"], steps),
             "bwd_ms": _mean(a["bwd_ms"], steps),
             "adjoint_ms": _mean(a["adjoint_ms"], steps) if a["adjoint_timed"] else None,
