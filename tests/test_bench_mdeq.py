@@ -60,6 +60,10 @@ def test_exact_rows_match_the_float64_reference(result):
         assert by[name]["ref_cos"] > 0.99999, name
     # the approximate estimators are further away, and the error says so
     assert by["jacobian-free"]["ref_err"] > 10 * by["exact-gmres"]["ref_err"]
+    # the amplification column: the backward's max ‖w‖/‖v‖ for adjoint estimators, none for JFB
+    assert by["exact"]["amplification"] is not None and 0 < by["exact"]["amplification"] < math.inf
+    assert by["jacobian-free"]["amplification"] is None
+    assert "max ‖w‖ / ‖v‖" in bench.format_mdeq_tables(result)
 
 
 def test_memory_graph_flat_in_depth_for_the_deq_not_for_bptt(result):

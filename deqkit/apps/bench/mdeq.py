@@ -281,6 +281,7 @@ def format_mdeq_tables(res: dict[str, Any]) -> str:
         "fwd steps",
         "fwd converged",
         "bwd VJPs (iters)",
+        "max ‖w‖ / ‖v‖",
         "cos to ref",
         "rel err to ref",
     ]
@@ -295,6 +296,7 @@ def format_mdeq_tables(res: dict[str, Any]) -> str:
                 f"{r['fwd_steps']:.1f}",
                 f"{r['fwd_converged']:.0%}",
                 vjps_cell(r),
+                "-" if r.get("amplification") is None else f"{r['amplification']:.3g}",
                 f"{r['ref_cos']:.6f}",
                 f"{r['ref_err']:.1e}",
             ]

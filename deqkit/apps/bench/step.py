@@ -53,7 +53,17 @@ STEP_ESTIMATORS = (
     "shine-refine",
 )
 
-_PER_ROUND = ("fwd_ms", "bwd_ms", "total_ms", "fwd_steps", "fwd_converged", "bwd_vjps", "bwd_iters", "n_fallback")
+_PER_ROUND = (
+    "fwd_ms",
+    "bwd_ms",
+    "total_ms",
+    "fwd_steps",
+    "fwd_converged",
+    "bwd_vjps",
+    "bwd_iters",
+    "n_fallback",
+    "amplification",
+)
 
 
 def flat_grad(model: nn.Module) -> Tensor:
@@ -109,6 +119,8 @@ class _StepRun:
         if back is not None and back.solve is not None:
             r["bwd_iters"].append(float(back.solve.nstep.float().mean()))
         r["n_fallback"].append(back.n_fallback if back is not None else 0)
+        if back is not None and back.amplification is not None:
+            r["amplification"].append(back.amplification)
         if self.keep_grad:
             r["grad"] = flat_grad(self.model)
 
@@ -118,6 +130,7 @@ class _StepRun:
         for key in ("fwd_steps", "fwd_converged", "bwd_vjps", "n_fallback"):
             r[key] = med(r[key])
         r["bwd_iters"] = med(r["bwd_iters"]) if r["bwd_iters"] else None
+        r["amplification"] = med(r["amplification"]) if r["amplification"] else None
         if memory:
             self.use(name)
             r["graph_bytes"], r["peak_bytes"] = memory_of_step(self.model, self.x, self.y, opa=name in OPA_FREQ)
@@ -155,8 +168,9 @@ def bench_step(
     Row keys: ``estimator``, ``label``, ``fwd_ms``/``bwd_ms``/``total_ms`` (lists of per-step
     milliseconds), ``fwd_steps`` (mean per-sample Broyden steps), ``fwd_converged`` (fraction),
     ``bwd_vjps`` (VJPs or graph evaluations in the backward), ``bwd_iters`` (mean per-sample
-    adjoint-solve steps, solve-based estimators only), ``n_fallback``, ``graph_bytes``,
-    ``peak_bytes``, ``cosine``, ``bwd_vs_exact``. Model and batch live on ``device``.
+    adjoint-solve steps, solve-based estimators only), ``n_fallback``, ``amplification``
+    (median over rounds of ``info.backward.amplification``; ``None`` without an adjoint hook),
+    ``graph_bytes``, ``peak_bytes``, ``cosine``, ``bwd_vs_exact``. Model and batch live on ``device``.
     """
     x, y, _ = digits_batch(cfg.batch, cfg.seed, device=device)
     model = build_model(cfg, ESTIMATOR_PRESETS[estimators[0]](), device=device)
