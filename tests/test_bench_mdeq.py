@@ -144,11 +144,13 @@ def test_section_registered_not_in_all_and_written_under_its_heading(result, tmp
 def test_cli_flags_reach_the_config():
     from deqkit.cli.bench import config
 
-    args = build_parser().parse_args(["bench", "--section", "mdeq", "--mdeq-batch", "32", "--mdeq-caps", "5,10"])
+    args = build_parser().parse_args(
+        ["bench", "--section", "mdeq", "--mdeq-batch", "32", "--mdeq-caps", "5,10", "--mdeq-seed", "2"]
+    )
     cfg = config(args)
     assert cfg.wanted() == ["mdeq"]
-    assert cfg.mdeq.batch == 32 and cfg.mdeq.caps == (5, 10) and cfg.mdeq.warmup_steps == 40
-    assert cfg.command() == "deqkit bench --section mdeq --mdeq-batch 32 --mdeq-caps 5,10"
+    assert cfg.mdeq.batch == 32 and cfg.mdeq.caps == (5, 10) and cfg.mdeq.warmup_steps == 40 and cfg.mdeq.seed == 2
+    assert cfg.command() == "deqkit bench --section mdeq --mdeq-batch 32 --mdeq-caps 5,10 --mdeq-seed 2"
     bad = build_parser().parse_args(["bench", "--section", "mdeq", "--mdeq-caps", "10,5"])
     with pytest.raises(OptionError, match="--mdeq-caps"):
         config(bad)

@@ -63,6 +63,9 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--mdeq-batch", type=positive_int, default=64, help="batch of the warm-up training and of the measured step")
     g.add_argument("--mdeq-warmup-steps", type=nonneg_int, default=40, help="Adam steps (Exact()) before measuring")
     g.add_argument("--mdeq-caps", type=ints, default=[10, 20, 40], help="forward caps of the memory table, comma list")
+    g.add_argument(
+        "--mdeq-seed", type=nonneg_int, default=0, help="seed of the model, the warm-up and the images (another snapshot)"
+    )
     p.set_defaults(func=run)
     return p
 
@@ -140,7 +143,7 @@ def config(args: argparse.Namespace) -> Any:
         **pick(args, "section", "quick", "repeats", "seeds", "threads", "write"),
         sim_speed=sim,
         sim_pruning=_sim_pruning_config(args),
-        mdeq=MDEQBenchConfig(batch=args.mdeq_batch, warmup_steps=args.mdeq_warmup_steps, caps=caps),
+        mdeq=MDEQBenchConfig(batch=args.mdeq_batch, warmup_steps=args.mdeq_warmup_steps, caps=caps, seed=args.mdeq_seed),
         device=device,
     )
 

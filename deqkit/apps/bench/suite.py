@@ -78,6 +78,7 @@ class SuiteConfig:
             c += f" --mdeq-batch {m.batch}" if m.batch != d.batch else ""
             c += f" --mdeq-warmup-steps {m.warmup_steps}" if m.warmup_steps != d.warmup_steps else ""
             c += " --mdeq-caps " + ",".join(map(str, m.caps)) if m.caps != d.caps else ""
+            c += f" --mdeq-seed {m.seed}" if m.seed != d.seed else ""
         c += f" --write {self.write}" if self.write else ""
         return c
 
