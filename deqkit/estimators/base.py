@@ -78,10 +78,11 @@ class BackwardStats:
         amplification: the largest ``‖w‖ / ‖v‖`` over the batch: how much the backward scaled up
             the incoming gradient ``v = dL/dz*`` (``None`` without an adjoint hook, as for
             :class:`~deqkit.Unrolled` and :class:`~deqkit.JacobianFree`, or when ``w`` is
-            non-finite). The exact adjoint of a cell that contracts at rate ``ρ < 1`` in norm gives at most
-            ``1 / (1 − ρ)``. A large value where the forward did not converge means the exact
-            gradient is dominated by the forward's error: near a non-contractive cell the adjoint
-            equation is nearly singular, and it amplifies the error of ``z*`` with the rest.
+            non-finite). The exact adjoint of a cell that contracts at rate ``ρ < 1`` in norm
+            gives at most ``1 / (1 − ρ)``. A large value where the forward did not converge
+            means the exact gradient is dominated by the forward's error: near a non-contractive
+            cell the adjoint equation is nearly singular, and it amplifies the error of ``z*``
+            with the rest.
     """
 
     estimator: str
