@@ -169,6 +169,7 @@ def test_diverging_training_is_reported(tiny, tmp_path, capsys):
     assert last["fwd_converged"] < 0.5 and last["spectral_radius_max"] > 1.0 and last["fwd_residual"] > 1e-3
     line = epoch_line(last, 2)
     assert "UNSTABLE" in line and "spectral radius" in line and "--jac-reg" in line
+    assert f"bwd amplification max {last['bwd_amplification']:.3g}" in line
     ok = dict(last, fwd_converged=1.0, spectral_radius=0.5, spectral_radius_max=0.7)
     assert "UNSTABLE" not in epoch_line(ok, 2)
 

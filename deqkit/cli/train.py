@@ -253,6 +253,8 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
         f"spectral radius {fmt(record.get('spectral_radius'), '.3f')} (max {fmt(record.get('spectral_radius_max'), '.3f')})  "
         f"{record['epoch_s']:.0f}s"
     )
+    if record.get("bwd_amplification") is not None:  # the backward's largest ‖w‖/‖v‖ (adjoint estimators)
+        line += f"  bwd amplification max {record['bwd_amplification']:.3g}"
     if record.get("adaptive_checks") is not None:  # an Adaptive estimator: its checks and switches
         line += (
             f"  adaptive: {record['adaptive_checks']} checks, cosine {fmt(record['adaptive_cosine'], '.3f')}, "
