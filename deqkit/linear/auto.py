@@ -122,7 +122,7 @@ class AutoAdjoint(LinearSolver):
                 if len(trace) > self.probe and (worst_rate > self.switch_rate or worst_need > max_iter - used):
                     switched_at = used
                     break
-                next_check = max(used + 1, self.probe + 1) if len(trace) <= self.probe else used + _gap(worst_need)
+                next_check = self.probe + 1 if used <= self.probe else used + _gap(worst_need)
             w = torch.where(active[:, None], nxt, w)
         nstep = _steps_to_target(trace, target)
         gmres_steps = 0

@@ -485,17 +485,13 @@ def step_pair_targets(rows: Sequence[dict[str, Any]], name: str) -> list[str]:
     for pair in ("Exact, fixed-point backward", "Exact, Anderson backward"):
         r = by[pair]
         out.append(f"{pair}: our step ≤ 0.9 × its IFT step: {r['total_ratio']:.2f}× — {mark(r['total_ratio'] <= 0.9)}")
-    for pair, label in (
-        (DEFAULT_PAIR, f"{name}: "),
-        (
-            MATCHED_PAIR,
-            f"{name}, at equal gradient accuracy (deqkit's forward tolerance {{tol:g}}, the loosest whose gradient error ≤ torchdeq's): ",
-        ),
-    ):
+    for pair in (DEFAULT_PAIR, MATCHED_PAIR):
         if pair not in by:
             continue
         r = by[pair]
-        label = label.format(tol=r.get("f_tol", float("nan")))
+        label = f"{name}: "
+        if pair == MATCHED_PAIR:
+            label = f"{name}, at equal gradient accuracy (deqkit's forward tolerance {r['f_tol']:g}, the loosest whose gradient error ≤ torchdeq's): "
         ours, theirs = r.get("ours_err", float("nan")), r.get("theirs_err", float("nan"))
         out.append(
             f"{label}default Exact() step ≤ 0.8 × torchdeq's default IFT step at equal or better accuracy: "
