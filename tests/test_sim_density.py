@@ -144,6 +144,13 @@ def test_search_lam_brackets_and_reports_a_miss():
 
     lin = search_lam(lambda lam: max(0.0, min(1.0, -math.log10(lam) / 6)), 0.5, 1.0, tol=1e-3)
     assert lin.converged and lin.nstep <= 6 and abs(lin.density - 0.5) <= 1e-3
+    # from a known point below the target: no solve above it, and it is in the path
+    seen = []
+    line = lambda lam: seen.append(lam) or max(0.0, min(1.0, -math.log10(lam) / 6))
+    near = search_lam(line, 0.5, 1.0, tol=1e-3, start=(1e-2, 1 / 3))
+    assert near.converged and max(seen) < 1e-2 and near.path[1] == (1e-2, 1 / 3)
+    with pytest.raises(OptionError, match="density below the target"):
+        search_lam(line, 0.5, 1.0, start=(1e-4, 2 / 3))
 
 
 def test_density_miss_follows_on_failure():
@@ -221,3 +228,25 @@ def test_normalized_lam_transfers_across_sample_counts():
         p_small, p_large = (fit_sim(s, 3.0, lam_scale="paper", structure="feedforward").density for s in (small, large))
     assert abs(d_small - d_large) < 0.1, (d_small, d_large)
     assert abs(p_small - p_large) > abs(d_small - d_large), (p_small, p_large, d_small, d_large)
+
+
+def test_density_target_holds_for_the_refitted_model_when_the_refit_drops_entries():
+    """With ``debias`` the refit can zero support entries the lasso used (here: input columns of
+    the output rows, which the last hidden layer determines exactly); the search must then go on
+    until the *returned* model meets the target, and report that model's density."""
+    pytest.importorskip("sklearn")
+    from deqkit.apps.bench import sim_pruning as sp
+
+    args = sp.parser().parse_args(["--hidden", "8", "--epochs", "2"])
+    xtr, ytr, _, _ = sp._data("digits", None, 3)
+    net = sp._baseline(args, "mlp", xtr.double(), ytr, 3, "digits")  # a barely trained net
+    st = collect_states(net, xtr.double()[:150])
+    st.reference_nnz = sp._nnz(net, "mlp", xtr.shape[1])
+    res = fit_sim(st, density=0.5, structure="feedforward", debias=True)
+    path = res.search.path
+    # the mechanism is exercised: at the λ the lasso search chose, the refit was sparser than the target allows
+    drops = [(a[1], b[1]) for a, b in zip(path, path[1:]) if a[0] == b[0] and b[1] < a[1] - res.search.tol]
+    assert drops, path
+    nnz = sum(int((getattr(res.model, k).detach() != 0).sum()) for k in "ABCD")
+    assert res.search.converged and abs(res.density - 0.5) <= res.search.tol
+    assert nnz / st.reference_nnz == pytest.approx(res.density) == pytest.approx(res.search.density)

@@ -86,6 +86,8 @@ def test_sim_pruning_benchmark_smoke(tmp_path, capsys):
             "0.05",
             "--pgd-steps",
             "2",
+            "--first-seed",
+            "3",
             "--out",
             str(tmp_path),
         ]
@@ -94,6 +96,16 @@ def test_sim_pruning_benchmark_smoke(tmp_path, capsys):
     assert rc == 0 and "digits/mlp" in out and "digits/cnn" in out and "prune+ft" in out
     res = json.loads((tmp_path / "sim_pruning.json").read_text())
     for arch in ("digits/mlp", "digits/cnn"):
+        assert [r["seed"] for r in res["runs"][arch]] == [3]  # --first-seed 3, one seed
         run = res["runs"][arch][0]["0.5"]
         assert abs(run["SIM"]["density"] - 0.5) <= 0.02
         assert abs(run["prune"]["density"] - run["SIM"]["density"]) <= 0.01  # matched density
+
+
+@pytest.mark.parametrize("flags", [["--seeds", "0"], ["--first-seed", "-1"]])
+def test_sim_pruning_rejects_bad_seed_ranges(flags):
+    from deqkit.apps.bench import sim_pruning
+    from deqkit.errors import OptionError
+
+    with pytest.raises(OptionError, match="--seeds must be >= 1 and --first-seed >= 0"):
+        sim_pruning.run(sim_pruning.parser().parse_args(["--datasets", "digits", *flags]))

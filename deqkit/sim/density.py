@@ -20,6 +20,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..errors import OptionError
+
 __all__ = ["DensitySearch", "search_lam"]
 
 
@@ -30,7 +32,10 @@ class DensitySearch:
     ``lam`` is the λ chosen (the evaluated point whose density is nearest the target),
     ``density`` its density, ``converged`` whether ``|density − target| ≤ tol``, ``nstep`` the
     number of solves, and ``path`` every ``(λ, density)`` seen, in the order evaluated (the first
-    entry is ``λ_max`` with density 0, known without a solve).
+    entry is ``λ_max`` with density 0, known without a solve). With ``fit_sim(debias=True)``,
+    ``density`` is that of the refitted model, and so are the path's points from the first
+    refit on (the λ the lasso search chose, repeated with its refitted density, then any further
+    solves).
     """
 
     lam: float
@@ -50,6 +55,7 @@ def search_lam(
     tol: float = 0.005,
     max_evals: int = 20,
     min_ratio: float = 1e-8,
+    start: tuple[float, float] | None = None,
 ) -> DensitySearch:
     """λ with ``|evaluate(λ) − target| ≤ tol``, for a density that falls from its dense value at
     small λ to 0 at ``lam_max``.
@@ -63,6 +69,9 @@ def search_lam(
         max_evals: the most solves.
         min_ratio: the smallest λ tried is ``min_ratio·lam_max``; a target denser than the
             density there cannot be bracketed.
+        start: an already evaluated ``(λ, density)`` with the density below the target: the
+            bracket steps down from it instead of from ``λ_max`` (it is in ``path`` and may be
+            the point chosen; it costs no solve).
     """
     path: list[tuple[float, float]] = [(lam_max, 0.0)]
     evals = 0
@@ -73,9 +82,17 @@ def search_lam(
             lam=lam_b, density=d_b, target=target, tol=tol, converged=abs(d_b - target) <= tol, nstep=evals, path=path
         )
 
-    # 1) bracket: step down a decade at a time from λ_max until the density reaches the target
+    # 1) bracket: step down a decade at a time from λ_max (or start) until the density reaches the target
     hi, d_hi = lam_max, 0.0
-    lam = lam_max / 10.0
+    if start is not None:
+        hi, d_hi = start
+        if not (0 < hi <= lam_max and d_hi < target):
+            raise OptionError(
+                f"search_lam: start must be an evaluated (λ, density) with 0 < λ ≤ λ_max = {lam_max:g} and a density "
+                f"below the target {target:g}, got {start}."
+            )
+        path.append(start)
+    lam = hi / 10.0
     lo = d_lo = None
     while evals < max_evals:
         d = evaluate(lam)

@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -553,39 +553,70 @@ def _density_search(
     reference: int,
     tol: float,
     max_evals: int,
+    debias: bool,
     log: Callable[[str], None] | None,
 ) -> tuple[DensitySearch, dict[str, BlockResult], dict[str, Tensor]]:
     """λ for ``target`` non-zeros / ``reference`` by :func:`~deqkit.sim.density.search_lam`; each
-    solve warm-started from the nearest λ solved so far. Returns the search and the lasso
-    solution at the λ chosen."""
-    kept: dict[float, tuple[dict[str, BlockResult], dict[str, Tensor]]] = {}
+    lasso warm-started from the nearest λ solved so far. Returns the search and the solution at
+    the λ chosen (refitted with ``debias``).
+
+    With ``debias`` the target is on the refitted model, which can be sparser than its lasso:
+    the refit zeroes the support entries that least squares does not need (e.g. input columns
+    the lasso used as proxies for a state that determines the output exactly). The search runs
+    on the lasso's density, then refits at the λ chosen; only if that misses the target does it
+    search again, from that λ down, on the refitted density (a lasso and a refit per solve).
+    """
+    Solution = tuple[dict[str, BlockResult], dict[str, Tensor]]
+    kept: dict[float, Solution] = {}  # λ: the lasso solution (its betas warm-start the next solves)
+    refitted: dict[float, Solution] = {}  # λ: the refit of that lasso solution
     first = {name: b.beta0 for name, b in blocks.items()}
 
-    def evaluate(lam: float) -> float:
+    def remember(store: dict[float, Solution], lam: float, sol: Solution) -> Solution:
+        store[lam] = sol  # memory stays bounded: the three solutions nearest this λ
+        for k in sorted(store, key=lambda k: abs(math.log(k) - math.log(lam)))[3:]:
+            del store[k]
+        return sol
+
+    def lasso(lam: float) -> Solution:
         near = min(kept, key=lambda k: abs(math.log(k) - math.log(lam)), default=None)
         beta0 = first if near is None else kept[near][1]
-        res, betas = _lasso(method, mode, blocks, phi, lam, weights, zero_tol, factor, beta0)
-        kept[lam] = (res, betas)
-        dens = _nnz(betas) / reference
+        return remember(kept, lam, _lasso(method, mode, blocks, phi, lam, weights, zero_tol, factor, beta0))
+
+    def refit(lam: float, sol: Solution) -> Solution:
+        res, betas = dict(sol[0]), dict(sol[1])  # the lasso's betas stay the warm starts
+        _refit(method, mode, blocks, phi, zero_tol, factor, res, betas)
+        return remember(refitted, lam, (res, betas))
+
+    def report(lam: float, sol: Solution, what: str) -> float:
+        dens = _nnz(sol[1]) / reference
         if log is not None:
-            log(f"density search: λ={lam:.4g} -> {100 * dens:.2f}% non-zeros (target {100 * target:g}%)")
-        # keep memory bounded: the three solutions nearest this λ (warm starts for the next ones)
-        for k in sorted(kept, key=lambda k: abs(math.log(k) - math.log(lam)))[3:]:
-            del kept[k]
+            log(f"density search: λ={lam:.4g} -> {100 * dens:.2f}% non-zeros{what} (target {100 * target:g}%)")
         return dens
 
     lam_max = _lam_max(blocks, phi, weights)
     if lam_max <= 0:
         raise OptionError("fit_sim: every target is zero (λ_max = 0); there is no λ to search.")
-    search = search_lam(evaluate, target, lam_max, tol=tol, max_evals=max_evals)
-    if search.lam in kept:
-        res, betas = kept[search.lam]
-    else:  # the chosen point was evicted (or is λ_max): solve it again, warm
-        near = min(kept, key=lambda k: abs(math.log(k) - math.log(search.lam)), default=None)
-        res, betas = _lasso(
-            method, mode, blocks, phi, search.lam, weights, zero_tol, factor, first if near is None else kept[near][1]
+    search = search_lam(lambda lam: report(lam, lasso(lam), ""), target, lam_max, tol=tol, max_evals=max_evals)
+    # the chosen point may have been evicted (or be λ_max): then solve it again, warm
+    sol = kept[search.lam] if search.lam in kept else lasso(search.lam)
+    if not debias:
+        return search, *sol
+    dens = report(search.lam, refit(search.lam, sol), " after the refit")
+    # the refit only removes entries, so a miss is always too sparse: search on, down from this λ
+    if abs(dens - target) > tol and search.nstep < max_evals:
+        again = search_lam(
+            lambda lam: report(lam, refit(lam, lasso(lam)), " after the refit"),
+            target,
+            lam_max,
+            tol=tol,
+            max_evals=max_evals - search.nstep,
+            start=(search.lam, dens),
         )
-    return search, res, betas
+        search = replace(again, nstep=search.nstep + again.nstep, path=search.path + again.path[1:])
+    else:
+        search = replace(search, density=dens, converged=abs(dens - target) <= tol, path=[*search.path, (search.lam, dens)])
+    sol = refitted[search.lam] if search.lam in refitted else refit(search.lam, lasso(search.lam))
+    return search, *sol
 
 
 @validated_options
@@ -628,7 +659,8 @@ def fit_sim(
             found by a warm-started search along the lasso path
             (:func:`~deqkit.sim.density.search_lam`) to within ``density_tol`` with at most
             ``max_evals`` solves; the result reports the λ chosen, the density reached and the
-            path. ``mode="relaxed"`` only.
+            path. With ``debias`` the target is on the refitted model returned (the refit can
+            zero entries of the lasso's support). ``mode="relaxed"`` only.
         method: ``"admm"`` (default: batched, any device) or ``"cvxpy"`` (reference, row by row).
         mode: ``"relaxed"`` or ``"equality"`` (see the module docstring).
         kappa: well-posedness margin (default: the one the states were rescaled for).
@@ -727,6 +759,7 @@ def fit_sim(
             int(reference),
             float(density_tol),
             int(max_evals),
+            debias,
             log,
         )
         lam = search.lam
@@ -735,7 +768,7 @@ def fit_sim(
         results, betas = _lasso(
             method, mode, blocks, phi, float(lam), weights, zero_tol, factor, {name: b.beta0 for name, b in blocks.items()}
         )
-    if debias:
+    if debias and search is None:  # the density search refits each λ it tries
         _refit(method, mode, blocks, phi, zero_tol, factor, results, betas)
     elapsed = time.perf_counter() - t0
     msg = _failure_message(float(lam), results, blocks)

@@ -195,6 +195,7 @@ def run_one(args: Any, name: str, model: str, seed: int, log=print) -> dict:
             + ", ".join(f"{k} {100 * v['accuracy']:.2f}% @ {100 * v['density']:.1f}%" for k, v in out.items()),
             file=sys.stderr,
         )
+    rows["seed"] = seed
     return rows
 
 
@@ -230,7 +231,8 @@ def parser() -> argparse.ArgumentParser:
     lst = lambda t: lambda s: [t(v) for v in s.split(",") if v]
     p.add_argument("--datasets", type=lst(str), default=["digits", "synthetic"], help="digits, synthetic, fashion-mnist, …")
     p.add_argument("--models", type=lst(str), default=["mlp"], help="mlp and/or cnn (cnn: image data sets only)")
-    p.add_argument("--seeds", type=int, default=1, help="seeds 0 … N−1")
+    p.add_argument("--seeds", type=int, default=1, help="how many seeds: --first-seed … --first-seed + N − 1")
+    p.add_argument("--first-seed", type=int, default=0, help="the first seed (default 0), to add seeds to an earlier run")
     p.add_argument("--densities", type=lst(float), default=[0.7, 0.5, 0.3])
     p.add_argument("--hidden", type=lst(int), default=[64, 32, 16], help="MLP hidden widths (synthetic: 64,32)")
     p.add_argument("--channels", type=lst(int), default=[8, 16], help="CNN channels")
@@ -254,6 +256,8 @@ def run(args: Any, log=print) -> dict:
     for m in args.models:
         if m not in ("mlp", "cnn"):
             raise OptionError(f"sim_pruning: --models takes mlp and cnn, got {m!r}.")
+    if args.seeds < 1 or args.first_seed < 0:
+        raise OptionError(f"sim_pruning: --seeds must be >= 1 and --first-seed >= 0, got {args.seeds} and {args.first_seed}.")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -263,7 +267,7 @@ def run(args: Any, log=print) -> dict:
             if model == "cnn" and name == "synthetic":
                 continue
             runs = []
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 runs.append(run_one(args, name, model, seed, log))
                 results["runs"][f"{name}/{model}"] = runs
                 atomic_write_bytes(out / "sim_pruning.json", json.dumps(results, indent=1).encode())
