@@ -180,3 +180,44 @@ def test_suite_hands_device_and_rounds_to_the_section(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         suite.run_suite(suite.SuiteConfig(section="mdeq", repeats=5, mdeq=bench.MDEQBenchConfig(batch=16)))
     assert seen["cfg"] == bench.MDEQBenchConfig(batch=16, repeats=5)
+
+
+def test_checkpoint_replaces_the_warm_up_and_is_measured_on_test_images(tmp_path):
+    """``--mdeq-checkpoint``: the weights measured are the checkpoint's (no warm-up training), the
+    batch is the first test batch, the table says so; a wrong file is refused with a clear error."""
+    torch.manual_seed(5)
+    trained = build_classifier("mdeq", (1, 28, 28), 10, 0, Anderson(), Exact(), 0)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # weights the seeded build cannot produce
+    path = tmp_path / "last.pt"
+    torch.save({"model": trained.state_dict(), "epoch": 6, "global_step": 5064}, path)
+    cfg = bench.MDEQBenchConfig.quick(checkpoint=str(path))
+    x, y, source = mdeq_section.mdeq_data(cfg)
+    model, record = mdeq_section.trained_mdeq(cfg, x, y, log=lambda s: None)
+    for (name, a), b in zip(model.state_dict().items(), trained.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert record["steps"] == 0 and record["epoch"] == 6 and record["global_step"] == 5064
+    assert x.shape[0] == cfg.batch
+    if source == "fashion-mnist":
+        import deqkit.data
+
+        test_x, _ = deqkit.data.load_dataset("fashion-mnist", seed=cfg.seed, flatten=False).test[: cfg.batch]
+        assert torch.equal(x, test_x)
+    res = {"cfg": cfg, "source": source, "warmup": record, "step": [], "memory": [], "torchdeq": None, "reference_warnings": []}
+    head = bench.format_mdeq_tables(res)
+    assert f"the model of `{path}` (`deqkit train`: epoch 6, step 5064)" in head and "first test batch" in head
+    # a checkpoint of another architecture, and a file that is not a checkpoint
+    other = build_classifier("mdeq", (1, 28, 28), 10, 0, Anderson(), Exact(), 0, channels=(8, 16))
+    torch.save({"model": other.state_dict()}, tmp_path / "other.pt")
+    with pytest.raises(OptionError, match="does not hold this benchmark's MDEQ"):
+        mdeq_section.trained_mdeq(bench.MDEQBenchConfig.quick(checkpoint=str(tmp_path / "other.pt")), x, y)
+    torch.save({"weights": 1}, tmp_path / "junk.pt")
+    with pytest.raises(OptionError, match="not a deqkit training checkpoint"):
+        mdeq_section.trained_mdeq(bench.MDEQBenchConfig.quick(checkpoint=str(tmp_path / "junk.pt")), x, y)
+    # the CLI flag reaches the config and the reproduction command
+    from deqkit.cli.bench import config
+
+    args = build_parser().parse_args(["bench", "--section", "mdeq", "--mdeq-checkpoint", str(path)])
+    assert config(args).mdeq.checkpoint == str(path)
+    assert config(args).command() == f"deqkit bench --section mdeq --mdeq-checkpoint {path}"

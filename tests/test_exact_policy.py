@@ -201,3 +201,47 @@ def test_backward_amplification_is_the_largest_w_over_v():
     z, info = dk.DEQ(cell, solver, dk.JacobianFree())(x, z0)
     (z * c).sum().backward()
     assert info.backward is None or info.backward.amplification is None
+
+
+class _ScaledLinearCell(nn.Module):
+    """``f(z, u) = s · zA + u`` with a per-sample contraction ``s``: the VJP is ``w ↦ s·wAᵀ``."""
+
+    def __init__(self, A: torch.Tensor, s: torch.Tensor) -> None:
+        super().__init__()
+        self.A = nn.Parameter(A)
+        self.s = s
+
+    def forward(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return self.s[:, None] * (z @ self.A) + u
+
+
+@pytest.mark.parametrize("linear_solver", [None, GMRES(tol=1e-12, max_iter=100, restart=20)])
+def test_exact_gives_unconverged_samples_the_jacobian_free_direction(linear_solver):
+    """Samples whose forward missed its tolerance get ``w = v`` and are counted; the others keep
+    the float64 closed form ``v (I − s Aᵀ)⁻¹``; ``unconverged="exact"`` solves every sample."""
+    d, B = 8, 6
+    A = randn(d, d, seed=7)
+    A = A / torch.linalg.matrix_norm(A, ord=2)
+    s = torch.tensor([0.05, 0.95, 0.05, 0.97, 0.05, 0.05], dtype=F64)  # samples 1 and 3 contract slowly
+    cell = _ScaledLinearCell(A, s)
+    solver = dk.FixedPoint(tol=1e-12, max_iter=12, stop_mode="abs")  # 0.05¹² ≪ 1e-12 ≪ 0.95¹²
+    c = randn(B, d, seed=8)
+    exact = closed_form(s[:, None, None] * A.T.expand(B, d, d), c)
+    for unconverged in ("jacobian-free", "exact"):
+        kw = {} if linear_solver is None else {"linear_solver": linear_solver}
+        grad = dk.Exact(tol=1e-12, match_forward=False, on_failure="ignore", unconverged=unconverged, **kw)
+        u = randn(B, d, seed=9).requires_grad_()
+        z, info = dk.DEQ(cell, solver, grad, on_failure="ignore")(u, torch.zeros(B, d, dtype=F64))
+        (z * c).sum().backward()  # v = c; ∂f/∂u = I, so u.grad = w
+        missed = ~info.forward.converged
+        assert missed.tolist() == [False, True, False, True, False, False]
+        if unconverged == "jacobian-free":
+            torch.testing.assert_close(u.grad[missed], c[missed], rtol=0, atol=0)
+            torch.testing.assert_close(u.grad[~missed], exact[~missed], rtol=1e-9, atol=1e-12)
+            assert info.backward.n_fallback == 2
+            assert int(info.backward.solve.nstep[missed].max()) <= 1  # no adjoint iterations spent on them
+        else:
+            torch.testing.assert_close(u.grad, exact, rtol=1e-9, atol=1e-12)
+            assert info.backward.n_fallback == 0
+    with pytest.raises(dk.OptionError, match="unconverged"):
+        dk.Exact(unconverged="skip")

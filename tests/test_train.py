@@ -10,6 +10,7 @@ import torch
 from conftest import NaNGradient
 
 from deqkit import Anderson, ConvergenceWarning, Exact, NonFiniteError, Unrolled
+from deqkit.cli.train import epoch_line
 from deqkit.data import load_dataset
 from deqkit.models import DEQClassifier
 from deqkit.train import CHECKPOINT_NAME, Callback, TrainConfig, Trainer
@@ -236,7 +237,8 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tiny, tmp_path, monkeypa
 
 def test_nonconvergence_is_counted_not_warned(tiny, tmp_path):
     torch.manual_seed(0)
-    model = DEQClassifier.mlp(64, 32, 10, solver=Anderson(tol=1e-10, max_iter=3), grad=Exact(max_iter=2, tol=1e-10))
+    grad = Exact(max_iter=2, tol=1e-10, unconverged="exact")  # solve the adjoint even where the forward failed
+    model = DEQClassifier.mlp(64, 32, 10, solver=Anderson(tol=1e-10, max_iter=3), grad=grad)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         trainer = Trainer(model, tiny.train, tiny.val, _cfg(tmp_path, epochs=1, checkpoint_dir=None))
@@ -247,9 +249,21 @@ def test_nonconvergence_is_counted_not_warned(tiny, tmp_path):
     assert rec["val_fwd_unconverged"] == len(tiny.val) == ev["fwd_unconverged"]
     assert rec["fwd_steps"] == 3.0
     assert rec["bwd_amplification"] is not None and rec["bwd_amplification"] > 1.0  # Exact on a contractive cell
+    assert rec["bwd_fallback"] == 0
     # the model's own policies are restored after training
     policy = getattr(model.deq, "on_failure", None) or model.deq.on_nonconvergence  # the DEQ's name before/after the rename
     assert policy == "warn" and model.deq.grad.on_failure == "warn"
+
+
+def test_exact_falls_back_to_jacobian_free_where_the_forward_failed_and_counts_it(tiny, tmp_path):
+    """The default Exact gives ``w = v`` to samples whose forward missed its tolerance: every one
+    here, so no adjoint iteration is spent, none is unconverged, and the epoch counts them."""
+    torch.manual_seed(0)
+    model = DEQClassifier.mlp(64, 32, 10, solver=Anderson(tol=1e-10, max_iter=3), grad=Exact(max_iter=2, tol=1e-10))
+    (rec,) = Trainer(model, tiny.train, tiny.val, _cfg(tmp_path, epochs=1, checkpoint_dir=None)).fit()
+    assert rec["fwd_unconverged"] == 200 and rec["bwd_fallback"] == 200
+    assert rec["bwd_unconverged"] == 0 and rec["bwd_amplification"] == pytest.approx(1.0)  # w = v
+    assert "bwd fallback 200" in epoch_line(rec, 1)
 
 
 def test_max_steps_and_eval_every(tiny, tmp_path):

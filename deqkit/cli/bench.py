@@ -66,6 +66,12 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument(
         "--mdeq-seed", type=nonneg_int, default=0, help="seed of the model, the warm-up and the images (another snapshot)"
     )
+    g.add_argument(
+        "--mdeq-checkpoint",
+        default=None,
+        metavar="PATH",
+        help="measure the model of this `deqkit train --model mdeq` checkpoint (last.pt) on test images, instead of the warm-up",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -143,7 +149,13 @@ def config(args: argparse.Namespace) -> Any:
         **pick(args, "section", "quick", "repeats", "seeds", "threads", "write"),
         sim_speed=sim,
         sim_pruning=_sim_pruning_config(args),
-        mdeq=MDEQBenchConfig(batch=args.mdeq_batch, warmup_steps=args.mdeq_warmup_steps, caps=caps, seed=args.mdeq_seed),
+        mdeq=MDEQBenchConfig(
+            batch=args.mdeq_batch,
+            warmup_steps=args.mdeq_warmup_steps,
+            caps=caps,
+            seed=args.mdeq_seed,
+            checkpoint=args.mdeq_checkpoint,
+        ),
         device=device,
     )
 

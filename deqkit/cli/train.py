@@ -255,6 +255,8 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
     )
     if record.get("bwd_amplification") is not None:  # the backward's largest ‖w‖/‖v‖ (adjoint estimators)
         line += f"  bwd amplification max {record['bwd_amplification']:.3g}"
+    if record.get("bwd_fallback"):  # samples whose w fell back to v (Exact: unconverged forward; SHINE's fallback)
+        line += f"  bwd fallback {record['bwd_fallback']}"
     if record.get("adaptive_checks") is not None:  # an Adaptive estimator: its checks and switches
         line += (
             f"  adaptive: {record['adaptive_checks']} checks, cosine {fmt(record['adaptive_cosine'], '.3f')}, "

@@ -72,7 +72,8 @@ class BackwardStats:
         solve: the adjoint solve's result, for :class:`~deqkit.Exact` (steps, residuals, converged).
         refine: SHINE's fixed-budget refinement steps (a budget, not a tolerance: its
             ``converged`` flags are not a failure).
-        n_fallback: samples that fell back to the Jacobian-free direction (SHINE).
+        n_fallback: samples whose ``w`` fell back to the Jacobian-free direction ``v``: SHINE's
+            fallback, and :class:`~deqkit.Exact`'s samples whose forward missed its tolerance.
         overflow: the backward met NaN/Inf inside :func:`loss_scaled_backward` and returned a
             non-finite ``w`` for the loss scaler to detect (the optimiser step is then skipped).
         amplification: the largest ``‖w‖ / ‖v‖`` over the batch: how much the backward scaled up

@@ -36,6 +36,18 @@ class Exact(AdjointEstimator):
     steps and residual are in ``info.backward.solve`` (``solver``, ``nstep``, ``residual``,
     ``extra["policy"]``).
 
+    **Samples whose forward solve missed its tolerance** (``unconverged="jacobian-free"``, the
+    default): the implicit function theorem needs a fixed point, and at an iterate that is not
+    one the adjoint solves for the gradient of nothing in particular. Near a cell that stops
+    contracting (where forward solves start to fail) ``I − J`` is nearly singular, so that
+    "exact" adjoint is also hugely amplified (``‖w‖/‖v‖`` in the thousands) and one such sample
+    can wreck a training step. These samples get the Jacobian-free direction ``w = v`` (Fung et
+    al., "JFB: Jacobian-Free Backpropagation for Implicit Networks", AAAI 2022), as SHINE's
+    fallback does; they are left out of the adjoint solve (their rows are zero there, so they
+    cost no iterations and do not loosen the matched tolerance) and counted in
+    ``info.backward.n_fallback`` (and the training metric ``bwd_fallback``). ``unconverged="exact"``
+    solves every sample's adjoint whatever its forward reached (used by the reference gradients).
+
     **Tolerance that follows the forward solve** (``match_forward=True``, the default): the
     right-hand side ``v`` and ``J`` are those of the iterate the forward returned, which is only
     as accurate as its residual; solving the adjoint far below that accuracy buys nothing. The
@@ -57,10 +69,14 @@ class Exact(AdjointEstimator):
             fixed-point-type solvers and AutoAdjoint) or ``"jfb"`` (start at ``w = v`` whatever the solver).
         match_forward: let the adjoint tolerance follow the forward solve's accuracy (above).
         forward_factor: the factor ``c`` of that rule.
+        unconverged: ``"jacobian-free"`` (default) or ``"exact"``: the adjoint of samples whose
+            forward solve missed its tolerance (above).
     """
 
     name = "exact"
     warm_starts: ClassVar[tuple[str, ...]] = ("default", "jfb")
+    #: what the adjoint of a sample whose forward solve missed its tolerance is
+    UNCONVERGED: ClassVar[tuple[str, ...]] = ("jacobian-free", "exact")
 
     def __init__(
         self,
@@ -72,6 +88,7 @@ class Exact(AdjointEstimator):
         warm_start: str = "default",
         match_forward: bool = True,
         forward_factor: float = 1.0,
+        unconverged: str = "jacobian-free",
     ) -> None:
         owner = type(self).__name__
         if linear_solver is None:
@@ -86,17 +103,21 @@ class Exact(AdjointEstimator):
         self.warm_start = warm_start
         self.match_forward = check_bool(owner, "match_forward", match_forward)
         self.forward_factor = check_positive(owner, "forward_factor", forward_factor)
+        check_choice(owner, "unconverged", unconverged, self.UNCONVERGED)
+        self.unconverged = unconverged
 
     #: ``match_forward`` never loosens the adjoint tolerance beyond this
     MATCHED_TOL_CAP: ClassVar[float] = 1e-2
 
-    def adjoint_tol(self, result: SolverResult) -> Optional[float]:
+    def adjoint_tol(self, result: SolverResult, solved: Optional[Tensor] = None) -> Optional[float]:
         """This call's adjoint tolerance (``None``: the linear solver's own): ``tol``, loosened to the
-        forward's accuracy when ``match_forward`` (see the class docstring)."""
+        forward's accuracy on the ``solved`` samples (default all) when ``match_forward`` (see the
+        class docstring)."""
         requested = self.tol if self.tol is not None else self.adjoint.tol
         if not self.match_forward or self.adjoint.stop_mode != "rel":
             return self.tol
-        reached = float(result.rel_residual.max()) if result.rel_residual.numel() else 0.0
+        rel = result.rel_residual if solved is None else result.rel_residual[solved]
+        reached = float(rel.max()) if rel.numel() else 0.0
         if math.isnan(reached):  # leave it to the solve to report
             return self.tol
         matched = min(self.forward_factor * reached, self.MATCHED_TOL_CAP)
@@ -122,13 +143,25 @@ class Exact(AdjointEstimator):
     ) -> Tensor:
         """Solve the adjoint to this call's tolerance (:meth:`adjoint_tol`) from ``w0``, with the
         linear solver's optional ``preconditioner`` / ``inverse`` estimate; record the solve and
-        apply the failure policy."""
+        apply the failure policy. With ``unconverged="jacobian-free"`` the samples whose forward
+        missed its tolerance are solved with ``v = 0`` and get ``w = v`` (class docstring)."""
         requested = self.tol if self.tol is not None else self.adjoint.tol
+        fallback, v_in = None, v
+        if self.unconverged == "jacobian-free":
+            missed = ~result.converged.reshape(-1).to(v.device)
+            if bool(missed.any()):  # one host read per backward
+                fallback = missed[:, None]
+                v, w0 = v.masked_fill(fallback, 0.0), None if w0 is None else w0.masked_fill(fallback, 0.0)
+        tol = self.adjoint_tol(result, None if fallback is None else ~fallback[:, 0])
         sol = self.adjoint.solve_adjoint(
-            vjp, v, w0=w0, tol=self.adjoint_tol(result), max_iter=self.max_iter, preconditioner=preconditioner, inverse=inverse
+            vjp, v, w0=w0, tol=tol, max_iter=self.max_iter, preconditioner=preconditioner, inverse=inverse
         )
         sol.extra.setdefault("tol_requested", requested)
-        return self.finish(sol, stats)
+        w = self.finish(sol, stats)
+        if fallback is None:
+            return w
+        stats.n_fallback = int(fallback.sum())
+        return torch.where(fallback, v_in, w)
 
     def finish(self, sol: SolverResult, stats: BackwardStats) -> Tensor:
         """Record the adjoint solve and apply the ``on_failure`` policy; return ``w``."""

@@ -152,9 +152,10 @@ class WarmExact(Exact):
     initial residual, so it rarely pays. Ramzi et al. (ICLR 2022, arXiv 2106.00553) use ``H`` as
     a warm start; the preconditioned form is ours.
 
-    ``tol``, ``max_iter``, ``on_failure``, ``match_forward`` and ``forward_factor`` are
-    :class:`~deqkit.Exact`'s: by default the adjoint tolerance follows the accuracy the forward
-    solve reached.
+    ``tol``, ``max_iter``, ``on_failure``, ``match_forward``, ``forward_factor`` and
+    ``unconverged`` are :class:`~deqkit.Exact`'s: by default the adjoint tolerance follows the
+    accuracy the forward solve reached, and samples whose forward missed its tolerance get
+    ``w = v``.
     """
 
     needs_inverse = True
@@ -171,6 +172,7 @@ class WarmExact(Exact):
         warm_start: Optional[str] = None,
         match_forward: bool = True,
         forward_factor: float = 1.0,
+        unconverged: str = "jacobian-free",
     ) -> None:
         owner = type(self).__name__
         if linear_solver is None:
@@ -199,6 +201,7 @@ class WarmExact(Exact):
             warm_start=warm_start,
             match_forward=match_forward,
             forward_factor=forward_factor,
+            unconverged=unconverged,
         )
 
     def compute_w(self, v: Tensor, vjp: Vjp, result: SolverResult, stats: BackwardStats) -> Tensor:

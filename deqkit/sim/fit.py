@@ -541,6 +541,10 @@ def _build_model(states: States, betas: dict[str, Tensor], kappa: float, method:
     return model
 
 
+#: one λ's solution: each block's solve result and coefficients
+Solution = tuple[dict[str, BlockResult], dict[str, Tensor]]
+
+
 def _density_search(
     method: str,
     mode: str,
@@ -566,7 +570,6 @@ def _density_search(
     on the lasso's density, then refits at the λ chosen; only if that misses the target does it
     search again, from that λ down, on the refitted density (a lasso and a refit per solve).
     """
-    Solution = tuple[dict[str, BlockResult], dict[str, Tensor]]
     kept: dict[float, Solution] = {}  # λ: the lasso solution (its betas warm-start the next solves)
     refitted: dict[float, Solution] = {}  # λ: the refit of that lasso solution
     first = {name: b.beta0 for name, b in blocks.items()}

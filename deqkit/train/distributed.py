@@ -104,6 +104,7 @@ SUMMED_OVER_RANKS = (
     "fwd_unconverged",
     "bwd_unconverged",
     "bwd_samples",
+    "bwd_fallback",
 )
 
 

@@ -410,7 +410,9 @@ class Trainer:
             ``train_loss``, ``train_acc``, ``val_loss``, ``val_acc`` (``None`` when not evaluated),
             ``fwd_steps`` (mean forward solver steps per sample), ``fwd_converged`` (fraction of
             forward solves that converged), ``fwd_unconverged`` (count), ``bwd_unconverged``
-            (adjoint solves of ``Exact`` that missed their tolerance), ``bwd_vjps`` (per step),
+            (adjoint solves of ``Exact`` that missed their tolerance), ``bwd_fallback`` (samples
+            whose ``w`` fell back to the Jacobian-free ``v``: SHINE's fallback, ``Exact`` where the
+            forward missed its tolerance), ``bwd_vjps`` (per step),
             ``bwd_amplification`` (the epoch's largest ``‖w‖ / ‖v‖``, see
             :class:`~deqkit.estimators.BackwardStats`; ``None`` without an adjoint hook),
             ``fwd_ms`` / ``bwd_ms`` (wall-clock per step of forward+loss and of

@@ -33,6 +33,7 @@ _SUMMED = (
     "fwd_unconverged",
     "bwd_unconverged",
     "bwd_samples",
+    "bwd_fallback",
     "bwd_vjps",
     "fwd_ms",
     "bwd_ms",
@@ -150,6 +151,7 @@ def step_stats(infos: list[DEQInfo]) -> dict[str, Any]:
         **solve_stats(infos),
         "bwd_unconverged": 0,
         "bwd_samples": 0,
+        "bwd_fallback": 0,
         "bwd_vjps": 0,
         "adjoint_ms": 0.0,
         "adjoint_timed": 0,
@@ -178,6 +180,7 @@ def step_stats(infos: list[DEQInfo]) -> dict[str, Any]:
             stats["adjoint_ms"] += 1e3 * bwd.time_s
             stats["adjoint_timed"] += 1
         stats["bwd_vjps"] += bwd.vjps
+        stats["bwd_fallback"] += bwd.n_fallback
         if bwd.solve is not None:
             stats["bwd_samples"] += bwd.solve.converged.numel()
             stats["bwd_unconverged"] += int((~bwd.solve.converged).sum())
@@ -237,6 +240,7 @@ class Metrics:
             "fwd_converged": fwd_conv,
             "fwd_unconverged": int(a["fwd_unconverged"]),
             "bwd_unconverged": int(a["bwd_unconverged"]),
+            "bwd_fallback": int(a["bwd_fallback"]),
             "bwd_vjps": _mean(a["bwd_vjps"], steps),
             "bwd_amplification": a["bwd_amplification"] or None,
             "fwd_ms": _mean(a["fwd_ms"], steps),

@@ -111,6 +111,18 @@ and a division; the float64 least squares is extended by a block QR only at the 
 checks, which are also its only host synchronisations. On a CPU at
 these sizes each of those small tensor operations costs about as much as launching it, so the
 ratio is bounded below by the operation count, not the arithmetic.
+
+Tried and not kept (2026-11-30): delayed reorthogonalisation (DCGS2; Świrydowicz, Langou,
+Ananthan, Yang & Thomas, "Low synchronization Gram–Schmidt and GMRES algorithms", Numer. Linear
+Algebra Appl. 2021), which folds the reorthogonalisation of basis vector j into step j+1 and so
+reads the basis twice per step instead of four times, each time against two vectors. On this
+CPU torch's batched product against two vectors costs about twice the product against one
+(0.49 against 0.24 ms at batch 64, 15 basis vectors, width 2048), so nothing was saved: over
+20 Arnoldi steps at batch 64 (a one-off timing, `/tmp` prototype, two other jobs running) the
+orthogonalisation took 0.28 against 0.15 ms per step at width 64, 0.32 against 0.28 at width
+256 and 3.0 against 2.1 at width 2048, slower everywhere, at the same orthogonality (1e-16 in
+float64 on the ill-conditioned test problem). On a GPU, where the cost is launches and
+synchronisations, it may still pay; not measured (no GPU here).
 """
 
 

@@ -93,6 +93,9 @@ class MDEQBenchConfig:
     torchdeq: bool = True
     #: forward and backward iteration caps of the torchdeq comparison (both libraries)
     torchdeq_max_iter: int = 40
+    #: a ``deqkit train --model mdeq`` checkpoint (``last.pt``) to measure instead of the warm-up
+    #: model (the default channels); it is measured on the first ``batch`` test images
+    checkpoint: Optional[str] = None
     name: str = "mdeq"
 
     def __post_init__(self) -> None:
@@ -106,6 +109,8 @@ class MDEQBenchConfig:
         increasing = list(caps) == sorted(set(caps))
         if not caps or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in caps) or not increasing:
             raise OptionError(f"{owner}: caps must be increasing positive integers, got {self.caps!r}.")
+        if self.checkpoint is not None and (not isinstance(self.checkpoint, str) or not self.checkpoint):
+            raise OptionError(f"{owner}: checkpoint must be a file path, got {self.checkpoint!r}.")
 
     @classmethod
     def quick(cls, **changes: Any) -> MDEQBenchConfig:
@@ -133,19 +138,21 @@ class MDEQBenchConfig:
 
 def mdeq_data(cfg: MDEQBenchConfig, device: DeviceLike = "cpu") -> tuple[Tensor, Tensor, str]:
     """``warmup_steps + 1`` batches of Fashion-MNIST training images ``(N, 1, 28, 28)`` and labels
-    (the last batch is the measured one); seeded random images, source ``"synthetic"``, when the
-    data set is not found (``deqkit.data.load_dataset`` says where it looked)."""
-    n = (cfg.warmup_steps + 1) * cfg.batch
+    (the last batch is the measured one), or with ``cfg.checkpoint`` one batch of test images;
+    seeded random images, source ``"synthetic"``, when the data set is not found
+    (``deqkit.data.load_dataset`` says where it looked)."""
+    n = cfg.batch if cfg.checkpoint else (cfg.warmup_steps + 1) * cfg.batch
     try:
         from ...data import load_dataset
 
         splits = load_dataset("fashion-mnist", seed=cfg.seed, flatten=False)
-        if len(splits.train) < n:
+        part = splits.test if cfg.checkpoint else splits.train
+        if len(part) < n:
             raise OptionError(
-                f"MDEQ benchmark: (warmup_steps + 1) × batch = {n} images, but fashion-mnist has {len(splits.train)} "
-                "training images; use fewer warm-up steps or a smaller batch."
+                f"MDEQ benchmark: {n} images wanted, but fashion-mnist has {len(part)} "
+                f"{'test' if cfg.checkpoint else 'training'} images; use fewer warm-up steps or a smaller batch."
             )
-        x, y = splits.train[:n]
+        x, y = part[:n]
         return x.to(device).clone(), y.to(device).clone(), "fashion-mnist"
     except (FileNotFoundError, ImportError) as exc:
         warnings.warn(f"MDEQ benchmark: Fashion-MNIST not available ({exc}); using seeded random images.", stacklevel=2)
@@ -158,8 +165,12 @@ def trained_mdeq(
     cfg: MDEQBenchConfig, x: Tensor, y: Tensor, *, log: Callable[[str], None] = print
 ) -> tuple[DEQClassifier, dict[str, Any]]:
     """The seeded MDEQ after ``cfg.warmup_steps`` Adam steps (``Exact()``, train-mode) on the
-    first ``warmup_steps`` batches of ``(x, y)``; returns it and the warm-up's loss record."""
+    first ``warmup_steps`` batches of ``(x, y)``; returns it and the warm-up's loss record. With
+    ``cfg.checkpoint``: the model of that ``deqkit train`` checkpoint instead (no training; the
+    record names the checkpoint, its epoch and step)."""
     model = build_classifier("mdeq", INPUT_SHAPE, NUM_CLASSES, 0, cfg.solver(), Exact(), cfg.seed).to(x.device)
+    if cfg.checkpoint:
+        return model, _load_checkpoint(model, cfg.checkpoint)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     losses, t0 = [], time.perf_counter()
@@ -174,6 +185,29 @@ def trained_mdeq(
             log(f"  warm-up step {k + 1}/{cfg.warmup_steps}: loss {losses[-1]:.3f}")
     opt.zero_grad(set_to_none=True)
     return model, {"steps": cfg.warmup_steps, "losses": losses, "time_s": time.perf_counter() - t0}
+
+
+def _load_checkpoint(model: DEQClassifier, path: str) -> dict[str, Any]:
+    """Load the weights of the ``deqkit train`` checkpoint ``path`` into ``model``; its record."""
+    from ..._io import load_torch_file
+
+    advice = "pass the last.pt that `deqkit train --model mdeq` wrote (default channels)"
+    ckpt = load_torch_file(path, what="deqkit training checkpoint", advice=advice)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise OptionError(f"MDEQ benchmark: {path} is not a deqkit training checkpoint (no model weights); {advice}.")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise OptionError(f"MDEQ benchmark: {path} does not hold this benchmark's MDEQ ({first}); {advice}.") from exc
+    return {
+        "steps": 0,
+        "losses": [],
+        "time_s": 0.0,
+        "checkpoint": path,
+        "epoch": ckpt.get("epoch"),
+        "global_step": ckpt.get("global_step"),
+    }
 
 
 def _with(model: DEQClassifier, grad: GradientEstimator, solver: Solver) -> DEQClassifier:
@@ -213,7 +247,10 @@ def bench_mdeq(
     if BASELINE not in estimators:
         estimators = (BASELINE, *estimators)
     x_all, y_all, source = mdeq_data(cfg, device)
-    log(f"MDEQ: {source}, {cfg.warmup_steps} warm-up steps (Adam lr {cfg.lr:g}, Exact(), batch {cfg.batch})")
+    if cfg.checkpoint:
+        log(f"MDEQ: {source}, the model of {cfg.checkpoint}, batch {cfg.batch} of test images")
+    else:
+        log(f"MDEQ: {source}, {cfg.warmup_steps} warm-up steps (Adam lr {cfg.lr:g}, Exact(), batch {cfg.batch})")
     model, warm = trained_mdeq(cfg, x_all, y_all, log=log)
     x, y = x_all[-cfg.batch :], y_all[-cfg.batch :]
     ref, ref_warnings = _reference(model, x, y, cfg)
@@ -265,14 +302,20 @@ def format_mdeq_tables(res: dict[str, Any]) -> str:
     """The section's tables (markdown), each with a line saying what it shows."""
     cfg: MDEQBenchConfig = res["cfg"]
     data = "Fashion-MNIST" if res["source"] == "fashion-mnist" else "**synthetic** random images (Fashion-MNIST not found)"
-    losses = res["warmup"]["losses"]
-    trained = (
-        f"trained first for {res['warmup']['steps']} Adam steps (lr {cfg.lr:g}, `Exact()`, batch {cfg.batch}; loss "
-        f"{losses[0]:.2f} → {losses[-1]:.2f})"
-        if losses
-        else "untrained (0 warm-up steps)"
-    )
-    parts = [f"{cfg.name}: {cfg.describe()} of {data}, {trained}, measured on the next batch.", ""]
+    warm = res["warmup"]
+    losses = warm["losses"]
+    if warm.get("checkpoint"):
+        trained = f"the model of `{warm['checkpoint']}` (`deqkit train`: epoch {warm['epoch']}, step {warm['global_step']})"
+        measured = "measured on the first test batch"
+    else:
+        trained = (
+            f"trained first for {warm['steps']} Adam steps (lr {cfg.lr:g}, `Exact()`, batch {cfg.batch}; loss "
+            f"{losses[0]:.2f} → {losses[-1]:.2f})"
+            if losses
+            else "untrained (0 warm-up steps)"
+        )
+        measured = "measured on the next batch"
+    parts = [f"{cfg.name}: {cfg.describe()} of {data}, {trained}, {measured}.", ""]
     head = [
         "estimator",
         "fwd ms",

@@ -53,7 +53,8 @@ class SuiteConfig:
     write: Optional[str] = None
     sim_speed: SimSpeedConfig = field(default_factory=SimSpeedConfig)
     sim_pruning: SimPruningConfig = field(default_factory=SimPruningConfig)
-    #: the ``mdeq`` section's problem (``quick`` replaces it by :meth:`MDEQBenchConfig.quick`; ``repeats`` by :attr:`rounds`)
+    #: the ``mdeq`` section's problem (``quick`` replaces it by :meth:`MDEQBenchConfig.quick`, keeping its ``seed``
+    #: and ``checkpoint``; ``repeats`` by :attr:`rounds`)
     mdeq: MDEQBenchConfig = field(default_factory=MDEQBenchConfig)
     #: where every section's models and batches live (``"cpu"``, ``"cuda"``, ``"cuda:N"``)
     device: str = "cpu"
@@ -79,6 +80,7 @@ class SuiteConfig:
             c += f" --mdeq-warmup-steps {m.warmup_steps}" if m.warmup_steps != d.warmup_steps else ""
             c += " --mdeq-caps " + ",".join(map(str, m.caps)) if m.caps != d.caps else ""
             c += f" --mdeq-seed {m.seed}" if m.seed != d.seed else ""
+            c += f" --mdeq-checkpoint {m.checkpoint}" if m.checkpoint else ""
         c += f" --write {self.write}" if self.write else ""
         return c
 
@@ -146,7 +148,7 @@ def _run_accuracy(cfg: SuiteConfig) -> list:
 
 def _run_mdeq(cfg: SuiteConfig) -> dict:
     print("\n== multiscale DEQ (MDEQ): estimators, memory, torchdeq ==")
-    mcfg = MDEQBenchConfig.quick() if cfg.quick else cfg.mdeq
+    mcfg = MDEQBenchConfig.quick(seed=cfg.mdeq.seed, checkpoint=cfg.mdeq.checkpoint) if cfg.quick else cfg.mdeq
     res = bench_mdeq(replace(mcfg, repeats=cfg.rounds), device=cfg.device)
     _print_targets(mdeq_targets(res))
     return res

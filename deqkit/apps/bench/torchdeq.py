@@ -174,13 +174,18 @@ def _step_layers(
     def default_theirs() -> nn.Module:  # its backward defaults: fixed point, abs 1e-6, cap 40
         return get_deq(**forward, ift=True, b_solver="counted_fixed_point_iter")
 
+    # the same-backward pairs are like for like: torchdeq solves every sample's adjoint, so deqkit's
+    # Jacobian-free fallback for samples whose forward missed its tolerance is off there
     pairs = {
         DEFAULT_PAIR: (ours(Exact(on_failure="ignore")), default_theirs()),
         "Exact, fixed-point backward": (
-            ours(Exact(fixed_point, on_failure="ignore")),
+            ours(Exact(fixed_point, on_failure="ignore", unconverged="exact")),
             theirs(ift=True, b_solver="counted_fixed_point_iter"),
         ),
-        "Exact, Anderson backward": (ours(Exact(anderson, on_failure="ignore")), theirs(ift=True, b_solver="counted_anderson")),
+        "Exact, Anderson backward": (
+            ours(Exact(anderson, on_failure="ignore", unconverged="exact")),
+            theirs(ift=True, b_solver="counted_anderson"),
+        ),
         "Unrolled(5, 0.5) / phantom grad=5, tau=0.5": (ours(Unrolled(5, 0.5)), theirs(grad=5, tau=0.5)),
     }
     if matched_f_tol is not None:
@@ -243,7 +248,7 @@ def reference_gradient(model: DEQClassifier, x: Tensor, y: Tensor, *, tol: float
     deq = DEQ(
         m64.cell,
         Anderson(memory=6, tol=tol, max_iter=max_iter, stop_mode="rel"),
-        Exact(GMRES(tol=1e-10, max_iter=1000), match_forward=False, on_failure="warn"),
+        Exact(GMRES(tol=1e-10, max_iter=1000), match_forward=False, on_failure="warn", unconverged="exact"),
         on_failure="warn",
         state_shape=m64.deq.state_shape,
     )
