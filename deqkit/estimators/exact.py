@@ -37,16 +37,20 @@ class Exact(AdjointEstimator):
     ``extra["policy"]``).
 
     **Samples whose forward solve missed its tolerance** (``unconverged="jacobian-free"``, the
-    default): the implicit function theorem needs a fixed point, and at an iterate that is not
-    one the adjoint solves for the gradient of nothing in particular. Near a cell that stops
-    contracting (where forward solves start to fail) ``I − J`` is nearly singular, so that
-    "exact" adjoint is also hugely amplified (``‖w‖/‖v‖`` in the thousands) and one such sample
-    can wreck a training step. These samples get the Jacobian-free direction ``w = v`` (Fung et
+    default): the implicit function theorem needs a fixed point. At an iterate with relative
+    residual ``r = ‖f(z) − z‖ / ‖f(z)‖`` the distance to the fixed point is about
+    ``‖(I − J)⁻¹‖·r``, and the adjoint's own amplification ``κ = ‖w‖/‖v‖`` is a lower estimate of
+    that norm, so ``κ·r`` estimates how far (relatively) the sample's ``z`` is from its fixed
+    point. Near a cell that stops contracting, where forward solves start to fail, ``I − J`` is
+    nearly singular: ``κ`` reaches the thousands and one such sample's "exact" adjoint can wreck
+    a training step (BENCHMARKS.md, the held-out digits job). A sample that missed its tolerance
+    and has ``κ·r > fallback_error`` gets the Jacobian-free direction ``w = v`` instead (Fung et
     al., "JFB: Jacobian-Free Backpropagation for Implicit Networks", AAAI 2022), as SHINE's
-    fallback does; they are left out of the adjoint solve (their rows are zero there, so they
-    cost no iterations and do not loosen the matched tolerance) and counted in
-    ``info.backward.n_fallback`` (and the training metric ``bwd_fallback``). ``unconverged="exact"``
-    solves every sample's adjoint whatever its forward reached (used by the reference gradients).
+    fallback does; those samples are counted in ``info.backward.n_fallback`` (and the training
+    metric ``bwd_fallback``). A sample that missed its tolerance by a little, with a
+    well-conditioned adjoint, keeps its exact adjoint, which is then far closer to the true
+    gradient than ``v``. ``unconverged="exact"`` never falls back (used by the reference
+    gradients).
 
     **Tolerance that follows the forward solve** (``match_forward=True``, the default): the
     right-hand side ``v`` and ``J`` are those of the iterate the forward returned, which is only
@@ -71,6 +75,8 @@ class Exact(AdjointEstimator):
         forward_factor: the factor ``c`` of that rule.
         unconverged: ``"jacobian-free"`` (default) or ``"exact"``: the adjoint of samples whose
             forward solve missed its tolerance (above).
+        fallback_error: the estimated relative distance to the fixed point, ``κ·r``, above which
+            such a sample falls back (default 1e-2).
     """
 
     name = "exact"
@@ -89,6 +95,7 @@ class Exact(AdjointEstimator):
         match_forward: bool = True,
         forward_factor: float = 1.0,
         unconverged: str = "jacobian-free",
+        fallback_error: float = 1e-2,
     ) -> None:
         owner = type(self).__name__
         if linear_solver is None:
@@ -105,19 +112,18 @@ class Exact(AdjointEstimator):
         self.forward_factor = check_positive(owner, "forward_factor", forward_factor)
         check_choice(owner, "unconverged", unconverged, self.UNCONVERGED)
         self.unconverged = unconverged
+        self.fallback_error = check_positive(owner, "fallback_error", fallback_error)
 
     #: ``match_forward`` never loosens the adjoint tolerance beyond this
     MATCHED_TOL_CAP: ClassVar[float] = 1e-2
 
-    def adjoint_tol(self, result: SolverResult, solved: Optional[Tensor] = None) -> Optional[float]:
+    def adjoint_tol(self, result: SolverResult) -> Optional[float]:
         """This call's adjoint tolerance (``None``: the linear solver's own): ``tol``, loosened to the
-        forward's accuracy on the ``solved`` samples (default all) when ``match_forward`` (see the
-        class docstring)."""
+        forward's accuracy when ``match_forward`` (see the class docstring)."""
         requested = self.tol if self.tol is not None else self.adjoint.tol
         if not self.match_forward or self.adjoint.stop_mode != "rel":
             return self.tol
-        rel = result.rel_residual if solved is None else result.rel_residual[solved]
-        reached = float(rel.max()) if rel.numel() else 0.0
+        reached = float(result.rel_residual.max()) if result.rel_residual.numel() else 0.0
         if math.isnan(reached):  # leave it to the solve to report
             return self.tol
         matched = min(self.forward_factor * reached, self.MATCHED_TOL_CAP)
@@ -142,26 +148,25 @@ class Exact(AdjointEstimator):
         inverse: Optional[InverseEstimate] = None,
     ) -> Tensor:
         """Solve the adjoint to this call's tolerance (:meth:`adjoint_tol`) from ``w0``, with the
-        linear solver's optional ``preconditioner`` / ``inverse`` estimate; record the solve and
-        apply the failure policy. With ``unconverged="jacobian-free"`` the samples whose forward
-        missed its tolerance are solved with ``v = 0`` and get ``w = v`` (class docstring)."""
+        linear solver's optional ``preconditioner`` / ``inverse`` estimate; record the solve, apply
+        the failure policy and the Jacobian-free fallback (class docstring)."""
         requested = self.tol if self.tol is not None else self.adjoint.tol
-        fallback, v_in = None, v
-        if self.unconverged == "jacobian-free":
-            missed = ~result.converged.reshape(-1).to(v.device)
-            if bool(missed.any()):  # one host read per backward
-                fallback = missed[:, None]
-                v, w0 = v.masked_fill(fallback, 0.0), None if w0 is None else w0.masked_fill(fallback, 0.0)
-        tol = self.adjoint_tol(result, None if fallback is None else ~fallback[:, 0])
         sol = self.adjoint.solve_adjoint(
-            vjp, v, w0=w0, tol=tol, max_iter=self.max_iter, preconditioner=preconditioner, inverse=inverse
+            vjp, v, w0=w0, tol=self.adjoint_tol(result), max_iter=self.max_iter, preconditioner=preconditioner, inverse=inverse
         )
         sol.extra.setdefault("tol_requested", requested)
-        w = self.finish(sol, stats)
-        if fallback is None:
+        return self.fall_back(self.finish(sol, stats), v, result, stats)
+
+    def fall_back(self, w: Tensor, v: Tensor, result: SolverResult, stats: BackwardStats) -> Tensor:
+        """``w`` with ``v`` in the rows of samples whose forward missed its tolerance and whose
+        estimated distance to the fixed point ``κ·r`` exceeds ``fallback_error``; counts them."""
+        if self.unconverged == "exact":
             return w
-        stats.n_fallback = int(fallback.sum())
-        return torch.where(fallback, v_in, w)
+        missed = ~result.converged.reshape(-1).to(v.device)
+        kappa = w.norm(dim=1) / v.norm(dim=1).clamp_min(torch.finfo(v.dtype).tiny)
+        bad = missed & (kappa * result.rel_residual.reshape(-1).to(kappa) > self.fallback_error)
+        stats.n_fallback = n = int(bad.sum())  # one host read per backward
+        return torch.where(bad[:, None], v, w) if n else w
 
     def finish(self, sol: SolverResult, stats: BackwardStats) -> Tensor:
         """Record the adjoint solve and apply the ``on_failure`` policy; return ``w``."""
