@@ -605,8 +605,8 @@ def _density_search(
     if not debias:
         return search, *sol
     dens = report(search.lam, refit(search.lam, sol), " after the refit")
-    # the refit only removes entries, so a miss is always too sparse: search on, down from this λ
-    if abs(dens - target) > tol and search.nstep < max_evals:
+    # the refit only removes entries: when it made the model too sparse, search on, down from this λ
+    if dens < target - tol and search.nstep < max_evals:
         again = search_lam(
             lambda lam: report(lam, refit(lam, lasso(lam)), " after the refit"),
             target,
@@ -771,7 +771,7 @@ def fit_sim(
         results, betas = _lasso(
             method, mode, blocks, phi, float(lam), weights, zero_tol, factor, {name: b.beta0 for name, b in blocks.items()}
         )
-    if debias and search is None:  # the density search refits each λ it tries
+    if debias and search is None:  # the density search returns its solution refitted
         _refit(method, mode, blocks, phi, zero_tol, factor, results, betas)
     elapsed = time.perf_counter() - t0
     msg = _failure_message(float(lam), results, blocks)
