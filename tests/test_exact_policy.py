@@ -240,6 +240,10 @@ def test_exact_gives_unconverged_samples_far_from_their_fixed_point_the_jacobian
         estimate = kappa * info.forward.rel_residual
         assert bool((estimate[far] > 1e-2).all()) and float(estimate[4]) < 1e-2  # the problem tests both sides
         if unconverged == "jacobian-free":
+            with pytest.raises(dk.ConvergenceError, match="2 of 6 samples missed the forward tolerance"):
+                u2 = u.detach().clone().requires_grad_()
+                z2, _ = dk.DEQ(cell, solver, dk.Exact(on_failure="raise", **kw), on_failure="ignore")(u2, torch.zeros_like(u2))
+                (z2 * c).sum().backward()
             torch.testing.assert_close(u.grad[far], c[far], rtol=0, atol=0)
             torch.testing.assert_close(u.grad[~far], exact[~far], rtol=1e-9, atol=1e-12)
             assert info.backward.n_fallback == 2

@@ -164,9 +164,22 @@ class Exact(AdjointEstimator):
             return w
         missed = ~result.converged.reshape(-1).to(v.device)
         kappa = w.norm(dim=1) / v.norm(dim=1).clamp_min(torch.finfo(v.dtype).tiny)
-        bad = missed & (kappa * result.rel_residual.reshape(-1).to(kappa) > self.fallback_error)
+        estimate = kappa * result.rel_residual.reshape(-1).to(kappa)
+        bad = missed & (estimate > self.fallback_error)
         stats.n_fallback = n = int(bad.sum())  # one host read per backward
-        return torch.where(bad[:, None], v, w) if n else w
+        if not n:
+            return w
+        if self.on_failure != "ignore":
+            worst = float(estimate[bad].max())
+            msg = (
+                f"Exact backward: {n} of {len(bad)} samples missed the forward tolerance and are estimated to be up to "
+                f"{worst:.2g} (relative) from their fixed point (‖w‖/‖v‖ × forward residual > fallback_error="
+                f"{self.fallback_error:g}); they got the Jacobian-free direction w = v (info.backward.n_fallback). "
+                "Let the forward converge (more iterations, Jacobian regularisation), or pass unconverged='exact' "
+                "to keep their adjoints."
+            )
+            apply_failure_policy(self.on_failure, msg, stacklevel=2)
+        return torch.where(bad[:, None], v, w)
 
     def finish(self, sol: SolverResult, stats: BackwardStats) -> Tensor:
         """Record the adjoint solve and apply the ``on_failure`` policy; return ``w``."""
