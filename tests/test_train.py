@@ -395,3 +395,16 @@ def test_nan_gradients_through_an_unrolled_estimator_stop_training_before_the_up
         trainer.fit()
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # the optimiser never stepped on NaN
+
+
+def test_quiet_deqs_silences_the_estimators_an_adaptive_holds_and_restores_them():
+    """Training counts failures instead of warning per batch, also for the exact estimator inside
+    ``Adaptive`` (its adjoint misses and Jacobian-free fallbacks); the policies come back after."""
+    from deqkit import Adaptive
+    from deqkit.train.metrics import quiet_deqs
+
+    inner = Exact(on_failure="raise")
+    model = DEQClassifier.mlp(64, 16, 10, grad=Adaptive(exact=inner))
+    with quiet_deqs(model):
+        assert inner.on_failure == "ignore" and model.deq.grad._exact.on_failure == "ignore"
+    assert inner.on_failure == "raise"

@@ -85,10 +85,11 @@ def quiet_deqs(model: nn.Module) -> Iterator[None]:
             attr = _failure_attr(deq)
             saved.append((deq, attr, getattr(deq, attr)))
             setattr(deq, attr, "ignore")
-            grad_policy = getattr(deq.grad, "on_failure", None)
-            if isinstance(grad_policy, str):  # only some estimators have a failure policy
-                saved.append((deq.grad, "on_failure", grad_policy))
-                setattr(deq.grad, "on_failure", "ignore")  # noqa: B010 (not declared on GradientEstimator)
+            for est in _with_inner(deq.grad):
+                grad_policy = getattr(est, "on_failure", None)
+                if isinstance(grad_policy, str):  # only some estimators have a failure policy
+                    saved.append((est, "on_failure", grad_policy))
+                    setattr(est, "on_failure", "ignore")  # noqa: B010 (not declared on GradientEstimator)
         for obj, attr, value in saved:
             _CONFIGURED.setdefault(obj, {}).setdefault(attr, value)
         yield
@@ -96,6 +97,14 @@ def quiet_deqs(model: nn.Module) -> Iterator[None]:
         for obj, attr, value in reversed(saved):
             setattr(obj, attr, value)
             _CONFIGURED.get(obj, {}).pop(attr, None)
+
+
+def _with_inner(grad: object) -> list[object]:
+    """``grad`` and the estimators it holds as attributes (an ``Adaptive``'s exact and cheap ones)."""
+    from ..estimators import GradientEstimator
+
+    inner = [v for v in vars(grad).values() if isinstance(v, GradientEstimator) and v is not grad]
+    return [grad, *dict.fromkeys(inner)]  # once each, in order
 
 
 #: while :func:`quiet_deqs` is active: the failure policies it replaced, per object
