@@ -1,13 +1,16 @@
-"""Whole training runs against torchdeq: the held-out digits job of issue 14, per estimator pair.
+"""Whole training runs against torchdeq, per estimator pair: issue 14's held-out digits job, or
+``deqkit compare``'s default workload.
 
-    python tools/bench_torchdeq_train.py [--seeds 3] [--epochs 15] [--threads 1]
+    python tools/bench_torchdeq_train.py [--workload held-out|compare] [--seeds 3] [--threads 1]
 
-The job (chosen by the issue's author, not tuned here): sklearn digits (deqkit's split), an MLP DEQ
-whose cell is ``LayerNorm(tanh(W z + u))`` of width 128 (``DEQClassifier.mlp(..., activation="tanh")``),
-Anderson forward to absolute tolerance 1e-4 with a cap of 30 iterations in both libraries,
-Adam (lr 1e-3), batch 128, 15 epochs. Each library otherwise keeps its defaults: deqkit's
-``Anderson`` (memory, mixing, regularisation) and estimators, torchdeq's ``get_deq`` (its
-Anderson, its backward: fixed-point iteration to absolute 1e-6, cap 40). The pairs:
+``held-out`` (chosen by the issue's author, not tuned here): sklearn digits (deqkit's split), an
+MLP DEQ whose cell is ``LayerNorm(tanh(W z + u))`` of width 128 (``DEQClassifier.mlp(...,
+activation="tanh")``), Anderson forward to absolute tolerance 1e-4 with a cap of 30 iterations in
+both libraries, Adam (lr 1e-3), batch 128, 15 epochs. ``compare``: ``deqkit compare``'s defaults
+(digits, ``LayerNorm(relu(W z + u))`` of width 64, Broyden forward to relative 1e-4 with a cap of
+30, Adam lr 2e-3, batch 64, 8 epochs). Each library otherwise keeps its defaults: deqkit's
+solvers and estimators, torchdeq's ``get_deq`` (its solver of the same name, its backward:
+fixed-point iteration to absolute 1e-6, cap 40). The pairs:
 
 * ``Exact()`` against torchdeq's IFT (``ift=True``),
 * ``Unrolled(5, 0.5)`` against its phantom gradient (``grad=5, tau=0.5``),
@@ -37,7 +40,7 @@ from deqkit.apps.bench.torchdeq import torchdeq_available
 from deqkit.apps.common import build_classifier
 from deqkit.data import load_dataset
 from deqkit.estimators import Exact, GradientEstimator, JacobianFree, Unrolled
-from deqkit.solvers import Anderson
+from deqkit.solvers import Anderson, Broyden
 
 #: (label, deqkit estimator, torchdeq get_deq keywords)
 PAIRS: list[tuple[str, Callable[[], GradientEstimator], dict[str, Any]]] = [
@@ -47,20 +50,44 @@ PAIRS: list[tuple[str, Callable[[], GradientEstimator], dict[str, Any]]] = [
 ]
 
 
-def _model(seed: int, width: int, dim: int, classes: int) -> nn.Module:
-    solver = Anderson(tol=1e-4, max_iter=30, stop_mode="abs")
-    return build_classifier("mlp", (dim,), classes, width, solver, Exact(), seed, activation="tanh")
+#: per workload: the cell's width and activation, the forward solver (deqkit's and torchdeq's
+#: settings), and the optimisation
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "held-out": {
+        "width": 128,
+        "activation": "tanh",
+        "solver": lambda: Anderson(tol=1e-4, max_iter=30, stop_mode="abs"),
+        "theirs": {"f_solver": "anderson", "f_max_iter": 30, "f_tol": 1e-4, "f_stop_mode": "abs"},
+        "lr": 1e-3,
+        "batch": 128,
+        "epochs": 15,
+    },
+    "compare": {
+        "width": 64,
+        "activation": "relu",
+        "solver": lambda: Broyden(memory=30, tol=1e-4, max_iter=30),
+        "theirs": {"f_solver": "broyden", "f_max_iter": 30, "f_tol": 1e-4, "f_stop_mode": "rel"},
+        "lr": 2e-3,
+        "batch": 64,
+        "epochs": 8,
+    },
+}
+
+
+def _model(seed: int, work: dict[str, Any], dim: int, classes: int) -> nn.Module:
+    cell = {"activation": work["activation"]}
+    return build_classifier("mlp", (dim,), classes, work["width"], work["solver"](), Exact(), seed, **cell)
 
 
 class _TheirDEQ(nn.Module):
     """The classifier's injection, cell and head around a torchdeq layer."""
 
-    def __init__(self, model: nn.Module, **kw: Any) -> None:
+    def __init__(self, model: nn.Module, forward: dict[str, Any], **kw: Any) -> None:
         super().__init__()
         from torchdeq import get_deq  # pyright: ignore[reportAttributeAccessIssue]  (optional: pip install deqkit[bench])
 
         self.injection, self.cell, self.head = model.injection, model.cell, model.head
-        self.deq = get_deq(f_solver="anderson", f_max_iter=30, f_tol=1e-4, f_stop_mode="abs", **kw)
+        self.deq = get_deq(**forward, **kw)
 
     def forward(self, x: Tensor) -> Tensor:
         u = self.injection(x)
@@ -70,24 +97,25 @@ class _TheirDEQ(nn.Module):
 
 def train_once(lib: str, pair: int, seed: int, args: argparse.Namespace, data: Any) -> dict[str, float]:
     """One training run; ``{"time_s", "test_acc", "test_loss"}``."""
+    work = WORKLOADS[args.workload]
     xtr, ytr = data.train[:]
     xte, yte = data.test[:]
-    base = _model(seed, args.width, xtr.shape[1], int(ytr.max()) + 1)
+    base = _model(seed, work, xtr.shape[1], int(ytr.max()) + 1)
     label, ours, theirs = PAIRS[pair]
     if lib == "deqkit":
         model = copy.deepcopy(base)
         model.deq = DEQ(model.cell, model.deq.solver, ours(), on_failure="ignore")
     else:
-        model = _TheirDEQ(copy.deepcopy(base), **theirs)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        model = _TheirDEQ(copy.deepcopy(base), work["theirs"], **theirs)
+    opt = torch.optim.Adam(model.parameters(), lr=work["lr"])
     g = torch.Generator().manual_seed(seed)
     spent = 0.0
-    for _ in range(args.epochs):
+    for _ in range(work["epochs"]):
         order = torch.randperm(len(xtr), generator=g)
         model.train()
         t0 = time.perf_counter()
-        for i in range(0, len(xtr), args.batch):
-            idx = order[i : i + args.batch]
+        for i in range(0, len(xtr), work["batch"]):
+            idx = order[i : i + work["batch"]]
             opt.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
             opt.step()
@@ -101,11 +129,8 @@ def train_once(lib: str, pair: int, seed: int, args: argparse.Namespace, data: A
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="held-out")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--width", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     if not torchdeq_available():
