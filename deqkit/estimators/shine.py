@@ -152,10 +152,10 @@ class WarmExact(Exact):
     initial residual, so it rarely pays. Ramzi et al. (ICLR 2022, arXiv 2106.00553) use ``H`` as
     a warm start; the preconditioned form is ours.
 
-    ``tol``, ``max_iter``, ``on_failure``, ``match_forward``, ``forward_factor`` and
-    ``unconverged`` are :class:`~deqkit.Exact`'s: by default the adjoint tolerance follows the
-    accuracy the forward solve reached, and samples whose forward missed its tolerance get
-    ``w = v``.
+    ``tol``, ``max_iter``, ``on_failure``, ``match_forward``, ``forward_factor``,
+    ``unconverged`` and ``fallback_error`` are :class:`~deqkit.Exact`'s: by default the adjoint
+    tolerance follows the accuracy the forward solve reached, and a sample whose forward missed
+    its tolerance and is estimated to be far from its fixed point gets ``w = v``.
     """
 
     needs_inverse = True
@@ -173,6 +173,7 @@ class WarmExact(Exact):
         match_forward: bool = True,
         forward_factor: float = 1.0,
         unconverged: str = "jacobian-free",
+        fallback_error: float = 1e-2,
     ) -> None:
         owner = type(self).__name__
         if linear_solver is None:
@@ -202,6 +203,7 @@ class WarmExact(Exact):
             match_forward=match_forward,
             forward_factor=forward_factor,
             unconverged=unconverged,
+            fallback_error=fallback_error,
         )
 
     def compute_w(self, v: Tensor, vjp: Vjp, result: SolverResult, stats: BackwardStats) -> Tensor:

@@ -103,7 +103,7 @@ def _with_inner(grad: object) -> list[object]:
     """``grad`` and the estimators it holds as attributes (an ``Adaptive``'s exact and cheap ones)."""
     from ..estimators import GradientEstimator
 
-    inner = [v for v in vars(grad).values() if isinstance(v, GradientEstimator) and v is not grad]
+    inner = [v for v in getattr(grad, "__dict__", {}).values() if isinstance(v, GradientEstimator) and v is not grad]
     return [grad, *dict.fromkeys(inner)]  # once each, in order
 
 
