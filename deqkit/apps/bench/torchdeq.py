@@ -530,6 +530,10 @@ Where the two libraries' definitions differ (kept as they are, said here):
 * Backward: torchdeq's IFT starts the adjoint iteration at 0, deqkit at `v` (one free step);
   torchdeq's IFT evaluates the cell twice with a graph (once in forward, once more inside its
   `autograd.Function.backward`), deqkit once (the VJPs reuse the forward graph).
+* Samples whose forward missed its tolerance: deqkit's default `Exact()` gives those estimated to
+  be far from their fixed point the Jacobian-free `w = v` (its `unconverged` / `fallback_error`
+  options); torchdeq solves every sample's adjoint. The same-backward rows (fixed-point, Anderson)
+  use `Exact(unconverged="exact")`, so they stay like for like; the default rows keep the defaults.
 * Forward cost per iteration: deqkit's loop does per-sample freezing and best-iterate tracking,
   which torchdeq does not. It keeps up by one host sync per step (finiteness is read off the
   residual norms), a Gram matrix updated one row per step instead of rebuilt, and elementwise
