@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from deqkit import DEQ
+from deqkit.apps.bench.report import md_table
 from deqkit.apps.bench.torchdeq import torchdeq_available
 from deqkit.apps.common import build_classifier
 from deqkit.data import load_dataset
@@ -101,7 +102,7 @@ def train_once(lib: str, pair: int, seed: int, args: argparse.Namespace, data: A
     xtr, ytr = data.train[:]
     xte, yte = data.test[:]
     base = _model(seed, work, xtr.shape[1], int(ytr.max()) + 1)
-    label, ours, theirs = PAIRS[pair]
+    _, ours, theirs = PAIRS[pair]
     if lib == "deqkit":
         model = copy.deepcopy(base)
         model.deq = DEQ(model.cell, model.deq.solver, ours(), on_failure="ignore")
@@ -150,21 +151,26 @@ def main(argv: list[str] | None = None) -> None:
                     f"test loss {r['test_loss']:.5f}",
                     flush=True,
                 )
-    print()
-    print(
-        "| pair (deqkit / torchdeq) | deqkit train s | torchdeq train s | time ÷ (mean of per-seed ratios) "
-        "| deqkit test acc % | torchdeq test acc % | Δ points (mean) |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    head = ["pair (deqkit / torchdeq)", "deqkit train s", "torchdeq train s", "time ÷ (mean of per-seed ratios)"]
+    head += ["deqkit test acc %", "torchdeq test acc %", "Δ points (mean)"]
+    body = []
     for p, (label, _, _) in enumerate(PAIRS):
         ours, theirs = runs[(p, "deqkit")], runs[(p, "torchdeq")]
         ratios = [a["time_s"] / b["time_s"] for a, b in zip(ours, theirs)]
         acc = lambda rs: " / ".join(f"{100 * r['test_acc']:.2f}" for r in rs)
         delta = statistics.mean(100 * (a["test_acc"] - b["test_acc"]) for a, b in zip(ours, theirs))
-        print(
-            f"| {label} | {statistics.mean(r['time_s'] for r in ours):.2f} | {statistics.mean(r['time_s'] for r in theirs):.2f} "
-            f"| {statistics.mean(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)}) | {acc(ours)} | {acc(theirs)} | {delta:+.2f} |"
+        body.append(
+            [
+                label,
+                f"{statistics.mean(r['time_s'] for r in ours):.2f}",
+                f"{statistics.mean(r['time_s'] for r in theirs):.2f}",
+                f"{statistics.mean(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)})",
+                acc(ours),
+                acc(theirs),
+                f"{delta:+.2f}",
+            ]
         )
+    print("\n" + md_table(head, body))
     print(f"\nwall {time.time() - t_all:.0f} s")
 
 

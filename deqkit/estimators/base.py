@@ -163,6 +163,13 @@ def _incoming_message(owner: object) -> str:
     )
 
 
+def amplification_per_sample(w: Tensor, v: Tensor) -> Tensor:
+    """``‖w_i‖ / ‖v_i‖`` per sample ``(B,)`` (norms in at least float32, so half precision is safe)."""
+    dt = torch.promote_types(torch.promote_types(w.dtype, v.dtype), torch.float32)
+    B = w.shape[0]
+    return w.reshape(B, -1).to(dt).norm(dim=1) / v.reshape(B, -1).to(dt).norm(dim=1).clamp_min(torch.finfo(dt).tiny)
+
+
 def finish_backward(
     owner: object, w: Tensor, v: Tensor, shape: torch.Size, stats: BackwardStats, info: DEQInfo, start: float
 ) -> Tensor:
@@ -172,11 +179,9 @@ def finish_backward(
     A non-finite ``w`` raises :class:`~deqkit.errors.NonFiniteError`, except under
     :func:`loss_scaled_backward`, where it is returned (as NaN) for the loss scaler to detect.
     ``stats.amplification`` gets the largest ``‖w‖ / ‖v‖`` (one host read, with the check)."""
-    dt = torch.promote_types(torch.promote_types(w.dtype, v.dtype), torch.float32)  # half precision: norms in float32
-    wf, vf = w.reshape(w.shape[0], -1).to(dt), v.reshape(w.shape[0], -1).to(dt)
-    ratio = wf.norm(dim=1) / vf.norm(dim=1).clamp_min(torch.finfo(dt).tiny)
+    ratio = amplification_per_sample(w, v)
     finite, amplification = torch.stack(
-        [torch.isfinite(wf).all().float(), ratio.max() if ratio.numel() else ratio.new_zeros(())]
+        [torch.isfinite(w).all().to(ratio.dtype), ratio.max() if ratio.numel() else ratio.new_zeros(())]
     ).tolist()
     if finite:
         stats.amplification = amplification

@@ -14,7 +14,7 @@ from ..inverse import InverseEstimate
 from ..linear import AutoAdjoint, LinearSolver, as_linear_solver
 from ..registry import register_estimator
 from ..solvers.base import Solver, SolverResult
-from .base import AdjointEstimator, BackwardStats, Vjp
+from .base import AdjointEstimator, BackwardStats, Vjp, amplification_per_sample
 
 __all__ = ["Exact"]
 
@@ -163,7 +163,7 @@ class Exact(AdjointEstimator):
         if self.unconverged == "exact":
             return w
         missed = ~result.converged.reshape(-1).to(v.device)
-        kappa = w.norm(dim=1) / v.norm(dim=1).clamp_min(torch.finfo(v.dtype).tiny)
+        kappa = amplification_per_sample(w, v)
         estimate = kappa * result.rel_residual.reshape(-1).to(kappa)
         bad = missed & (estimate > self.fallback_error)
         stats.n_fallback = n = int(bad.sum())  # one host read per backward
