@@ -321,6 +321,68 @@ def test_broyden_state_update_skips_masked_and_degenerate_samples():
     assert torch.isfinite(st.U).all() and torch.isfinite(st.V).all()
 
 
+@pytest.mark.parametrize("filled", [None, 2, 4])
+def test_broyden_state_update_returns_the_product_after_it(filled):
+    """``update(..., h_dg=H dg, x=x, hx=H x)`` returns ``H x`` after the update without a product
+    with ``H``: equal to ``apply(x)`` afterwards, for a ring that is full (``filled=None`` or 4:
+    the overwritten column leaves) or not (2), with a masked and a degenerate sample, and with
+    ``h_dg`` given or computed. Columns past ``filled`` are zero, as in a solve."""
+    B, d, m = 4, 5, 4
+    U, V = randn(B, d, m, seed=50), randn(B, d, m, seed=51)
+    if filled is not None:
+        U[:, :, filled:] = 0
+        V[:, :, filled:] = 0
+    n = 6 if filled in (None, 4) else 2
+    dz, dg, x = randn(B, d, seed=52), randn(B, d, seed=53), randn(B, d, seed=54)
+    dz[3] = 0  # degenerate pair: no update
+    mask = torch.tensor([True, False, True, True])
+    for give_h_dg in (False, True):
+        st = BroydenState(U.clone(), V.clone(), n, filled=filled)
+        dense_before = st.dense()
+        hx = st.apply(x)
+        h_dg = st.apply(dg) if give_h_dg else None
+        out = st.update(dz, dg, mask, h_dg=h_dg, x=x, hx=hx)
+        torch.testing.assert_close(out, st.apply(x), rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(st.apply(dg)[[0, 2]], dz[[0, 2]], rtol=1e-10, atol=1e-12)  # secant equation
+        torch.testing.assert_close(st.dense()[[1, 3]], dense_before[[1, 3]], rtol=0, atol=0)  # unchanged
+
+
+def test_broyden_state_products_skip_only_unwritten_columns():
+    """``filled=k`` uses columns ``[0, k)``: the same products as all columns when the rest are zero."""
+    U, V = randn(2, 6, 5, seed=60), randn(2, 6, 5, seed=61)
+    U[:, :, 3:] = 0
+    V[:, :, 3:] = 0
+    x = randn(2, 6, seed=62)
+    full, part = BroydenState(U, V, 3), BroydenState(U, V, 3, filled=3)
+    torch.testing.assert_close(part.apply(x), full.apply(x), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(part.apply_left(x), full.apply_left(x), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(part.transpose().apply(x), full.apply_left(x), rtol=1e-14, atol=1e-14)
+    assert torch.equal(BroydenState(U, V, 0, filled=0).apply(x), -x)
+
+
+class _FreshProductsBroyden(Broyden):
+    """Broyden that forgets the products it carries between hooks, so every one is recomputed."""
+
+    def observe(self, state, z, fz, fresh):
+        state.hg_prev = None
+        super().observe(state, z, fz, fresh)
+        state.hg = None
+
+
+@pytest.mark.parametrize("memory", [30, 3])
+def test_broyden_carried_products_give_the_solve_of_fresh_products(memory):
+    """The solver carries ``H g`` between its hooks (one product with ``H`` per iteration instead
+    of three); the iterates agree with recomputing every product, also after the ring wraps."""
+    fn_for, c, x = _per_sample_problem()
+    kw = dict(memory=memory, tol=1e-300, max_iter=25, stop_mode="abs")
+    carried = Broyden(**kw)(fn_for(c, x), torch.zeros_like(x))
+    fresh = _FreshProductsBroyden(**kw)(fn_for(c, x), torch.zeros_like(x))
+    torch.testing.assert_close(carried.abs_trace, fresh.abs_trace, rtol=1e-8, atol=1e-13)
+    assert float(carried.abs_trace[-1].max()) < 1e-6 * float(carried.abs_trace[0].max())  # a real solve
+    if memory == 3:
+        assert carried.inverse.n_updates > memory
+
+
 # ---------------------------------------------------------------------------------------------
 # state shapes and dtypes
 # ---------------------------------------------------------------------------------------------
@@ -434,10 +496,14 @@ def test_a_solver_written_with_the_public_hooks():
     class Counting(Solver):
         def init(self, problem, z, fz):
             assert isinstance(problem, Problem) and problem.fn(z).shape == z.shape
-            return {"evals": 0}
+            return {"evals": 0, "problem": problem}
 
         def observe(self, state, z, fz, fresh):
             state["evals"] += 1
+            tracker = state["problem"].tracker  # the loop's residuals, read-only for the hooks
+            assert torch.equal(tracker.residual, fz - z)
+            torch.testing.assert_close(tracker.abs_residual, (fz - z).norm(dim=1), rtol=1e-14, atol=0)
+            assert bool((tracker.best_rel <= tracker.rel_trace[-1]).all())
 
         def step(self, state, z, fz, active):
             return 0.5 * (z + fz)

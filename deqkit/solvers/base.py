@@ -26,6 +26,10 @@ hooks on flattened ``(B, d)`` tensors, in the spirit of optimistix's init/step/t
 - :meth:`Solver.terminate` (optional): which samples stop (default: residual ``<= tol``);
 - :meth:`Solver.inverse` / :meth:`Solver.extras` (optional): what goes into the result.
 
+The hooks may read ``problem.tracker`` (an :class:`~deqkit.solvers.tracking.IterateTracker`):
+the current iterate's residual ``f(z) − z`` and its norms, and the best iterate so far, which
+the loop computes anyway.
+
 Per-call options
 beyond ``max_iter``/``tol`` are declared in ``call_options`` (Broyden: ``inverse0``,
 ``loss_grad``); any other keyword is refused with a "did you mean".
@@ -128,6 +132,9 @@ class Problem:
         shape: the caller's state shape ``(B, ...)``.
         max_iter, tol: the settings of this call.
         options: the call options the solver declared in ``call_options`` and the caller passed.
+        tracker: the loop's :class:`~deqkit.solvers.tracking.IterateTracker` (read-only for the
+            hooks): the residual of the current iterate and the best iterate so far, computed
+            once per iteration for the loop and for the solver.
     """
 
     fn: Fn
@@ -135,6 +142,7 @@ class Problem:
     max_iter: int
     tol: float
     options: dict[str, Any] = field(default_factory=dict)
+    tracker: Optional[IterateTracker] = None
 
 
 def call_settings(owner: Any, max_iter: Optional[int], tol: Optional[float]) -> tuple[int, float]:
@@ -345,21 +353,22 @@ class Solver:
         # a relative tol below the resolution of the map's output (or the caller's) dtype is raised to it
         floor = coarsest(*(floor_dtypes or []), getattr(problem.fn, "out_dtype", fz.dtype))
         problem.tol = resolve_tol(self, problem.tol, self.stop_mode, floor)
+        tracker = problem.tracker = IterateTracker(z, self.stop_mode, rel_scale)
         state = self.init(problem, z, fz)
-        tracker = IterateTracker(z, self.stop_mode, rel_scale)
         active = torch.ones(B, dtype=torch.bool, device=z.device)
         nstep = torch.zeros(B, dtype=torch.long, device=z.device)
         nonfinite = torch.zeros(B, dtype=torch.bool, device=z.device)
+        all_active = True  # known from the last host sync: no sample has stopped yet (saves the masking)
         for it in range(problem.max_iter):
-            measure, bad_mask = tracker.record(z, fz, active)
+            measure, bad_mask = tracker.record(z, fz, active, all_active)
             self.observe(state, z, fz, active)
-            nstep = nstep + active.long()
+            nstep += active
             active = active & ~self.terminate(state, measure, problem.tol)
             if self.on_nonfinite == "freeze":
                 nonfinite = nonfinite | bad_mask
                 active = active & ~bad_mask
-            # one host sync per iteration: any sample non-finite, or none left active
-            any_bad, any_active = torch.stack([bad_mask.any(), active.any()]).tolist()
+            # one host sync per iteration: any sample non-finite, any left active, all still active
+            any_bad, any_active, all_active = torch.stack([bad_mask.any(), active.any(), active.all()]).tolist()
             if any_bad and self.on_nonfinite == "raise":
                 self._raise_nonfinite(it, bad_mask)
             if it == problem.max_iter - 1 or not any_active:
@@ -367,8 +376,12 @@ class Solver:
             proposal = self.step(state, z, fz, active)
             # a solver that already evaluated its proposal (a line search) hands f(z_next) back
             z_next, fz_next = proposal if isinstance(proposal, tuple) else (proposal, None)
-            z = torch.where(active[:, None], z_next, z)
-            fz = torch.where(active[:, None], problem.fn(z) if fz_next is None else fz_next, fz)
+            if all_active:
+                z = z_next
+                fz = problem.fn(z) if fz_next is None else fz_next
+            else:
+                z = torch.where(active[:, None], z_next, z)
+                fz = torch.where(active[:, None], problem.fn(z) if fz_next is None else fz_next, fz)
         abs_trace, rel_trace = tracker.traces()
         return SolverResult(
             z=tracker.best_z.view(problem.shape),

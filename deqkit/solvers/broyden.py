@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Optional, Union
 
 import torch
 from torch import Tensor
+from torch.linalg import vector_norm
 
 from .._options import check_bool, check_int, validated_options
 from ..errors import OptionError
@@ -18,11 +19,12 @@ from .precision import state_dtype
 
 
 def _may_hold(mask: Tensor) -> bool:
-    """Whether the rare-event branch for ``mask`` must run.
+    """Whether the masked branch for ``mask`` must run (some sample may be flagged).
 
     On the CPU reading ``mask.any()`` costs nothing and saves full passes over the Broyden buffers
-    when no sample is flagged. On an accelerator that read is a host synchronisation each
-    iteration, so the masked updates (no-ops where the mask is false) always run instead.
+    (and the masking) when no sample is flagged. On an accelerator that read is a host
+    synchronisation each iteration, so the masked updates (no-ops where the mask is false)
+    always run instead.
     """
     return bool(mask.any()) if mask.device.type == "cpu" else True
 
@@ -40,12 +42,17 @@ class BroydenState(InverseEstimate):
     ``(B, d, memory)`` (``d`` the flattened state size); unused columns are zero, so products
     with all columns are exact. The buffer is a ring: once ``memory`` updates were made the
     oldest column is overwritten, so memory never grows with the iteration cap.
+
+    ``filled`` (set by :class:`Broyden`) says that only the columns ``[0, filled)`` were ever
+    written, so products skip the others; ``None`` (the default for a state built by hand)
+    means every column may be in use.
     """
 
     U: Tensor
     V: Tensor
     n_updates: int = 0
     base: Optional[InverseEstimate] = None
+    filled: Optional[int] = None
 
     def __repr__(self) -> str:
         B, d, m = self.U.shape
@@ -56,24 +63,39 @@ class BroydenState(InverseEstimate):
     def memory(self) -> int:
         return self.U.shape[-1]
 
-    # (1, d) @ (d, m) @ (m, d) as batched matrix–matrix products: the matrix–vector einsum form
+    # (1, d) @ (d, k) @ (k, d) as batched matrix–matrix products: the matrix–vector einsum form
     # hits a slow CPU path (several times slower forward solves on CPU).
-    def _operands(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``x, U, V`` in their promoted dtype (``U, V`` are kept in at least float32; ``x`` may be half)."""
-        dtype = torch.promote_types(x.dtype, self.U.dtype)
-        return x.to(dtype), self.U.to(dtype), self.V.to(dtype)
+    def _columns(self, dtype: torch.dtype) -> Optional[tuple[Tensor, Tensor]]:
+        """The written columns of ``U, V`` in ``dtype`` (``None`` when there are none)."""
+        k = self.memory if self.filled is None else self.filled
+        if k == 0:
+            return None
+        U, V = (self.U, self.V) if k == self.memory else (self.U[:, :, :k], self.V[:, :, :k])
+        return U.to(dtype), V.to(dtype)
 
     def apply(self, x: Tensor) -> Tensor:
         """``H x`` for column vectors ``x`` of shape ``(B, d)`` (in the dtype of ``x`` promoted with ``U``'s)."""
-        x, U, V = self._operands(x)
+        x = x.to(torch.promote_types(x.dtype, self.U.dtype))  # U, V are kept in at least float32; x may be half
         h0x = -x if self.base is None else self.base.apply(x)
+        cols = self._columns(x.dtype)
+        if cols is None:
+            return h0x
+        U, V = cols
         return h0x + torch.bmm(torch.bmm(x.unsqueeze(1), V), U.transpose(1, 2)).squeeze(1)
 
     def apply_left(self, v: Tensor) -> Tensor:
         """``v H`` for row vectors ``v`` of shape ``(B, d)`` (in the dtype of ``v`` promoted with ``U``'s)."""
-        v, U, V = self._operands(v)
+        v = v.to(torch.promote_types(v.dtype, self.U.dtype))
         vh0 = -v if self.base is None else self.base.apply_left(v)
+        cols = self._columns(v.dtype)
+        if cols is None:
+            return vh0
+        U, V = cols
         return vh0 + torch.bmm(torch.bmm(v.unsqueeze(1), U), V.transpose(1, 2)).squeeze(1)
+
+    def apply_base(self, x: Tensor) -> Tensor:
+        """``H₀ x``: the product with the estimate a reset (``U = V = 0``) leaves."""
+        return -x if self.base is None else self.base.apply(x)
 
     def dense(self) -> Tensor:
         """The dense ``(B, d, d)`` matrix ``H`` (for tests and small problems)."""
@@ -85,9 +107,19 @@ class BroydenState(InverseEstimate):
 
     def transpose(self) -> BroydenState:
         """``Hᵀ = H₀ᵀ + VUᵀ``: the inverse estimate for the adjoint (row-vector) system."""
-        return BroydenState(self.V, self.U, self.n_updates, None if self.base is None else self.base.transpose())
+        base = None if self.base is None else self.base.transpose()
+        return BroydenState(self.V, self.U, self.n_updates, base, self.filled)
 
-    def update(self, dz: Tensor, dg: Tensor, mask: Tensor) -> None:
+    def update(
+        self,
+        dz: Tensor,
+        dg: Tensor,
+        mask: Tensor,
+        *,
+        h_dg: Optional[Tensor] = None,
+        x: Optional[Tensor] = None,
+        hx: Optional[Tensor] = None,
+    ) -> Optional[Tensor]:
         """Good-Broyden update of the inverse with the secant pair ``(dz, dg)`` where ``mask``.
 
         ``H ← H + (dz − H dg)(dzᵀ H) / (dzᵀ H dg)``, so afterwards ``H dg = dz``. A sample
@@ -95,24 +127,45 @@ class BroydenState(InverseEstimate):
 
         Once the ring is full, ``H`` here is the estimate *without* the oldest column (the one
         being overwritten), so the secant equation also holds after the buffer wraps.
+
+        Products the caller already has save work (the solver's loop: one product per
+        iteration fewer): ``h_dg`` is ``H dg`` with the estimate before this update, and with
+        ``x`` and ``hx = H x`` (before the update) the method returns ``H x`` after it.
         """
         slot = self.n_updates % self.memory
-        u_old, v_old = self.U[:, :, slot], self.V[:, :, slot]
-        h_dg = self.apply(dg) - u_old * (v_old * dg).sum(dim=1, keepdim=True)
-        vt = self.apply_left(dz) - v_old * (u_old * dz).sum(dim=1, keepdim=True)  # dzᵀ H
+        in_use = self.filled is None or slot < self.filled  # the slot being overwritten holds an update
+        if h_dg is None:
+            h_dg = self.apply(dg)
+        vt = self.apply_left(dz)  # dzᵀ H
+        if in_use:
+            u_old, v_old = self.U[:, :, slot].clone(), self.V[:, :, slot].clone()
+            h_dg = h_dg - u_old * (v_old * dg).sum(dim=1, keepdim=True)
+            vt = vt - v_old * (u_old * dz).sum(dim=1, keepdim=True)
         den = (vt * dg).sum(dim=1)
-        scale = (dz.norm(dim=1) * h_dg.norm(dim=1)).clamp_min(torch.finfo(dz.dtype).tiny)
+        scale = (vector_norm(dz, dim=1) * vector_norm(h_dg, dim=1)).clamp_min(torch.finfo(dz.dtype).tiny)
         ok = mask & (den.abs() > 1e3 * torch.finfo(dz.dtype).eps * scale)
-        safe_den = torch.where(ok, den, torch.ones_like(den))
-        u = (dz - h_dg) / safe_den[:, None]
-        keep = ~ok[:, None]
-        self.U[:, :, slot] = torch.where(keep, self.U[:, :, slot], u)
-        self.V[:, :, slot] = torch.where(keep, self.V[:, :, slot], vt)
+        skip = ~ok
+        masked = _may_hold(skip)  # on the CPU, the usual case (every sample updates) skips the masking
+        u = (dz - h_dg) / (torch.where(ok, den, torch.ones_like(den)) if masked else den)[:, None]
+        if masked:
+            self.U[:, :, slot] = torch.where(skip[:, None], self.U[:, :, slot], u)
+            self.V[:, :, slot] = torch.where(skip[:, None], self.V[:, :, slot], vt)
+        else:
+            self.U[:, :, slot] = u
+            self.V[:, :, slot] = vt
         self.n_updates += 1
+        if self.filled is not None:
+            self.filled = min(self.filled + 1, self.memory)
+        if x is None or hx is None:
+            return None
+        hx_new = hx - u_old * (v_old * x).sum(dim=1, keepdim=True) if in_use else hx
+        hx_new = hx_new + u * (vt * x).sum(dim=1, keepdim=True)
+        return torch.where(skip[:, None], hx, hx_new) if masked else hx_new
 
     def detach(self) -> BroydenState:
         """The same estimate with ``U`` and ``V`` detached from any graph."""
-        return BroydenState(self.U.detach(), self.V.detach(), self.n_updates, None if self.base is None else self.base.detach())
+        base = None if self.base is None else self.base.detach()
+        return BroydenState(self.U.detach(), self.V.detach(), self.n_updates, base, self.filled)
 
 
 @dataclass
@@ -122,17 +175,21 @@ class _BroydenLoopState:
     loss_grad: Optional[Fn]
     z_prev: Optional[Tensor] = None
     g_prev: Optional[Tensor] = None
+    # H g for the current g (the next step's direction, before the safeguards), when observe knows it
+    hg: Optional[Tensor] = None
+    # H g_prev with the H the last step used: with H g it gives H Δg without a product
+    hg_prev: Optional[Tensor] = None
     n_seen: int = 0
     n_opa: int = 0
     n_line_search: int = 0
-    # safeguards: the best iterate of each sample so far, and the samples restarted from it
-    best_norm: Optional[Tensor] = None
-    best_z: Optional[Tensor] = None
+    # the residual at the best iterate (problem.tracker keeps the iterate), to restart from it
     best_g: Optional[Tensor] = None
-    restart: Optional[Tensor] = None
+    # ‖f(z)‖ of the iterate the next step starts from
+    fz_norm: Optional[Tensor] = None
     n_restart: Optional[Tensor] = None
     n_capped: Optional[Tensor] = None
-    scale0: Optional[Tensor] = None
+    # the divergence safeguard's bound on ‖z‖: divergence_ratio · (‖z₀‖ + ‖f(z₀) − z₀‖)
+    far_norm: Optional[Tensor] = None
 
 
 @register_solver("broyden")
@@ -182,9 +239,9 @@ class Broyden(Solver):
     - *divergence*: a step that would take ``‖z‖`` beyond ``divergence_ratio · (‖z₀‖ + ‖f(z₀) − z₀‖)``
       (further than a contraction with Lipschitz constant below 0.999 can put its fixed point)
       resets that sample's ``H`` to ``−I`` and takes the plain step ``z + g`` instead.
-    - *restart*: when a sample's residual ``‖g‖`` exceeds ``restart_growth`` times its best so
-      far (or is not finite), its ``H`` is reset to ``−I`` and it steps again from its best
-      iterate. Secant pairs made of rounding noise (a tolerance below what the dtype resolves)
+    - *restart*: when a sample's residual ``‖g‖`` exceeds ``restart_growth`` times that of its
+      best iterate so far (the one the solve would return, best in ``stop_mode``), or is not
+      finite, its ``H`` is reset to ``−I`` and it steps again from that iterate. Secant pairs made of rounding noise (a tolerance below what the dtype resolves)
       otherwise corrupt ``H`` and the iteration runs away to overflow from a fixed point it had found.
     """
 
@@ -199,7 +256,7 @@ class Broyden(Solver):
     armijo_c: ClassVar[float] = 1e-4
     #: safeguard: a step longer than this many times ``‖z‖ + ‖f(z)‖`` is shortened to that length
     max_step_ratio: ClassVar[float] = 10.0
-    #: safeguard: a residual this many times the sample's best so far restarts it from its best iterate with ``H = −I``
+    #: safeguard: a residual this many times that of the sample's best iterate restarts it from that iterate with ``H = −I``
     restart_growth: ClassVar[float] = 1e3
     #: safeguard: a step to ``‖z‖`` beyond this many times ``‖z₀‖ + ‖f(z₀) − z₀‖`` resets ``H`` and takes a plain step instead
     divergence_ratio: ClassVar[float] = 1e3
@@ -278,14 +335,15 @@ class Broyden(Solver):
         self._check_state_bytes(B, d, z.dtype, problem.max_iter)
         zeros = z.new_zeros(B, d, self.buffer_columns(problem.max_iter))
         if H0 is None:
-            H = BroydenState(zeros, zeros.clone())
+            H = BroydenState(zeros, zeros.clone(), filled=0)
         elif isinstance(H0, BroydenState) and H0.base is None:
             if H0.U.shape[:2] != (B, d):
                 raise OptionError(f"Broyden: inverse0 has shape {tuple(H0.U.shape)}, expected (B={B}, d={d}, memory).")
             # keep the given columns and append room for this solve's own updates
-            H = BroydenState(torch.cat([H0.U.to(z), zeros], -1), torch.cat([H0.V.to(z), zeros.clone()], -1), H0.U.shape[-1])
+            m0 = H0.U.shape[-1]
+            H = BroydenState(torch.cat([H0.U.to(z), zeros], -1), torch.cat([H0.V.to(z), zeros.clone()], -1), m0, filled=m0)
         elif isinstance(H0, InverseEstimate):
-            H = BroydenState(zeros, zeros.clone(), base=H0)
+            H = BroydenState(zeros, zeros.clone(), base=H0, filled=0)
         else:
             raise OptionError(f"Broyden: inverse0 must be an InverseEstimate (e.g. a BroydenState), got {type(H0).__name__}.")
         g = fz - z
@@ -294,40 +352,41 @@ class Broyden(Solver):
             H,
             problem,
             loss_grad,
-            best_norm=g.norm(dim=1),
-            best_z=z,
             best_g=g,
-            restart=torch.zeros(B, dtype=torch.bool, device=z.device),
             n_restart=zeros_b,
             n_capped=zeros_b.clone(),
-            scale0=z.norm(dim=1) + g.norm(dim=1),
+            far_norm=self.divergence_ratio * (vector_norm(z, dim=1) + vector_norm(g, dim=1)),
         )
 
     def observe(self, state: Any, z: Tensor, fz: Tensor, fresh: Tensor) -> None:
         # every fresh evaluation, the last one included, adds its secant pair to H
-        g = fz - z
+        tracker = state.problem.tracker  # it has the residual and the best iterate of this evaluation
+        g, state.fz_norm = tracker.residual, tracker.fz_norm
+        state.hg = None
         if state.z_prev is not None:
-            gn = g.norm(dim=1)
-            bad = fresh & ~(gn <= self.restart_growth * state.best_norm)  # NaN counts as bad
+            # the tracker's best includes this iterate; a residual that grew cannot be the best
+            bad = fresh & ~(tracker.abs_residual <= self.restart_growth * tracker.best_abs)  # NaN counts as bad
             good = fresh & ~bad
-            state.H.update(z - state.z_prev, g - state.g_prev, good)
-            better = good & (gn < state.best_norm)
-            state.best_norm = torch.where(better, gn, state.best_norm)
-            state.best_z = torch.where(better[:, None], z, state.best_z)
-            state.best_g = torch.where(better[:, None], g, state.best_g)
+            # H g before the update gives both H Δg (= H g − H g_prev, the last step's product) and,
+            # through the rank-one change, H g after it: one product with H per iteration, not three
+            hg = state.H.apply(g)
+            h_dg = None if state.hg_prev is None else hg - state.hg_prev
+            state.hg = state.H.update(z - state.z_prev, g - state.g_prev, good, h_dg=h_dg, x=g, hx=hg)
+            state.best_g = torch.where(tracker.better[:, None], g, state.best_g)
             # restart: H ← −I for the bad samples, which step again from their best iterate
             if _may_hold(bad):  # a rare event: no full passes over U, V (or the iterates) when no sample restarts
                 state.H.U.masked_fill_(bad[:, None, None], 0)
                 state.H.V.masked_fill_(bad[:, None, None], 0)
-                state.restart = bad
-                state.n_restart = state.n_restart + bad.long()
-                z, g = torch.where(bad[:, None], state.best_z, z), torch.where(bad[:, None], state.best_g, g)
-            else:
-                state.restart = None
+                state.n_restart += bad
+                z, g = torch.where(bad[:, None], tracker.best_z, z), torch.where(bad[:, None], state.best_g, g)
+                state.hg = torch.where(bad[:, None], state.H.apply_base(g), state.hg)
+                state.fz_norm = torch.where(bad, vector_norm(z + g, dim=1), state.fz_norm)
+        # the step starts from (z_prev, g_prev): the restarted samples' best iterate
         state.z_prev, state.g_prev = z, g
         state.n_seen += 1
         if self.opa_freq is not None and state.loss_grad is not None and state.n_seen % self.opa_freq == 0:
             self._opa_update(state, z, fresh)
+            state.hg = None
 
     def _opa_update(self, state: _BroydenLoopState, z: Tensor, mask: Tensor) -> None:
         """Outer-problem awareness (SHINE, Ramzi et al. 2022): make ``vH`` accurate for ``v = ∇_z L``.
@@ -369,40 +428,44 @@ class Broyden(Solver):
         state.H.U[:, :, slot] = torch.where(keep, u_old, u)
         state.H.V[:, :, slot] = torch.where(keep, v_old, rT_H)
         state.H.n_updates += 1
+        if state.H.filled is not None:
+            state.H.filled = min(state.H.filled + 1, state.H.memory)
         state.n_opa += 1
 
     def step(self, state: Any, z: Tensor, fz: Tensor, active: Tensor) -> Union[Tensor, tuple[Tensor, Tensor]]:
-        g = fz - z
-        if state.restart is not None:  # restarted samples step from their best iterate
-            z = torch.where(state.restart[:, None], state.best_z, z)
-            g = torch.where(state.restart[:, None], state.best_g, g)
-            fz = z + g
-        p = -state.H.apply(g)
-        # maximum-step safeguard: no step longer than max_step_ratio · (‖z‖ + ‖f(z)‖)
-        limit = self.max_step_ratio * (z.norm(dim=1) + fz.norm(dim=1))
-        pn = p.norm(dim=1)
+        # observe saw this (z, f(z)) just before and left the iterate to step from (a restarted
+        # sample's best one) in z_prev, its residual in g_prev and, mostly, H g in hg
+        z, g = state.z_prev, state.g_prev
+        hg = state.H.apply(g) if state.hg is None else state.hg
+        state.hg_prev = hg
+        # the step p = −H g; maximum-step safeguard: no step longer than max_step_ratio · (‖z‖ + ‖f(z)‖)
+        limit = self.max_step_ratio * (vector_norm(z, dim=1) + state.fz_norm)
+        pn = vector_norm(hg, dim=1)
         capped = active & (pn > limit)
-        p = p * torch.where(capped, limit / pn.clamp_min(torch.finfo(p.dtype).tiny), torch.ones_like(pn))[:, None]
-        state.n_capped = state.n_capped + capped.long()
+        p = hg * (-(limit / pn.clamp_min(torch.finfo(hg.dtype).tiny)).clamp_max(1.0))[:, None]  # × 1 where not capped
+        state.n_capped += capped
         # divergence safeguard: a step far beyond the problem's initial scale is not trusted
-        far = active & ((z + p).norm(dim=1) > self.divergence_ratio * state.scale0)
+        z_next = z + p
+        far = active & (vector_norm(z_next, dim=1) > state.far_norm)
         if _may_hold(far):  # a rare event: skip two full passes over U, V when no step is that far
             state.H.U.masked_fill_(far[:, None, None], 0)
             state.H.V.masked_fill_(far[:, None, None], 0)
-        p = torch.where(far[:, None], g, p)
-        state.n_restart = state.n_restart + far.long()
+            state.hg_prev = torch.where(far[:, None], state.H.apply_base(g), hg)  # their H is H₀ now
+            p = torch.where(far[:, None], g, p)
+            state.n_restart += far
+            z_next = z + p
         if not self.line_search:
-            return z + p
+            return z_next
         return self._backtrack(state, z, g, p, active)
 
     def _backtrack(self, state: _BroydenLoopState, z: Tensor, g: Tensor, p: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sample backtracking along ``p`` (see the class docstring); returns ``(z_new, f(z_new))``."""
         fn = state.problem.fn
-        g_norm = g.norm(dim=1)
+        g_norm = vector_norm(g, dim=1)
         alpha = torch.ones_like(g_norm)
         z_new = z + p
         f_new = fn(z_new)
-        new_norm = torch.nan_to_num((f_new - z_new).norm(dim=1), nan=float("inf"))
+        new_norm = torch.nan_to_num(vector_norm(f_new - z_new, dim=1), nan=float("inf"))
         best_z, best_f, best_norm = z_new, f_new, new_norm
         for _ in range(self.line_search_steps):
             retry = active & ~(new_norm <= (1 - self.armijo_c * alpha) * g_norm)
@@ -414,7 +477,7 @@ class Broyden(Solver):
             state.n_line_search += 1
             z_new = torch.where(retry[:, None], z_try, z_new)
             f_new = torch.where(retry[:, None], f_try, f_new)
-            new_norm = torch.where(retry, torch.nan_to_num((f_try - z_try).norm(dim=1), nan=float("inf")), new_norm)
+            new_norm = torch.where(retry, torch.nan_to_num(vector_norm(f_try - z_try, dim=1), nan=float("inf")), new_norm)
             better = new_norm < best_norm
             best_z = torch.where(better[:, None], z_new, best_z)
             best_f = torch.where(better[:, None], f_new, best_f)

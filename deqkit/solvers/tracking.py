@@ -7,10 +7,12 @@ feeds it and a solver's own hooks never deal with it.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.linalg import vector_norm
 
 from .._options import check_choice, validated_options
 
@@ -29,6 +31,12 @@ class IterateTracker:
 
     The residual of ``z`` is ``g = fn(z) − z``; ``abs = ‖g‖``, ``rel = ‖g‖ / (scale + eps)``.
     A frozen (inactive) sample repeats its last value in the traces.
+
+    A solver's hooks see the tracker as ``problem.tracker`` and may read (never write) what the
+    last :meth:`record` computed, instead of computing it again: ``residual`` (``g``, ``(B, d)``),
+    ``abs_residual`` and ``fz_norm`` (``‖g‖`` and ``‖fn(z)‖``, ``(B,)``, of every sample, frozen
+    or not), ``better`` (the samples whose best iterate is the last one) and the best iterate
+    ``best_z`` with its residuals ``best_abs``, ``best_rel``.
     """
 
     def __init__(self, z: Tensor, stop_mode: str, rel_scale: Optional[Tensor] = None) -> None:
@@ -42,25 +50,29 @@ class IterateTracker:
         self.best_rel = self.best_abs.clone()
         self.abs_trace: list[Tensor] = []
         self.rel_trace: list[Tensor] = []
+        self.residual = self.abs_residual = self.fz_norm = self.better = self.best_abs  # set by record
 
-    def record(self, z: Tensor, fz: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+    def record(self, z: Tensor, fz: Tensor, active: Tensor, all_active: bool = False) -> tuple[Tensor, Tensor]:
         """See iterate ``z`` with ``fz = fn(z)``; returns ``(measure, nonfinite)`` per sample.
 
         ``measure`` is the residual in ``stop_mode`` (compared to the tolerance by the loop);
-        ``nonfinite`` marks the active samples whose ``fz`` holds NaN/Inf.
+        ``nonfinite`` marks the active samples whose ``fz`` holds NaN/Inf. ``all_active=True``
+        (the caller knows that every entry of ``active`` is true) skips the masking.
         """
-        abs_res = (fz - z).norm(dim=1)  # NaN/Inf anywhere in a sample's f(z) shows up here
-        fz_norm = fz.norm(dim=1)
+        self.residual = fz - z
+        self.abs_residual = abs_res = vector_norm(self.residual, dim=1)  # NaN/Inf anywhere in a sample's f(z) shows up here
+        self.fz_norm = fz_norm = vector_norm(fz, dim=1)
         scale = fz_norm if self.rel_scale is None else self.rel_scale
         rel_res = abs_res / (scale + self.eps)
-        nonfinite = active & ~torch.isfinite(abs_res + fz_norm)
-        if self.abs_trace:  # frozen samples repeat their last value in the traces
+        finite = (abs_res + fz_norm) < math.inf  # false for NaN and Inf (norms are never negative)
+        nonfinite = ~finite if all_active else active & ~finite
+        if self.abs_trace and not all_active:  # frozen samples repeat their last value in the traces
             abs_res = torch.where(active, abs_res, self.abs_trace[-1])
             rel_res = torch.where(active, rel_res, self.rel_trace[-1])
         self.abs_trace.append(abs_res)
         self.rel_trace.append(rel_res)
         measure = rel_res if self.stop_mode == "rel" else abs_res
-        better = active & (measure < self.best)
+        self.better = better = measure < self.best if all_active else active & (measure < self.best)
         self.best_z = torch.where(better[:, None], z, self.best_z)
         self.best_abs = torch.where(better, abs_res, self.best_abs)
         self.best_rel = torch.where(better, rel_res, self.best_rel)
