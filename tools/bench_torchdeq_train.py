@@ -1,7 +1,7 @@
 """Whole training runs against torchdeq, per estimator pair: issue 14's held-out digits job, or
 ``deqkit compare``'s default workload.
 
-    python tools/bench_torchdeq_train.py [--workload held-out|compare] [--seeds 3] [--threads 1]
+    python tools/bench_torchdeq_train.py [--workload held-out|compare] [--seeds 3] [--threads 1] [--repeats 1]
 
 ``held-out`` (chosen by the issue's author, not tuned here): sklearn digits (deqkit's split), an
 MLP DEQ whose cell is ``LayerNorm(tanh(W z + u))`` of width 128 (``DEQClassifier.mlp(...,
@@ -18,9 +18,10 @@ fixed-point iteration to absolute 1e-6, cap 40). The pairs:
 
 Both libraries train the same initial weights (same seed) on the same batches in the same order;
 the runs are interleaved (per seed and pair, the library that goes first alternates), one
-torch thread. Training time counts the optimisation steps only (not the evaluation). Prints one
-row per pair: mean training time of each library, the mean of the per-seed time ratios, and
-test accuracies.
+torch thread. Training time counts the optimisation steps only (not the evaluation); with
+``--repeats N`` each run is repeated N times (interleaved again) and its fastest time is kept
+(the runs are deterministic, so only the time differs). Prints one row per pair: mean training
+time of each library, the mean of the per-seed time ratios, and test accuracies.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="held-out")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1, help="runs per (seed, pair, library); the fastest time counts")
     args = ap.parse_args(argv)
     if not torchdeq_available():
         raise SystemExit("torchdeq is not installed: pip install torchdeq==0.1.0 (or deqkit[bench]).")
@@ -143,8 +145,16 @@ def main(argv: list[str] | None = None) -> None:
         data = load_dataset("digits", seed=seed)
         for p in range(len(PAIRS)):
             order = ("deqkit", "torchdeq") if (seed + p) % 2 == 0 else ("torchdeq", "deqkit")
+            best: dict[str, dict[str, float]] = {}
+            for rep in range(args.repeats):
+                for lib in order if rep % 2 == 0 else order[::-1]:
+                    r = train_once(lib, p, seed, args, data)
+                    if lib in best and r["test_acc"] != best[lib]["test_acc"]:
+                        print(f"  note: {lib} run not deterministic (test acc {r['test_acc']} vs {best[lib]['test_acc']})")
+                    if lib not in best or r["time_s"] < best[lib]["time_s"]:
+                        best[lib] = r
             for lib in order:
-                r = train_once(lib, p, seed, args, data)
+                r = best[lib]
                 runs.setdefault((p, lib), []).append(r)
                 print(
                     f"  seed {seed} {PAIRS[p][0]} [{lib}]: {r['time_s']:.1f} s, test acc {100 * r['test_acc']:.2f} %, "
