@@ -356,13 +356,13 @@ class Solver:
         tracker = problem.tracker = IterateTracker(z, self.stop_mode, rel_scale)
         state = self.init(problem, z, fz)
         active = torch.ones(B, dtype=torch.bool, device=z.device)
-        nstep = torch.zeros(B, dtype=torch.long, device=z.device)
+        was_active: list[Tensor] = []  # per iteration; summed once at the end into nstep
         nonfinite = torch.zeros(B, dtype=torch.bool, device=z.device)
         all_active = True  # known from the last host sync: no sample has stopped yet (saves the masking)
         for it in range(problem.max_iter):
             measure, bad_mask = tracker.record(z, fz, active, all_active)
             self.observe(state, z, fz, active)
-            nstep += active
+            was_active.append(active)
             active = active & ~self.terminate(state, measure, problem.tol)
             if self.on_nonfinite == "freeze":
                 nonfinite = nonfinite | bad_mask
@@ -385,7 +385,7 @@ class Solver:
         abs_trace, rel_trace = tracker.traces()
         return SolverResult(
             z=tracker.best_z.view(problem.shape),
-            nstep=nstep,
+            nstep=torch.stack(was_active).sum(0),
             abs_residual=tracker.best_abs,
             rel_residual=tracker.best_rel,
             converged=(tracker.best <= problem.tol) & ~nonfinite,

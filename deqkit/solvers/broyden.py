@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
 import torch
@@ -71,27 +71,29 @@ class BroydenState(InverseEstimate):
         if k == 0:
             return None
         U, V = (self.U, self.V) if k == self.memory else (self.U[:, :, :k], self.V[:, :, :k])
-        return U.to(dtype), V.to(dtype)
+        return (U, V) if U.dtype == dtype else (U.to(dtype), V.to(dtype))
 
     def apply(self, x: Tensor) -> Tensor:
         """``H x`` for column vectors ``x`` of shape ``(B, d)`` (in the dtype of ``x`` promoted with ``U``'s)."""
-        x = x.to(torch.promote_types(x.dtype, self.U.dtype))  # U, V are kept in at least float32; x may be half
-        h0x = -x if self.base is None else self.base.apply(x)
+        if x.dtype != self.U.dtype:  # U, V are kept in at least float32; x may be half
+            x = x.to(torch.promote_types(x.dtype, self.U.dtype))
         cols = self._columns(x.dtype)
         if cols is None:
-            return h0x
+            return self.apply_base(x)
         U, V = cols
-        return h0x + torch.bmm(torch.bmm(x.unsqueeze(1), V), U.transpose(1, 2)).squeeze(1)
+        low_rank = torch.bmm(torch.bmm(x.unsqueeze(1), V), U.transpose(1, 2)).squeeze(1)
+        return low_rank - x if self.base is None else self.base.apply(x) + low_rank
 
     def apply_left(self, v: Tensor) -> Tensor:
         """``v H`` for row vectors ``v`` of shape ``(B, d)`` (in the dtype of ``v`` promoted with ``U``'s)."""
-        v = v.to(torch.promote_types(v.dtype, self.U.dtype))
-        vh0 = -v if self.base is None else self.base.apply_left(v)
+        if v.dtype != self.U.dtype:
+            v = v.to(torch.promote_types(v.dtype, self.U.dtype))
         cols = self._columns(v.dtype)
         if cols is None:
-            return vh0
+            return -v if self.base is None else self.base.apply_left(v)
         U, V = cols
-        return vh0 + torch.bmm(torch.bmm(v.unsqueeze(1), U), V.transpose(1, 2)).squeeze(1)
+        low_rank = torch.bmm(torch.bmm(v.unsqueeze(1), U), V.transpose(1, 2)).squeeze(1)
+        return low_rank - v if self.base is None else self.base.apply_left(v) + low_rank
 
     def apply_base(self, x: Tensor) -> Tensor:
         """``H₀ x``: the product with the estimate a reset (``U = V = 0``) leaves."""
@@ -187,7 +189,7 @@ class _BroydenLoopState:
     # ‖f(z)‖ of the iterate the next step starts from
     fz_norm: Optional[Tensor] = None
     n_restart: Optional[Tensor] = None
-    n_capped: Optional[Tensor] = None
+    capped: list[Tensor] = field(default_factory=list)  # per step; summed into n_capped at the end
     # the divergence safeguard's bound on ‖z‖: divergence_ratio · (‖z₀‖ + ‖f(z₀) − z₀‖)
     far_norm: Optional[Tensor] = None
 
@@ -354,7 +356,6 @@ class Broyden(Solver):
             loss_grad,
             best_g=g,
             n_restart=zeros_b,
-            n_capped=zeros_b.clone(),
             far_norm=self.divergence_ratio * (vector_norm(z, dim=1) + vector_norm(g, dim=1)),
         )
 
@@ -365,8 +366,8 @@ class Broyden(Solver):
         state.hg = None
         if state.z_prev is not None:
             # the tracker's best includes this iterate; a residual that grew cannot be the best
-            bad = fresh & ~(tracker.abs_residual <= self.restart_growth * tracker.best_abs)  # NaN counts as bad
-            good = fresh & ~bad
+            steady = tracker.abs_residual <= self.restart_growth * tracker.best_abs  # false for NaN
+            good, bad = fresh & steady, fresh & ~steady
             # H g before the update gives both H Δg (= H g − H g_prev, the last step's product) and,
             # through the rank-one change, H g after it: one product with H per iteration, not three
             hg = state.H.apply(g)
@@ -438,12 +439,13 @@ class Broyden(Solver):
         z, g = state.z_prev, state.g_prev
         hg = state.H.apply(g) if state.hg is None else state.hg
         state.hg_prev = hg
-        # the step p = −H g; maximum-step safeguard: no step longer than max_step_ratio · (‖z‖ + ‖f(z)‖)
-        limit = self.max_step_ratio * (vector_norm(z, dim=1) + state.fz_norm)
-        pn = vector_norm(hg, dim=1)
-        capped = active & (pn > limit)
-        p = hg * (-(limit / pn.clamp_min(torch.finfo(hg.dtype).tiny)).clamp_max(1.0))[:, None]  # × 1 where not capped
-        state.n_capped += capped
+        # the step p = −H g; maximum-step safeguard: no step longer than max_step_ratio · (‖z‖ + ‖f(z)‖):
+        # p = −min(1, limit / ‖H g‖) · H g, so a step is capped where that factor is above −1
+        minus_limit = (vector_norm(z, dim=1) + state.fz_norm) * -self.max_step_ratio
+        factor = (minus_limit / vector_norm(hg, dim=1).clamp_min(torch.finfo(hg.dtype).tiny)).clamp_min(-1.0)
+        capped = active & (factor > -1.0)
+        p = hg * factor[:, None]
+        state.capped.append(capped)
         # divergence safeguard: a step far beyond the problem's initial scale is not trusted
         z_next = z + p
         far = active & (vector_norm(z_next, dim=1) > state.far_norm)
@@ -497,5 +499,5 @@ class Broyden(Solver):
             "n_opa": state.n_opa,
             "line_search_evals": state.n_line_search,
             "n_restart": state.n_restart,
-            "n_capped": state.n_capped,
+            "n_capped": torch.stack(state.capped).sum(0) if state.capped else torch.zeros_like(state.n_restart),
         }
