@@ -247,9 +247,12 @@ def test_exact_gives_unconverged_samples_far_from_their_fixed_point_the_jacobian
             torch.testing.assert_close(u.grad[far], c[far], rtol=0, atol=0)
             torch.testing.assert_close(u.grad[~far], exact[~far], rtol=1e-9, atol=1e-12)
             assert info.backward.n_fallback == 2
+            # the replaced adjoints' amplification is reported; the returned w's is measured after the fallback
+            assert info.backward.fallback_amplification == pytest.approx(float(kappa[far].max()), rel=1e-8)
+            assert info.backward.amplification == pytest.approx(float(kappa[~far].max().clamp_min(1.0)), rel=1e-8)
         else:
             torch.testing.assert_close(u.grad, exact, rtol=1e-9, atol=1e-12)
-            assert info.backward.n_fallback == 0
+            assert info.backward.n_fallback == 0 and info.backward.fallback_amplification is None
     with pytest.raises(dk.OptionError, match="unconverged"):
         dk.Exact(unconverged="skip")
     with pytest.raises(dk.OptionError, match="fallback_error"):

@@ -83,7 +83,10 @@ class BackwardStats:
             gives at most ``1 / (1 − ρ)``. A large value where the forward did not converge
             means the exact gradient is dominated by the forward's error: near a non-contractive
             cell the adjoint equation is nearly singular, and it amplifies the error of ``z*``
-            with the rest.
+            with the rest. Measured on the ``w`` returned, so after any fallback.
+        fallback_amplification: for :class:`~deqkit.Exact`, the largest ``‖w‖ / ‖v‖`` of the
+            adjoints it replaced by the Jacobian-free ``v`` (what triggered the fallback;
+            ``None`` when no sample fell back).
     """
 
     estimator: str
@@ -94,6 +97,7 @@ class BackwardStats:
     n_fallback: int = 0
     overflow: bool = False
     amplification: Optional[float] = None
+    fallback_amplification: Optional[float] = None
 
     @property
     def converged(self) -> Optional[Tensor]:

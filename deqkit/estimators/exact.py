@@ -169,11 +169,12 @@ class Exact(AdjointEstimator):
         stats.n_fallback = n = int(bad.sum())  # one host read per backward
         if not n:
             return w
+        worst, stats.fallback_amplification = torch.stack([estimate[bad].max(), kappa[bad].max()]).tolist()
         if self.on_failure != "ignore":
-            worst = float(estimate[bad].max())
             msg = (
                 f"Exact backward: {n} of {len(bad)} samples missed the forward tolerance and are estimated to be up to "
-                f"{worst:.2g} (relative) from their fixed point (‖w‖/‖v‖ × forward residual > fallback_error="
+                f"{worst:.2g} (relative) from their fixed point (‖w‖/‖v‖ up to {stats.fallback_amplification:.3g} × "
+                f"forward residual > fallback_error="
                 f"{self.fallback_error:g}); they got the Jacobian-free direction w = v (info.backward.n_fallback). "
                 "Let the forward converge (more iterations, Jacobian regularisation), or pass unconverged='exact' "
                 "to keep their adjoints."
