@@ -368,7 +368,8 @@ class Solver:
                 nonfinite = nonfinite | bad_mask
                 active = active & ~bad_mask
             # one host sync per iteration: any sample non-finite, any left active, all still active
-            any_bad, any_active, all_active = torch.stack([bad_mask.any(), active.any(), active.all()]).tolist()
+            n_active, n_bad = torch.stack([active.sum(), bad_mask.sum()]).tolist()
+            any_bad, any_active, all_active = n_bad > 0, n_active > 0, n_active == B
             if any_bad and self.on_nonfinite == "raise":
                 self._raise_nonfinite(it, bad_mask)
             if it == problem.max_iter - 1 or not any_active:

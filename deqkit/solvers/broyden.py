@@ -53,6 +53,8 @@ class BroydenState(InverseEstimate):
     n_updates: int = 0
     base: Optional[InverseEstimate] = None
     filled: Optional[int] = None
+    #: whether the last :meth:`update` left some sample unchanged, or could not tell without a host sync
+    last_update_masked: bool = field(default=True, compare=False)
 
     def __repr__(self) -> str:
         B, d, m = self.U.shape
@@ -144,10 +146,11 @@ class BroydenState(InverseEstimate):
             h_dg = h_dg - u_old * (v_old * dg).sum(dim=1, keepdim=True)
             vt = vt - v_old * (u_old * dz).sum(dim=1, keepdim=True)
         den = (vt * dg).sum(dim=1)
-        scale = (vector_norm(dz, dim=1) * vector_norm(h_dg, dim=1)).clamp_min(torch.finfo(dz.dtype).tiny)
-        ok = mask & (den.abs() > 1e3 * torch.finfo(dz.dtype).eps * scale)
+        scale = vector_norm(dz, dim=1) * vector_norm(h_dg, dim=1)
+        ok = mask & (den.abs() > 1e3 * torch.finfo(dz.dtype).eps * scale)  # false for dz = 0 (den = 0) and NaN
         skip = ~ok
-        masked = _may_hold(skip)  # on the CPU, the usual case (every sample updates) skips the masking
+        # on the CPU, the usual case (every sample updates) skips the masking
+        self.last_update_masked = masked = _may_hold(skip)
         u = (dz - h_dg) / (torch.where(ok, den, torch.ones_like(den)) if masked else den)[:, None]
         if masked:
             self.U[:, :, slot] = torch.where(skip[:, None], self.U[:, :, slot], u)
@@ -186,8 +189,9 @@ class _BroydenLoopState:
     n_line_search: int = 0
     # the residual at the best iterate (problem.tracker keeps the iterate), to restart from it
     best_g: Optional[Tensor] = None
-    # ‖f(z)‖ of the iterate the next step starts from
+    # ‖f(z)‖ and ‖z‖ of the iterate the next step starts from (‖z‖ from the last step, when known)
     fz_norm: Optional[Tensor] = None
+    z_norm: Optional[Tensor] = None
     n_restart: Optional[Tensor] = None
     capped: list[Tensor] = field(default_factory=list)  # per step; summed into n_capped at the end
     # the divergence safeguard's bound on ‖z‖: divergence_ratio · (‖z₀‖ + ‖f(z₀) − z₀‖)
@@ -374,14 +378,17 @@ class Broyden(Solver):
             h_dg = None if state.hg_prev is None else hg - state.hg_prev
             state.hg = state.H.update(z - state.z_prev, g - state.g_prev, good, h_dg=h_dg, x=g, hx=hg)
             state.best_g = torch.where(tracker.better[:, None], g, state.best_g)
-            # restart: H ← −I for the bad samples, which step again from their best iterate
-            if _may_hold(bad):  # a rare event: no full passes over U, V (or the iterates) when no sample restarts
+            # restart: H ← −I for the bad samples, which step again from their best iterate; a rare event:
+            # no full passes over U, V (or the iterates) when none restarts (a bad sample is never updated)
+            if state.H.last_update_masked and _may_hold(bad):
                 state.H.U.masked_fill_(bad[:, None, None], 0)
                 state.H.V.masked_fill_(bad[:, None, None], 0)
                 state.n_restart += bad
                 z, g = torch.where(bad[:, None], tracker.best_z, z), torch.where(bad[:, None], state.best_g, g)
                 state.hg = torch.where(bad[:, None], state.H.apply_base(g), state.hg)
                 state.fz_norm = torch.where(bad, vector_norm(z + g, dim=1), state.fz_norm)
+                if state.z_norm is not None:
+                    state.z_norm = torch.where(bad, vector_norm(z, dim=1), state.z_norm)
         # the step starts from (z_prev, g_prev): the restarted samples' best iterate
         state.z_prev, state.g_prev = z, g
         state.n_seen += 1
@@ -441,14 +448,16 @@ class Broyden(Solver):
         state.hg_prev = hg
         # the step p = −H g; maximum-step safeguard: no step longer than max_step_ratio · (‖z‖ + ‖f(z)‖):
         # p = −min(1, limit / ‖H g‖) · H g, so a step is capped where that factor is above −1
-        minus_limit = (vector_norm(z, dim=1) + state.fz_norm) * -self.max_step_ratio
+        z_norm = vector_norm(z, dim=1) if state.z_norm is None else state.z_norm
+        minus_limit = (z_norm + state.fz_norm) * -self.max_step_ratio
         factor = (minus_limit / vector_norm(hg, dim=1).clamp_min(torch.finfo(hg.dtype).tiny)).clamp_min(-1.0)
         capped = active & (factor > -1.0)
         p = hg * factor[:, None]
         state.capped.append(capped)
         # divergence safeguard: a step far beyond the problem's initial scale is not trusted
         z_next = z + p
-        far = active & (vector_norm(z_next, dim=1) > state.far_norm)
+        state.z_norm = vector_norm(z_next, dim=1)  # also ‖z‖ at the next step, where the sample moved
+        far = active & (state.z_norm > state.far_norm)
         if _may_hold(far):  # a rare event: skip two full passes over U, V when no step is that far
             state.H.U.masked_fill_(far[:, None, None], 0)
             state.H.V.masked_fill_(far[:, None, None], 0)
@@ -456,8 +465,10 @@ class Broyden(Solver):
             p = torch.where(far[:, None], g, p)
             state.n_restart += far
             z_next = z + p
+            state.z_norm = vector_norm(z_next, dim=1)
         if not self.line_search:
             return z_next
+        state.z_norm = None  # the line search may take a shorter step
         return self._backtrack(state, z, g, p, active)
 
     def _backtrack(self, state: _BroydenLoopState, z: Tensor, g: Tensor, p: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
