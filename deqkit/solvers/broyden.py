@@ -337,6 +337,8 @@ class Broyden(Solver):
         loss_grad = problem.options.get("loss_grad")
         if loss_grad is not None and self.opa_freq is None:
             raise OptionError("Broyden got loss_grad but has no opa_freq, so it would ignore it; set Broyden(opa_freq=k).")
+        if problem.tracker is None:
+            raise OptionError("Broyden's hooks read the loop's residuals (problem.tracker): call the solver, solver(fn, z0).")
         H0 = problem.options.get("inverse0")
         self._check_state_bytes(B, d, z.dtype, problem.max_iter)
         zeros = z.new_zeros(B, d, self.buffer_columns(problem.max_iter))
