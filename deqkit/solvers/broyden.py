@@ -247,8 +247,9 @@ class Broyden(Solver):
       resets that sample's ``H`` to ``−I`` and takes the plain step ``z + g`` instead.
     - *restart*: when a sample's residual ``‖g‖`` exceeds ``restart_growth`` times that of its
       best iterate so far (the one the solve would return, best in ``stop_mode``), or is not
-      finite, its ``H`` is reset to ``−I`` and it steps again from that iterate. Secant pairs made of rounding noise (a tolerance below what the dtype resolves)
-      otherwise corrupt ``H`` and the iteration runs away to overflow from a fixed point it had found.
+      finite, its ``H`` is reset to ``−I`` and it steps again from that iterate. Secant pairs
+      made of rounding noise (a tolerance below what the dtype resolves) otherwise corrupt ``H``
+      and the iteration runs away to overflow from a fixed point it had found.
     """
 
     keeps_inverse = True

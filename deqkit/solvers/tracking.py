@@ -2,7 +2,8 @@
 
 :class:`IterateTracker` is the one place that computes the residuals of an iterate, keeps the
 best iterate of each sample and the per-iteration traces; :meth:`deqkit.solvers.Solver.__call__`
-feeds it and a solver's own hooks never deal with it.
+feeds it, and a solver's hooks read it (``problem.tracker``) instead of computing the same
+residuals again.
 """
 
 from __future__ import annotations
