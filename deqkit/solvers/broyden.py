@@ -148,13 +148,12 @@ class BroydenState(InverseEstimate):
         den = (vt * dg).sum(dim=1)
         scale = vector_norm(dz, dim=1) * vector_norm(h_dg, dim=1)
         ok = mask & (den.abs() > 1e3 * torch.finfo(dz.dtype).eps * scale)  # false for dz = 0 (den = 0) and NaN
-        skip = ~ok
         # on the CPU, the usual case (every sample updates) skips the masking
-        self.last_update_masked = masked = _may_hold(skip)
+        self.last_update_masked = masked = ok.device.type != "cpu" or not bool(ok.all())
         u = (dz - h_dg) / (torch.where(ok, den, torch.ones_like(den)) if masked else den)[:, None]
         if masked:
-            self.U[:, :, slot] = torch.where(skip[:, None], self.U[:, :, slot], u)
-            self.V[:, :, slot] = torch.where(skip[:, None], self.V[:, :, slot], vt)
+            self.U[:, :, slot] = torch.where(ok[:, None], u, self.U[:, :, slot])
+            self.V[:, :, slot] = torch.where(ok[:, None], vt, self.V[:, :, slot])
         else:
             self.U[:, :, slot] = u
             self.V[:, :, slot] = vt
@@ -165,7 +164,7 @@ class BroydenState(InverseEstimate):
             return None
         hx_new = hx - u_old * (v_old * x).sum(dim=1, keepdim=True) if in_use else hx
         hx_new = hx_new + u * (vt * x).sum(dim=1, keepdim=True)
-        return torch.where(skip[:, None], hx, hx_new) if masked else hx_new
+        return torch.where(ok[:, None], hx_new, hx) if masked else hx_new
 
     def detach(self) -> BroydenState:
         """The same estimate with ``U`` and ``V`` detached from any graph."""
@@ -374,7 +373,8 @@ class Broyden(Solver):
         if state.z_prev is not None:
             # the tracker's best includes this iterate; a residual that grew cannot be the best
             steady = tracker.abs_residual <= self.restart_growth * tracker.best_abs  # false for NaN
-            good, bad = fresh & steady, fresh & ~steady
+            # a stopped sample's z is held by the loop, so its Δz = 0 and update() leaves it alone
+            good, bad = steady, fresh & ~steady
             # H g before the update gives both H Δg (= H g − H g_prev, the last step's product) and,
             # through the rank-one change, H g after it: one product with H per iteration, not three
             hg = state.H.apply(g)
