@@ -368,7 +368,7 @@ class Solver:
                 nonfinite = nonfinite | bad_mask
                 active = active & ~bad_mask
             # one host sync per iteration: any sample non-finite, any left active, all still active
-            n_active, n_bad = torch.stack([active.sum(), bad_mask.sum()]).tolist()
+            n_active, n_bad = torch.stack([active, bad_mask]).sum(1).tolist()
             any_bad, any_active, all_active = n_bad > 0, n_active > 0, n_active == B
             if any_bad and self.on_nonfinite == "raise":
                 self._raise_nonfinite(it, bad_mask)

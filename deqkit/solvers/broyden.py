@@ -56,6 +56,10 @@ class BroydenState(InverseEstimate):
     #: whether the last :meth:`update` left some sample unchanged, or could not tell without a host sync
     last_update_masked: bool = field(default=True, compare=False)
 
+    def __post_init__(self) -> None:
+        # update()'s test for a degenerate denominator, as a 0-dim tensor (cheaper than a Python number)
+        self._degenerate = self.U.new_tensor(1e3 * torch.finfo(self.U.dtype).eps)
+
     def __repr__(self) -> str:
         B, d, m = self.U.shape
         base = "" if self.base is None else f", base={self.base!r}"
@@ -147,7 +151,8 @@ class BroydenState(InverseEstimate):
             vt = vt - v_old * (u_old * dz).sum(dim=1, keepdim=True)
         den = (vt * dg).sum(dim=1)
         scale = vector_norm(dz, dim=1) * vector_norm(h_dg, dim=1)
-        ok = mask & (den.abs() > 1e3 * torch.finfo(dz.dtype).eps * scale)  # false for dz = 0 (den = 0) and NaN
+        degenerate = self._degenerate if dz.dtype == self.U.dtype else 1e3 * torch.finfo(dz.dtype).eps
+        ok = mask & (den.abs() > degenerate * scale)  # false for dz = 0 (den = 0) and NaN
         # on the CPU, the usual case (every sample updates) skips the masking
         self.last_update_masked = masked = ok.device.type != "cpu" or not bool(ok.all())
         u = (dz - h_dg) / (torch.where(ok, den, torch.ones_like(den)) if masked else den)[:, None]
@@ -195,6 +200,10 @@ class _BroydenLoopState:
     capped: list[Tensor] = field(default_factory=list)  # per step; summed into n_capped at the end
     # the divergence safeguard's bound on ‖z‖: divergence_ratio · (‖z₀‖ + ‖f(z₀) − z₀‖)
     far_norm: Optional[Tensor] = None
+    # restart_growth, −max_step_ratio and −1 as 0-dim tensors (operations with Python numbers cost more)
+    growth: Optional[Tensor] = None
+    minus_ratio: Optional[Tensor] = None
+    minus_one: Optional[Tensor] = None
 
 
 @register_solver("broyden")
@@ -363,6 +372,9 @@ class Broyden(Solver):
             best_g=g,
             n_restart=zeros_b,
             far_norm=self.divergence_ratio * (vector_norm(z, dim=1) + vector_norm(g, dim=1)),
+            growth=z.new_tensor(self.restart_growth),
+            minus_ratio=z.new_tensor(-self.max_step_ratio),
+            minus_one=z.new_tensor(-1.0),
         )
 
     def observe(self, state: Any, z: Tensor, fz: Tensor, fresh: Tensor) -> None:
@@ -372,7 +384,7 @@ class Broyden(Solver):
         state.hg = None
         if state.z_prev is not None:
             # the tracker's best includes this iterate; a residual that grew cannot be the best
-            steady = tracker.abs_residual <= self.restart_growth * tracker.best_abs  # false for NaN
+            steady = tracker.abs_residual <= state.growth * tracker.best_abs  # false for NaN
             # a stopped sample's z is held by the loop, so its Δz = 0 and update() leaves it alone
             good, bad = steady, fresh & ~steady
             # H g before the update gives both H Δg (= H g − H g_prev, the last step's product) and,
@@ -452,9 +464,9 @@ class Broyden(Solver):
         # the step p = −H g; maximum-step safeguard: no step longer than max_step_ratio · (‖z‖ + ‖f(z)‖):
         # p = −min(1, limit / ‖H g‖) · H g, so a step is capped where that factor is above −1
         z_norm = vector_norm(z, dim=1) if state.z_norm is None else state.z_norm
-        minus_limit = (z_norm + state.fz_norm) * -self.max_step_ratio
+        minus_limit = (z_norm + state.fz_norm) * state.minus_ratio
         factor = (minus_limit / vector_norm(hg, dim=1).clamp_min(torch.finfo(hg.dtype).tiny)).clamp_min(-1.0)
-        capped = active & (factor > -1.0)
+        capped = active & (factor > state.minus_one)
         p = hg * factor[:, None]
         state.capped.append(capped)
         # divergence safeguard: a step far beyond the problem's initial scale is not trusted

@@ -46,6 +46,8 @@ class IterateTracker:
         self.stop_mode = stop_mode
         self.rel_scale = rel_scale
         self.eps = torch.finfo(z.dtype).eps
+        # 0-dim tensors: an operation with a Python number costs about twice one with a tensor on the CPU
+        self._eps, self._inf = z.new_tensor(self.eps), z.new_tensor(math.inf)
         self.best_z = z.clone()
         self.best_abs = torch.full((B,), float("inf"), dtype=z.dtype, device=z.device)
         self.best_rel = self.best_abs.clone()
@@ -64,8 +66,8 @@ class IterateTracker:
         self.abs_residual = abs_res = vector_norm(self.residual, dim=1)  # NaN/Inf anywhere in a sample's f(z) shows up here
         self.fz_norm = fz_norm = vector_norm(fz, dim=1)
         scale = fz_norm if self.rel_scale is None else self.rel_scale
-        rel_res = abs_res / (scale + self.eps)
-        finite = (abs_res + fz_norm) < math.inf  # false for NaN and Inf (norms are never negative)
+        rel_res = abs_res / (scale + self._eps)
+        finite = (abs_res + fz_norm) < self._inf  # false for NaN and Inf (norms are never negative)
         nonfinite = ~finite if all_active else active & ~finite
         if self.abs_trace and not all_active:  # frozen samples repeat their last value in the traces
             abs_res = torch.where(active, abs_res, self.abs_trace[-1])
