@@ -174,8 +174,8 @@ class Exact(AdjointEstimator):
             msg = (
                 f"Exact backward: {n} of {len(bad)} samples missed the forward tolerance and are estimated to be up to "
                 f"{worst:.2g} (relative) from their fixed point (‖w‖/‖v‖ up to {stats.fallback_amplification:.3g} × "
-                f"forward residual > fallback_error="
-                f"{self.fallback_error:g}); they got the Jacobian-free direction w = v (info.backward.n_fallback). "
+                f"forward residual > fallback_error={self.fallback_error:g}); they got the Jacobian-free direction "
+                "w = v (info.backward.n_fallback). "
                 "Let the forward converge (more iterations, Jacobian regularisation), or pass unconverged='exact' "
                 "to keep their adjoints."
             )

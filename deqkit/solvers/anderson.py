@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -11,7 +11,6 @@ from torch import Tensor
 from .._options import check_fraction, check_int, check_positive, validated_options
 from ..registry import register_solver
 from .base import Problem, Solver
-from .tracking import IterateTracker
 
 __all__ = ["Anderson"]
 
@@ -21,7 +20,6 @@ class _AndersonState:
     F: Tensor  # (B, m, d) the map at past iterates, f(x)
     G: Tensor  # (B, m, d) their residuals f(x) − x
     gram: Tensor  # (B, m, m) GGᵀ, updated one row/column per step
-    tracker: Optional[IterateTracker]  # the loop's: it holds the residual f(x) − x of each evaluation
     count: int = 0
 
 
@@ -63,11 +61,11 @@ class Anderson(Solver):
     def init(self, problem: Problem, z: Tensor, fz: Tensor) -> _AndersonState:
         B, d = z.shape
         m = min(self.memory, problem.max_iter)
-        return _AndersonState(z.new_zeros(B, m, d), z.new_zeros(B, m, d), z.new_zeros(B, m, m), problem.tracker)
+        return _AndersonState(z.new_zeros(B, m, d), z.new_zeros(B, m, d), z.new_zeros(B, m, m))
 
     def observe(self, state: Any, z: Tensor, fz: Tensor, fresh: Tensor) -> None:
         slot = state.count % state.F.shape[1]
-        g = fz - z if state.tracker is None else state.tracker.residual  # hooks driven by hand have no tracker
+        g = fz - z
         state.F[:, slot] = fz
         state.G[:, slot] = g
         col = (state.G * g.unsqueeze(1)).sum(-1)  # (B, m): ⟨g_i, g⟩

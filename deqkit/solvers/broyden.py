@@ -29,6 +29,11 @@ def _may_hold(mask: Tensor) -> bool:
     return bool(mask.any()) if mask.device.type == "cpu" else True
 
 
+def _all_hold(mask: Tensor) -> bool:
+    """``not _may_hold(~mask)`` without building ``~mask``: every entry known true (read on the CPU only)."""
+    return mask.device.type == "cpu" and bool(mask.all())
+
+
 __all__ = ["Broyden", "BroydenState"]
 
 
@@ -53,12 +58,12 @@ class BroydenState(InverseEstimate):
     n_updates: int = 0
     base: Optional[InverseEstimate] = None
     filled: Optional[int] = None
-    #: whether the last :meth:`update` left some sample unchanged, or could not tell without a host sync
-    last_update_masked: bool = field(default=True, compare=False)
 
     def __post_init__(self) -> None:
         # update()'s test for a degenerate denominator, as a 0-dim tensor (cheaper than a Python number)
         self._degenerate = self.U.new_tensor(1e3 * torch.finfo(self.U.dtype).eps)
+        #: whether the last :meth:`update` left some sample unchanged, or could not tell without a host sync
+        self.last_update_masked = True
 
     def __repr__(self) -> str:
         B, d, m = self.U.shape
@@ -154,7 +159,7 @@ class BroydenState(InverseEstimate):
         degenerate = self._degenerate if dz.dtype == self.U.dtype else 1e3 * torch.finfo(dz.dtype).eps
         ok = mask & (den.abs() > degenerate * scale)  # false for dz = 0 (den = 0) and NaN
         # on the CPU, the usual case (every sample updates) skips the masking
-        self.last_update_masked = masked = ok.device.type != "cpu" or not bool(ok.all())
+        self.last_update_masked = masked = not _all_hold(ok)
         u = (dz - h_dg) / (torch.where(ok, den, torch.ones_like(den)) if masked else den)[:, None]
         if masked:
             self.U[:, :, slot] = torch.where(ok[:, None], u, self.U[:, :, slot])
@@ -193,9 +198,8 @@ class _BroydenLoopState:
     n_line_search: int = 0
     # the residual at the best iterate (problem.tracker keeps the iterate), to restart from it
     best_g: Optional[Tensor] = None
-    # ‖f(z)‖ and ‖z‖ of the iterate the next step starts from (‖z‖ from the last step, when known)
+    # ‖f(z)‖ of the iterate the next step starts from
     fz_norm: Optional[Tensor] = None
-    z_norm: Optional[Tensor] = None
     n_restart: Optional[Tensor] = None
     capped: list[Tensor] = field(default_factory=list)  # per step; summed into n_capped at the end
     # the divergence safeguard's bound on ‖z‖: divergence_ratio · (‖z₀‖ + ‖f(z₀) − z₀‖)
@@ -402,8 +406,6 @@ class Broyden(Solver):
                 z, g = torch.where(bad[:, None], tracker.best_z, z), torch.where(bad[:, None], state.best_g, g)
                 state.hg = torch.where(bad[:, None], state.H.apply_base(g), state.hg)
                 state.fz_norm = torch.where(bad, vector_norm(z + g, dim=1), state.fz_norm)
-                if state.z_norm is not None:
-                    state.z_norm = torch.where(bad, vector_norm(z, dim=1), state.z_norm)
         # the step starts from (z_prev, g_prev): the restarted samples' best iterate
         state.z_prev, state.g_prev = z, g
         state.n_seen += 1
@@ -463,16 +465,14 @@ class Broyden(Solver):
         state.hg_prev = hg
         # the step p = −H g; maximum-step safeguard: no step longer than max_step_ratio · (‖z‖ + ‖f(z)‖):
         # p = −min(1, limit / ‖H g‖) · H g, so a step is capped where that factor is above −1
-        z_norm = vector_norm(z, dim=1) if state.z_norm is None else state.z_norm
-        minus_limit = (z_norm + state.fz_norm) * state.minus_ratio
+        minus_limit = (vector_norm(z, dim=1) + state.fz_norm) * state.minus_ratio
         factor = (minus_limit / vector_norm(hg, dim=1).clamp_min(torch.finfo(hg.dtype).tiny)).clamp_min(-1.0)
         capped = active & (factor > state.minus_one)
         p = hg * factor[:, None]
         state.capped.append(capped)
         # divergence safeguard: a step far beyond the problem's initial scale is not trusted
         z_next = z + p
-        state.z_norm = vector_norm(z_next, dim=1)  # also ‖z‖ at the next step, where the sample moved
-        far = active & (state.z_norm > state.far_norm)
+        far = active & (vector_norm(z_next, dim=1) > state.far_norm)
         if _may_hold(far):  # a rare event: skip two full passes over U, V when no step is that far
             state.H.U.masked_fill_(far[:, None, None], 0)
             state.H.V.masked_fill_(far[:, None, None], 0)
@@ -480,10 +480,8 @@ class Broyden(Solver):
             p = torch.where(far[:, None], g, p)
             state.n_restart += far
             z_next = z + p
-            state.z_norm = vector_norm(z_next, dim=1)
         if not self.line_search:
             return z_next
-        state.z_norm = None  # the line search may take a shorter step
         return self._backtrack(state, z, g, p, active)
 
     def _backtrack(self, state: _BroydenLoopState, z: Tensor, g: Tensor, p: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
