@@ -9,13 +9,17 @@ its samples still active, and the solve ends on every rank when the global count
 to ``(1 − quorum) · B_global``:
 
 * ``quorum=1.0``: every rank stops when no sample on any rank is active (the same iteration
-  count everywhere, which is the slowest rank's; per-sample results equal an unsynchronised
-  solve's, since a sample that stopped stays frozen);
+  count everywhere, which is the slowest rank's). By default (the wrapped solver's
+  ``freeze_converged=False``) no sample on any rank stops before then, so the ranks' shards
+  iterate as one global batch and give the results of one process on the concatenated batch;
+  with ``freeze_converged=True`` each sample freezes at its first iterate under ``tol`` and the
+  results equal an unsynchronised solve's;
 * ``quorum<1``: the ranks stop together as soon as that fraction of the global batch has
   stopped, so a few hard samples on one rank no longer hold every rank back (the samples cut
   off count as not converged in ``info.converged``).
 
-A rank whose own samples have all stopped does not evaluate the cell any more: it only takes
+A rank whose own samples have all stopped (``freeze_converged=True``, or after the agreement)
+does not evaluate the cell any more: it only takes
 part in the per-iteration all-reduce until the agreement is reached, so every rank makes the
 same number of collective calls and nothing hangs.
 
@@ -77,6 +81,7 @@ class AgreedStop(Solver):
         # the loop written once in Solver reads these attributes of the solver running it
         self.tol, self.max_iter = solver.tol, solver.max_iter
         self.stop_mode, self.on_nonfinite = solver.stop_mode, solver.on_nonfinite
+        self.freeze_converged = solver.freeze_converged
         self.keeps_inverse = solver.keeps_inverse  # type: ignore[misc]
         self.call_options = solver.call_options  # type: ignore[misc]
         self.name = solver.name  # type: ignore[misc]
@@ -127,7 +132,7 @@ class AgreedStop(Solver):
         still = stop.logical_not() if self._active is None else self._active & stop.logical_not()
         if self._agree(int(still.sum()), measure.device):
             return torch.ones_like(stop)
-        return stop
+        return stop if self.freeze_converged else torch.zeros_like(stop)  # the global batch goes on
 
     def inverse(self, state: Any) -> InverseEstimate | None:
         return self.solver.inverse(state)

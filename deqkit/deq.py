@@ -555,8 +555,8 @@ class DEQ(nn.Module):
             raise OptionError(
                 f"DEQ: the cell mixes the samples of a batch: changing sample 0's state changed the cell's output "
                 f"for samples {idx[:8]}{'...' if len(idx) > 8 else ''} (by up to {float(diff.max()):.3g}). Solvers and "
-                f"gradient estimators treat each sample's fixed point separately (per-sample stopping and "
-                f"residuals), so results would be wrong. Use per-sample operations (LayerNorm/GroupNorm instead "
+                f"gradient estimators treat each sample's fixed point separately (per-sample residuals, convergence and "
+                f"adjoints), so results would be wrong. Use per-sample operations (LayerNorm/GroupNorm instead "
                 f"of batch statistics, no z.mean(0)); a random cell (dropout) also fails this check. Pass "
                 f"check_batch_coupling=False to skip it."
             )

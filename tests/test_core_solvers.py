@@ -81,9 +81,9 @@ def _per_sample_problem():
 def test_per_sample_stopping_matches_solving_each_sample_alone(name):
     fn_for, c, x = _per_sample_problem()
     solver = {
-        "fixed-point": FixedPoint(tol=1e-10, max_iter=300),
-        "anderson": Anderson(tol=1e-10, max_iter=300),
-        "broyden": Broyden(memory=30, tol=1e-10, max_iter=300),
+        "fixed-point": FixedPoint(tol=1e-10, max_iter=300, freeze_converged=True),
+        "anderson": Anderson(tol=1e-10, max_iter=300, freeze_converged=True),
+        "broyden": Broyden(memory=30, tol=1e-10, max_iter=300, freeze_converged=True),
     }[name]
     seen = []
 
@@ -107,6 +107,39 @@ def test_per_sample_stopping_matches_solving_each_sample_alone(name):
             assert torch.equal(later[b], frozen)
         assert torch.equal(batch.z[b], frozen)
         assert not torch.equal(seen[0][b], frozen)  # it did move before freezing
+
+
+@pytest.mark.parametrize("name", FORWARD_NAMES)
+def test_by_default_the_batch_iterates_until_its_last_sample_converges(name):
+    """Default (``freeze_converged=False``): no sample stops before the slowest one; each sample's
+    result is its best iterate over the batch's iterations, so it is at least as close to its fixed
+    point as with freezing, and the fast samples far closer, for the same batch step count."""
+    fn_for, c, x = _per_sample_problem()
+    opts = {"tol": 1e-8, "max_iter": 300}
+    make = {"fixed-point": FixedPoint, "anderson": Anderson, "broyden": lambda **k: Broyden(memory=30, **k)}[name]
+    frozen = make(**opts, freeze_converged=True)(fn_for(c, x), torch.zeros_like(x))
+    batch = make(**opts)(fn_for(c, x), torch.zeros_like(x))
+    n = int(frozen.nstep.max())
+    assert len(set(frozen.nstep.tolist())) == 3
+    assert batch.nstep.tolist() == [n] * 3  # the slowest sample's count, for every sample
+    assert batch.all_converged
+    assert (batch.residual <= frozen.residual).all()
+    fast = frozen.nstep < n
+    assert (batch.residual[fast] < 1e-2 * frozen.residual[fast]).all(), (batch.residual, frozen.residual)
+    for b in range(3):  # each sample's iterates are its own: solved alone for the batch's count, it ends the same
+        alone = make(tol=1e-300, max_iter=n, stop_mode="abs")(fn_for(c[b : b + 1], x[b : b + 1]), torch.zeros_like(x[b : b + 1]))
+        torch.testing.assert_close(batch.z[b], alone.z[0], rtol=0, atol=1e-13)
+
+
+def test_anderson_keeps_a_sample_at_an_exact_fixed_point_finite():
+    """A sample whose residual is exactly zero (here a constant map) goes on iterating with its batch:
+    its zero Gram row must not turn Anderson's mixing weights into inf/NaN."""
+    fn_for, c, x = _per_sample_problem()
+    c = c.clone()
+    c[0] = 0.0  # f(z) = tanh(x₀): g = 0 from the second iterate on
+    res = Anderson(tol=1e-10, max_iter=100)(fn_for(c, x), torch.zeros_like(x))
+    assert res.all_converged and torch.isfinite(res.z).all()
+    assert float(res.abs_residual[0]) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,7 +50,11 @@ def test_mlp_deq_converges_at_init(norm):
     model = _mlp(norm=norm, on_failure="ignore")
     _, info = model(torch.randn(128, 20), return_info=True)
     assert info.converged.float().mean() >= 0.95
-    assert info.nstep.float().mean() < 25
+    # the batch iterates until its last sample converges; each sample's own first step under tol:
+    assert info.forward.stop_mode == "rel"
+    under = info.forward.rel_trace <= info.forward.tol
+    first = torch.where(under.any(0), under.float().argmax(0) + 1, under.shape[0])
+    assert first.float().mean() < 25
 
 
 def test_conv_deq_converges_at_init():

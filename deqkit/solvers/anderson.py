@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,8 +53,11 @@ class Anderson(Solver):
         max_iter: int = 50,
         stop_mode: str = "rel",
         on_nonfinite: str = "raise",
+        freeze_converged: bool = False,
     ) -> None:
-        super().__init__(tol=tol, max_iter=max_iter, stop_mode=stop_mode, on_nonfinite=on_nonfinite)
+        super().__init__(
+            tol=tol, max_iter=max_iter, stop_mode=stop_mode, on_nonfinite=on_nonfinite, freeze_converged=freeze_converged
+        )
         owner = type(self).__name__
         self.memory = check_int(owner, "memory", memory)
         self.regularization = check_positive(owner, "regularization", regularization, allow_zero=True)
@@ -80,8 +85,10 @@ class Anderson(Solver):
         gram = state.gram[:, :n, :n]
         # Scale-free Tikhonov: regularise the Gram matrix normalised to unit diagonal, so that λ
         # acts the same on the newest (small) and oldest (large) residuals in the window.
+        # The floor √tiny keeps an exact fixed point (g = 0: a converged sample that goes on
+        # iterating with its batch) finite: its weight ~ scale² / λ stays far below overflow.
         info = torch.finfo(z.dtype)
-        scale = gram.diagonal(dim1=1, dim2=2).clamp_min(info.tiny).rsqrt()  # (B, n)
+        scale = gram.diagonal(dim1=1, dim2=2).clamp_min(math.sqrt(info.tiny)).rsqrt()  # (B, n)
         corr = gram * scale[:, :, None] * scale[:, None, :]
         lam = max(self.regularization, 10 * info.eps)  # a few ulps keep repeated history solvable
         corr.diagonal(dim1=1, dim2=2).add_(lam)  # corr is a fresh tensor: + λI in place

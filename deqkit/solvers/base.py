@@ -4,9 +4,12 @@ Every solver finds ``z`` with ``fn(z) = z`` for a batch of states of any shape `
 
     result = solver(fn, z0)
 
-Samples are independent: each stops when its own residual is below ``tol`` (a converged
-sample is frozen while the rest go on) and the batch stops when all have converged or the
-iteration cap is hit. The result holds the best iterate of each sample, its step count,
+Samples are independent: each has its own residual, best iterate and ``converged`` flag, and
+the batch stops when all have converged or the iteration cap is hit. Until then every sample
+keeps iterating (the map evaluates the batch whole anyway, so a converged sample's further
+steps are free and only bring it closer to its fixed point); ``freeze_converged=True`` instead
+freezes each sample at its first iterate under ``tol``, so its result does not depend on the
+rest of the batch. The result holds the best iterate of each sample, its step count,
 residual traces, a ``converged`` mask, the wall-clock time and, for a quasi-Newton solver, its
 inverse-Jacobian estimate (an :class:`~deqkit.inverse.InverseEstimate`).
 
@@ -16,7 +19,7 @@ one is compared to ``tol`` (and ranks iterates for "best").
 
 Writing a solver
 ----------------
-The loop (validation, flattening, per-sample freezing, best-iterate tracking, traces, the
+The loop (validation, flattening, stopping, best-iterate tracking, traces, the
 non-finite policy, timing) is written once, in :meth:`Solver.__call__`. A solver implements
 hooks on flattened ``(B, d)`` tensors, in the spirit of optimistix's init/step/terminate:
 
@@ -51,7 +54,7 @@ from typing import Any, ClassVar, Optional, Union
 import torch
 from torch import Tensor
 
-from .._options import check_choice, check_int, check_positive, options_repr, unknown_option_message
+from .._options import check_bool, check_choice, check_int, check_positive, options_repr, unknown_option_message
 from ..errors import NonFiniteError, OptionError
 from ..inverse import InverseEstimate
 from ..registry import SOLVERS
@@ -73,8 +76,8 @@ class SolverResult(ResultMixin):
 
     Attributes:
         z: best iterate per sample (lowest residual in ``stop_mode``), shape of ``z0``.
-        nstep: number of residual evaluations each sample used, ``(B,)`` (its own stop step;
-            Broyden's line-search trials are counted apart, in ``extra["line_search_evals"]``).
+        nstep: number of residual evaluations each sample used, ``(B,)`` (the batch's step count,
+            or with ``freeze_converged`` its own stop step; Broyden's line-search trials are counted apart, in ``extra["line_search_evals"]``).
         abs_residual, rel_residual: residuals of the returned iterate, ``(B,)``; ``residual``
             is the one compared to ``tol``.
         converged: ``(B,)`` bool, residual of the returned iterate ``<= tol``.
@@ -172,6 +175,12 @@ class Solver:
             ``fn`` returns NaN/Inf for a sample) or ``"freeze"``: that sample stops at its best
             finite iterate, is marked in ``result.nonfinite`` and counts as not converged,
             while the rest of the batch goes on.
+        freeze_converged: ``False`` (default): every sample keeps iterating until the whole
+            batch has converged (or the cap), and returns its best iterate: at no extra cost
+            (the map evaluates the batch whole) the typical sample ends well below ``tol``.
+            ``True``: a sample stops changing at its first iterate under ``tol``, so its result
+            and step count do not depend on the rest of the batch (the per-sample stopping of
+            Bai, Kolter & Koltun's DEQ code), at the price of a less accurate typical sample.
 
     To solve the linear adjoint equation of the exact gradient with a forward solver, wrap it:
     :class:`deqkit.linear.FixedPointAdjoint` (``Exact(Anderson())`` does so itself).
@@ -186,7 +195,15 @@ class Solver:
     #: the solver-specific remedy named when the map returns NaN/Inf (an option this solver has)
     nonfinite_advice: ClassVar[str] = "or try another solver"
 
-    def __init__(self, *, tol: float = 1e-4, max_iter: int = 50, stop_mode: str = "rel", on_nonfinite: str = "raise") -> None:
+    def __init__(
+        self,
+        *,
+        tol: float = 1e-4,
+        max_iter: int = 50,
+        stop_mode: str = "rel",
+        on_nonfinite: str = "raise",
+        freeze_converged: bool = False,
+    ) -> None:
         owner = type(self).__name__
         self.tol = check_positive(owner, "tol", tol)
         self.max_iter = check_int(owner, "max_iter", max_iter)
@@ -194,6 +211,7 @@ class Solver:
         check_choice(owner, "on_nonfinite", on_nonfinite, NONFINITE_POLICIES)
         self.stop_mode = stop_mode
         self.on_nonfinite = on_nonfinite
+        self.freeze_converged = check_bool(owner, "freeze_converged", freeze_converged)
 
     def __repr__(self) -> str:
         return options_repr(self)
@@ -222,7 +240,7 @@ class Solver:
         """``(B,)`` bool: the samples that stop now (default: residual ``measure <= tol``, or NaN).
 
         Called once per iteration with the residual in ``stop_mode``; a sample that stops is
-        frozen. Stopping does not make a sample converged: ``result.converged`` is always
+        frozen (unless ``freeze_converged`` is off: then none stops before all do). Stopping does not make a sample converged: ``result.converged`` is always
         "the returned residual ``<= tol``". Must not synchronise with the host.
         """
         return ~(measure > tol)
@@ -363,7 +381,10 @@ class Solver:
             measure, bad_mask = tracker.record(z, fz, active, all_active)
             self.observe(state, z, fz, active)
             was_active.append(active)
-            active = active & ~self.terminate(state, measure, problem.tol)
+            stop = self.terminate(state, measure, problem.tol)
+            if not self.freeze_converged:  # none stops before every active sample does
+                stop = (stop | ~active).all().expand_as(stop)
+            active = active & ~stop
             if self.on_nonfinite == "freeze":
                 nonfinite = nonfinite | bad_mask
                 active = active & ~bad_mask

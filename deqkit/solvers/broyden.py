@@ -292,8 +292,11 @@ class Broyden(Solver):
         max_iter: int = 50,
         stop_mode: str = "rel",
         on_nonfinite: str = "raise",
+        freeze_converged: bool = False,
     ) -> None:
-        super().__init__(tol=tol, max_iter=max_iter, stop_mode=stop_mode, on_nonfinite=on_nonfinite)
+        super().__init__(
+            tol=tol, max_iter=max_iter, stop_mode=stop_mode, on_nonfinite=on_nonfinite, freeze_converged=freeze_converged
+        )
         owner = type(self).__name__
         self.memory = check_int(owner, "memory", memory)
         self.opa_freq = None if opa_freq is None else check_int(owner, "opa_freq", opa_freq)

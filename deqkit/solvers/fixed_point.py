@@ -28,9 +28,18 @@ class FixedPoint(Solver):
     name = "fixed-point"
 
     def __init__(
-        self, *, damping: float = 1.0, tol: float = 1e-4, max_iter: int = 50, stop_mode: str = "rel", on_nonfinite: str = "raise"
+        self,
+        *,
+        damping: float = 1.0,
+        tol: float = 1e-4,
+        max_iter: int = 50,
+        stop_mode: str = "rel",
+        on_nonfinite: str = "raise",
+        freeze_converged: bool = False,
     ) -> None:
-        super().__init__(tol=tol, max_iter=max_iter, stop_mode=stop_mode, on_nonfinite=on_nonfinite)
+        super().__init__(
+            tol=tol, max_iter=max_iter, stop_mode=stop_mode, on_nonfinite=on_nonfinite, freeze_converged=freeze_converged
+        )
         self.damping = check_fraction(type(self).__name__, "damping", damping)
 
     def step(self, state: Any, z: Tensor, fz: Tensor, active: Tensor) -> Tensor:
