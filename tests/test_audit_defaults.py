@@ -34,19 +34,32 @@ class _Cell(nn.Module):
 
 
 DEFAULTS = [
-    ("FixedPoint", dk.FixedPoint, dict(damping=1.0, tol=1e-4, max_iter=50, stop_mode="rel")),
-    ("Anderson", dk.Anderson, dict(memory=6, regularization=1e-4, damping=1.0, tol=1e-4, max_iter=50, stop_mode="rel")),
+    ("FixedPoint", dk.FixedPoint, dict(damping=1.0, tol=1e-4, max_iter=50, stop_mode="rel", freeze_converged=False)),
+    (
+        "Anderson",
+        dk.Anderson,
+        dict(memory=6, regularization=1e-4, damping=1.0, tol=1e-4, max_iter=50, stop_mode="rel", freeze_converged=False),
+    ),
     (
         "Broyden",
         dk.Broyden,
-        dict(memory=20, opa_freq=None, line_search=False, line_search_steps=4, tol=1e-4, max_iter=50, stop_mode="rel"),
+        dict(
+            memory=20,
+            opa_freq=None,
+            line_search=False,
+            line_search_steps=4,
+            tol=1e-4,
+            max_iter=50,
+            stop_mode="rel",
+            freeze_converged=False,
+        ),
     ),
     ("GMRES", dk.GMRES, dict(restart=20, tol=1e-6, max_iter=60, stop_mode="rel")),
     ("Dense", dk.Dense, dict(max_dim=4096, tol=1e-6, stop_mode="rel")),
     (
         "Exact",
         dk.Exact,
-        dict(tol=None, max_iter=None, on_failure="warn", warm_start="default", match_forward=True, forward_factor=1.0),
+        dict(tol=None, max_iter=None, on_failure="warn", warm_start="default", match_forward=True, forward_factor=0.3),
     ),
     # 0.2: the default adjoint solver is AutoAdjoint (was GMRES(restart=20, tol=1e-6, max_iter=60))
     (
@@ -58,7 +71,7 @@ DEFAULTS = [
     ("Neumann", dk.Neumann, dict(k=5, damping=0.5)),
     ("JacobianFree", dk.JacobianFree, dict(k=1, damping=1.0)),
     ("SHINE", dk.SHINE, dict(fallback=False, fallback_ratio=1.8, refine=0)),
-    ("WarmExact", dk.WarmExact, dict(warm_start="shine+inverse", on_failure="warn", match_forward=True, forward_factor=1.0)),
+    ("WarmExact", dk.WarmExact, dict(warm_start="shine+inverse", on_failure="warn", match_forward=True, forward_factor=0.3)),
     ("WarmExact.linear_solver", lambda: dk.WarmExact().linear_solver, dict(memory=30, tol=1e-6, max_iter=60)),
     ("DEQ.solver", lambda: dk.DEQ(_Cell()).solver, dict(memory=6, tol=1e-4, max_iter=40)),
     ("DEQ", lambda: dk.DEQ(_Cell()), dict(init="zeros", eval_max_iter=None, on_failure="warn")),

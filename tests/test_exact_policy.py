@@ -135,9 +135,9 @@ def _backward(grad: dk.GradientEstimator, fwd_tol: float) -> dk.DEQInfo:
 def test_exact_default_tolerance_follows_the_forward_unless_told_not_to():
     info = _backward(dk.Exact(), fwd_tol=1e-3)
     reached = float(info.forward.rel_residual.max())
-    assert 1e-6 < reached <= 1e-3
+    assert 1e-5 < reached <= 1e-3
     solve = info.backward.solve
-    assert solve.tol == pytest.approx(reached) and solve.extra["tol_requested"] == 1e-6
+    assert solve.tol == pytest.approx(0.3 * reached) and solve.extra["tol_requested"] == 1e-6
     assert solve.solver.startswith("auto(") and solve.all_converged
     full = _backward(dk.Exact(match_forward=False), fwd_tol=1e-3).backward.solve
     assert full.tol == 1e-6 and full.all_converged and int(full.nstep.max()) > int(solve.nstep.max())
@@ -175,9 +175,9 @@ def test_warm_exact_tolerance_follows_the_forward_as_exact_does(linear_solver):
 
     info = backward(make(), fwd_tol=1e-3)
     reached = float(info.forward.rel_residual.max())
-    assert 1e-6 < reached <= 1e-3
+    assert 1e-5 < reached <= 1e-3
     solve = info.backward.solve
-    assert solve.tol == pytest.approx(reached) and solve.extra["tol_requested"] == 1e-6 and solve.all_converged
+    assert solve.tol == pytest.approx(0.3 * reached) and solve.extra["tol_requested"] == 1e-6 and solve.all_converged
     full = backward(make(match_forward=False), fwd_tol=1e-3).backward.solve
     assert full.tol == 1e-6 and full.all_converged
     assert backward(make(forward_factor=0.1), fwd_tol=1e-3).backward.solve.tol == pytest.approx(0.1 * reached)

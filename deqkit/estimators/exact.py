@@ -57,7 +57,11 @@ class Exact(AdjointEstimator):
     as accurate as its residual; solving the adjoint far below that accuracy buys nothing. The
     adjoint's relative tolerance is then ``max(tol, forward_factor · ρ_f)``, with ``ρ_f`` the
     largest relative residual ``‖f(z) − z‖ / ‖f(z)‖`` over the batch's forward solve, and never
-    looser than ``1e-2`` on this account. The tolerance used is the solve's ``tol``
+    looser than ``1e-2`` on this account. The default ``forward_factor=0.3`` sits below 1 because
+    the forward runs the whole batch until its worst sample meets the tolerance, so the typical
+    sample ends well below ``ρ_f`` and its gradient is that much more accurate: an adjoint solved
+    only to ``ρ_f`` would then set the gradient's error (the factor's figures are in
+    BENCHMARKS.md, "Against torchdeq"). The tolerance used is the solve's ``tol``
     (``info.backward.solve.tol``; ``extra["tol_requested"]`` holds the one asked for), and a solve
     that misses it is reported as always. ``match_forward=False`` solves to ``tol`` whatever the
     forward reached. Only adjoint solvers measuring the relative residual are matched.
@@ -72,7 +76,7 @@ class Exact(AdjointEstimator):
         warm_start: ``"default"`` (the linear solver's own start: zero for GMRES, ``w = v`` for the
             fixed-point-type solvers and AutoAdjoint) or ``"jfb"`` (start at ``w = v`` whatever the solver).
         match_forward: let the adjoint tolerance follow the forward solve's accuracy (above).
-        forward_factor: the factor ``c`` of that rule.
+        forward_factor: the factor of that rule (default 0.3).
         unconverged: ``"jacobian-free"`` (default) or ``"exact"``: the adjoint of samples whose
             forward solve missed its tolerance (above).
         fallback_error: the estimated relative distance to the fixed point, ``κ·r``, above which
@@ -93,7 +97,7 @@ class Exact(AdjointEstimator):
         on_failure: str = "warn",
         warm_start: str = "default",
         match_forward: bool = True,
-        forward_factor: float = 1.0,
+        forward_factor: float = 0.3,
         unconverged: str = "jacobian-free",
         fallback_error: float = 1e-2,
     ) -> None:

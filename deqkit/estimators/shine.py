@@ -171,7 +171,7 @@ class WarmExact(Exact):
         on_failure: str = "warn",
         warm_start: Optional[str] = None,
         match_forward: bool = True,
-        forward_factor: float = 1.0,
+        forward_factor: float = 0.3,
         unconverged: str = "jacobian-free",
         fallback_error: float = 1e-2,
     ) -> None:
