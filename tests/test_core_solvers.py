@@ -131,6 +131,29 @@ def test_by_default_the_batch_iterates_until_its_last_sample_converges(name):
         torch.testing.assert_close(batch.z[b], alone.z[0], rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("damping", [1.0, 0.7])
+def test_anderson_batched_and_elementwise_history_products_agree(monkeypatch, damping):
+    """Wide states take Anderson's history products as ``bmm`` (narrow ones elementwise, faster on
+    the CPU there): the same iterates either way (float64)."""
+    import deqkit.solvers.anderson as anderson_mod
+
+    d, B = 130, 4
+    W = randn(d, d, seed=21)
+    W = 0.9 * W / torch.linalg.matrix_norm(W, ord=2)
+    x = randn(B, d, seed=22)
+
+    def fn(z):
+        return torch.tanh(z @ W.T + x)
+
+    solver = Anderson(tol=1e-12, max_iter=60, damping=damping)
+    batched = solver(fn, torch.zeros_like(x))
+    monkeypatch.setattr(anderson_mod, "_BMM_MIN_DIM", d + 1)
+    elementwise = solver(fn, torch.zeros_like(x))
+    assert batched.nstep.tolist() == elementwise.nstep.tolist() and batched.all_converged
+    torch.testing.assert_close(batched.abs_trace, elementwise.abs_trace, rtol=1e-8, atol=1e-14)
+    torch.testing.assert_close(batched.z, elementwise.z, rtol=0, atol=1e-12)
+
+
 def test_anderson_keeps_a_sample_at_an_exact_fixed_point_finite():
     """A sample whose residual is exactly zero (here a constant map) goes on iterating with its batch:
     its zero Gram row must not turn Anderson's mixing weights into inf/NaN."""

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -13,6 +12,7 @@ from torch import Tensor
 from .._options import check_fraction, check_int, check_positive, validated_options
 from ..registry import register_solver
 from .base import Problem, Solver
+from .tracking import IterateTracker
 
 __all__ = ["Anderson"]
 
@@ -23,6 +23,14 @@ class _AndersonState:
     G: Tensor  # (B, m, d) their residuals f(x) − x
     gram: Tensor  # (B, m, m) GGᵀ, updated one row/column per step
     count: int = 0
+    batched: bool = False  # the products with the history as batched matrix products (else elementwise)
+    tracker: Optional[IterateTracker] = None  # the loop's, when the hooks run inside it
+
+
+#: on the CPU, states of at least this many entries per sample take the history products as batched
+#: matrix products; narrower ones elementwise (``tools`` timing, 1 thread, batch 64, memory 6: at
+#: d = 64 a ``bmm`` costs 35 µs against 10 µs elementwise, at d = 256 13 µs against 26 µs)
+_BMM_MIN_DIM = 128
 
 
 @register_solver("anderson")
@@ -66,14 +74,20 @@ class Anderson(Solver):
     def init(self, problem: Problem, z: Tensor, fz: Tensor) -> _AndersonState:
         B, d = z.shape
         m = min(self.memory, problem.max_iter)
-        return _AndersonState(z.new_zeros(B, m, d), z.new_zeros(B, m, d), z.new_zeros(B, m, m))
+        batched = z.device.type != "cpu" or d >= _BMM_MIN_DIM
+        return _AndersonState(
+            z.new_zeros(B, m, d), z.new_zeros(B, m, d), z.new_zeros(B, m, m), batched=batched, tracker=problem.tracker
+        )
 
     def observe(self, state: Any, z: Tensor, fz: Tensor, fresh: Tensor) -> None:
         slot = state.count % state.F.shape[1]
-        g = fz - z
+        g = fz - z if state.tracker is None else state.tracker.residual  # the loop computed it already
         state.F[:, slot] = fz
         state.G[:, slot] = g
-        col = (state.G * g.unsqueeze(1)).sum(-1)  # (B, m): ⟨g_i, g⟩
+        # (B, m): ⟨g_i, g⟩, as g (1 × d) times Gᵀ: the (m × d) · (d × 1) form is 4-8x slower on the CPU
+        col = (
+            torch.bmm(g.unsqueeze(1), state.G.transpose(1, 2)).squeeze(1) if state.batched else (state.G * g.unsqueeze(1)).sum(-1)
+        )
         state.gram[:, slot, :] = col
         state.gram[:, :, slot] = col
         state.count += 1
@@ -98,9 +112,14 @@ class Anderson(Solver):
         a = y * scale
         alpha = a / a.sum(dim=1, keepdim=True)
         # β Σα f(x_i) + (1 − β) Σα x_i = Σα f(x_i) − (1 − β) Σα g_i: one weighted sum when β = 1
-        # (elementwise: tiny batched bmm calls are ~3x slower on CPU)
-        w = alpha.unsqueeze(-1)
-        mix_f = (w * state.F[:, :n]).sum(1)
+        mix_f = _weighted(alpha, state.F[:, :n], state.batched)
         if self.damping == 1.0:
             return mix_f
-        return mix_f - (1.0 - self.damping) * (w * state.G[:, :n]).sum(1)
+        return mix_f - (1.0 - self.damping) * _weighted(alpha, state.G[:, :n], state.batched)
+
+
+def _weighted(alpha: Tensor, X: Tensor, batched: bool) -> Tensor:
+    """``Σᵢ αᵢ Xᵢ`` per sample, ``(B, d)``, for weights ``(B, n)`` and history ``(B, n, d)``."""
+    if batched:
+        return torch.bmm(alpha.unsqueeze(1), X).squeeze(1)
+    return (alpha.unsqueeze(-1) * X).sum(1)

@@ -383,8 +383,8 @@ class Solver:
             was_active.append(active)
             stop = self.terminate(state, measure, problem.tol)
             if not self.freeze_converged:  # none stops before every active sample does
-                stop = (stop | ~active).all().expand_as(stop)
-            active = active & ~stop
+                stop = (stop if all_active else stop | ~active).all().expand_as(stop)
+            active = ~stop if all_active else active & ~stop
             if self.on_nonfinite == "freeze":
                 nonfinite = nonfinite | bad_mask
                 active = active & ~bad_mask
