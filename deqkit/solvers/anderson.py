@@ -27,9 +27,9 @@ class _AndersonState:
     tracker: Optional[IterateTracker] = None  # the loop's, when the hooks run inside it
 
 
-#: on the CPU, states of at least this many entries per sample take the history products as batched
-#: matrix products; narrower ones elementwise (``tools`` timing, 1 thread, batch 64, memory 6: at
-#: d = 64 a ``bmm`` costs 35 µs against 10 µs elementwise, at d = 256 13 µs against 26 µs)
+#: on the CPU, states with at least this many entries per sample take the history products as
+#: batched matrix products, narrower ones elementwise (where ``bmm``'s per-call cost dominates);
+#: the timings behind the threshold are in BENCHMARKS.md ("Against torchdeq", forward cost)
 _BMM_MIN_DIM = 128
 
 
