@@ -18,10 +18,10 @@ to ``(1 − quorum) · B_global``:
   stopped, so a few hard samples on one rank no longer hold every rank back (the samples cut
   off count as not converged in ``info.converged``).
 
-A rank whose own samples have all stopped (``freeze_converged=True``, or after the agreement)
-does not evaluate the cell any more: it only takes
-part in the per-iteration all-reduce until the agreement is reached, so every rank makes the
-same number of collective calls and nothing hangs.
+A rank whose own samples have all stopped (``freeze_converged=True``, or NaN/Inf samples frozen)
+does not evaluate the cell any more: it only takes part in the per-iteration all-reduce until
+the agreement is reached, so every rank makes the same number of collective calls and nothing
+hangs.
 
 Rules: every rank must call the solve the same number of times with the same ``max_iter``
 (true of a DDP step, where every rank runs the same model); a solve that raises on one rank

@@ -77,7 +77,8 @@ class SolverResult(ResultMixin):
     Attributes:
         z: best iterate per sample (lowest residual in ``stop_mode``), shape of ``z0``.
         nstep: number of residual evaluations each sample used, ``(B,)`` (the batch's step count,
-            or with ``freeze_converged`` its own stop step; Broyden's line-search trials are counted apart, in ``extra["line_search_evals"]``).
+            or with ``freeze_converged`` its own stop step; Broyden's line-search trials are
+            counted apart, in ``extra["line_search_evals"]``).
         abs_residual, rel_residual: residuals of the returned iterate, ``(B,)``; ``residual``
             is the one compared to ``tol``.
         converged: ``(B,)`` bool, residual of the returned iterate ``<= tol``.
@@ -240,8 +241,9 @@ class Solver:
         """``(B,)`` bool: the samples that stop now (default: residual ``measure <= tol``, or NaN).
 
         Called once per iteration with the residual in ``stop_mode``; a sample that stops is
-        frozen (unless ``freeze_converged`` is off: then none stops before all do). Stopping does not make a sample converged: ``result.converged`` is always
-        "the returned residual ``<= tol``". Must not synchronise with the host.
+        frozen (with ``freeze_converged=False``, the default, none stops before all do).
+        Stopping does not make a sample converged: ``result.converged`` is always "the returned
+        residual ``<= tol``". Must not synchronise with the host.
         """
         return ~(measure > tol)
 
