@@ -208,6 +208,8 @@ class _BroydenLoopState:
     growth: Optional[Tensor] = None
     minus_ratio: Optional[Tensor] = None
     minus_one: Optional[Tensor] = None
+    # the samples whose previous iterate had met the tolerance: their secant pairs no longer update H
+    met: Optional[Tensor] = None
 
 
 @register_solver("broyden")
@@ -392,8 +394,10 @@ class Broyden(Solver):
         if state.z_prev is not None:
             # the tracker's best includes this iterate; a residual that grew cannot be the best
             steady = tracker.abs_residual <= state.growth * tracker.best_abs  # false for NaN
-            # a stopped sample's z is held by the loop, so its Δz = 0 and update() leaves it alone
-            good, bad = steady, fresh & ~steady
+            # a stopped sample's z is held by the loop, so its Δz = 0 and update() leaves it alone; a
+            # sample that had met the tolerance and goes on with its batch keeps its H: its steps are
+            # then near the rounding level, where a secant pair is mostly noise (SHINE reads this H)
+            good, bad = steady & ~state.met, fresh & ~steady
             # H g before the update gives both H Δg (= H g − H g_prev, the last step's product) and,
             # through the rank-one change, H g after it: one product with H per iteration, not three
             hg = state.H.apply(g)
@@ -411,9 +415,12 @@ class Broyden(Solver):
                 state.fz_norm = torch.where(bad, vector_norm(z + g, dim=1), state.fz_norm)
         # the step starts from (z_prev, g_prev): the restarted samples' best iterate
         state.z_prev, state.g_prev = z, g
+        met_before = state.met
+        state.met = tracker.measure <= state.problem.tol
         state.n_seen += 1
         if self.opa_freq is not None and state.loss_grad is not None and state.n_seen % self.opa_freq == 0:
-            self._opa_update(state, z, fresh)
+            # as for the secant pairs: no more updates once a sample had met the tolerance
+            self._opa_update(state, z, fresh if met_before is None else fresh & ~met_before)
             state.hg = None
 
     def _opa_update(self, state: _BroydenLoopState, z: Tensor, mask: Tensor) -> None:

@@ -36,7 +36,7 @@ class IterateTracker:
     A solver's hooks see the tracker as ``problem.tracker`` and may read (never write) what the
     last :meth:`record` computed, instead of computing it again: ``residual`` (``g``, ``(B, d)``),
     ``abs_residual`` and ``fz_norm`` (``‖g‖`` and ``‖fn(z)‖``, ``(B,)``, of every sample, frozen
-    or not), ``better`` (the samples whose best iterate is the last one) and the best iterate
+    or not), ``measure`` (the residual in ``stop_mode``, as compared to the tolerance), ``better`` (the samples whose best iterate is the last one) and the best iterate
     ``best_z`` with its residuals ``best_abs``, ``best_rel``.
     """
 
@@ -53,7 +53,7 @@ class IterateTracker:
         self.best_rel = self.best_abs.clone()
         self.abs_trace: list[Tensor] = []
         self.rel_trace: list[Tensor] = []
-        self.residual = self.abs_residual = self.fz_norm = self.better = self.best_abs  # set by record
+        self.residual = self.abs_residual = self.fz_norm = self.better = self.measure = self.best_abs  # set by record
 
     def record(self, z: Tensor, fz: Tensor, active: Tensor, all_active: bool = False) -> tuple[Tensor, Tensor]:
         """See iterate ``z`` with ``fz = fn(z)``; returns ``(measure, nonfinite)`` per sample.
@@ -74,7 +74,7 @@ class IterateTracker:
             rel_res = torch.where(active, rel_res, self.rel_trace[-1])
         self.abs_trace.append(abs_res)
         self.rel_trace.append(rel_res)
-        measure = rel_res if self.stop_mode == "rel" else abs_res
+        self.measure = measure = rel_res if self.stop_mode == "rel" else abs_res
         self.better = better = measure < self.best if all_active else active & (measure < self.best)
         self.best_z = torch.where(better[:, None], z, self.best_z)
         self.best_abs = torch.where(better, abs_res, self.best_abs)
