@@ -36,8 +36,9 @@ class IterateTracker:
     A solver's hooks see the tracker as ``problem.tracker`` and may read (never write) what the
     last :meth:`record` computed, instead of computing it again: ``residual`` (``g``, ``(B, d)``),
     ``abs_residual`` and ``fz_norm`` (``‖g‖`` and ``‖fn(z)‖``, ``(B,)``, of every sample, frozen
-    or not), ``measure`` (the residual in ``stop_mode``, as compared to the tolerance), ``better`` (the samples whose best iterate is the last one) and the best iterate
-    ``best_z`` with its residuals ``best_abs``, ``best_rel``.
+    or not), ``measure`` (the residual in ``stop_mode``, as compared to the tolerance),
+    ``better`` (the samples whose best iterate is the last one) and the best iterate ``best_z``
+    with its residuals ``best_abs``, ``best_rel``.
     """
 
     def __init__(self, z: Tensor, stop_mode: str, rel_scale: Optional[Tensor] = None) -> None:

@@ -524,8 +524,9 @@ Where the two libraries' definitions differ (kept as they are, said here):
 * Residual: both `‖f(z) − z‖ / (‖f(z)‖ + ε)` per sample (ε: 1e-9 there, float eps here), both stop
   when every sample is below tol and iterate the whole batch until then (deqkit's
   `freeze_converged=True` would freeze each sample at its first iterate under tol instead; the
-  cost per iteration is the same: the batch is evaluated whole). torchdeq's Anderson returns `f(z)` of the best iterate,
-  deqkit the iterate `z`; torchdeq's first two steps are plain Picard steps.
+  cost per iteration is the same: the batch is evaluated whole). torchdeq's Anderson returns
+  `f(z)` of the best iterate, deqkit the iterate `z`; torchdeq's first two steps are plain Picard
+  steps.
 * Anderson regularisation: torchdeq adds an absolute `λ·I` to `GGᵀ`; deqkit adds `λ·I` to
   `GGᵀ` normalised to a unit diagonal (the same λ = 1e-4), which is scale-free. Once residuals
   are small, an absolute λ dominates the Gram matrix and the mixing drifts towards a plain
@@ -539,10 +540,10 @@ Where the two libraries' definitions differ (kept as they are, said here):
   options); torchdeq solves every sample's adjoint. The same-backward rows (fixed-point, Anderson)
   use `Exact(unconverged="exact")`, so they stay like for like; the default rows keep the defaults.
 * Forward cost per iteration: deqkit's loop does per-sample best-iterate tracking and
-  per-sample non-finite checks, which torchdeq does not. It keeps up by one host sync per step (finiteness is read off the
-  residual norms), a Gram matrix updated one row per step instead of rebuilt, and elementwise
-  mixing for narrow states; before those changes it was 1.15x torchdeq's time at 30 iterations,
-  now below it. The products with the history (the new Gram column and the mixing) are
+  per-sample non-finite checks, which torchdeq does not. It keeps up by one host sync per step
+  (finiteness is read off the residual norms), a Gram matrix updated one row per step instead of
+  rebuilt, and elementwise mixing for narrow states; before those changes it was 1.15x
+  torchdeq's time at 30 iterations, now below it. The products with the history (the new Gram column and the mixing) are
   elementwise below 128 entries per sample and `bmm` from there on (and on GPUs): on this CPU,
   1 thread, batch 64, memory 6, the mixing costs 10 µs elementwise against 36 µs as `bmm` at
   width 64, 26 against 14 µs at 256, 84 against 39 µs at 1024; the Gram column, as `g Gᵀ`,
