@@ -286,10 +286,13 @@ What is measured: one training step (forward call = injection + Broyden solve + 
 attach + head + cross-entropy; backward = `loss.backward()`), no optimiser update, same weights
 and batch every time; 1 warm-up per estimator, then interleaved rounds; cells are median [min, max].
 `bwd VJPs (iters)`: vector–Jacobian products (Unrolled: graph evaluations) spent on the adjoint,
-and in brackets the mean per-sample steps of the adjoint solve. `graph KB`: tensors autograd
-saves during the forward call (parameters excluded); `peak KB`: peak torch CPU allocation over
-the whole step above its start (see the module docstring of `deqkit/apps/bench/measure.py`). Cosines: float64
-copy, reference GMRES to 1e-10.
+and in brackets the mean per-sample steps of the adjoint solve (a forward solver used for the
+adjoint, as in `Exact(broyden)`, iterates the whole batch until its last sample converges, so its
+count is the batch's). `fwd steps`: the forward's mean step count, the batch's since the
+forward runs every sample until the last one converges. `graph KB`: tensors autograd saves
+during the forward call (parameters excluded); `peak KB`: peak torch CPU allocation over the
+whole step above its start (see the module docstring of `deqkit/apps/bench/measure.py`).
+Cosines: float64 copy, reference GMRES to 1e-10.
 
 Reading the numbers. The forward solve is the same for every estimator (it dominates the step
 on these small cells); Unrolled's forward is larger because its k graph evaluations run at attach
