@@ -74,6 +74,7 @@ def test_train_then_resume(tmp_path, capsys):
         (["train", "--solver", "anderson", "--grad", "shine"], "Broyden"),
         (["train", "--grad", "unrolled", "--grad-opts", "k=abc"], "k must be an integer"),
         (["compare", "--solver-opts", "tolerance=1e-3"], "Did you mean 'tol'"),
+        (["train", "--augment", "flip"], "needs image-shaped inputs"),  # the MLP's flat inputs
     ],
 )
 def test_bad_options_give_one_clear_line(argv, message, capsys):
@@ -89,6 +90,14 @@ def test_abbreviated_flags_are_usage_errors(argv, capsys):
         main(argv)
     assert exc.value.code == 2
     assert f"unrecognized arguments: {' '.join(argv[1:])}" in capsys.readouterr().err
+
+
+def test_train_says_how_it_augments(tmp_path, capsys):
+    argv = ["train", "--model", "conv", "--width", "8", "--subset", "64", "--epochs", "1", "--no-progress"]
+    assert main([*argv, "--augment", "flip+shift", "--out", str(tmp_path / "a")]) == 0
+    assert "training images augmented: ImageAugment(flip=True, shift=2) (--augment flip+shift)" in capsys.readouterr().out
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0  # default: none
+    assert "augmented" not in capsys.readouterr().out
 
 
 def test_missing_data_gives_one_clear_line(tmp_path, capsys):

@@ -170,8 +170,13 @@ def test_diverging_training_is_reported(tiny, tmp_path, capsys):
     line = epoch_line(last, 2)
     assert "UNSTABLE" in line and "spectral radius" in line and "--jac-reg" in line
     assert f"bwd amplification max {last['bwd_amplification']:.3g}" in line
+    assert "failing" in line and "add --jac-reg 0.5" in line  # no JR in this run
     ok = dict(last, fwd_converged=1.0, spectral_radius=0.5, spectral_radius_max=0.7)
     assert "UNSTABLE" not in epoch_line(ok, 2)
+    # converging, but one monitored Jacobian is not contractive, with JR on: said as it is
+    edge = epoch_line(dict(ok, spectral_radius_max=1.004, jac_steps=844), 2)
+    assert "UNSTABLE: the cell is not contractive" in edge and "100.0% of the training solves converged" in edge
+    assert "failing" not in edge and "raise --jac-reg" in edge
 
 
 def test_cli_train_mdeq_with_stabilisers(tmp_path, capsys):
@@ -205,6 +210,7 @@ def test_cli_train_mdeq_with_stabilisers(tmp_path, capsys):
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "epoch 1/1" in text and "spectral radius" in text and "test accuracy" in text
+    assert "Jacobian regularisation" not in text  # asked for by name: not announced
     rec = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["pretrain_steps"] == 1 and rec["jac_steps"] == 1 and rec["spectral_radius"] is not None
     with pytest.raises(SystemExit):
@@ -222,3 +228,31 @@ def test_monitoring_does_not_change_a_seeded_run(tiny):
         assert (history[-1]["spectral_radius"] is None) == (every == 0)
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(weights[0], weights[1])
+
+
+def test_jac_reg_auto_regularises_the_mdeq_only():
+    from deqkit.cli import build_parser
+    from deqkit.cli.train import _settings_lines, stabiliser_config
+
+    parser = build_parser()
+    weight = lambda *argv: stabiliser_config(parser.parse_args(["train", *argv]))["jac_reg_weight"]  # noqa: E731
+    assert weight("--model", "mdeq") == 0.5
+    assert weight("--model", "conv") == 0.0 and weight() == 0.0
+    assert weight("--model", "mdeq", "--jac-reg", "0") == 0.0
+    assert weight("--model", "mlp", "--jac-reg", "0.25") == 0.25
+    args = parser.parse_args(["train", "--model", "mdeq"])
+    cfg = TrainConfig(**stabiliser_config(args))
+    assert _settings_lines(args, cfg, None) == [
+        "Jacobian regularisation 0.5 (--jac-reg auto for --model mdeq; --jac-reg 0 turns it off)"
+    ]
+    assert _settings_lines(parser.parse_args(["train"]), TrainConfig(), None) == []
+
+
+def test_compare_regularises_the_mdeq_as_train_does():
+    from deqkit.apps.compare import CompareConfig, _train_config
+
+    assert _train_config(CompareConfig(model="mdeq"), "exact").jac_reg_weight == 0.5
+    assert _train_config(CompareConfig(model="mlp"), "exact").jac_reg_weight == 0.0
+    assert _train_config(CompareConfig(model="mdeq", jac_reg=0.0), "exact").jac_reg_weight == 0.0
+    with pytest.raises(OptionError, match="jac_reg must be 'auto' or a finite number >= 0"):
+        CompareConfig(jac_reg=-1.0)

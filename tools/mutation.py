@@ -143,6 +143,7 @@ TARGETS: dict[str, dict] = {
         "functions": ["_checkpoint", "save_checkpoint", "load_checkpoint", "_on_interrupt"],
     },
     "deqkit/_io.py": {"tests": TRAIN_TESTS, "functions": ["atomic_open"]},
+    "deqkit/train/augment.py": {"tests": ["tests/test_augment.py"]},
 }
 
 SWAP_CMP = {

@@ -164,6 +164,37 @@ def load_splits(dataset: str, data_dir: Optional[str], subset: Optional[int], se
     return load_dataset(dataset, data_dir=data_dir, subset=subset, seed=seed, flatten=(model == "mlp"))
 
 
+#: ``jac_reg="auto"`` per model: the multiscale DEQ trains with Jacobian regularisation (without it
+#: its training solves stop converging in the last epochs; BENCHMARKS.md, "MDEQ on Fashion-MNIST")
+JAC_REG_DEFAULT = {"mdeq": 0.5}
+
+
+def jac_reg_weight(value: Union[float, str], model: str) -> float:
+    """The Jacobian-regularisation weight of ``--jac-reg value`` for ``model`` (``"auto"``: :data:`JAC_REG_DEFAULT`)."""
+    if value == "auto":
+        return JAC_REG_DEFAULT.get(model, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise OptionError(f"jac_reg must be 'auto' or a finite number >= 0, got {value!r}.")
+    return float(value)
+
+
+def make_augment(name: str, splits: Splits, model: str) -> Any:
+    """The training augmentation ``name`` (one of :data:`~deqkit.train.AUGMENTATIONS`) for
+    ``model`` on ``splits``: an :class:`~deqkit.train.ImageAugment` filling with the normalised
+    black background, or ``None`` for ``"none"``."""
+    from ..train import AUGMENTATIONS, ImageAugment
+
+    if name not in AUGMENTATIONS:
+        raise OptionError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {name!r}.")
+    if name != "none" and (splits.flat or len(splits.input_shape) != 3):
+        raise OptionError(
+            f"augment={name!r} needs image-shaped inputs (--model conv or mdeq on an image data set); "
+            f"{splits.name} with --model {model} is not (use --augment none)."
+        )
+    fill = (-splits.mean / splits.std).tolist()  # raw intensity 0, normalised
+    return ImageAugment.from_name(name, fill=fill)
+
+
 def build_classifier(
     model: str,
     input_shape: Any,

@@ -15,7 +15,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -29,8 +29,17 @@ from ..estimators import SHINE, Adaptive, BroydenReuse, Exact, GradientEstimator
 from ..linear import GMRES
 from ..models import DEQClassifier
 from ..solvers import Broyden, Solver
-from ..train import TrainConfig, Trainer
-from .common import MODELS, build_classifier, load_splits, prepare_out, resolve_device, set_threads
+from ..train import AUGMENTATIONS, TrainConfig, Trainer
+from .common import (
+    MODELS,
+    build_classifier,
+    jac_reg_weight,
+    load_splits,
+    make_augment,
+    prepare_out,
+    resolve_device,
+    set_threads,
+)
 
 #: the estimators ``deqkit compare`` knows, by name (each a factory: a fresh object per run)
 ESTIMATOR_PRESETS: dict[str, Callable[[], GradientEstimator]] = {
@@ -79,6 +88,8 @@ class CompareConfig:
     epochs: int = 8
     batch_size: int = 64
     lr: float = 2e-3
+    augment: str = "none"
+    jac_reg: Union[float, str] = "auto"
     seed: int = 0
     max_iter: int = 30
     tol: float = 1e-4
@@ -97,6 +108,8 @@ class CompareConfig:
         for name in self.estimators:
             check_choice(owner, "estimator", name, ESTIMATOR_PRESETS)
         check_choice(owner, "model", self.model, MODELS)
+        check_choice(owner, "augment", self.augment, AUGMENTATIONS)
+        jac_reg_weight(self.jac_reg, self.model)
         for name in ("width", "epochs", "batch_size", "max_iter", "memory"):
             check_int(owner, name, getattr(self, name))
         check_positive(owner, "lr", self.lr)
@@ -152,6 +165,7 @@ def _train_config(cfg: CompareConfig, name: str) -> TrainConfig:
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
+        jac_reg_weight=jac_reg_weight(cfg.jac_reg, cfg.model),
         seed=cfg.seed,
         device=cfg.device,
         checkpoint_dir=str(out / "checkpoints" / name),
@@ -170,7 +184,9 @@ def _run_one(
     )
     label = preset_label(name, grad)
     log(f"\n[{name}] {label}")
-    trainer = Trainer(model, splits.train, splits.val, _train_config(cfg, name))
+    trainer = Trainer(
+        model, splits.train, splits.val, _train_config(cfg, name), augment=make_augment(cfg.augment, splits, cfg.model)
+    )
     history = trainer.fit(resume=cfg.resume)  # resume: finished runs load their last checkpoint
     train_time = history[-1]["elapsed_s"]  # training wall-clock, summed across resumes
     test = trainer.evaluate(splits.test)

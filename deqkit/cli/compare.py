@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
             "epochs",
             "batch_size",
             "lr",
+            "augment",
+            "jac_reg",
             "seed",
             "device",
             "threads",

@@ -124,17 +124,22 @@ class Number:
         high: Optional[float] = None,
         low_open: bool = False,
         high_open: bool = False,
+        words: tuple[str, ...] = (),
     ) -> None:
         self.kind, self.low, self.high, self.low_open, self.high_open = kind, low, high, low_open, high_open
+        self.words = words  # also taken as they are (e.g. "auto")
         self.__name__ = "integer" if kind is int else "number"
 
     def describe(self) -> str:
         lo = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
         hi = "" if self.high is None else f"{'<' if self.high_open else '<='} {self.high:g}"
         want = " and ".join(s for s in (lo, hi) if s)
-        return ("an integer" if self.kind is int else "a finite number") + (f" {want}" if want else "")
+        words = "".join(f" or {w!r}" for w in self.words)
+        return ("an integer" if self.kind is int else "a finite number") + (f" {want}" if want else "") + words
 
     def __call__(self, text: str) -> Any:
+        if text.strip() in self.words:
+            return text.strip()
         try:
             value = self.kind(text.strip())
         except (TypeError, ValueError):

@@ -43,8 +43,9 @@ def add_classifier_groups(
 ) -> argparse.ArgumentParser:
     """A parser with the groups ``train`` and ``compare`` share: data, model, training, the
     command's own "solver and gradient" group (filled by ``solver_group``), runtime, output."""
-    from ..apps.common import MODELS
+    from ..apps.common import JAC_REG_DEFAULT, MODELS
     from ..data import DATASETS
+    from ..train.augment import AUGMENTATIONS
 
     p = add_parser(subparsers, name, help=help, description=description)
     g = p.add_argument_group("data")
@@ -58,6 +59,22 @@ def add_classifier_groups(
     g.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs")
     g.add_argument("--batch-size", type=positive_int, default=64, help="samples per step")
     g.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (Adam, cosine schedule)")
+    g.add_argument(
+        "--jac-reg",
+        type=Number(float, low=0.0, words=("auto",)),
+        default="auto",
+        metavar="W",
+        help="Jacobian regularisation weight (Hutchinson ||df/dz||_F^2/d at z*; 0: off; "
+        + ", ".join(f"auto: {w:g} for --model {m}" for m, w in JAC_REG_DEFAULT.items())
+        + ", 0 otherwise)",
+    )
+    g.add_argument(
+        "--augment",
+        default="none",
+        choices=AUGMENTATIONS,
+        help="random left-right flips and/or 2-pixel shifts of the training images (--model conv, mdeq); "
+        "flips suit clothes, not digits",
+    )
     solver_group(p.add_argument_group("solver and gradient"))
     add_runtime_group(p)
     add_output_group(p, out=out, resume="continue from the checkpoints in --out")
@@ -144,13 +161,6 @@ def _pair(text: str) -> tuple[int, int]:
 def _stabiliser_flags(g: argparse._ArgumentGroup) -> None:
     from .options import ints
 
-    g.add_argument(
-        "--jac-reg",
-        type=Number(float, low=0.0),
-        default=0.0,
-        metavar="W",
-        help="Jacobian regularisation weight (Hutchinson ||df/dz||_F^2/d at z*; 0: off)",
-    )
     g.add_argument("--jac-reg-freq", type=fraction, default=1.0, help="fraction of steps it is applied on")
     g.add_argument("--jac-reg-probes", type=positive_int, default=1, help="Gaussian probes (VJPs) per estimate")
     g.add_argument(
@@ -187,13 +197,13 @@ def _stabiliser_flags(g: argparse._ArgumentGroup) -> None:
     )
 
 
-def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """The splits, the model and the :class:`~deqkit.train.TrainConfig` of the parsed flags.
+def build(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """The splits, the model, the :class:`~deqkit.train.TrainConfig` and the augmentation of the parsed flags.
 
     The forward solver and the estimator are built by name; their option strings are checked
     against the class found for that name (a non-numeric ``tol`` is refused here, in one line).
     """
-    from ..apps.common import build_classifier, load_splits
+    from ..apps.common import build_classifier, load_splits, make_augment
     from ..estimators import make_estimator
     from ..solvers import make_solver
     from ..train import TrainConfig
@@ -219,13 +229,15 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         **_scale_config(args),
         **stabiliser_config(args),
     )
-    return splits, model, cfg
+    return splits, model, cfg, make_augment(args.augment, splits, args.model)
 
 
 def stabiliser_config(args: argparse.Namespace) -> dict[str, Any]:
     """The :class:`~deqkit.train.TrainConfig` fields of the stabiliser flags."""
+    from ..apps.common import jac_reg_weight
+
     return {
-        "jac_reg_weight": args.jac_reg,
+        "jac_reg_weight": jac_reg_weight(args.jac_reg, args.model),
         "jac_reg_freq": args.jac_reg_freq,
         "jac_reg_probes": args.jac_reg_probes,
         "pretrain_steps": args.pretrain_steps,
@@ -265,11 +277,16 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
     if record.get("amp_skipped"):  # the fp16 loss scaler skipped these steps (gradient overflow; scale halved)
         line += f"  amp skipped {record['amp_skipped']}/{record['steps']} steps (fp16 overflow)"
     conv, rho = record["fwd_converged"], record.get("spectral_radius_max")
-    if (conv is not None and conv < UNSTABLE_BELOW) or (rho is not None and rho >= 1.0):
-        line += (
-            "\n  UNSTABLE: training forward solves are failing (converged fraction "
-            f"{fmt(conv, '.3f')}, spectral radius max {fmt(rho, '.3f')}); lower --lr, add --jac-reg 0.5, or raise max_iter."
+    failing = conv is not None and conv < UNSTABLE_BELOW
+    if failing or (rho is not None and rho >= 1.0):
+        what = (
+            f"training forward solves are failing (converged fraction {fmt(conv, '.3f')}, spectral radius max {fmt(rho, '.3f')})"
+            if failing
+            else f"the cell is not contractive at some monitored fixed point (spectral radius max {fmt(rho, '.3f')}), "
+            f"though {fmt(conv, '.1%')} of the training solves converged"
         )
+        jr = "raise --jac-reg" if record.get("jac_steps") else "add --jac-reg 0.5"
+        line += f"\n  UNSTABLE: {what}; lower --lr, {jr}, or raise max_iter."
     return line
 
 
@@ -299,8 +316,10 @@ def run(args: argparse.Namespace) -> int:
         launch(_run_distributed, nproc, args, backend=default_backend(args.device), timeout_s=7 * 24 * 3600.0)
         return 0
     set_threads(args.threads, args.device)
-    splits, model, cfg = build(args)
-    trainer = Trainer(model, splits.train, splits.val, cfg, callbacks=[_epoch_line_callback(cfg.epochs)])
+    splits, model, cfg, augment = build(args)
+    for line in _settings_lines(args, cfg, augment):
+        print(line, flush=True)
+    trainer = Trainer(model, splits.train, splits.val, cfg, callbacks=[_epoch_line_callback(cfg.epochs)], augment=augment)
     trainer.fit(resume=args.resume)
     test = trainer.evaluate(splits.test)
     print(f"test accuracy {test['acc']:.4f}  test loss {test['loss']:.4f}")
@@ -315,12 +334,16 @@ def _run_distributed(args: argparse.Namespace) -> int:
 
     rank, _ = init_distributed(device=args.device)
     set_threads(args.threads, args.device)
-    splits, model, cfg = build(args)
+    splits, model, cfg, augment = build(args)
+    if rank == 0:
+        for line in _settings_lines(args, cfg, augment):
+            print(line, flush=True)
     trainer = DistributedTrainer(
         model,
         splits.train,
         splits.val,
         cfg,
+        augment=augment,
         sync_stop=bool(getattr(args, "sync_stop", False)),
         sync_quorum=getattr(args, "sync_quorum", 1.0),
     )
@@ -329,6 +352,18 @@ def _run_distributed(args: argparse.Namespace) -> int:
     if rank == 0:
         print(f"test accuracy {test['acc']:.4f}  test loss {test['loss']:.4f}")
     return 0
+
+
+def _settings_lines(args: argparse.Namespace, cfg: Any, augment: Any) -> list[str]:
+    """What the run does that the user did not ask for by name: the model-dependent defaults."""
+    lines = []
+    if args.jac_reg == "auto" and cfg.jac_reg_weight > 0:
+        lines.append(
+            f"Jacobian regularisation {cfg.jac_reg_weight:g} (--jac-reg auto for --model {args.model}; --jac-reg 0 turns it off)"
+        )
+    if augment is not None:
+        lines.append(f"training images augmented: {augment} (--augment {args.augment})")
+    return lines
 
 
 def _epoch_line_callback(epochs: int) -> Any:

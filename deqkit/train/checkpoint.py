@@ -14,7 +14,7 @@ import os
 import random
 import warnings
 from pathlib import Path
-from typing import Any, Union, cast
+from typing import Any, Optional, Union, cast
 
 import numpy as np
 import torch
@@ -77,6 +77,14 @@ def seed_everything(seed: int) -> None:
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The generator that shuffles epoch ``epoch`` (0-based): a function of ``(seed, epoch)`` only."""
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def augment_generator(seed: int, global_step: int, rank: int = 0) -> torch.Generator:
+    """The generator of step ``global_step``'s data augmentation on rank ``rank``: a function of
+    ``(seed, global_step, rank)`` only, so a resumed run augments as an uninterrupted one; a
+    stream of its own (not :func:`step_generator`'s), and one per rank (each rank's shard holds
+    other samples)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + 7_919 * global_step + 104_729 * rank + 2) % (2**63 - 1))
 
 
 def step_generator(seed: int, global_step: int, device: str | torch.device = "cpu") -> torch.Generator:
@@ -156,9 +164,12 @@ def read_checkpoint(source: Path, n_train: int) -> dict[str, Any]:
     return ckpt
 
 
-def warn_on_changed_settings(source: Path, ckpt: dict[str, Any], config: Any, model: nn.Module) -> list[str]:
+def warn_on_changed_settings(
+    source: Path, ckpt: dict[str, Any], config: Any, model: nn.Module, augment: Optional[str] = None
+) -> list[str]:
     """Warn when the run resumes with settings that make it differ from an uninterrupted one;
-    returns the names of the changed settings (``"deqs"`` for a swapped solver or estimator)."""
+    returns the names of the changed settings (``"deqs"`` for a swapped solver or estimator,
+    ``"augment"`` for another training augmentation, given as its ``repr``)."""
     old = ckpt["config"]
     changed = [k for k in RESUME_KEYS if old.get(k) != getattr(config, k)]
     if old.get("epochs") != config.epochs and config.schedule != "none":
@@ -168,6 +179,9 @@ def warn_on_changed_settings(source: Path, ckpt: dict[str, Any], config: Any, mo
     if "deqs" in ckpt and ckpt["deqs"] != deqs:
         changed.append("deqs")
         what.append(f"DEQ solver/estimator: {ckpt['deqs']} -> {deqs}")
+    if augment is not None and "augment" in ckpt and ckpt["augment"] != augment:
+        changed.append("augment")
+        what.append(f"augment: {ckpt['augment']} -> {augment}")
     if changed:
         warnings.warn(
             f"resuming from {source} with changed settings {'; '.join(what)}; the run will differ from an uninterrupted one.",

@@ -281,6 +281,8 @@ class DistributedTrainer(Trainer):
         config: as for :class:`~deqkit.train.Trainer`; ``config.batch_size`` is the global
             batch (all ranks together).
         callbacks: as for :class:`~deqkit.train.Trainer`; they run on every rank.
+        augment: as for :class:`~deqkit.train.Trainer`; each rank seeds it with its rank too, so
+            the augmented batch differs from a one-process run's.
         sync_stop: ``True``/``False`` sets ``sync_stop`` of every DEQ in the model (cross-rank
             agreement on the forward stop); ``None`` (default) leaves the DEQs as they are.
         sync_quorum: with ``sync_stop=True``, the fraction of the global batch that must have
@@ -298,6 +300,7 @@ class DistributedTrainer(Trainer):
         config: TrainConfig | dict[str, Any] | None = None,
         *,
         callbacks: Sequence[Callback] = (),
+        augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
         sync_stop: bool | None = None,
         sync_quorum: float = 1.0,
         find_unused_parameters: bool = False,
@@ -310,7 +313,7 @@ class DistributedTrainer(Trainer):
                 f"{owner}: torch.distributed is not initialised; call deqkit.train.distributed.init_distributed() "
                 f"in each process (launched by torchrun or deqkit.train.distributed.launch), or use Trainer."
             )
-        super().__init__(model, train_set, val_set, config, callbacks=callbacks)
+        super().__init__(model, train_set, val_set, config, callbacks=callbacks, augment=augment)
         self.group = group
         self.rank, self.world_size = world_info(group)
         self.find_unused_parameters = check_bool(owner, "find_unused_parameters", find_unused_parameters)

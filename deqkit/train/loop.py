@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union, cast
 
@@ -49,6 +49,7 @@ from .checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
     atomic_torch_save,
+    augment_generator,
     deq_settings,
     epoch_generator,
     read_checkpoint,
@@ -154,6 +155,10 @@ class Trainer:
         val_set: evaluated every ``config.eval_every`` epochs (``None``: no validation).
         config: a :class:`TrainConfig` (default ``TrainConfig()``) or a dict of its fields.
         callbacks: :class:`Callback` objects.
+        augment: applied to every training batch as ``augment(x, generator)`` (e.g. an
+            :class:`~deqkit.train.ImageAugment`); the generator is seeded by ``(config.seed,
+            step)``, so a resumed run augments as an uninterrupted one. Never applied to
+            evaluation. ``None``: no augmentation.
 
     Attributes:
         history: one dict per completed epoch (see :meth:`fit`).
@@ -168,8 +173,12 @@ class Trainer:
         config: Union[TrainConfig, dict[str, Any], None] = None,
         *,
         callbacks: Sequence[Callback] = (),
+        augment: Optional[Callable[[Tensor, torch.Generator], Tensor]] = None,
     ) -> None:
         config = _check_trainer_inputs(model, train_set, config)
+        if augment is not None and not callable(augment):
+            raise OptionError(f"Trainer: augment must be a callable augment(x, generator), got {type(augment).__name__}.")
+        self.augment = augment
         self.model = model
         self.train_set = train_set
         self.val_set = val_set
@@ -254,6 +263,7 @@ class Trainer:
             "n_train": len(self.train_set),  # type: ignore[arg-type]
             "config": self.config.to_dict(),
             "deqs": deq_settings(self.model),
+            "augment": repr(self.augment),
             "scaler": None if self._scaler is None else self._scaler.state_dict(),
         }
 
@@ -273,7 +283,7 @@ class Trainer:
         if source is None:
             raise OptionError("Trainer.load_checkpoint: no path given and config.checkpoint_dir is None.")
         ckpt = read_checkpoint(source, len(self.train_set))  # type: ignore[arg-type]
-        changed = warn_on_changed_settings(source, ckpt, self.config, self.model)
+        changed = warn_on_changed_settings(source, ckpt, self.config, self.model, augment=repr(self.augment))
         try:
             self.model.load_state_dict(ckpt["model"])
         except RuntimeError as exc:
@@ -500,6 +510,8 @@ class Trainer:
     def _run_batch(self, epoch: int, b: int, idx: Tensor, bar: Any) -> None:
         self._rng_snapshot = rng_state()
         x, y = (t.to(self.device, non_blocking=True) for t in _fetch(self.train_set, self._shard(idx)))
+        if self.augment is not None:
+            x = self.augment(x, augment_generator(self.config.seed, self._pos["global_step"], getattr(self, "rank", 0)))
         stats = self._step(x, y)
         self._metrics.add(stats)
         for k in STABILITY_KEYS:
