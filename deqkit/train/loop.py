@@ -165,6 +165,9 @@ class Trainer:
         optimizer, scheduler: built by :meth:`fit`.
     """
 
+    #: this process's rank (a :class:`~deqkit.train.distributed.DistributedTrainer` sets its own)
+    rank: int = 0
+
     def __init__(
         self,
         model: nn.Module,
@@ -511,7 +514,7 @@ class Trainer:
         self._rng_snapshot = rng_state()
         x, y = (t.to(self.device, non_blocking=True) for t in _fetch(self.train_set, self._shard(idx)))
         if self.augment is not None:
-            x = self.augment(x, augment_generator(self.config.seed, self._pos["global_step"], getattr(self, "rank", 0)))
+            x = self.augment(x, augment_generator(self.config.seed, self._pos["global_step"], self.rank))
         stats = self._step(x, y)
         self._metrics.add(stats)
         for k in STABILITY_KEYS:
