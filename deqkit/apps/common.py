@@ -182,17 +182,15 @@ def make_augment(name: str, splits: Splits, model: str) -> Any:
     """The training augmentation ``name`` (one of :data:`~deqkit.train.AUGMENTATIONS`) for
     ``model`` on ``splits``: an :class:`~deqkit.train.ImageAugment` filling with the normalised
     black background, or ``None`` for ``"none"``."""
-    from ..train import AUGMENTATIONS, ImageAugment
+    from ..train import ImageAugment
 
-    if name not in AUGMENTATIONS:
-        raise OptionError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {name!r}.")
-    if name != "none" and (splits.flat or len(splits.input_shape) != 3):
+    augment = ImageAugment.from_name(name, fill=(-splits.mean / splits.std).tolist())  # fill: raw 0, normalised
+    if augment is not None and (splits.flat or len(splits.input_shape) != 3):
         raise OptionError(
             f"augment={name!r} needs image-shaped inputs (--model conv or mdeq on an image data set); "
             f"{splits.name} with --model {model} is not (use --augment none)."
         )
-    fill = (-splits.mean / splits.std).tolist()  # raw intensity 0, normalised
-    return ImageAugment.from_name(name, fill=fill)
+    return augment
 
 
 def build_classifier(

@@ -543,8 +543,8 @@ Where the two libraries' definitions differ (kept as they are, said here):
   per-sample non-finite checks, which torchdeq does not. It keeps up by one host sync per step
   (finiteness is read off the residual norms), a Gram matrix updated one row per step instead of
   rebuilt, and elementwise mixing for narrow states; before those changes it was 1.15x
-  torchdeq's time at 30 iterations, now below it. The products with the history (the new Gram column and the mixing) are
-  elementwise below 128 entries per sample and `bmm` from there on (and on GPUs): on this CPU,
+  torchdeq's time at 30 iterations, now below it. The products with the history (the new Gram
+  column and the mixing) are elementwise below 128 entries per sample and `bmm` from there on (and on GPUs): on this CPU,
   1 thread, batch 64, memory 6, the mixing costs 10 µs elementwise against 36 µs as `bmm` at
   width 64, 26 against 14 µs at 256, 84 against 39 µs at 1024; the Gram column, as `g Gᵀ`,
   11 against 18 µs at 64, 22 against 15 µs at 256 (timed 2026-11-30).
