@@ -10,7 +10,8 @@ Defaults changed on purpose at the 0.2 refactor (asserted here at their new valu
 ``Exact()``'s linear solver is ``AutoAdjoint`` (Picard steps switching to GMRES; was ``GMRES``)
 and ``Exact(match_forward=True)`` lets the adjoint tolerance follow the forward residual;
 ``fit_sim``'s λ is scale-free (``lam_scale="normalized"``; 0.1 solved the paper's program, now
-``lam_scale="paper"``).
+``lam_scale="paper"``); since 2026-11-30 the scale-free default is ``"pooled"`` (one root mean
+square per block of rows instead of one per row; docs/guide/migration.md, "Behaviour changes").
 """
 
 from __future__ import annotations
@@ -148,14 +149,15 @@ def test_exact_default_adjoint_solver_is_auto_adjoint():
 
 
 def test_fit_sim_documented_defaults():
-    """0.2: ``fit_sim``'s λ is scale-free by default (``lam_scale="normalized"``; ``"paper"`` is the 0.1 program)."""
+    """0.2: ``fit_sim``'s λ is scale-free by default (``lam_scale="pooled"``, until 2026-11-30 ``"normalized"``;
+    ``"paper"`` is the 0.1 program)."""
     import inspect
 
     from deqkit.sim import fit_sim
 
     params = inspect.signature(fit_sim).parameters
     got = {k: params[k].default for k in ("method", "mode", "zero_tol", "lam_scale", "penalty", "on_failure")}
-    assert got == dict(method="admm", mode="relaxed", zero_tol=1e-6, lam_scale="normalized", penalty="uniform", on_failure="warn")
+    assert got == dict(method="admm", mode="relaxed", zero_tol=1e-6, lam_scale="pooled", penalty="uniform", on_failure="warn")
 
 
 def test_line_search_and_finetune_documented_defaults():

@@ -30,6 +30,7 @@ def test_compare_writes_table_json_csv_and_plot(tmp_path, capsys):
     payload = json.loads((out / "results.json").read_text())
     rows = {r["estimator"]: r for r in payload["results"]}
     assert set(rows) == {"exact", "unrolled", "shine-opa"}
+    assert payload["config"]["jac_reg"] == "auto" and payload["config"]["jac_reg_weight"] == 0.0  # MLP: auto is off
     assert rows["exact"]["cosine"] == pytest.approx(1.0, abs=1e-3)  # Exact against a tighter Exact
     for r in rows.values():
         assert 0.0 <= r["test_acc"] <= 1.0 and math.isfinite(r["bwd_ms"]) and -1 <= r["cosine"] <= 1

@@ -229,6 +229,46 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     assert full_history[0]["train_acc"] == history[0]["train_acc"]
 
 
+class _Jitter:
+    """An augmentation for the tests' vectors: Gaussian noise drawn from the trainer's generator."""
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return x + 0.3 * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+
+    def __repr__(self) -> str:
+        return "_Jitter(0.3)"
+
+
+def _augmented_worker(run_dir: str, kill_at: int, resume: bool, augment: bool) -> None:
+    rank, _ = world_info()
+    model = _model(torch.float64, "exact", 1e-11)
+    callbacks = [_Kill(kill_at)] if kill_at > 0 else []
+    trainer = DistributedTrainer(
+        model, _data(torch.float64), None, _resume_config(run_dir), callbacks=callbacks, augment=_Jitter() if augment else None
+    )
+    trainer.fit(resume=resume)
+    if rank == 0:
+        torch.save(model.state_dict(), os.path.join(run_dir, "final.pt"))
+
+
+def test_killed_augmented_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    """With a random augmentation each rank draws its noise from (seed, step, rank): a 2-process
+    run killed mid-epoch 2 and resumed augments every later step as the uninterrupted run did,
+    so it ends at the same parameters; and the augmentation did change the run."""
+    launch(_augmented_worker, 2, str(tmp_path / "full"), 0, False, True, **LAUNCH)
+    launch(_augmented_worker, 2, str(tmp_path / "plain"), 0, False, False, **LAUNCH)
+    killed = tmp_path / "killed"
+    with pytest.raises((ProcessExitedException, ProcessRaisedException)):
+        launch(_augmented_worker, 2, str(killed), 6, False, True, **LAUNCH)
+    assert torch.load(killed / "last.pt", weights_only=True)["global_step"] == 4
+    launch(_augmented_worker, 2, str(killed), 0, True, True, **LAUNCH)
+    want, got = torch.load(tmp_path / "full" / "final.pt"), torch.load(killed / "final.pt")
+    plain = torch.load(tmp_path / "plain" / "final.pt")
+    assert max(float((want[k] - plain[k]).abs().max()) for k in want) > 1e-3, "the augmentation changed nothing"
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=0, atol=1e-10), k
+
+
 def test_step_generator_is_the_same_on_every_rank_and_differs_by_step() -> None:
     a = torch.rand(4, generator=step_generator(3, 10))
     b = torch.rand(4, generator=step_generator(3, 10))

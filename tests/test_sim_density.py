@@ -52,7 +52,7 @@ def test_cli_density_run_carries_the_chosen_lam(tmp_path):
     assert cli.run(args) == 0
     res = json.loads((out / "sim_results.json").read_text())
     (row,) = res["sim"]
-    assert res["density"] == [0.5] and res["lam_scale"] == "normalized"
+    assert res["density"] == [0.5] and res["lam_scale"] == "pooled"
     assert row["density_target"] == 0.5 and abs(row["nnz_fraction"] - 0.5) <= 0.005 + 1e-9
     assert row["lam"] == row["lam_path"][-1][0] or any(p[0] == row["lam"] for p in row["lam_path"])
     with pytest.raises(OptionError, match="--lam or --density"):
@@ -95,11 +95,11 @@ def _closed_form_nnz(states, phi, lam, lam_scale):
     return count
 
 
-@pytest.mark.parametrize("lam_scale", ["normalized", "paper"])
+@pytest.mark.parametrize("lam_scale", ["pooled", "normalized", "paper"])
 def test_orthogonal_design_fit_is_soft_thresholding(lam_scale):
     st, phi = _orthogonal_states()
     m = phi.shape[0]
-    lam = 0.3 if lam_scale == "normalized" else 40.0
+    lam = 40.0 if lam_scale == "paper" else 0.3
     res = fit_sim(st, lam, lam_scale=lam_scale, admm_ab=BatchedADMM(**TIGHT), admm_cd=BatchedADMM(**TIGHT), on_failure="raise")
     s_ab, s_cd = lam_factors(st, lam_scale)
     for rows, t, s in (("AB", st.Z.T, s_ab), ("CD", st.Y.T, s_cd)):
@@ -118,14 +118,14 @@ def test_density_search_on_known_lasso_path(target):
         st, density=target, density_tol=0.005, admm_ab=BatchedADMM(**TIGHT), admm_cd=BatchedADMM(**TIGHT), on_failure="raise"
     )
     # the λ it reports gives, in closed form, the density it reports, within the target's tolerance
-    exact = _closed_form_nnz(st, phi, res.lam, "normalized") / 200
+    exact = _closed_form_nnz(st, phi, res.lam, "pooled") / 200
     assert exact == pytest.approx(res.density, abs=1 / 200)
     assert abs(res.density - target) <= 0.005 + 1e-12 and res.search.converged
     assert res.density_target == target and res.search.nstep <= 20
     # the path's densities are the closed form's at every λ it visited
     for lam, dens in res.search.path[1:]:
-        assert _closed_form_nnz(st, phi, lam, "normalized") / 200 == pytest.approx(dens, abs=1 / 200)
-    assert res.search.path[0][1] == 0.0 and _closed_form_nnz(st, phi, res.search.path[0][0], "normalized") == 0
+        assert _closed_form_nnz(st, phi, lam, "pooled") / 200 == pytest.approx(dens, abs=1 / 200)
+    assert res.search.path[0][1] == 0.0 and _closed_form_nnz(st, phi, res.search.path[0][0], "pooled") == 0
 
 
 def test_search_lam_brackets_and_reports_a_miss():
@@ -171,18 +171,36 @@ def test_density_needs_a_reference_count():
     assert abs(res.density - 0.5) <= 0.005
 
 
-def test_normalized_lam_is_invariant_to_sample_count_and_target_scale():
-    # every sample twice and every target ×3: the normalized program is the same, the paper's is not
+@pytest.mark.parametrize("lam_scale", ["pooled", "normalized"])
+def test_scaled_lam_is_invariant_to_sample_count_and_target_scale(lam_scale):
+    # every sample twice and every target ×3: the pooled and normalized programs are the same, the paper's is not
     st, _ = _orthogonal_states(seed=3)
     two = lambda t: torch.cat([t, t], 0)
     big = States(U=two(st.U), Z=3 * two(st.Z), X=two(st.X), Y=3 * two(st.Y), kappa=0.99, reference_nnz=200)
     kw = dict(admm_ab=BatchedADMM(**TIGHT), admm_cd=BatchedADMM(**TIGHT), output_skip=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        a, b = fit_sim(st, 0.2, **kw), fit_sim(big, 0.2, **kw)
+        a, b = fit_sim(st, 0.2, lam_scale=lam_scale, **kw), fit_sim(big, 0.2, lam_scale=lam_scale, **kw)
         pa, pb = fit_sim(st, 20.0, lam_scale="paper", **kw), fit_sim(big, 20.0, lam_scale="paper", **kw)
     assert a.density == b.density > 0
     assert pa.density != pb.density  # the paper's λ depends on the scale
+
+
+def test_pooled_lam_keeps_the_rows_relative_scale():
+    # state 1's target is state 0's times 0.05: "pooled" thresholds both rows against one level,
+    # so the small state keeps fewer coefficients; "normalized" divides each row by its own rms,
+    # so both keep the same support
+    st, _ = _orthogonal_states(seed=2)
+    z = st.Z.clone()
+    z[:, 1] = 0.05 * z[:, 0]
+    st = States(U=st.U, Z=z, X=st.X, Y=st.Y, kappa=0.99, reference_nnz=200)
+    kw = dict(admm_ab=BatchedADMM(**TIGHT), admm_cd=BatchedADMM(**TIGHT), on_failure="raise")
+    support = lambda res: torch.cat([res.model.A, res.model.B], 1).detach() != 0
+    normed, pooled = (support(fit_sim(st, 0.3, lam_scale=s, **kw)) for s in ("normalized", "pooled"))
+    assert torch.equal(normed[1], normed[0]) and int(normed[0].sum()) > 0
+    assert 0 < int(pooled[0].sum()) and int(pooled[1].sum()) < int(pooled[0].sum())
+    s_ab, _ = lam_factors(st, "pooled")
+    assert isinstance(s_ab, float)  # one factor for every row of the block
 
 
 # ------------------------------------------------------------------------------------------
@@ -219,7 +237,7 @@ def test_density_target_lands_on_an_unseen_problem_without_choosing_lam():
             assert total / st.reference_nnz == pytest.approx(res.density)
 
 
-def test_normalized_lam_transfers_across_sample_counts():
+def test_default_lam_transfers_across_sample_counts():
     small, _ = _classification_states(m=200)
     large, _ = _classification_states(m=800)
     with warnings.catch_warnings():

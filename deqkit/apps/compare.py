@@ -251,7 +251,9 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[
 
 def write_outputs(results: list[dict[str, Any]], cfg: CompareConfig, out: Path) -> None:
     """results.json (everything), results.csv (the table) and compare.png, each written atomically."""
-    payload = {"config": asdict(cfg), "results": results}
+    # the weight "auto" resolved to, next to what was asked for
+    config = {**asdict(cfg), "jac_reg_weight": jac_reg_weight(cfg.jac_reg, cfg.model)}
+    payload = {"config": config, "results": results}
     atomic_write_text(out / "results.json", json.dumps(payload, indent=2, default=float))
     keys = [
         "estimator",

@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--lam",
         type=floats,
         default=None,
-        help="λ values, comma-separated, in --lam-scale units (normalized: useful values in (0, 1)); "
+        help="λ values, comma-separated, in --lam-scale units (pooled: useful values in (0, 1)); "
         "give --lam or --density (neither: --density 0.7,0.5,0.3)",
     )
     g.add_argument(
@@ -88,10 +88,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument(
         "--lam-scale",
         choices=LAM_SCALES,
-        default="normalized",
-        help="units of λ: normalized (per-sample mean loss, unit-rms targets and regressors: a λ carries over "
-        "between data sets), paper (the SIM paper's program; the default before, then named 'none': "
-        "pass it to reproduce earlier runs), rms (λ·rms(z_i) per row)",
+        default="pooled",
+        help="units of λ: pooled (per-sample mean loss, unit-rms regressors, each block's targets divided by one "
+        "pooled rms: a λ carries over between data sets and rows keep their relative scale), normalized (each "
+        "row's target divided by its own rms; the default until 2026-11-30), paper (the SIM paper's program; "
+        "pass it to reproduce the paper's λ), rms (λ·rms(z_i) per row)",
     )
     g.add_argument(
         "--penalty",

@@ -27,9 +27,12 @@ Two options restrict or refine that program; both keep it convex and row-separab
 
 λ's units (``lam_scale``): the paper's program above grows with the number of samples and
 with the states' scale, so a λ that sparsifies one network does nothing on another. The
-default ``"normalized"`` divides the loss by ``m`` and each target and ``Φ`` by its root mean
-square (:func:`lam_factors`); ``lam_scale="paper"`` is the program exactly as written above
-(the default before this option was renamed: pass it to reproduce earlier results).
+default ``"pooled"`` divides the loss by ``m``, ``Φ`` by its root mean square and each block's
+targets by one root mean square pooled over the block, so rows keep their relative scale (a
+state that is small on the samples buys fewer coefficients); ``"normalized"`` (the default
+before 2026-11-30) divides each row's target by its own root mean square instead
+(:func:`lam_factors`); ``lam_scale="paper"`` is the program exactly as written above (pass it
+to reproduce the paper's λ).
 ``density=`` chooses λ for a target fraction of non-zeros instead (:mod:`deqkit.sim.density`).
 
 Robustness: ``input_radius``/``output_radius`` bound the ℓ1 norm of each row of ``B``'s
@@ -86,7 +89,7 @@ __all__ = [
 #: the ``method`` values of :func:`fit_sim`
 SOLVERS = ("admm", "cvxpy")
 STRUCTURES = ("full", "feedforward")
-LAM_SCALES = ("normalized", "paper", "rms")
+LAM_SCALES = ("pooled", "normalized", "paper", "rms")
 PENALTIES = ("uniform", "standardized")
 
 BlockResult = ADMMResult | CVXPYResult
@@ -384,26 +387,35 @@ def _penalty_weights(phi: Tensor, n: int, p: int, penalty: str, input_weight: fl
     return weights
 
 
-def lam_factors(states: States, lam_scale: str = "normalized") -> tuple[float | Tensor, float | Tensor]:
+def lam_factors(states: States, lam_scale: str = "pooled") -> tuple[float | Tensor, float | Tensor]:
     """The per-row factors ``(s_ab, s_cd)`` that turn a λ in ``lam_scale`` units into the paper's:
     row ``i`` of the program ``min λ_i‖β‖₁ + ½‖z_i − Φβ‖²`` gets ``λ_i = λ·s_i``.
 
     ``"paper"``: ``s_i = 1``; ``"rms"``: ``s_i = rms(z_i)``; ``"normalized"``:
     ``s_i = m·rms(z_i)·rms(Φ)``, i.e. the program ``min λ‖β̃‖₁ + (1/2m)‖z̃_i − Φ̃β̃‖²`` on the
     target and regressors each divided by its root mean square (``z̃ = z/rms(z)``,
-    ``Φ̃ = Φ/rms(Φ)``, ``β̃ = β·rms(Φ)/rms(z)``): the same λ then means the same thing for any
-    number of samples ``m``, any scale of a layer's states and any scale of the inputs.
+    ``Φ̃ = Φ/rms(Φ)``, ``β̃ = β·rms(Φ)/rms(z)``); ``"pooled"`` (the default): the same with one
+    root mean square for all the targets of a block (``s_i = m·rms(Z)·rms(Φ)``, ``Z`` every
+    state's pre-activations for ``(A, B)``, every output for ``(C, D)``).
+
+    Both ``"normalized"`` and ``"pooled"`` make λ mean the same thing for any number of samples
+    ``m``, any scale of the states and any scale of the inputs. They differ in how they weigh the
+    rows against each other: ``"normalized"`` asks every row for the same relative fit, so a
+    state that is nearly constant or nearly off on the samples costs as many coefficients as
+    one that varies a lot; ``"pooled"`` asks for the same absolute fit, so coefficients go where
+    the states are large. At a matched density, ``"pooled"`` gave the more accurate models on
+    the benchmarks (BENCHMARKS.md, "SIM against magnitude pruning").
     """
     check_choice("lam_factors", "lam_scale", lam_scale, LAM_SCALES)
     if lam_scale == "paper":
         return 1.0, 1.0
-    rms_ab = states.Z.pow(2).mean(dim=0).sqrt()
-    rms_cd = states.Y.pow(2).mean(dim=0).sqrt()
     if lam_scale == "rms":
-        return rms_ab, rms_cd
+        return states.Z.pow(2).mean(dim=0).sqrt(), states.Y.pow(2).mean(dim=0).sqrt()
     phi = states.phi
     c = phi.shape[0] * float(phi.pow(2).mean().sqrt())
-    return c * rms_ab, c * rms_cd
+    if lam_scale == "pooled":
+        return c * float(states.Z.pow(2).mean().sqrt()), c * float(states.Y.pow(2).mean().sqrt())
+    return c * states.Z.pow(2).mean(dim=0).sqrt(), c * states.Y.pow(2).mean(dim=0).sqrt()
 
 
 def _blocks(
@@ -638,7 +650,7 @@ def fit_sim(
     admm_cd: BatchedADMM | None = None,
     warm_start: ImplicitModel | None = None,
     zero_tol: float = 1e-6,
-    lam_scale: str = "normalized",
+    lam_scale: str = "pooled",
     penalty: str = "uniform",
     input_weight: float = 1.0,
     structure: str = "full",
@@ -673,10 +685,12 @@ def fit_sim(
         admm_cd: the same for the ``(C, D)`` rows (default: ``rho=1``, 1000 iterations).
         warm_start: a model of the same shape whose ``(A, B, C, D)`` start the ADMM.
         zero_tol: entries below this magnitude are zeroed (also for CVXPY).
-        lam_scale: the units of λ (see :func:`lam_factors`). ``"normalized"`` (default):
-            per-sample mean loss on a target and regressors of unit root mean square, so a λ
-            carries over between sample counts, layers and data sets (useful values lie in
-            ``(0, 1)``); ``"paper"``: λ exactly as in the SIM paper's program
+        lam_scale: the units of λ (see :func:`lam_factors`). ``"pooled"`` (default):
+            per-sample mean loss on regressors of unit root mean square and targets divided by
+            their block's pooled root mean square, so a λ carries over between sample counts
+            and data sets (useful values lie in ``(0, 1)``) while the rows keep their relative
+            scale; ``"normalized"``: each row's target divided by its own root mean square (the
+            default until 2026-11-30); ``"paper"``: λ exactly as in the SIM paper's program
             ``λ‖β‖₁ + ½‖z_i − Φβ‖²`` (the default of earlier deqkit versions, there called
             ``"none"``; it grows with the number of samples and the states' scale);
             ``"rms"``: ``λ·rms(z_i)`` per row.

@@ -6,7 +6,7 @@ For each data set, architecture (``mlp``; ``cnn`` on image data) and seed: train
 then at each target density (fraction of the baseline's non-zero weights and biases; a CNN's
 counted in its unrolled, implicit form for both methods):
 
-- ``SIM``: ``fit_sim(density=d, debias=True)`` on the states of ``--samples`` training inputs
+- ``SIM``: ``fit_sim(density=d, debias=True, lam_scale=--lam-scale)`` on the states of ``--samples`` training inputs
   (no labels, no backprop; MLP ``structure="feedforward"``, CNN receptive-field supports);
 - ``SIM+ft``: that model fine-tuned ``--ft-epochs`` epochs on the labels (masked, projected);
 - ``SIM-robust`` (with ``--input-radius``/``--output-radius``): the robust program;
@@ -41,7 +41,7 @@ from ...errors import ConvergenceWarning, OptionError
 from ...sim.attacks import accuracy, robust_accuracy
 from ...sim.baseline import make_mlp, train_mlp
 from ...sim.cnn import cnn_layers, cnn_support, collect_cnn_states, make_cnn
-from ...sim.fit import baseline_nonzeros, count_nonzeros, finetune, fit_sim
+from ...sim.fit import LAM_SCALES, baseline_nonzeros, count_nonzeros, finetune, fit_sim
 from ...sim.pruning import magnitude_prune, masked_finetune
 from ...sim.robust import certified_linf_gain
 from ...sim.states import collect_states
@@ -147,7 +147,7 @@ def run_one(args: Any, name: str, model: str, seed: int, log=print) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             t1 = time.perf_counter()
-            res = fit_sim(states, density=d, debias=True, **fit_kw)
+            res = fit_sim(states, density=d, debias=True, lam_scale=args.lam_scale, **fit_kw)
             fit_s = time.perf_counter() - t1
         if res.search is not None and not res.search.converged:  # the warning is silenced above with the ADMM's row warnings
             log(
@@ -176,7 +176,13 @@ def run_one(args: Any, name: str, model: str, seed: int, log=print) -> dict:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 rob = fit_sim(
-                    states, density=d, debias=True, input_radius=args.input_radius, output_radius=args.output_radius, **fit_kw
+                    states,
+                    density=d,
+                    debias=True,
+                    lam_scale=args.lam_scale,
+                    input_radius=args.input_radius,
+                    output_radius=args.output_radius,
+                    **fit_kw,
                 )
             g = certified_linf_gain(rob.model)
             out["SIM-robust"] = _row(
@@ -250,6 +256,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pgd-steps", type=int, default=10)
     p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--n-attack", type=int, default=300)
+    p.add_argument("--lam-scale", choices=LAM_SCALES, default="pooled", help="fit_sim's lam_scale (how the rows are weighed)")
     p.add_argument("--input-radius", type=float, default=None, help="also run SIM-robust with this B-row ℓ1 bound")
     p.add_argument("--output-radius", type=float, default=None, help="… and this [C D]-row ℓ1 bound")
     p.add_argument("--data-dir", default=None)
