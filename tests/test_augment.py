@@ -178,3 +178,14 @@ def test_resuming_with_another_augmentation_warns(images, tmp_path):
     longer = dataclasses.replace(cfg, max_steps=4)
     with pytest.warns(UserWarning, match=r"augment: ImageAugment\(flip=True, shift=0\) -> None"):
         Trainer(_conv(), images.train, None, longer).fit(resume=True)
+
+
+def test_augment_generator_depends_on_seed_step_and_rank_only():
+    """Each rank's shard holds other samples, so each rank draws its own augmentation; a rerun (or a
+    resume) of the same (seed, step, rank) draws the same."""
+    from deqkit.train.checkpoint import augment_generator
+
+    draw = lambda *key: torch.rand(8, generator=augment_generator(*key))
+    assert torch.equal(draw(3, 10, 1), draw(3, 10, 1))
+    others = [draw(3, 10, 0), draw(3, 11, 1), draw(4, 10, 1)]
+    assert all(not torch.equal(draw(3, 10, 1), o) for o in others)

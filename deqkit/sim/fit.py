@@ -401,8 +401,8 @@ def lam_factors(states: States, lam_scale: str = "pooled") -> tuple[float | Tens
     Both ``"normalized"`` and ``"pooled"`` make λ mean the same thing for any number of samples
     ``m``, any scale of the states and any scale of the inputs. They differ in how they weigh the
     rows against each other: ``"normalized"`` asks every row for the same relative fit, so a
-    state that is nearly constant or nearly off on the samples costs as many coefficients as
-    one that varies a lot; ``"pooled"`` asks for the same absolute fit, so coefficients go where
+    state that stays small on the samples (and moves the outputs little) costs as many
+    coefficients as a large one; ``"pooled"`` asks for the same absolute fit, so coefficients go where
     the states are large. At a matched density, ``"pooled"`` gave the more accurate models on
     the benchmarks (BENCHMARKS.md, "SIM against magnitude pruning").
     """
