@@ -168,17 +168,24 @@ def test_cli_model_cnn_run(tmp_path):
             str(out),
             "--no-progress",
             "--input-radius",
-            "2",
+            "0.8",
             "--output-radius",
-            "5",
+            "0.5",
+            "--radius-scale",
+            "relative",
         ]
     )
     assert cli.run(args) == 0
     res = json.loads((out / "sim_results.json").read_text())
     (row,) = res["sim"]
-    assert res["model"] == "cnn" and res["channels"] == [2, 3]
+    assert res["model"] == "cnn" and res["channels"] == [2, 3] and res["radius_scale"] == "relative"
     assert abs(row["nnz_fraction"] - 0.5) <= 0.02 and row["wellposed"] and row["certified_gain"] is not None
     assert row["lam"] > 0 and row["density_target"] == 0.5
+    assert row["input_radius"] > 0 and row["output_radius"] > 0  # the absolute bounds the fractions gave
+    with pytest.raises(OptionError, match="--output-radius"):
+        cli.validate(
+            cli.add_arguments(argparse.ArgumentParser()).parse_args(["--output-radius", "2", "--radius-scale", "relative"])
+        )
 
 
 def test_support_and_structure_are_exclusive():

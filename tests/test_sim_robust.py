@@ -123,6 +123,40 @@ def test_robust_program_keeps_its_balls_and_lowers_the_gain():
     assert g_rob < g_free
 
 
+def test_relative_radii_are_fractions_of_the_plain_fits_largest_rows():
+    net, u, _ = _net_and_data(seed=1)
+    st = collect_states(net, u)
+    kw = dict(structure="feedforward", admm_ab=BatchedADMM(max_iter=5000), admm_cd=BatchedADMM(max_iter=5000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        free = fit_sim(st, 0.001, **kw).model
+        rel = fit_sim(st, 0.001, input_radius=0.5, output_radius=0.7, radius_scale="relative", **kw)
+        same = fit_sim(st, 0.001, input_radius=rel.input_radius, output_radius=rel.output_radius, **kw)
+    p = free.p
+    rows = lambda m: (m.B.detach()[:, :p].abs().sum(1), torch.cat([m.C.detach(), m.D.detach()[:, :p]], 1).abs().sum(1))
+    b_free, cd_free = rows(free)
+    assert rel.input_radius == pytest.approx(0.5 * float(b_free.max()))
+    assert rel.output_radius == pytest.approx(0.7 * float(cd_free.max()))
+    b_rob, cd_rob = rows(rel.model)
+    assert float(b_rob.max()) <= rel.input_radius + 1e-9 and float(cd_rob.max()) <= rel.output_radius + 1e-9
+    assert float(b_rob.max()) > 0.99 * rel.input_radius  # the ball is active
+    # the relative program is the absolute one at the radii it reports
+    for k in "ABCD":
+        torch.testing.assert_close(getattr(rel.model, k), getattr(same.model, k), atol=2e-4, rtol=0)
+    assert same.input_radius == rel.input_radius and fit_sim(st, 0.001, **kw).input_radius is None
+
+
+def test_relative_radius_must_be_a_fraction():
+    net, u, _ = _net_and_data(seed=1)
+    st = collect_states(net, u)
+    from deqkit.errors import OptionError
+
+    with pytest.raises(OptionError, match=r"\(0, 1\]"):
+        fit_sim(st, 0.001, input_radius=1.5, radius_scale="relative")
+    with pytest.raises(OptionError, match="radius_scale"):
+        fit_sim(st, 0.001, input_radius=0.5, radius_scale="fraction")
+
+
 def test_block_ball_matches_cvxpy():
     pytest.importorskip("cvxpy")
     from deqkit.sim import solve_rows_cvxpy

@@ -78,6 +78,7 @@ RESULT_SETTINGS = (
     "density_tol",
     "input_radius",
     "output_radius",
+    "radius_scale",
     "model",
     "channels",
 )
@@ -246,6 +247,8 @@ def _evaluate(
         "lam_scale": getattr(res, "lam_scale", None),
         "density_target": getattr(res, "density_target", None),
         "lam_path": [list(p) for p in res.search.path] if getattr(res, "search", None) is not None else None,
+        "input_radius": getattr(res, "input_radius", None),  # the bounds applied (absolute)
+        "output_radius": getattr(res, "output_radius", None),
         "finetune_epochs": finetune_epochs,
         "accuracy": acc,
         "nnz": nnz,
@@ -342,6 +345,7 @@ class SimJob:
                 debias=o.debias,
                 input_radius=o.input_radius,
                 output_radius=o.output_radius,
+                radius_scale=o.radius_scale,
                 log=log if by_density else None,
                 **self.fit_extra,
             )

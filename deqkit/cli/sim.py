@@ -13,7 +13,7 @@ from ..apps.common import set_threads
 from ..errors import OptionError
 from ..sim.admm import MODES
 from ..sim.attacks import ATTACKS
-from ..sim.fit import LAM_SCALES, PENALTIES, STRUCTURES
+from ..sim.fit import LAM_SCALES, PENALTIES, RADIUS_SCALES, STRUCTURES
 from ..sim.fit import SOLVERS as FIT_SOLVERS
 from .options import (
     Number,
@@ -128,6 +128,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument(
         "--output-radius", type=positive_float, default=None, help="robustness: ℓ1 bound on each row of [C D] (bias excluded)"
     )
+    g.add_argument(
+        "--radius-scale",
+        choices=RADIUS_SCALES,
+        default="absolute",
+        help="units of --input-radius/--output-radius: absolute (ℓ1 norms in the states' coordinates) or relative "
+        "(a fraction in (0, 1] of the plain fit's largest row, the same tightening on any network)",
+    )
     g = p.add_argument_group("fit solver")
     g.add_argument("--fit-solver", choices=FIT_SOLVERS, default="admm", help="solver of the SIM program")
     g.add_argument("--rho", type=positive_float, default=1.0, help="ADMM penalty ρ")
@@ -218,7 +225,8 @@ def validate(args: argparse.Namespace) -> None:
     for flag in ("--input-radius", "--output-radius"):
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
-            check_number("deqkit sim", flag, value, low=0.0)
+            relative = args.radius_scale == "relative"
+            check_number("deqkit sim", flag, value, low=0.0, high=1.0 if relative else None, low_open=relative)
 
 
 def check_files(args: argparse.Namespace) -> None:

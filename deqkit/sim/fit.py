@@ -75,6 +75,7 @@ from .states import States, _mlp_layers
 __all__ = [
     "LAM_SCALES",
     "PENALTIES",
+    "RADIUS_SCALES",
     "SOLVERS",
     "STRUCTURES",
     "SIMResult",
@@ -91,6 +92,7 @@ SOLVERS = ("admm", "cvxpy")
 STRUCTURES = ("full", "feedforward")
 LAM_SCALES = ("pooled", "normalized", "paper", "rms")
 PENALTIES = ("uniform", "standardized")
+RADIUS_SCALES = ("absolute", "relative")
 
 BlockResult = ADMMResult | CVXPYResult
 _BLOCK_LABELS = {"ab": "rows of (A, B)", "cd": "rows of (C, D)", "refit_ab": "refit of (A, B)", "refit_cd": "refit of (C, D)"}
@@ -116,7 +118,9 @@ class SIMResult(ResultMixin):
     ``lam`` is the λ of the fit (given, or chosen by the density search) in ``lam_scale``
     units; ``density`` the non-zeros of the model over the baseline's (``None`` when unknown),
     ``density_target`` the target asked for (``None`` without one) and ``search`` the density
-    search (its ``path`` of ``(λ, density)``).
+    search (its ``path`` of ``(λ, density)``). ``input_radius`` and ``output_radius`` are the
+    robust program's bounds as applied (absolute; with ``radius_scale="relative"``, the fractions
+    given times the plain fit's largest rows), ``None`` without one.
     """
 
     model: ImplicitModel
@@ -126,10 +130,12 @@ class SIMResult(ResultMixin):
     time_s: float
     refit_ab: BlockResult | None = None
     refit_cd: BlockResult | None = None
-    lam_scale: str = "normalized"
+    lam_scale: str = "pooled"
     density: float | None = None
     density_target: float | None = None
     search: DensitySearch | None = None
+    input_radius: float | None = None
+    output_radius: float | None = None
 
     @property
     def solves(self) -> dict[str, BlockResult]:
@@ -658,6 +664,7 @@ def fit_sim(
     debias: bool = False,
     input_radius: float | None = None,
     output_radius: float | None = None,
+    radius_scale: str = "absolute",
     support: tuple[Tensor | None, Tensor | None] | None = None,
     on_failure: str = "warn",
     solver: Any = None,
@@ -712,6 +719,12 @@ def fit_sim(
             (see :mod:`deqkit.sim.robust`): convex and row-separable like the κ ball.
         output_radius: robustness: each row of ``[C D_u]`` (the outputs' weights on states and
             inputs, bias excluded) kept in the ℓ1 ball of this radius.
+        radius_scale: the units of ``input_radius`` and ``output_radius``: ``"absolute"``
+            (default: ℓ1 norms in the states' rescaled coordinates, which differ between
+            networks) or ``"relative"``: a fraction in ``(0, 1]`` of the largest such row norm of
+            the plain fit (the same ``lam`` or ``density``, no bounds), which is solved first, so
+            the same value means the same tightening on any network. The result records the
+            absolute bounds applied.
         support: explicit ``(support_ab, support_cd)`` boolean masks over ``Φ``'s columns
             (replacing ``structure``/``output_skip``; e.g. the receptive fields of a CNN).
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when some row of some
@@ -747,6 +760,36 @@ def fit_sim(
         density_of,
     )
     check_choice("fit_sim", "structure", structure, STRUCTURES)
+    check_choice("fit_sim", "radius_scale", radius_scale, RADIUS_SCALES)
+    if radius_scale == "relative" and (input_radius is not None or output_radius is not None):
+        input_radius, output_radius, warm_start = _relative_radii(
+            states,
+            input_radius,
+            output_radius,
+            warm_start,
+            dict(
+                lam=lam,
+                density=density,
+                density_tol=density_tol,
+                max_evals=max_evals,
+                density_of=density_of,
+                method=method,
+                mode=mode,
+                kappa=kappa,
+                admm_ab=admm_ab,
+                admm_cd=admm_cd,
+                zero_tol=zero_tol,
+                lam_scale=lam_scale,
+                penalty=penalty,
+                input_weight=input_weight,
+                structure=structure,
+                output_skip=output_skip,
+                debias=debias,
+                support=support,
+                on_failure=on_failure,
+                log=log,
+            ),
+        )
     if support is not None and (structure != "full" or not output_skip):
         raise OptionError(
             "fit_sim: support= replaces structure/output_skip; pass one or the other "
@@ -813,7 +856,32 @@ def fit_sim(
         density=reached,
         density_target=None if density is None else float(density),
         search=search,
+        input_radius=None if input_radius is None else float(input_radius),
+        output_radius=None if output_radius is None else float(output_radius),
     )
+
+
+def _relative_radii(
+    states: States, input_frac: float | None, output_frac: float | None, warm_start: ImplicitModel | None, fit_kw: dict
+) -> tuple[float | None, float | None, ImplicitModel | None]:
+    """``radius_scale="relative"``: the plain fit (``fit_kw``, no bounds), then each fraction times
+    its largest row norm (``B``'s input columns; ``[C D_u]``). Returns the absolute radii and the
+    plain model as the warm start (unless one was given)."""
+    for name, frac in (("input_radius", input_frac), ("output_radius", output_frac)):
+        if frac is not None and not 0.0 < float(frac) <= 1.0:
+            raise OptionError(
+                f"fit_sim: with radius_scale='relative', {name} is a fraction of the plain fit's largest row norm "
+                f"and must lie in (0, 1], got {frac!r}."
+            )
+    plain = fit_sim(states, warm_start=warm_start, **fit_kw).model
+    p = states.U.shape[1]
+    with torch.no_grad():
+        b_top = float(plain.B[:, :p].abs().sum(dim=1).max()) if plain.B.numel() else 0.0
+        cd = torch.cat([plain.C, plain.D[:, :p]], 1).abs().sum(dim=1)
+        cd_top = float(cd.max()) if cd.numel() else 0.0
+    in_r = None if input_frac is None else float(input_frac) * b_top
+    out_r = None if output_frac is None else float(output_frac) * cd_top
+    return in_r, out_r, warm_start if warm_start is not None else plain
 
 
 @validated_options

@@ -41,7 +41,7 @@ from ...errors import ConvergenceWarning, OptionError
 from ...sim.attacks import accuracy, robust_accuracy
 from ...sim.baseline import make_mlp, train_mlp
 from ...sim.cnn import cnn_layers, cnn_support, collect_cnn_states, make_cnn
-from ...sim.fit import LAM_SCALES, baseline_nonzeros, count_nonzeros, finetune, fit_sim
+from ...sim.fit import LAM_SCALES, RADIUS_SCALES, baseline_nonzeros, count_nonzeros, finetune, fit_sim
 from ...sim.pruning import magnitude_prune, masked_finetune
 from ...sim.robust import certified_linf_gain
 from ...sim.states import collect_states
@@ -182,6 +182,7 @@ def run_one(args: Any, name: str, model: str, seed: int, log=print) -> dict:
                     lam_scale=args.lam_scale,
                     input_radius=args.input_radius,
                     output_radius=args.output_radius,
+                    radius_scale=args.radius_scale,
                     **fit_kw,
                 )
             g = certified_linf_gain(rob.model)
@@ -259,6 +260,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lam-scale", choices=LAM_SCALES, default="pooled", help="fit_sim's lam_scale (how the rows are weighed)")
     p.add_argument("--input-radius", type=float, default=None, help="also run SIM-robust with this B-row ℓ1 bound")
     p.add_argument("--output-radius", type=float, default=None, help="… and this [C D]-row ℓ1 bound")
+    p.add_argument("--radius-scale", choices=RADIUS_SCALES, default="absolute", help="fit_sim's radius_scale")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="runs/sim_pruning")
