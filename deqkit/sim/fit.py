@@ -113,7 +113,8 @@ class SIMResult(ResultMixin):
     - ``residual``: the largest ``residual`` of any row of any solve (ADMM: residual over
       tolerance, ``≤ 1`` when converged; CVXPY: primal infeasibility), a ``float``;
     - ``time_s``: wall-clock seconds of the solves (factorisation included, building the model
-      excluded; with ``density``, every solve of the search).
+      excluded; with ``density``, every solve of the search; with relative radii, the plain fit
+      too).
 
     ``lam`` is the λ of the fit (given, or chosen by the density search) in ``lam_scale``
     units; ``density`` the non-zeros of the model over the baseline's (``None`` when unknown),
@@ -760,7 +761,13 @@ def fit_sim(
         density_of,
     )
     check_choice("fit_sim", "structure", structure, STRUCTURES)
+    if support is not None and (structure != "full" or not output_skip):
+        raise OptionError(
+            "fit_sim: support= replaces structure/output_skip; pass one or the other "
+            f"(got structure={structure!r}, output_skip={output_skip!r} with support)."
+        )
     check_choice("fit_sim", "radius_scale", radius_scale, RADIUS_SCALES)
+    plain_s = time.perf_counter()
     if radius_scale == "relative" and (input_radius is not None or output_radius is not None):
         input_radius, output_radius, warm_start = _relative_radii(
             states,
@@ -790,11 +797,7 @@ def fit_sim(
                 log=log,
             ),
         )
-    if support is not None and (structure != "full" or not output_skip):
-        raise OptionError(
-            "fit_sim: support= replaces structure/output_skip; pass one or the other "
-            f"(got structure={structure!r}, output_skip={output_skip!r} with support)."
-        )
+    plain_s = time.perf_counter() - plain_s  # the plain fit's time (relative radii), counted in time_s
     blocks = _blocks(
         states, lam_scale, kappa, admm_ab, admm_cd, structure, output_skip, warm_start, input_radius, output_radius, support
     )
@@ -830,7 +833,7 @@ def fit_sim(
         )
     if debias and search is None:  # the density search returns its solution refitted
         _refit(method, mode, blocks, phi, zero_tol, factor, results, betas)
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0 + plain_s
     msg = _failure_message(float(lam), results, blocks)
     if search is not None and not search.converged:
         assert density is not None  # a search runs only for density=...
