@@ -133,7 +133,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         choices=RADIUS_SCALES,
         default="absolute",
         help="units of --input-radius/--output-radius: absolute (ℓ1 norms in the states' coordinates) or relative "
-        "(a fraction in (0, 1] of the plain fit's largest row, the same tightening on any network)",
+        "(a fraction in (0, 1] of the plain fit's largest row: the same tightening of that row on any network)",
     )
     g = p.add_argument_group("fit solver")
     g.add_argument("--fit-solver", choices=FIT_SOLVERS, default="admm", help="solver of the SIM program")

@@ -724,8 +724,9 @@ def fit_sim(
             (default: ℓ1 norms in the states' rescaled coordinates, which differ between
             networks) or ``"relative"``: a fraction in ``(0, 1]`` of the largest such row norm of
             the plain fit (the same ``lam`` or ``density``, no bounds), which is solved first, so
-            the same value means the same tightening on any network. The result records the
-            absolute bounds applied.
+            the same value tightens the largest rows alike on any network (the accuracy it costs
+            still differs; BENCHMARKS.md has the CNN's). The result records the absolute bounds
+            applied.
         support: explicit ``(support_ab, support_cd)`` boolean masks over ``Φ``'s columns
             (replacing ``structure``/``output_skip``; e.g. the receptive fields of a CNN).
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when some row of some
