@@ -179,6 +179,7 @@ def test_cli_model_cnn_run(tmp_path):
     res = json.loads((out / "sim_results.json").read_text())
     (row,) = res["sim"]
     assert res["model"] == "cnn" and res["channels"] == [2, 3] and res["radius_scale"] == "relative"
+    assert res["output_skip"] is False  # the CNN default: the outputs read the last feature map, as the CNN's do
     assert abs(row["nnz_fraction"] - 0.5) <= 0.02 and row["wellposed"] and row["certified_gain"] is not None
     assert row["lam"] > 0 and row["density_target"] == 0.5
     assert row["input_radius"] > 0 and row["output_radius"] > 0  # the absolute bounds the fractions gave

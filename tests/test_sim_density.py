@@ -52,7 +52,7 @@ def test_cli_density_run_carries_the_chosen_lam(tmp_path):
     assert cli.run(args) == 0
     res = json.loads((out / "sim_results.json").read_text())
     (row,) = res["sim"]
-    assert res["density"] == [0.5] and res["lam_scale"] == "pooled"
+    assert res["density"] == [0.5] and res["lam_scale"] == "pooled" and res["output_skip"] is True  # the MLP default
     assert row["density_target"] == 0.5 and abs(row["nnz_fraction"] - 0.5) <= 0.005 + 1e-9
     assert row["lam"] == row["lam_path"][-1][0] or any(p[0] == row["lam"] for p in row["lam_path"])
     with pytest.raises(OptionError, match="--lam or --density"):

@@ -267,6 +267,8 @@ class SimJob:
     """One ``deqkit sim`` run: the data, the baseline and its states, then one fit per λ."""
 
     def __init__(self, opts: Any, log: Callable[..., None] = print) -> None:
+        if getattr(opts, "output_skip", True) is None:  # the default: what the baseline's output layer reads
+            opts.output_skip = getattr(opts, "model", "mlp") != "cnn"
         self.opts, self.log = opts, log
         self.out = Path(opts.out)
         self.dtype = torch.float64

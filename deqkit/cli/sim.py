@@ -115,8 +115,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument(
         "--output-skip",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="let the outputs read the inputs directly (D's input columns)",
+        default=None,
+        help="let the outputs read the inputs directly (D's input columns); default: on for --model mlp, off for "
+        "--model cnn (whose outputs read the last feature map only, as the CNN's do: more accurate and faster there)",
     )
     g.add_argument("--debias", action="store_true", help="refit each row by least squares on its lasso support (relaxed lasso)")
     g.add_argument(
