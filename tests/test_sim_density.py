@@ -268,3 +268,27 @@ def test_density_target_holds_for_the_refitted_model_when_the_refit_drops_entrie
     nnz = sum(int((getattr(res.model, k).detach() != 0).sum()) for k in "ABCD")
     assert res.search.converged and abs(res.density - 0.5) <= res.search.tol
     assert nnz / st.reference_nnz == pytest.approx(res.density) == pytest.approx(res.search.density)
+
+
+def test_lam_factors_match_their_definitions():
+    # the documented formulas, computed independently: m·rms(Φ)·rms(targets), pooled per block or per row
+    st, phi = _orthogonal_states(seed=4)
+    st = States(U=st.U, Z=st.Z * torch.linspace(0.2, 3.0, st.Z.shape[1], dtype=torch.float64), X=st.X, Y=st.Y, kappa=0.99)
+    m = phi.shape[0]
+    rms_phi = float(torch.sqrt((phi**2).sum() / phi.numel()))
+    pooled_ab, pooled_cd = lam_factors(st, "pooled")
+    assert pooled_ab == pytest.approx(m * rms_phi * float(torch.sqrt((st.Z**2).sum() / st.Z.numel())), rel=1e-12)
+    assert pooled_cd == pytest.approx(m * rms_phi * float(torch.sqrt((st.Y**2).sum() / st.Y.numel())), rel=1e-12)
+    row_rms = torch.stack([torch.sqrt((st.Z[:, i] ** 2).sum() / m) for i in range(st.Z.shape[1])])
+    normed_ab, _ = lam_factors(st, "normalized")
+    torch.testing.assert_close(normed_ab, m * rms_phi * row_rms, rtol=1e-12, atol=0)
+    rms_ab, _ = lam_factors(st, "rms")
+    torch.testing.assert_close(rms_ab, row_rms, rtol=1e-12, atol=0)
+    assert lam_factors(st, "paper") == (1.0, 1.0)
+
+
+def test_density_search_on_all_zero_targets_says_so():
+    st, _ = _orthogonal_states()
+    zero = States(U=st.U, Z=torch.zeros_like(st.Z), X=st.X, Y=torch.zeros_like(st.Y), kappa=0.99, reference_nnz=200)
+    with pytest.raises(OptionError, match="every target is zero"):
+        fit_sim(zero, density=0.5)
