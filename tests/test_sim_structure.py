@@ -178,7 +178,9 @@ def test_debias_needs_the_relaxed_program():
 def test_cli_parses_the_structure_options():
     parse = cli.add_arguments(argparse.ArgumentParser()).parse_args
     args = parse([])
-    assert (args.structure, args.output_skip, args.debias) == ("full", True, False)
+    # output_skip None: the model's default (on for --model mlp, off for cnn), resolved by the job
+    assert (args.structure, args.output_skip, args.debias) == ("full", None, False)
+    assert parse(["--output-skip"]).output_skip is True
     args = parse(["--structure", "feedforward", "--no-output-skip", "--debias"])
     assert (args.structure, args.output_skip, args.debias) == ("feedforward", False, True)
     with pytest.raises(SystemExit):
