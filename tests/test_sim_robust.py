@@ -105,14 +105,21 @@ def test_certified_bound_holds_on_every_test_point_against_attacks(which):
     assert worst > 0.05 * gain.gain  # the attacks do move the outputs: the check is not vacuous
 
 
-def test_robust_program_keeps_its_balls_and_lowers_the_gain():
+def _fits(*radii: dict) -> list:
+    """The plain fit (λ = 0.001, feedforward) of seed 1's states, then one fit per dict of radius options."""
     net, u, _ = _net_and_data(seed=1)
     st = collect_states(net, u)
     kw = dict(structure="feedforward", admm_ab=BatchedADMM(max_iter=5000), admm_cd=BatchedADMM(max_iter=5000))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        free = fit_sim(st, 0.001, **kw).model
-        rob = fit_sim(st, 0.001, input_radius=0.3, output_radius=0.8, **kw).model
+        out = [fit_sim(st, 0.001, **kw)]
+        for r in radii:  # a callable gets the previous result (to reuse the radii it reports)
+            out.append(fit_sim(st, 0.001, **(r(out[-1]) if callable(r) else r), **kw))
+    return out
+
+
+def test_robust_program_keeps_its_balls_and_lowers_the_gain():
+    free, rob = (r.model for r in _fits(dict(input_radius=0.3, output_radius=0.8)))
     p = rob.p
     assert float(rob.B.detach()[:, :p].abs().sum(1).max()) <= 0.3 + 1e-9
     cd = torch.cat([rob.C.detach(), rob.D.detach()[:, :p]], 1)
@@ -124,14 +131,11 @@ def test_robust_program_keeps_its_balls_and_lowers_the_gain():
 
 
 def test_relative_radii_are_fractions_of_the_plain_fits_largest_rows():
-    net, u, _ = _net_and_data(seed=1)
-    st = collect_states(net, u)
-    kw = dict(structure="feedforward", admm_ab=BatchedADMM(max_iter=5000), admm_cd=BatchedADMM(max_iter=5000))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        free = fit_sim(st, 0.001, **kw).model
-        rel = fit_sim(st, 0.001, input_radius=0.5, output_radius=0.7, radius_scale="relative", **kw)
-        same = fit_sim(st, 0.001, input_radius=rel.input_radius, output_radius=rel.output_radius, **kw)
+    plain, rel, same = _fits(
+        dict(input_radius=0.5, output_radius=0.7, radius_scale="relative"),
+        lambda prev: dict(input_radius=prev.input_radius, output_radius=prev.output_radius),
+    )
+    free = plain.model
     p = free.p
     rows = lambda m: (m.B.detach()[:, :p].abs().sum(1), torch.cat([m.C.detach(), m.D.detach()[:, :p]], 1).abs().sum(1))
     b_free, cd_free = rows(free)
@@ -143,7 +147,7 @@ def test_relative_radii_are_fractions_of_the_plain_fits_largest_rows():
     # the relative program is the absolute one at the radii it reports
     for k in "ABCD":
         torch.testing.assert_close(getattr(rel.model, k), getattr(same.model, k), atol=2e-4, rtol=0)
-    assert same.input_radius == rel.input_radius and fit_sim(st, 0.001, **kw).input_radius is None
+    assert same.input_radius == rel.input_radius and plain.input_radius is None
 
 
 def test_relative_radius_must_be_a_fraction():
