@@ -406,7 +406,8 @@ def lam_factors(states: States, lam_scale: str = "pooled") -> tuple[float | Tens
     state's pre-activations for ``(A, B)``, every output for ``(C, D)``).
 
     Both ``"normalized"`` and ``"pooled"`` make λ mean the same thing for any number of samples
-    ``m``, any scale of the states and any scale of the inputs. They differ in how they weigh the
+    ``m`` and any scale of the targets (tested); a rescaled input moves ``rms(Φ)`` only in
+    part, as ``Φ`` also holds the states and a constant column. They differ in how they weigh the
     rows against each other: ``"normalized"`` asks every row for the same relative fit, so a
     state that stays small on the samples (and moves the outputs little) costs as many
     coefficients as a large one; ``"pooled"`` asks for the same absolute fit, so coefficients go where
