@@ -71,7 +71,7 @@ def test_names_give_the_flips_and_shifts_they_say():
 
 
 def test_bad_settings_and_inputs_are_refused():
-    with pytest.raises(OptionError, match="shift must be a non-negative int"):
+    with pytest.raises(OptionError, match="shift must be an integer >= 0"):
         ImageAugment(shift=-1)
     with pytest.raises(OptionError, match="flip must be True or False"):
         ImageAugment(flip="yes")

@@ -109,11 +109,16 @@ class CompareConfig:
             check_choice(owner, "estimator", name, ESTIMATOR_PRESETS)
         check_choice(owner, "model", self.model, MODELS)
         check_choice(owner, "augment", self.augment, AUGMENTATIONS)
-        jac_reg_weight(self.jac_reg, self.model)
+        jac_reg_weight(self.jac_reg, self.model)  # validates jac_reg
         for name in ("width", "epochs", "batch_size", "max_iter", "memory"):
             check_int(owner, name, getattr(self, name))
         check_positive(owner, "lr", self.lr)
         check_positive(owner, "tol", self.tol)
+
+    @property
+    def jac_reg_weight(self) -> float:
+        """The Jacobian-regularisation weight ``jac_reg`` resolves to for ``model`` (``"auto"``: per model)."""
+        return jac_reg_weight(self.jac_reg, self.model)
 
     def solver(self, estimator: str = "") -> Solver:
         """The forward solver (the same for every estimator; OPA presets add their extra updates)."""
@@ -165,7 +170,7 @@ def _train_config(cfg: CompareConfig, name: str) -> TrainConfig:
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
-        jac_reg_weight=jac_reg_weight(cfg.jac_reg, cfg.model),
+        jac_reg_weight=cfg.jac_reg_weight,
         seed=cfg.seed,
         device=cfg.device,
         checkpoint_dir=str(out / "checkpoints" / name),
@@ -252,7 +257,7 @@ def run_compare(cfg: CompareConfig, log: Callable[[str], None] = print) -> list[
 def write_outputs(results: list[dict[str, Any]], cfg: CompareConfig, out: Path) -> None:
     """results.json (everything), results.csv (the table) and compare.png, each written atomically."""
     # the weight "auto" resolved to, next to what was asked for
-    config = {**asdict(cfg), "jac_reg_weight": jac_reg_weight(cfg.jac_reg, cfg.model)}
+    config = {**asdict(cfg), "jac_reg_weight": cfg.jac_reg_weight}
     payload = {"config": config, "results": results}
     atomic_write_text(out / "results.json", json.dumps(payload, indent=2, default=float))
     keys = [

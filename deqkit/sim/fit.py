@@ -58,6 +58,7 @@ from .._options import (
     check_bool,
     check_choice,
     check_failure_policy,
+    check_fraction,
     check_int,
     check_number,
     check_positive,
@@ -873,10 +874,9 @@ def _relative_radii(
     its largest row norm (``B``'s input columns; ``[C D_u]``). Returns the absolute radii and the
     plain model as the warm start (unless one was given)."""
     for name, frac in (("input_radius", input_frac), ("output_radius", output_frac)):
-        if frac is not None and not 0.0 < float(frac) <= 1.0:
-            raise OptionError(
-                f"fit_sim: with radius_scale='relative', {name} is a fraction of the plain fit's largest row norm "
-                f"and must lie in (0, 1], got {frac!r}."
+        if frac is not None:
+            check_fraction(
+                "fit_sim", f"{name} (with radius_scale='relative': a fraction of the plain fit's largest row norm)", frac
             )
     plain = fit_sim(states, warm_start=warm_start, **fit_kw).model
     p = states.U.shape[1]

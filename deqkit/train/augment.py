@@ -16,7 +16,7 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from .._options import check_bool, validated_options
+from .._options import check_bool, check_int, validated_options
 from ..errors import OptionError
 
 __all__ = ["ImageAugment", "AUGMENTATIONS"]
@@ -42,9 +42,7 @@ class ImageAugment:
 
     def __init__(self, *, flip: bool = False, shift: int = 0, fill: Union[float, Sequence[float]] = 0.0) -> None:
         self.flip = check_bool("ImageAugment", "flip", flip)
-        if isinstance(shift, bool) or not isinstance(shift, int) or shift < 0:
-            raise OptionError(f"ImageAugment: shift must be a non-negative int (pixels), got {shift!r}.")
-        self.shift = shift
+        self.shift = check_int("ImageAugment", "shift", shift, minimum=0)  # pixels
         self.fill = torch.as_tensor(fill, dtype=torch.float64).reshape(-1)
 
     @classmethod

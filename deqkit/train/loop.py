@@ -157,7 +157,7 @@ class Trainer:
         callbacks: :class:`Callback` objects.
         augment: applied to every training batch as ``augment(x, generator)`` (e.g. an
             :class:`~deqkit.train.ImageAugment`); the generator is seeded by ``(config.seed,
-            step)``, so a resumed run augments as an uninterrupted one. Never applied to
+            step, rank)``, so a resumed run augments as an uninterrupted one. Never applied to
             evaluation. ``None``: no augmentation.
 
     Attributes:
